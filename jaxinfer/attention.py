@@ -1,0 +1,132 @@
+"""The one place the model reaches attention kernels.
+
+`attend(q, view, q_positions, kv_lengths, ...)` takes queries `[B, T, N, H]` and one layer's cache view
+(dense or paged, already holding this step's keys/values) and returns `[B, T, N, H]`. `impl` is one of
+`xla`, `pallas`, `cudnn`, `auto`; it is an explicit argument, resolved here per call shape and platform,
+and an unsupported combination falls back to the XLA path instead of raising. The XLA path is written
+from the model's math (not from any kernel's reference), runs everywhere and is differentiable.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from .cache import DenseView, PagedView
+
+IMPLS = ("xla", "pallas", "cudnn", "auto")
+MASK_VALUE = -1e30  # large finite negative: a fully masked row never turns into NaN
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {', '.join(IMPLS)}")
+    return impl
+
+
+def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla"):
+    """Causal attention of `q [B,T,N,H]` at `q_positions [B,T]` over cached keys `< kv_lengths [B]`."""
+    check_impl(impl)
+    chosen = _resolve(impl, q, view)
+    if chosen == "pallas":
+        return _pallas(q, view, q_positions, kv_lengths, sliding_window)
+    if chosen == "cudnn":
+        return _cudnn(q, view, q_positions, kv_lengths, sliding_window)
+    if isinstance(view, PagedView):
+        view = gather_pages(view)
+    return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
+
+
+def _resolve(impl, q, view) -> str:
+    """Pick a concrete implementation; anything unsupported here falls back to XLA."""
+    if impl == "xla" or jax.default_backend() != "gpu":
+        return "xla"
+    if impl == "auto":
+        impl = "pallas"
+    if impl == "pallas" and _pallas_supports(q, view):
+        return "pallas"
+    if impl == "cudnn" and isinstance(view, DenseView) and _cudnn_supports(q):
+        return "cudnn"
+    return "xla"
+
+
+def _pallas_supports(q, view) -> bool:
+    try:
+        import pallas_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return q.shape[-1] in (64, 128, 256) and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_supports(q) -> bool:
+    return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+
+
+def _pallas(q, view, q_positions, kv_lengths, sliding_window):
+    import pallas_kernels as pk
+
+    B, T = q.shape[:2]
+    if T == 1:
+        if isinstance(view, PagedView):
+            out = pk.paged_decode_attention(
+                q[:, 0], view.k_pages, view.v_pages, block_table=view.block_table, lengths=kv_lengths,
+                sliding_window=sliding_window,
+            )
+        else:
+            out = pk.decode_attention(q[:, 0], view.k, view.v, lengths=kv_lengths, sliding_window=sliding_window)
+        return out[:, None]
+    if isinstance(view, PagedView):
+        view = gather_pages(view)
+    return pk.flash_attention(
+        q, view.k, view.v, kv_lengths=kv_lengths, q_offsets=q_positions[:, 0], causal=True,
+        sliding_window=sliding_window,
+    )
+
+
+def _cudnn(q, view, q_positions, kv_lengths, sliding_window):
+    """cuDNN through `jax.nn.dot_product_attention`; handles prefill from position 0 and T=1 decode."""
+    T = q.shape[1]
+    window = (sliding_window - 1, 0) if sliding_window else None
+    if T == 1:
+        # One query at the last valid position: length masking alone is the causal mask.
+        return jax.nn.dot_product_attention(
+            q, view.k, view.v, key_value_seq_lengths=kv_lengths, local_window_size=window, implementation="cudnn"
+        )
+    S = view.k.shape[1]
+    if S < T:
+        return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
+    # Prefill from an empty cache: the first T cache slots are this prompt, causal from position 0.
+    k, v = view.k[:, :T], view.v[:, :T]
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, key_value_seq_lengths=jnp.minimum(kv_lengths, T),
+        local_window_size=window, implementation="cudnn",
+    )
+
+
+def xla_attention(q, k, v, q_positions, kv_lengths, *, sliding_window=None):
+    """Reference attention in plain jnp: softmax in float32, GQA by grouping query heads per kv head."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / H**0.5)
+    kpos = jnp.arange(S)[None, None, :]  # [1, 1, S]
+    qpos = q_positions[:, :, None]  # [B, T, 1]
+    mask = (kpos <= qpos) & (kpos < kv_lengths[:, None, None])  # [B, T, S]
+    if sliding_window:
+        mask = mask & (qpos - kpos < sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def gather_pages(view: PagedView) -> DenseView:
+    """Materialise a paged layer as dense `[B, max_pages*page, K, H]` (the XLA path's way to read pages)."""
+    table = jnp.maximum(view.block_table, 0)  # unassigned pages are masked by lengths anyway
+    B, M = table.shape
+    _, page, K, H = view.k_pages.shape
+    k = view.k_pages[table].reshape(B, M * page, K, H)
+    v = view.v_pages[table].reshape(B, M * page, K, H)
+    return DenseView(k, v)

@@ -1,0 +1,109 @@
+"""The Llama-family decoder as a pure function: `forward(params, cache, tokens, lengths) -> (logits, cache)`.
+
+Embedding, RMSNorm, rotary embedding, the attention block (GQA, optional q/k/v bias and q/k norm), the
+SwiGLU MLP and the output head. Layers are stacked on a leading axis and run with `lax.scan`; the cache
+is threaded through the scan as part of the carry. Attention goes through `attention.attend`, every
+weight product through `ops.matmul`. Knows nothing of checkpoints, sampling or jit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import attention, ops
+from .config import ModelConfig, rope_inv_freq
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm computed in float32, scaled by `weight` after casting back (as Llama does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions):
+    """cos, sin `[B, T, H]` for integer `positions [B, T]` (half-split layout: pairs (i, i + H/2))."""
+    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate `x [B, T, heads, H]`; computed in float32."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
+    """Self-attention of one layer on normalised `x [B, T, D]`; writes this step's k/v into the cache."""
+    q = ops.matmul("btd,dnh->btnh", x, p["q"])
+    k = ops.matmul("btd,dkh->btkh", x, p["k"])
+    v = ops.matmul("btd,dkh->btkh", x, p["v"])
+    if config.qkv_bias:
+        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+    if config.qk_norm:
+        q = rms_norm(q, p["q_norm"], config.norm_eps)
+        k = rms_norm(k, p["k_norm"], config.norm_eps)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    cache = cache.write(layer, k, v, positions, valid)
+    out = attention.attend(
+        q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
+    )
+    return ops.matmul("btnh,nhd->btd", out, p["o"]), cache
+
+
+def mlp_block(p, x):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate = ops.matmul("btd,df->btf", x, p["w_gate"])
+    up = ops.matmul("btd,df->btf", x, p["w_up"])
+    return ops.matmul("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+
+
+def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: str = "xla", last_only: bool = False):
+    """Run `tokens [B, T]` (right-padded; `lengths [B]` valid tokens each) after what `cache` holds.
+
+    Token t of sequence b sits at position `cache.lengths[b] + t`. Returns logits `[B, T, V]` in float32
+    (or `[B, V]` at each sequence's last valid token when `last_only`) and the cache with this chunk's
+    keys/values written and `lengths` advanced. Padded tokens are neither cached nor counted.
+    """
+    B, T = tokens.shape
+    if lengths is None:
+        lengths = jnp.full((B,), T, jnp.int32)
+    lengths = lengths.astype(jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    positions = cache.lengths[:, None] + t  # [B, T]
+    valid = t < lengths[:, None]  # [B, T]
+    kv_lengths = cache.lengths + lengths  # [B]
+    rope = rope_tables(config, positions)
+
+    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
+
+    def layer_step(carry, xs):
+        x, cache = carry
+        p, layer = xs
+        h, cache = attention_block(
+            p, rms_norm(x, p["attn_norm"], config.norm_eps), cache, layer, rope, positions, valid, kv_lengths,
+            config, impl,
+        )
+        x = x + h
+        x = x + mlp_block(p, rms_norm(x, p["mlp_norm"], config.norm_eps))
+        return (x, cache), None
+
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params["layers"], layer_ids))
+    cache = cache.replace(lengths=kv_lengths)
+
+    if last_only:
+        last = jnp.maximum(lengths - 1, 0)
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    if config.tie_embeddings:
+        logits = ops.matmul("btd,vd->btv", x, params["embed"], out_dtype=jnp.float32)
+    else:
+        logits = ops.matmul("btd,dv->btv", x, params["lm_head"], out_dtype=jnp.float32)
+    return (logits[:, 0] if last_only else logits), cache
