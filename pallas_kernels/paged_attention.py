@@ -1,0 +1,201 @@
+"""Paged decode attention: split-K flash-decoding over a block-table KV cache (Pallas, Triton lowering).
+
+Owns the paged kernel, its wrapper and a plain-jnp reference; shares the online-softmax step, split
+ranges and split combine with decode_attention. Knows nothing about models or page allocation.
+
+Layout: q [B, N, H], k_pages and v_pages [P, page_size, K, H], block_table [B, max_pages] int32 of
+page ids; logical position p of sequence b lives in page block_table[b, p // page_size] at row
+p % page_size. Grid (batch, kv head, split) as in decode_attention; each step gathers
+`pages_per_block` pages of one kv head straight from the page pool (strided, no copies). Table
+entries past a sequence's last page are never dereferenced, so they may hold anything.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.decode_attention import (
+    MIN_DOT_ROWS, check_decode_args, combine_splits, default_num_splits, init_carry, is_pow2,
+    load_q_tile, next_pow2, online_softmax_step, split_block_range, store_partials)
+
+# Keys per step when pages_per_block is None: page_size * pages_per_block == this (or one page).
+_DEFAULT_BLOCK_K = 128
+_DEFAULT_WARPS = 4
+_DEFAULT_STAGES = 3
+
+
+def _paged_kernel(
+    len_ref,  # [] int32
+    table_ref,  # [max_pages] int32
+    q_ref,  # [G, H]
+    k_ref,  # [P, page_size, H] (strided view of one kv head)
+    v_ref,  # [P, page_size, H]
+    o_ref,  # [G, H] float32, unnormalised
+    m_ref,  # [G] float32
+    l_ref,  # [G] float32
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    pages_per_block: int,
+    num_splits: int,
+):
+  group, head_dim = q_ref.shape
+  page_size = k_ref.shape[1]
+  max_pages = table_ref.shape[0]
+  block_k = pages_per_block * page_size
+  rows = max(MIN_DOT_ROWS, next_pow2(group))
+  length = jnp.minimum(len_ref[()], max_pages * page_size)
+  num_pages = pl.cdiv(length, page_size)
+  lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
+  q = load_q_tile(q_ref, rows)  # [rows, H]
+
+  def body(j, carry):
+    first_page = j * pages_per_block
+    page_ok = first_page + jnp.arange(pages_per_block) < num_pages
+    # Unused table entries (and reads past the table's end) become page 0, which always exists.
+    pages = pltriton.load(table_ref.at[pl.ds(first_page, pages_per_block)], mask=page_ok, other=0)
+    k = k_ref[pages].reshape(block_k, head_dim)  # [bk, H] gathered pages
+    v = v_ref[pages].reshape(block_k, head_dim)
+    kpos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    keep = kpos < length
+    if window is not None:
+      keep = keep & (length - 1 - kpos < window)
+    v = jnp.where(keep[:, None], v, 0)  # stale rows of a partly filled page must not leak
+    return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
+
+  carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
+  store_partials(o_ref, m_ref, l_ref, carry)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sliding_window", "softcap", "scale", "num_splits", "pages_per_block",
+                     "num_warps", "num_stages", "interpret"),
+)
+def paged_decode_attention(
+    q: jax.Array,  # [B, N, H]
+    k_pages: jax.Array,  # [P, page_size, K, H]
+    v_pages: jax.Array,  # [P, page_size, K, H]
+    *,
+    block_table: jax.Array,  # [B, max_pages] int32 page ids
+    lengths: jax.Array,  # [B] int, valid positions (the current token included)
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    pages_per_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> jax.Array:  # [B, N, H]
+  """decode_attention over the logical sequences that block_table assembles from pages.
+
+  Page ids in block_table[b, :cdiv(lengths[b], page_size)] must lie in [0, P); the rest are
+  ignored. pages_per_block pages (a power of two) are processed per step.
+  """
+  if k_pages.ndim != 4:
+    raise ValueError(f"k_pages must be [P, page_size, K, H], got shape {k_pages.shape}")
+  check_decode_args(q, k_pages, v_pages, lengths, sliding_window=sliding_window, softcap=softcap,
+                    num_splits=num_splits, block_k=None, num_warps=num_warps,
+                    num_stages=num_stages, kv_name="_pages")
+  batch, num_heads, head_dim = q.shape
+  _, page_size, num_kv_heads, _ = k_pages.shape
+  if not is_pow2(page_size) or page_size < 16:
+    raise ValueError(f"page_size must be a power of two >= 16, got {page_size}")
+  if block_table.ndim != 2 or block_table.shape[0] != batch:
+    raise ValueError(f"block_table must be [B={batch}, max_pages], got {block_table.shape}")
+  if not jnp.issubdtype(block_table.dtype, jnp.integer):
+    raise ValueError(f"block_table must hold integer page ids, got {block_table.dtype}")
+  if pages_per_block is not None and not is_pow2(pages_per_block):
+    raise ValueError(f"pages_per_block must be a positive power of two, got {pages_per_block}")
+  max_pages = block_table.shape[1]
+  group = num_heads // num_kv_heads
+
+  if pages_per_block is None:
+    pages_per_block = max(1, _DEFAULT_BLOCK_K // page_size)
+  pages_per_block = min(pages_per_block, next_pow2(max_pages))
+  block_k = pages_per_block * page_size
+  num_splits = num_splits or default_num_splits(batch, num_kv_heads,
+                                                pl.cdiv(max_pages * page_size, block_k))
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+  q = q.reshape(batch, num_kv_heads, group, head_dim)
+  kernel = functools.partial(_paged_kernel, scale=scale, window=sliding_window, softcap=softcap,
+                             pages_per_block=pages_per_block, num_splits=num_splits)
+  pool_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim),
+                           lambda b, h, s: (0, 0, h, 0))
+  part_shape = (batch, num_kv_heads, num_splits, group)
+  o, m, l = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads, num_splits),
+      in_specs=[
+          pl.BlockSpec((None,), lambda b, h, s: (b,)),
+          pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),
+          pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
+          pool_spec,
+          pool_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _DEFAULT_WARPS,
+                                              num_stages=num_stages or _DEFAULT_STAGES),
+      interpret=interpret,
+      name="paged_decode_attention",
+  )(lengths.astype(jnp.int32), block_table.astype(jnp.int32), q, k_pages, v_pages)
+  return combine_splits(o, m, l, q.dtype)
+
+
+def paged_decode_attention_reference(
+    q: jax.Array,  # [B, N, H]
+    k_pages: jax.Array,  # [P, page_size, K, H]
+    v_pages: jax.Array,  # [P, page_size, K, H]
+    *,
+    block_table: jax.Array,  # [B, max_pages]
+    lengths: jax.Array,  # [B]
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+) -> jax.Array:  # [B, N, H], float32
+  """Gathers each sequence's pages into a dense float32 cache, then a plain masked softmax."""
+  batch, num_heads, head_dim = q.shape
+  num_pool_pages, page_size, num_kv_heads, _ = k_pages.shape
+  group = num_heads // num_kv_heads
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+  seq = block_table.shape[1] * page_size
+  pos = jnp.arange(seq)
+  valid = pos[None, :] < lengths[:, None]  # [B, S]
+  if sliding_window is not None:
+    valid = valid & (pos[None, :] > lengths[:, None] - 1 - sliding_window)
+  # Only pages that hold valid positions are looked up; others point at page 0.
+  page_ids = jnp.where(pos[None, :] < lengths[:, None], block_table[:, pos // page_size], 0)
+  page_ids = jnp.clip(page_ids, 0, num_pool_pages - 1)
+  k = k_pages[page_ids, pos % page_size].astype(jnp.float32)  # [B, S, K, H]
+  v = v_pages[page_ids, pos % page_size].astype(jnp.float32)
+  v = jnp.where(valid[:, :, None, None], v, 0.0)
+  qf = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
+  logits = jnp.einsum("bkgh,bskh->bkgs", qf, k, precision=lax.Precision.HIGHEST) * scale
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
+  mask = valid[:, None, None, :]
+  logits = jnp.where(mask, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(row_max), row_max, 0)), 0)
+  denom = weights.sum(axis=-1, keepdims=True)
+  probs = weights / jnp.where(denom > 0, denom, 1)
+  out = jnp.einsum("bkgs,bskh->bkgh", probs, v, precision=lax.Precision.HIGHEST)
+  return out.reshape(batch, num_heads, head_dim)
