@@ -1,0 +1,412 @@
+"""Tests of pallas_kernels: each kernel against its float32 jnp reference, and each reference against a
+float64 numpy loop written from the attention definition.
+
+One class per kernel. Every test runs in interpret mode on the CPU and natively (marked `gpu`) when
+jax's default backend is a GPU; the other variant is skipped. Inputs are fresh random normals per
+test. Unwritten outputs are caught by poisoning: interpret mode fills fresh outputs with NaN, and on
+the GPU a NaN buffer of the output's size is freed just before the call so the allocator hands its
+memory to the kernel.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (decode_attention, decode_attention_reference, flash_attention,
+                            flash_attention_reference, paged_decode_attention,
+                            paged_decode_attention_reference)
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [
+    pytest.param(True, id="interpret",
+                 marks=pytest.mark.skipif(ON_GPU, reason="interpret mode runs on the CPU suite")),
+    pytest.param(False, id="native",
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]),
+]
+# Relative-norm tolerances: float32 math lands far below 1e-4; bf16/f16 probabilities fed to the
+# PV dot give ~2e-3.
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
+_SEEDS = iter(range(10**6))
+
+
+def _rng():
+  """A fresh generator per call, so that no two tests share inputs."""
+  return np.random.default_rng([next(_SEEDS), 20261126])
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+  return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def _rel_err(out, ref):
+  out = np.asarray(out, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _poison(shape, dtype):
+  """On the GPU, leave NaN in the memory the next allocation of this size is likely to get."""
+  if ON_GPU:
+    junk = jnp.full(shape, jnp.nan, dtype)
+    junk.block_until_ready()
+    junk.delete()
+
+
+def _check(out, ref, dtype, *, what=""):
+  out = np.asarray(out, np.float32)
+  assert not np.isnan(out).any(), f"{what}: NaN in output (unwritten or bad masking)"
+  err = _rel_err(out, ref)
+  assert err < TOL[dtype], f"{what}: relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+def _np_attention(q, k, v, allowed, scale, softcap):
+  """float64 attention of one query row: q [H], k and v [S, H], allowed [S] bool."""
+  if not allowed.any():
+    return np.zeros_like(q)
+  s = (k[allowed] @ q) * scale
+  if softcap is not None:
+    s = softcap * np.tanh(s / softcap)
+  p = np.exp(s - s.max())
+  return (p / p.sum()) @ v[allowed]
+
+
+class TestFlashAttention:
+  """Prefill: causal + q_offsets, sliding window, soft-cap, ragged right padding, GQA 1/4/6/8."""
+
+  # (dtype, H, N, K, causal, sliding_window, softcap)
+  CASES = [
+      pytest.param(jnp.float32, 64, 4, 4, True, None, None, id="f32-h64-g1-causal"),
+      pytest.param(jnp.bfloat16, 128, 8, 2, True, None, None, id="bf16-h128-g4-causal"),
+      pytest.param(jnp.bfloat16, 64, 8, 1, True, 24, None, id="bf16-h64-g8-window"),
+      pytest.param(jnp.float32, 64, 8, 2, True, None, 5.0, id="f32-h64-g4-softcap"),
+      pytest.param(jnp.bfloat16, 64, 4, 1, False, None, None, id="bf16-h64-g4-noncausal"),
+      pytest.param(jnp.float16, 64, 12, 2, True, 40, 20.0, id="f16-h64-g6-window-softcap"),
+  ]
+
+  @staticmethod
+  def _shapes(interpret):
+    # (B, T, S, blocks): T and S not multiples of the blocks, to exercise the edge tiles.
+    if interpret:
+      return 2, 40, 88, dict(block_q=8, block_k=16)
+    return 3, 300, 700, {}
+
+  def _inputs(self, rng, batch, seq_q, seq_k, num_heads, num_kv, head_dim, dtype, causal):
+    q = _normal(rng, (batch, seq_q, num_heads, head_dim), dtype)
+    k = _normal(rng, (batch, seq_k, num_kv, head_dim), dtype)
+    v = _normal(rng, (batch, seq_k, num_kv, head_dim), dtype)
+    # Ragged right padding: sequence 0 holds a single key, the last uses the whole cache.
+    kv_lengths = rng.integers(seq_q, seq_k + 1, batch)
+    kv_lengths[0], kv_lengths[-1] = 1, seq_k
+    # Queries are the last T positions of each prompt (chunked prefill); clipped at 0.
+    q_offsets = np.maximum(kv_lengths - seq_q, 0) if causal else np.zeros(batch, np.int64)
+    return q, k, v, jnp.asarray(kv_lengths, jnp.int32), jnp.asarray(q_offsets, jnp.int32)
+
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,causal,window,softcap", CASES)
+  def test_matches_reference(self, interpret, dtype, head_dim, num_heads, num_kv, causal,
+                             window, softcap):
+    rng = _rng()
+    batch, seq_q, seq_k, blocks = self._shapes(interpret)
+    q, k, v, kv_lengths, q_offsets = self._inputs(rng, batch, seq_q, seq_k, num_heads, num_kv,
+                                                  head_dim, dtype, causal)
+    kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal, sliding_window=window,
+              softcap=softcap)
+    _poison(q.shape, dtype)
+    out = flash_attention(q, k, v, **kw, **blocks, interpret=interpret)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = flash_attention_reference(q, k, v, **kw)
+    _check(out, ref, dtype, what="flash")
+
+  @pytest.mark.parametrize("interpret", MODES)
+  def test_padding_and_empty_rows(self, interpret):
+    """NaN in the padding never leaks; rows whose window holds no valid key are exactly zero."""
+    rng = _rng()
+    batch, seq_q, seq_k, blocks = self._shapes(interpret)
+    dtype, window = jnp.bfloat16, 8
+    q, k, v, _, _ = self._inputs(rng, batch, seq_q, seq_k, 8, 2, 64, dtype, True)
+    kv_lengths = jnp.asarray([5] + [seq_k // 2] * (batch - 1), jnp.int32)
+    kw = dict(kv_lengths=kv_lengths, sliding_window=window)
+    ref = flash_attention_reference(q, k, v, **kw)
+    pad = jnp.arange(seq_k)[None, :, None, None] >= kv_lengths[:, None, None, None]
+    k, v = jnp.where(pad, jnp.nan, k), jnp.where(pad, jnp.nan, v)
+    out = flash_attention(q, k, v, **kw, **blocks, interpret=interpret)
+    _check(out, ref, dtype, what="flash padding")
+    # Sequence 0 (5 keys, window 8): queries at positions >= 5 + 8 - 1 see no key.
+    assert np.all(np.asarray(out[0, 12:], np.float32) == 0.0)
+
+  def test_reference_matches_numpy(self):
+    rng = _rng()
+    batch, seq_q, seq_k, num_heads, num_kv, head_dim = 2, 5, 9, 4, 2, 16
+    q, k, v, kv_lengths, q_offsets = self._inputs(rng, batch, seq_q, seq_k, num_heads, num_kv,
+                                                  head_dim, jnp.float32, True)
+    kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, sliding_window=3, softcap=2.0,
+              scale=0.3)
+    ref = flash_attention_reference(q, k, v, **kw)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    want = np.zeros(qn.shape)
+    for b in range(batch):
+      for t in range(seq_q):
+        qpos = int(q_offsets[b]) + t
+        kpos = np.arange(seq_k)
+        allowed = (kpos < int(kv_lengths[b])) & (kpos <= qpos) & (qpos - kpos < 3)
+        for n in range(num_heads):
+          kh = n // (num_heads // num_kv)
+          want[b, t, n] = _np_attention(qn[b, t, n], kn[b, :, kh], vn[b, :, kh], allowed, 0.3,
+                                        2.0)
+    assert _rel_err(ref, want) < 1e-6
+
+  def test_validation_names_the_argument(self):
+    q = jnp.ones((1, 8, 4, 64), jnp.bfloat16)
+    k = jnp.ones((1, 8, 3, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv heads"):
+      flash_attention(q, k, k, kv_lengths=jnp.ones((1,), jnp.int32), interpret=True)
+    k = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv_lengths"):
+      flash_attention(q, k, k, kv_lengths=jnp.ones((2,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="block_k"):
+      flash_attention(q, k, k, kv_lengths=jnp.ones((1,), jnp.int32), block_k=48, interpret=True)
+
+
+def _decode_inputs(rng, batch, seq_k, num_heads, num_kv, head_dim, dtype):
+  q = _normal(rng, (batch, num_heads, head_dim), dtype)
+  k = _normal(rng, (batch, seq_k, num_kv, head_dim), dtype)
+  v = _normal(rng, (batch, seq_k, num_kv, head_dim), dtype)
+  lengths = rng.integers(1, seq_k + 1, batch)
+  lengths[0], lengths[-1] = 1, seq_k  # a single token, and a full cache
+  return q, k, v, jnp.asarray(lengths, jnp.int32)
+
+
+def _np_decode(q, k, v, lengths, window, softcap, scale):
+  """float64 loop: q [B, N, H], k and v [B, S, K, H] dense."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, num_heads, _ = q.shape
+  group = num_heads // k.shape[2]
+  out = np.zeros(q.shape)
+  kpos = np.arange(k.shape[1])
+  for b in range(batch):
+    qpos = int(lengths[b]) - 1
+    allowed = kpos <= qpos
+    if window is not None:
+      allowed &= qpos - kpos < window
+    for n in range(num_heads):
+      out[b, n] = _np_attention(q[b, n], k[b, :, n // group], v[b, :, n // group], allowed,
+                                scale, softcap)
+  return out
+
+
+# (dtype, H, N, K, sliding_window, softcap, num_splits)
+DECODE_CASES = [
+    pytest.param(jnp.float32, 64, 4, 4, None, None, None, id="f32-h64-g1"),
+    pytest.param(jnp.bfloat16, 128, 8, 2, None, None, 3, id="bf16-h128-g4-3splits"),
+    pytest.param(jnp.bfloat16, 64, 16, 2, 20, None, 2, id="bf16-h64-g8-window"),
+    pytest.param(jnp.float32, 64, 8, 2, None, 5.0, 1, id="f32-h64-g4-softcap-1split"),
+    pytest.param(jnp.bfloat16, 64, 14, 2, 33, 30.0, None, id="bf16-h64-g7-window-softcap"),
+]
+
+
+class TestDecodeAttention:
+  """Split-K decode over a dense [B, S, K, H] cache."""
+
+  @staticmethod
+  def _shapes(interpret):
+    if interpret:
+      return 3, 100, dict(block_k=16)  # S not a multiple of block_k
+    return 5, 3000, {}
+
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,window,softcap,num_splits",
+                           DECODE_CASES)
+  def test_matches_reference(self, interpret, dtype, head_dim, num_heads, num_kv, window,
+                             softcap, num_splits):
+    rng = _rng()
+    batch, seq_k, blocks = self._shapes(interpret)
+    q, k, v, lengths = _decode_inputs(rng, batch, seq_k, num_heads, num_kv, head_dim, dtype)
+    kw = dict(lengths=lengths, sliding_window=window, softcap=softcap)
+    _poison(q.shape, dtype)
+    out = decode_attention(q, k, v, **kw, num_splits=num_splits, **blocks, interpret=interpret)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    _check(out, decode_attention_reference(q, k, v, **kw), dtype, what="decode")
+
+  @pytest.mark.parametrize("interpret", MODES)
+  def test_padding_and_zero_length(self, interpret):
+    """NaN beyond the length is never used; a length of 0 gives zeros."""
+    rng = _rng()
+    batch, seq_k, blocks = self._shapes(interpret)
+    dtype = jnp.bfloat16
+    q, k, v, lengths = _decode_inputs(rng, batch, seq_k, 8, 2, 64, dtype)
+    lengths = lengths.at[1].set(0)
+    ref = decode_attention_reference(q, k, v, lengths=lengths)
+    pad = jnp.arange(seq_k)[None, :, None, None] >= lengths[:, None, None, None]
+    k, v = jnp.where(pad, jnp.nan, k), jnp.where(pad, jnp.nan, v)
+    out = decode_attention(q, k, v, lengths=lengths, num_splits=4, **blocks,
+                           interpret=interpret)
+    _check(out, ref, dtype, what="decode pad")
+    assert np.all(np.asarray(out[1], np.float32) == 0.0)
+
+  def test_kv_go_straight_into_the_kernel(self):
+    """No transposed (or any other) copy of K/V is made before the pallas_call."""
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    k = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
+    fn = functools.partial(decode_attention, lengths=jnp.array([3, 256], jnp.int32))
+    jaxpr = jax.make_jaxpr(fn)(q, k, k).jaxpr
+    while len(jaxpr.eqns) == 1 and "jaxpr" in jaxpr.eqns[0].params:  # unwrap the jit
+      inner = jaxpr.eqns[0].params["jaxpr"]
+      jaxpr = getattr(inner, "jaxpr", inner)
+    [call] = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    assert call.invars[-2] is jaxpr.invars[1] and call.invars[-1] is jaxpr.invars[2]
+
+  def test_reference_matches_numpy(self):
+    rng = _rng()
+    q, k, v, lengths = _decode_inputs(rng, 3, 11, 6, 2, 16, jnp.float32)
+    kw = dict(sliding_window=4, softcap=3.0, scale=0.4)
+    ref = decode_attention_reference(q, k, v, lengths=lengths, **kw)
+    assert _rel_err(ref, _np_decode(q, k, v, lengths, 4, 3.0, 0.4)) < 1e-6
+
+  def test_validation_names_the_argument(self):
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    k = jnp.ones((2, 32, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="lengths"):
+      decode_attention(q, k, k, lengths=jnp.ones((3,), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="head dim"):
+      decode_attention(q, k[..., :32], k[..., :32], lengths=jnp.ones((2,), jnp.int32),
+                       interpret=True)
+    with pytest.raises(ValueError, match="num_splits"):
+      decode_attention(q, k, k, lengths=jnp.ones((2,), jnp.int32), num_splits=0,
+                       interpret=True)
+
+
+class TestPagedDecodeAttention:
+  """Split-K decode over a page pool addressed through a block table."""
+
+  @staticmethod
+  def _shapes(interpret):
+    # (B, max_pages, page sizes with pages_per_block)
+    if interpret:
+      return 3, 6, [(16, 2), (32, 1)]
+    return 5, 40, [(16, None), (64, None)]
+
+  @staticmethod
+  def _pool(rng, batch, max_pages, page_size, num_kv, head_dim, dtype, lengths):
+    """Random pool with shuffled page ids; table entries past each last page are garbage."""
+    num_pool = batch * max_pages + 3
+    k_pages = _normal(rng, (num_pool, page_size, num_kv, head_dim), dtype)
+    v_pages = _normal(rng, (num_pool, page_size, num_kv, head_dim), dtype)
+    table = rng.permutation(num_pool)[: batch * max_pages].reshape(batch, max_pages)
+    used = -(-np.asarray(lengths) // page_size)
+    table = np.where(np.arange(max_pages)[None, :] < used[:, None], table, 2**30)
+    return k_pages, v_pages, jnp.asarray(table, jnp.int32)
+
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,window,softcap,num_splits",
+                           DECODE_CASES)
+  def test_matches_reference(self, interpret, dtype, head_dim, num_heads, num_kv, window,
+                             softcap, num_splits):
+    rng = _rng()
+    batch, max_pages, page_cfgs = self._shapes(interpret)
+    for page_size, pages_per_block in page_cfgs:
+      q = _normal(rng, (batch, num_heads, head_dim), dtype)
+      lengths = rng.integers(1, max_pages * page_size + 1, batch)
+      lengths[0], lengths[-1] = 1, max_pages * page_size
+      k_pages, v_pages, table = self._pool(rng, batch, max_pages, page_size, num_kv, head_dim,
+                                           dtype, lengths)
+      kw = dict(block_table=table, lengths=jnp.asarray(lengths, jnp.int32),
+                sliding_window=window, softcap=softcap)
+      _poison(q.shape, dtype)
+      out = paged_decode_attention(q, k_pages, v_pages, **kw, num_splits=num_splits,
+                                   pages_per_block=pages_per_block, interpret=interpret)
+      assert out.shape == q.shape and out.dtype == q.dtype
+      ref = paged_decode_attention_reference(q, k_pages, v_pages, **kw)
+      _check(out, ref, dtype, what=f"paged page_size={page_size}")
+
+  @pytest.mark.parametrize("interpret", MODES)
+  def test_agrees_with_dense_decode_and_ignores_stale_rows(self, interpret):
+    """Same logical cache, paged and dense, agree; NaN in the unused rows of the last page and in
+    unused pages is never read."""
+    rng = _rng()
+    batch, max_pages, page_cfgs = self._shapes(interpret)
+    page_size, pages_per_block = page_cfgs[0]
+    dtype, num_kv, head_dim = jnp.bfloat16, 2, 64
+    lengths = rng.integers(1, max_pages * page_size + 1, batch)
+    lengths[0] = 1
+    k_pages, v_pages, table = self._pool(rng, batch, max_pages, page_size, num_kv, head_dim,
+                                         dtype, lengths)
+    # Dense view of each sequence, then NaN everywhere in the pool that is not a valid position.
+    pos = np.arange(max_pages * page_size)
+    safe = np.clip(np.asarray(table), 0, k_pages.shape[0] - 1)
+    page_of, row_of = safe[:, pos // page_size], pos % page_size
+    k_dense, v_dense = k_pages[page_of, row_of], v_pages[page_of, row_of]  # [B, S, K, H]
+    valid = pos[None, :] < lengths[:, None]
+    live = np.zeros(k_pages.shape[:2], bool)
+    live[page_of[valid], row_of[np.nonzero(valid)[1]]] = True
+    k_pages = jnp.where(live[:, :, None, None], k_pages, jnp.nan)
+    v_pages = jnp.where(live[:, :, None, None], v_pages, jnp.nan)
+    q = _normal(rng, (batch, 8, head_dim), dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    out = paged_decode_attention(q, k_pages, v_pages, block_table=table, lengths=lengths,
+                                 num_splits=2, pages_per_block=pages_per_block,
+                                 interpret=interpret)
+    dense = decode_attention_reference(q, k_dense, v_dense, lengths=lengths)
+    _check(out, dense, dtype, what="paged vs dense")
+
+  def test_reference_matches_numpy(self):
+    rng = _rng()
+    batch, max_pages, page_size = 2, 3, 4
+    lengths = np.array([5, 12])
+    k_pages, v_pages, table = self._pool(rng, batch, max_pages, page_size, 2, 16, jnp.float32,
+                                         lengths)
+    q = _normal(rng, (batch, 4, 16), jnp.float32)
+    kw = dict(sliding_window=6, softcap=3.0, scale=0.4)
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, block_table=table,
+                                           lengths=jnp.asarray(lengths), **kw)
+    pos = np.arange(max_pages * page_size)
+    safe = np.clip(np.asarray(table), 0, k_pages.shape[0] - 1)
+    k = np.asarray(k_pages)[safe[:, pos // page_size], pos % page_size]
+    v = np.asarray(v_pages)[safe[:, pos // page_size], pos % page_size]
+    assert _rel_err(ref, _np_decode(q, k, v, lengths, 6, 3.0, 0.4)) < 1e-6
+
+  def test_validation_names_the_argument(self):
+    q = jnp.ones((2, 8, 64), jnp.bfloat16)
+    pages = jnp.ones((10, 8, 2, 64), jnp.bfloat16)
+    table = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ValueError, match="page_size"):
+      paged_decode_attention(q, pages, pages, block_table=table,
+                             lengths=jnp.ones((2,), jnp.int32), interpret=True)
+    pages = jnp.ones((10, 16, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_table"):
+      paged_decode_attention(q, pages, pages, block_table=table[:1],
+                             lengths=jnp.ones((2,), jnp.int32), interpret=True)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
+def test_kernels_lower_to_triton_on_the_cpu():
+  """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU."""
+  try:
+    from jax._src.lib import version as jaxlib_version
+  except ImportError:  # pragma: no cover
+    jaxlib_version = (0, 0, 0)
+  if jaxlib_version > (0, 10, 2):
+    pytest.skip("newer jaxlib compiles Triton while lowering, which needs a GPU")
+  sds = jax.ShapeDtypeStruct
+  bf16, i32 = jnp.bfloat16, jnp.int32
+  cases = [
+      (functools.partial(flash_attention, sliding_window=64, softcap=30.0),
+       (sds((2, 100, 28, 128), bf16), sds((2, 200, 4, 128), bf16), sds((2, 200, 4, 128), bf16)),
+       dict(kv_lengths=sds((2,), i32))),
+      (functools.partial(flash_attention, causal=False),
+       (sds((1, 64, 8, 256), bf16), sds((1, 64, 8, 256), bf16), sds((1, 64, 8, 256), bf16)),
+       dict(kv_lengths=sds((1,), i32))),
+      (functools.partial(decode_attention, softcap=30.0, sliding_window=100),
+       (sds((4, 32, 128), bf16), sds((4, 4096, 8, 128), bf16), sds((4, 4096, 8, 128), bf16)),
+       dict(lengths=sds((4,), i32))),
+      (paged_decode_attention,
+       (sds((3, 28, 64), bf16), sds((50, 16, 4, 64), bf16), sds((50, 16, 4, 64), bf16)),
+       dict(block_table=sds((3, 10), i32), lengths=sds((3,), i32))),
+  ]
+  for fn, args, kwargs in cases:
+    text = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
