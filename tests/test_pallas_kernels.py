@@ -283,12 +283,19 @@ class TestDecodeAttention:
 class TestPagedDecodeAttention:
   """Split-K decode over a page pool addressed through a block table."""
 
+  # (dtype, H, N, K, sliding_window, softcap, num_splits, page_size, pages_per_block)
+  CASES = [
+      pytest.param(jnp.float32, 64, 4, 4, None, None, None, 16, 2, id="f32-h64-g1-p16x2"),
+      pytest.param(jnp.bfloat16, 128, 8, 2, None, None, 3, 32, 1, id="bf16-h128-g4-p32x1"),
+      pytest.param(jnp.bfloat16, 64, 16, 2, 20, None, 2, 16, 4, id="bf16-h64-g8-window-p16x4"),
+      pytest.param(jnp.float32, 64, 8, 2, None, 5.0, 1, 16, None, id="f32-h64-g4-softcap"),
+      pytest.param(jnp.bfloat16, 64, 14, 2, 33, 30.0, None, 64, None,
+                   id="bf16-h64-g7-window-softcap-p64"),
+  ]
+
   @staticmethod
-  def _shapes(interpret):
-    # (B, max_pages, page sizes with pages_per_block)
-    if interpret:
-      return 3, 6, [(16, 2), (32, 1)]
-    return 5, 40, [(16, None), (64, None)]
+  def _max_pages(interpret, page_size):
+    return max(2, 96 // page_size) if interpret else 4096 // page_size + 3
 
   @staticmethod
   def _pool(rng, batch, max_pages, page_size, num_kv, head_dim, dtype, lengths):
@@ -302,34 +309,33 @@ class TestPagedDecodeAttention:
     return k_pages, v_pages, jnp.asarray(table, jnp.int32)
 
   @pytest.mark.parametrize("interpret", MODES)
-  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,window,softcap,num_splits",
-                           DECODE_CASES)
+  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,window,softcap,num_splits,page_size,"
+                           "pages_per_block", CASES)
   def test_matches_reference(self, interpret, dtype, head_dim, num_heads, num_kv, window,
-                             softcap, num_splits):
+                             softcap, num_splits, page_size, pages_per_block):
     rng = _rng()
-    batch, max_pages, page_cfgs = self._shapes(interpret)
-    for page_size, pages_per_block in page_cfgs:
-      q = _normal(rng, (batch, num_heads, head_dim), dtype)
-      lengths = rng.integers(1, max_pages * page_size + 1, batch)
-      lengths[0], lengths[-1] = 1, max_pages * page_size
-      k_pages, v_pages, table = self._pool(rng, batch, max_pages, page_size, num_kv, head_dim,
-                                           dtype, lengths)
-      kw = dict(block_table=table, lengths=jnp.asarray(lengths, jnp.int32),
-                sliding_window=window, softcap=softcap)
-      _poison(q.shape, dtype)
-      out = paged_decode_attention(q, k_pages, v_pages, **kw, num_splits=num_splits,
-                                   pages_per_block=pages_per_block, interpret=interpret)
-      assert out.shape == q.shape and out.dtype == q.dtype
-      ref = paged_decode_attention_reference(q, k_pages, v_pages, **kw)
-      _check(out, ref, dtype, what=f"paged page_size={page_size}")
+    batch, max_pages = 3 if interpret else 5, self._max_pages(interpret, page_size)
+    q = _normal(rng, (batch, num_heads, head_dim), dtype)
+    lengths = rng.integers(1, max_pages * page_size + 1, batch)
+    lengths[0], lengths[-1] = 1, max_pages * page_size
+    k_pages, v_pages, table = self._pool(rng, batch, max_pages, page_size, num_kv, head_dim,
+                                         dtype, lengths)
+    kw = dict(block_table=table, lengths=jnp.asarray(lengths, jnp.int32),
+              sliding_window=window, softcap=softcap)
+    _poison(q.shape, dtype)
+    out = paged_decode_attention(q, k_pages, v_pages, **kw, num_splits=num_splits,
+                                 pages_per_block=pages_per_block, interpret=interpret)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = paged_decode_attention_reference(q, k_pages, v_pages, **kw)
+    _check(out, ref, dtype, what="paged")
 
   @pytest.mark.parametrize("interpret", MODES)
   def test_agrees_with_dense_decode_and_ignores_stale_rows(self, interpret):
     """Same logical cache, paged and dense, agree; NaN in the unused rows of the last page and in
     unused pages is never read."""
     rng = _rng()
-    batch, max_pages, page_cfgs = self._shapes(interpret)
-    page_size, pages_per_block = page_cfgs[0]
+    batch, page_size = 3 if interpret else 5, 16
+    max_pages = self._max_pages(interpret, page_size)
     dtype, num_kv, head_dim = jnp.bfloat16, 2, 64
     lengths = rng.integers(1, max_pages * page_size + 1, batch)
     lengths[0] = 1
@@ -348,8 +354,7 @@ class TestPagedDecodeAttention:
     q = _normal(rng, (batch, 8, head_dim), dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     out = paged_decode_attention(q, k_pages, v_pages, block_table=table, lengths=lengths,
-                                 num_splits=2, pages_per_block=pages_per_block,
-                                 interpret=interpret)
+                                 num_splits=2, pages_per_block=2, interpret=interpret)
     dense = decode_attention_reference(q, k_dense, v_dense, lengths=lengths)
     _check(out, dense, dtype, what="paged vs dense")
 
