@@ -1,0 +1,309 @@
+"""GPU timings of the pallas_kernels attention kernels against cuDNN and XLA, measured in one run.
+
+`run_kernel_benchmarks(out_dir)` times prefill (causal flash attention) and decode (dense split-K and
+paged) at real shapes next to `jax.nn.dot_product_attention` with implementation "cudnn" and "xla",
+plus the card's copy bandwidth and bf16 matmul rate as ceilings, and returns one dict per
+measurement (also written to out_dir/kernel_bench.json). `sweep=True` adds block-size / warp / stage
+sweeps used to choose the kernels' defaults. Run as a script it prints a short table and ends with
+one JSON line.
+
+Timing: `calls` kernel calls chained inside one jit (each call's output is the next call's query, so
+nothing is merged or reordered), the median of `reps` runs divided by `calls`: this keeps the ~50 us
+dispatch floor out of per-call numbers. Inputs are random, never zeros.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import decode_attention, flash_attention, paged_decode_attention
+
+
+def _time_chain(step: Callable, q, *args, calls: int, reps: int) -> float:
+  """Median seconds per call of `step(q, *args) -> new q`, `calls` chained calls per jit."""
+
+  @jax.jit
+  def chain(q, *args):
+    for _ in range(calls):
+      q = step(q, *args).astype(q.dtype)
+    return q
+
+  chain(q, *args).block_until_ready()  # compile and warm up
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    chain(q, *args).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / calls
+
+
+def _try(fn: Callable, *args, **kwargs) -> tuple[float | None, str | None]:
+  try:
+    return fn(*args, **kwargs), None
+  except Exception as e:  # noqa: BLE001 - a failing config is a result, not a crash
+    return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def measure_ceilings(reps: int = 5) -> dict[str, float]:
+  """Copy bandwidth (bytes read + written) through XLA and the bf16 matmul rate, on this card."""
+  x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)  # 1 GiB
+  copy = jax.jit(lambda x: x * 1.5)
+  copy(x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    copy(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  copy_tbs = 2 * x.nbytes / statistics.median(times) / 1e12
+  del x
+  a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
+  mm = jax.jit(lambda a: functools.reduce(lambda acc, _: (acc @ a) * (1 / 90.0), range(4), a))
+  mm(a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    mm(a).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  matmul_tfs = 4 * 2 * 8192**3 / statistics.median(times) / 1e12
+  return {"copy_tb_s": copy_tbs, "matmul_bf16_tflop_s": matmul_tfs}
+
+
+# --------------------------------------------------------------------------------------------
+# Prefill
+
+
+def _prefill_inputs(batch, seq, num_heads, num_kv, head_dim, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(k1, (batch, seq, num_heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(k2, (batch, seq, num_kv, head_dim), jnp.bfloat16)
+  v = jax.random.normal(k3, (batch, seq, num_kv, head_dim), jnp.bfloat16)
+  return q, k, v
+
+
+def bench_prefill(batch=4, seq=4096, num_heads=32, num_kv=8, head_dim=128, *, configs=(None,),
+                  baselines=True, calls=5, reps=5) -> list[dict[str, Any]]:
+  """Causal prefill, all sequences full length. FLOPs counted as 4 * B * N * H * T * S / 2."""
+  q, k, v = _prefill_inputs(batch, seq, num_heads, num_kv, head_dim)
+  lengths = jnp.full((batch,), seq, jnp.int32)
+  flops = 4 * batch * num_heads * head_dim * seq * seq / 2
+  case = f"prefill B{batch} S{seq} N{num_heads} K{num_kv} H{head_dim} causal bf16"
+  rows = []
+
+  def add(impl, config, seconds, error):
+    rows.append(dict(kind="prefill", case=case, impl=impl, config=config, error=error,
+                     time_us=None if seconds is None else seconds * 1e6,
+                     tflop_s=None if seconds is None else flops / seconds / 1e12))
+
+  if baselines:
+    for impl in ("cudnn", "xla"):
+      step = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation=impl)
+      add(impl, None, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v, calls=calls,
+                            reps=reps))
+  for config in configs:
+    kw = config or {}
+    step = functools.partial(flash_attention, kv_lengths=lengths, causal=True, **kw)
+    add("pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
+                                calls=calls, reps=reps))
+  return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Decode
+
+
+def _decode_lengths(batch, max_len, ragged, seed=0):
+  if not ragged:
+    return np.full((batch,), max_len, np.int32)
+  rng = np.random.default_rng(seed)
+  return rng.integers(max_len // 8, max_len + 1, batch).astype(np.int32)  # e.g. 1k..8k of 8k
+
+
+def bench_decode(batch, max_len, *, ragged, num_heads=32, num_kv=8, head_dim=128, page_size=16,
+                 configs=(None,), paged_configs=(None,), baselines=True, calls=20,
+                 reps=7) -> list[dict[str, Any]]:
+  """One query token per sequence against a cache of max_len; TB/s counts valid K+V bytes."""
+  k1, k2, k3 = jax.random.split(jax.random.key(batch), 3)
+  q = jax.random.normal(k1, (batch, num_heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(k2, (batch, max_len, num_kv, head_dim), jnp.bfloat16)
+  v = jax.random.normal(k3, (batch, max_len, num_kv, head_dim), jnp.bfloat16)
+  lengths_np = _decode_lengths(batch, max_len, ragged)
+  lengths = jnp.asarray(lengths_np)
+  kv_bytes = int(lengths_np.sum()) * num_kv * head_dim * 2 * 2
+  case = (f"decode B{batch} cache {max_len} lengths "
+          f"{'ragged ' if ragged else ''}{lengths_np.min()}-{lengths_np.max()} "
+          f"N{num_heads} K{num_kv} H{head_dim} bf16")
+  rows = []
+
+  def add(impl, config, seconds, error):
+    rows.append(dict(kind="decode", case=case, impl=impl, config=config, error=error,
+                     time_us=None if seconds is None else seconds * 1e6,
+                     tb_s=None if seconds is None else kv_bytes / seconds / 1e12))
+
+  if baselines:
+    for impl in ("cudnn", "xla"):
+      def step(q, k, v, impl=impl):
+        out = jax.nn.dot_product_attention(q[:, None], k, v, key_value_seq_lengths=lengths,
+                                           implementation=impl)
+        return out[:, 0]
+      add(impl, None, *_try(_time_chain, step, q, k, v, calls=calls, reps=reps))
+  for config in configs:
+    step = functools.partial(decode_attention, lengths=lengths, **(config or {}))
+    add("pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
+                                calls=calls, reps=reps))
+  if paged_configs:
+    # The same cache as a shuffled page pool: logical page j of sequence b is pool page perm[..].
+    pages_per_seq = max_len // page_size
+    perm = np.random.default_rng(1).permutation(batch * pages_per_seq)
+    inverse = np.argsort(perm)
+    k_pages = k.reshape(batch * pages_per_seq, page_size, num_kv, head_dim)[inverse]
+    v_pages = v.reshape(batch * pages_per_seq, page_size, num_kv, head_dim)[inverse]
+    table = jnp.asarray(perm.reshape(batch, pages_per_seq), jnp.int32)
+    del k, v
+    for config in paged_configs:
+      step = functools.partial(paged_decode_attention, block_table=table, lengths=lengths,
+                               **(config or {}))
+      add(f"pallas-paged{page_size}", config,
+          *_try(_time_chain, lambda q, kp, vp: step(q, kp, vp), q, k_pages, v_pages,
+                calls=calls, reps=reps))
+  return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps (used to choose the defaults) and the default suite
+
+
+def _grid(**axes):
+  keys = list(axes)
+  out = [{}]
+  for key in keys:
+    out = [dict(c, **{key: val}) for c in out for val in axes[key]]
+  return out
+
+
+def prefill_sweeps():
+  h128 = [None] + _grid(block_q=[16, 32], block_k=[32, 64, 128], num_warps=[4, 8],
+                        num_stages=[2, 3])
+  h64 = [None] + _grid(block_q=[16, 32], block_k=[64, 128], num_warps=[4, 8], num_stages=[3])
+  h256 = [None] + _grid(block_q=[8, 16], block_k=[32, 64], num_warps=[4, 8], num_stages=[2])
+  return [dict(head_dim=128, configs=h128), dict(head_dim=64, configs=h64),
+          dict(head_dim=256, num_heads=16, num_kv=4, configs=h256)]
+
+
+def decode_sweep():
+  dense = [None] + _grid(block_k=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 4])
+  paged = [None] + _grid(pages_per_block=[4, 8, 16], num_warps=[4, 8])
+  splits = [None] + [dict(num_splits=s) for s in (4, 8, 16, 32, 64)]
+  return dense, paged, splits
+
+
+def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
+                          quick: bool = False) -> list[dict[str, Any]]:
+  """Times the kernels (defaults, or sweeps) and the cuDNN / XLA baselines on the current GPU."""
+  if jax.default_backend() != "gpu":
+    raise RuntimeError("kernel benchmarks need a GPU (jax.default_backend() == 'gpu')")
+  device = jax.devices()[0].device_kind
+  ceilings = measure_ceilings()
+  rows: list[dict[str, Any]] = [dict(kind="ceiling", case="device", impl="xla", config=None,
+                                     error=None, **ceilings)]
+  if sweep:
+    dense, paged, splits = decode_sweep()
+    jobs = [functools.partial(bench_prefill, **kw, baselines=kw["head_dim"] == 128)
+            for kw in prefill_sweeps()]
+    jobs += [
+        functools.partial(bench_decode, 16, 8192, ragged=True, configs=dense,
+                          paged_configs=paged),
+        functools.partial(bench_decode, 16, 8192, ragged=True, page_size=64, configs=(),
+                          paged_configs=[None, dict(pages_per_block=1), dict(pages_per_block=4)],
+                          baselines=False),
+        functools.partial(bench_decode, 1, 8192, ragged=False, configs=splits,
+                          paged_configs=[None]),
+        functools.partial(bench_decode, 64, 4096, ragged=False, configs=splits,
+                          paged_configs=[None]),
+    ]
+  else:
+    jobs = [bench_prefill]
+    if not quick:
+      jobs.append(functools.partial(bench_prefill, head_dim=64))
+    for batch, max_len, ragged in [(1, 8192, False), (16, 8192, True), (64, 4096, False)]:
+      if not quick or batch == 16:
+        jobs.append(functools.partial(bench_decode, batch, max_len, ragged=ragged))
+    jobs.append(functools.partial(bench_decode, 16, 8192, ragged=True, page_size=64,
+                                  configs=(), baselines=False))
+  for job in jobs:  # write after every job, so a run cut short still leaves its numbers
+    rows += job()
+    _add_ratios(rows, ceilings)
+    for row in rows:
+      row["device"] = device
+    print(format_table(rows[-1:]), flush=True)
+    if out_dir:
+      os.makedirs(out_dir, exist_ok=True)
+      with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+  return rows
+
+
+def _add_ratios(rows, ceilings):
+  """Ratios to cuDNN and XLA of the same case, and to the card's ceilings."""
+  base = {(r["case"], r["impl"]): r.get("time_us") for r in rows if r["impl"] in ("cudnn", "xla")}
+  for r in rows:
+    t = r.get("time_us")
+    if r["kind"] == "ceiling" or t is None:
+      continue
+    for impl in ("cudnn", "xla"):
+      b = base.get((r["case"], impl))
+      r[f"speedup_vs_{impl}"] = None if not b else b / t
+    if r.get("tflop_s") is not None:
+      r["mfu"] = r["tflop_s"] / ceilings["matmul_bf16_tflop_s"]
+    if r.get("tb_s") is not None:
+      r["mbu"] = r["tb_s"] / ceilings["copy_tb_s"]
+
+
+def format_table(rows: list[dict[str, Any]], best_only: bool = False) -> str:
+  lines = []
+  for r in rows:
+    if r["kind"] == "ceiling":
+      lines.append(f"# {r.get('device', '')}: copy {r['copy_tb_s']:.2f} TB/s, "
+                   f"bf16 matmul {r['matmul_bf16_tflop_s']:.0f} TFLOP/s")
+      continue
+    if r.get("error"):
+      lines.append(f"{r['case'][:58]:58s} {r['impl']:15s} FAILED {r['error'][:90]}")
+      continue
+    rate = (f"{r['tflop_s']:7.1f} TF/s" if r.get("tflop_s") is not None
+            else f"{r['tb_s']:7.3f} TB/s")
+    vs = " ".join(f"x{r[k]:.2f}" if r.get(k) else "  -  "
+                  for k in ("speedup_vs_cudnn", "speedup_vs_xla"))
+    cfg = json.dumps(r["config"]) if r["config"] else "default"
+    lines.append(f"{r['case'][:58]:58s} {r['impl']:15s} {r['time_us']:9.1f} us {rate} "
+                 f"vs cudnn/xla {vs}  {cfg}")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.environ.get("OUT", "."))
+  parser.add_argument("--sweep", action="store_true", help="block-size sweeps (slow)")
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args()
+  rows = run_kernel_benchmarks(args.out, sweep=args.sweep, quick=args.quick)
+  print(format_table(rows))
+  best: dict[tuple[str, str], dict[str, Any]] = {}
+  for r in rows:
+    rate = r.get("tflop_s") or r.get("tb_s")
+    key = (r["case"], r["impl"])
+    if rate and (key not in best or rate > (best[key].get("tflop_s") or best[key]["tb_s"])):
+      best[key] = r
+  print(json.dumps({f"{c} | {i}": dict(config=r["config"], us=round(r["time_us"], 1))
+                    for (c, i), r in best.items()}))
+
+
+if __name__ == "__main__":
+  main()
