@@ -7,10 +7,12 @@ is an explicit pytree; `prefill` and `decode_step` are separately jitted with th
 
 from .bundle import Model
 from .cache import KVCache, PageAllocator, PagedKVCache, init_cache, init_paged_cache
+from .chat import chat, render_chat
 from .checkpoint import load
 from .config import ModelConfig
 from .generate import GenerateResult, StreamChunk, decode_step, generate, prefill, stream
 from .model import forward
+from .perplexity import perplexity
 from .params import abstract_params, init_params, param_axes, param_specs
 from .sampling import Sampling, sample
 
@@ -24,6 +26,7 @@ __all__ = [
     "Sampling",
     "StreamChunk",
     "abstract_params",
+    "chat",
     "decode_step",
     "forward",
     "generate",
@@ -33,7 +36,9 @@ __all__ = [
     "load",
     "param_axes",
     "param_specs",
+    "perplexity",
     "prefill",
+    "render_chat",
     "sample",
     "stream",
 ]

@@ -50,10 +50,19 @@ def sequence_keys(seed, batch: int) -> jax.Array:
 
 
 def sample(logits, keys, sampling: Sampling):
-    """Draw one token per row of `logits [B, V]` with `keys [B]`; returns int32 `[B]`."""
+    """Draw one token per row of `logits [B, V]` with `keys [B]`; returns int32 `[B]`.
+
+    When every row is greedy the sort over the vocabulary is skipped at run time (`lax.cond`).
+    """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temperature = jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), greedy.shape)
+    return jax.lax.cond(
+        jnp.any(temperature > 0), lambda: _draw(logits, keys, sampling, temperature, greedy), lambda: greedy
+    )
+
+
+def _draw(logits, keys, sampling: Sampling, temperature, greedy):
     top_p = jnp.broadcast_to(jnp.asarray(sampling.top_p, jnp.float32), greedy.shape)
     min_p = jnp.broadcast_to(jnp.asarray(sampling.min_p, jnp.float32), greedy.shape)
 
