@@ -54,7 +54,8 @@ def _try(fn: Callable, *args, **kwargs) -> tuple[float | None, str | None]:
 
 
 def measure_ceilings(reps: int = 5) -> dict[str, float]:
-  """Copy bandwidth (bytes read + written) through XLA and the bf16 matmul rate, on this card."""
+  """Copy bandwidth (bytes read + written), read-only reduction bandwidth and the bf16 matmul rate
+  through XLA on this card (one jit call each, so ~50 us of dispatch is included)."""
   x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)  # 1 GiB
   copy = jax.jit(lambda x: x * 1.5)
   copy(x).block_until_ready()
@@ -64,6 +65,14 @@ def measure_ceilings(reps: int = 5) -> dict[str, float]:
     copy(x).block_until_ready()
     times.append(time.perf_counter() - t0)
   copy_tbs = 2 * x.nbytes / statistics.median(times) / 1e12
+  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+  total(x).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    total(x).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  read_tbs = x.nbytes / statistics.median(times) / 1e12
   del x
   a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
   mm = jax.jit(lambda a: functools.reduce(lambda acc, _: (acc @ a) * (1 / 90.0), range(4), a))
@@ -74,7 +83,7 @@ def measure_ceilings(reps: int = 5) -> dict[str, float]:
     mm(a).block_until_ready()
     times.append(time.perf_counter() - t0)
   matmul_tfs = 4 * 2 * 8192**3 / statistics.median(times) / 1e12
-  return {"copy_tb_s": copy_tbs, "matmul_bf16_tflop_s": matmul_tfs}
+  return {"copy_tb_s": copy_tbs, "read_tb_s": read_tbs, "matmul_bf16_tflop_s": matmul_tfs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,18 +199,28 @@ def _grid(**axes):
 
 
 def prefill_sweeps():
-  h128 = [None] + _grid(block_q=[16, 32], block_k=[32, 64, 128], num_warps=[4, 8],
-                        num_stages=[2, 3])
-  h64 = [None] + _grid(block_q=[16, 32], block_k=[64, 128], num_warps=[4, 8], num_stages=[3])
-  h256 = [None] + _grid(block_q=[8, 16], block_k=[32, 64], num_warps=[4, 8], num_stages=[2])
+  """Second-round sweep around the best of a 24-config first round (see pallas_kernels/NOTES.md)."""
+  h128 = [None] + [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st) for bq, bk, w, st in
+                   [(32, 128, 8, 3), (32, 128, 8, 4), (32, 64, 4, 2), (32, 64, 8, 4),
+                    (64, 64, 8, 2), (64, 64, 8, 3), (16, 64, 4, 2), (16, 32, 4, 3)]]
+  h64 = [None] + [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st) for bq, bk, w, st in
+                  [(32, 128, 4, 3), (32, 128, 4, 2), (32, 128, 4, 4), (16, 64, 4, 3),
+                   (64, 64, 8, 3), (64, 128, 8, 3)]]
+  h256 = [None] + [dict(block_q=bq, block_k=bk, num_warps=w, num_stages=st) for bq, bk, w, st in
+                   [(16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 2), (32, 32, 8, 2),
+                    (8, 32, 4, 3)]]
   return [dict(head_dim=128, configs=h128), dict(head_dim=64, configs=h64),
           dict(head_dim=256, num_heads=16, num_kv=4, configs=h256)]
 
 
 def decode_sweep():
-  dense = [None] + _grid(block_k=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 4])
-  paged = [None] + _grid(pages_per_block=[4, 8, 16], num_warps=[4, 8])
-  splits = [None] + [dict(num_splits=s) for s in (4, 8, 16, 32, 64)]
+  dense = [None] + [dict(block_k=bk, num_warps=w, num_stages=st) for bk, w, st in
+                    [(128, 4, 2), (128, 4, 3), (128, 4, 4), (64, 4, 3), (64, 4, 4), (256, 4, 2),
+                     (128, 2, 2), (128, 2, 3)]]
+  paged = [None] + [dict(gather=g, pages_per_block=p, num_warps=4, num_stages=st)
+                    for g, p, st in [("rows", 8, 2), ("rows", 8, 3), ("rows", 4, 3),
+                                     ("rows", 16, 2), ("pages", 8, 3), ("pages", 8, 2)]]
+  splits = [None] + [dict(num_splits=s) for s in (1, 2, 3, 4, 6, 8, 12, 16)]
   return dense, paged, splits
 
 
@@ -219,15 +238,17 @@ def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
     jobs = [functools.partial(bench_prefill, **kw, baselines=kw["head_dim"] == 128)
             for kw in prefill_sweeps()]
     jobs += [
-        functools.partial(bench_decode, 16, 8192, ragged=True, configs=dense,
+        functools.partial(bench_decode, 16, 8192, ragged=True, configs=dense + splits,
                           paged_configs=paged),
         functools.partial(bench_decode, 16, 8192, ragged=True, page_size=64, configs=(),
-                          paged_configs=[None, dict(pages_per_block=1), dict(pages_per_block=4)],
+                          paged_configs=[None, dict(gather="rows", pages_per_block=2),
+                                         dict(gather="pages", pages_per_block=2)],
                           baselines=False),
-        functools.partial(bench_decode, 1, 8192, ragged=False, configs=splits,
-                          paged_configs=[None]),
-        functools.partial(bench_decode, 64, 4096, ragged=False, configs=splits,
-                          paged_configs=[None]),
+        functools.partial(bench_decode, 1, 8192, ragged=False,
+                          configs=splits + [dict(num_splits=s, block_k=64) for s in (8, 16)],
+                          paged_configs=[None, dict(num_splits=8)]),
+        functools.partial(bench_decode, 64, 4096, ragged=False, configs=splits[:4],
+                          paged_configs=[None, dict(gather="pages")]),
     ]
   else:
     jobs = [bench_prefill]
@@ -265,14 +286,15 @@ def _add_ratios(rows, ceilings):
       r["mfu"] = r["tflop_s"] / ceilings["matmul_bf16_tflop_s"]
     if r.get("tb_s") is not None:
       r["mbu"] = r["tb_s"] / ceilings["copy_tb_s"]
+      r["of_read_bw"] = r["tb_s"] / ceilings["read_tb_s"]
 
 
 def format_table(rows: list[dict[str, Any]], best_only: bool = False) -> str:
   lines = []
   for r in rows:
     if r["kind"] == "ceiling":
-      lines.append(f"# {r.get('device', '')}: copy {r['copy_tb_s']:.2f} TB/s, "
-                   f"bf16 matmul {r['matmul_bf16_tflop_s']:.0f} TFLOP/s")
+      lines.append(f"# {r.get('device', '')}: copy {r['copy_tb_s']:.2f} TB/s, read "
+                   f"{r['read_tb_s']:.2f} TB/s, bf16 matmul {r['matmul_bf16_tflop_s']:.0f} TFLOP/s")
       continue
     if r.get("error"):
       lines.append(f"{r['case'][:58]:58s} {r['impl']:15s} FAILED {r['error'][:90]}")

@@ -29,8 +29,10 @@ M_INIT = -1e30
 LOG2E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # Triton dots need every dimension >= 16
 # Splits are chosen so that batch * kv_heads * splits reaches about this many programs (two waves
-# of a 132-SM H100/H200), see pallas_kernels/NOTES.md.
+# of a 132-SM H100/H200), but no split gets fewer than MIN_BLOCKS_PER_SPLIT key blocks of the cache:
+# short loops pay the pipeline prologue and a larger combine (see pallas_kernels/NOTES.md).
 TARGET_PROGRAMS = 264
+MIN_BLOCKS_PER_SPLIT = 8
 
 # Defaults: (block_k, num_warps, num_stages). Tuned on an H100 (see NOTES.md).
 _DEFAULT_BLOCK_K = 128
@@ -47,8 +49,9 @@ def is_pow2(x: int) -> bool:
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
-  """Enough splits that batch * kv_heads * splits fills the GPU, never more than there are blocks."""
-  return int(max(1, min(pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads), max_blocks)))
+  """Enough splits that batch * kv_heads * splits fills the GPU, each with enough blocks to stream."""
+  return int(max(1, min(pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads),
+                        max_blocks // MIN_BLOCKS_PER_SPLIT)))
 
 
 def split_block_range(length, window: int | None, block_k: int, split, num_splits: int):

@@ -34,8 +34,8 @@ def _paged_kernel(
     len_ref,  # [] int32
     table_ref,  # [max_pages] int32
     q_ref,  # [G, H]
-    k_ref,  # [P, page_size, H] (strided view of one kv head)
-    v_ref,  # [P, page_size, H]
+    k_ref,  # [P * page_size, H] ("rows") or [P, page_size, H] ("pages"), one kv head
+    v_ref,
     o_ref,  # [G, H] float32, unnormalised
     m_ref,  # [G] float32
     l_ref,  # [G] float32
@@ -45,9 +45,10 @@ def _paged_kernel(
     softcap: float | None,
     pages_per_block: int,
     num_splits: int,
+    page_size: int,
+    gather: str,
 ):
   group, head_dim = q_ref.shape
-  page_size = k_ref.shape[1]
   max_pages = table_ref.shape[0]
   block_k = pages_per_block * page_size
   rows = max(MIN_DOT_ROWS, next_pow2(group))
@@ -56,7 +57,7 @@ def _paged_kernel(
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
   q = load_q_tile(q_ref, rows)  # [rows, H]
 
-  def body(j, carry):
+  def body_pages(j, carry):
     first_page = j * pages_per_block
     page_ok = first_page + jnp.arange(pages_per_block) < num_pages
     # Unused table entries (and reads past the table's end) become page 0, which always exists.
@@ -70,6 +71,20 @@ def _paged_kernel(
     v = jnp.where(keep[:, None], v, 0)  # stale rows of a partly filled page must not leak
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
+  def body_rows(j, carry):
+    kpos = j * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    keep = kpos < length
+    if window is not None:
+      keep = keep & (length - 1 - kpos < window)
+    # One table entry per key (repeats hit L1); invalid keys read row 0 of page 0.
+    page = pltriton.load(table_ref.at[kpos // page_size], mask=keep, other=0)
+    key_rows = page * page_size + kpos % page_size  # [bk] rows of the [P * page_size, H] pool
+    idx = (key_rows[:, None], jnp.arange(head_dim)[None, :])  # [bk, H] gather, H contiguous
+    k = pltriton.load(k_ref.at[idx], mask=keep[:, None], other=0)
+    v = pltriton.load(v_ref.at[idx], mask=keep[:, None], other=0)
+    return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
+
+  body = body_rows if gather == "rows" else body_pages
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
   store_partials(o_ref, m_ref, l_ref, carry)
 
@@ -77,7 +92,7 @@ def _paged_kernel(
 @functools.partial(
     jax.jit,
     static_argnames=("sliding_window", "softcap", "scale", "num_splits", "pages_per_block",
-                     "num_warps", "num_stages", "interpret"),
+                     "num_warps", "num_stages", "gather", "interpret"),
 )
 def paged_decode_attention(
     q: jax.Array,  # [B, N, H]
@@ -93,6 +108,7 @@ def paged_decode_attention(
     pages_per_block: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    gather: str = "rows",
     interpret: bool = False,
 ) -> jax.Array:  # [B, N, H]
   """decode_attention over the logical sequences that block_table assembles from pages.
@@ -128,9 +144,16 @@ def paged_decode_attention(
 
   q = q.reshape(batch, num_kv_heads, group, head_dim)
   kernel = functools.partial(_paged_kernel, scale=scale, window=sliding_window, softcap=softcap,
-                             pages_per_block=pages_per_block, num_splits=num_splits)
-  pool_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim),
-                           lambda b, h, s: (0, 0, h, 0))
+                             pages_per_block=pages_per_block, num_splits=num_splits,
+                             page_size=page_size, gather=gather)
+  if gather == "rows":
+    pool_rows = k_pages.shape[0] * page_size
+    k_pages = k_pages.reshape(pool_rows, num_kv_heads, head_dim)  # free: merges P and page rows
+    v_pages = v_pages.reshape(pool_rows, num_kv_heads, head_dim)
+    pool_spec = pl.BlockSpec((pool_rows, None, head_dim), lambda b, h, s: (0, h, 0))
+  else:
+    pool_spec = pl.BlockSpec((k_pages.shape[0], page_size, None, head_dim),
+                             lambda b, h, s: (0, 0, h, 0))
   part_shape = (batch, num_kv_heads, num_splits, group)
   o, m, l = pl.pallas_call(
       kernel,
