@@ -159,3 +159,40 @@ def test_cli_refuses_a_configuration_that_cannot_fit(tmp_path, monkeypatch):
     with pytest.raises(memory.DoesNotFit, match=r"weights 16\.\d\d GB \+ kv cache \d+\.\d\d GB"):
         command.run(args)
     assert not (tmp_path / "bench.json").exists()
+
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+
+
+@pytest.mark.parametrize("dtype,tol", [
+    (jnp.float32, 1e-5),
+    pytest.param(jnp.bfloat16, 0.15, marks=[pytest.mark.gpu, gpu]),
+])
+def test_benchmarked_decode_path_equals_one_forward(dtype, tol):
+    """Prefill 6 + 4 decode steps give the logits of one forward pass over the 10 tokens."""
+    from jaxinfer.generate import decode_step, prefill
+    from jaxinfer.model import forward
+    from jaxinfer.params import init_params
+
+    c = ModelConfig(vocab_size=100, dim=32, ffn_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    # One jit and an rbg key: far quicker to compile on the CPU than eager threefry draws.
+    params = jax.jit(init_params, static_argnums=(0, 2))(c, jax.random.key(1, impl="rbg"), dtype)
+    tokens = jax.random.randint(jax.random.key(3, impl="rbg"), (2, 10), 0, 100)
+    want, _ = jax.jit(forward, static_argnames="config")(params, init_cache(c, 2, 16, dtype), tokens, config=c)
+    logits, cache = prefill(params, init_cache(c, 2, 16, dtype), tokens[:, :6], config=c, impl="xla")
+    got = [logits]
+    for t in range(6, 10):
+        logits, cache = decode_step(params, cache, tokens[:, t], config=c, impl="xla")
+        got.append(logits)
+    got = jnp.stack(got, axis=1)  # next-token logits at positions 5..9
+    assert float(jnp.max(jnp.abs(got - want[:, 5:]))) < tol
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_ceilings_are_plausible_for_a_datacenter_card():
+    c = measure_ceilings(copy_bytes=256 << 20, matmul_n=4096, samples=3)
+    assert c.copy_bytes_per_s > 1e12, c.copy_by_method  # every Hopper/Ampere card copies > 1 TB/s
+    assert c.matmul_flops_per_s > 100e12, c.matmul_flops_per_s
+    assert c.copy_bytes_per_s == max(c.copy_by_method.values())

@@ -23,12 +23,16 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for m in _INSTR.finditer(hlo_text)}
 
 
-def kernel_breakdown(call: Callable[[], Any], hlo_text: str = "", calls: int = 3, top: int = 25) -> dict:
+def kernel_breakdown(call: Callable[[], Any], hlo_text: str = "", calls: int = 3, top: int = 25,
+                     before: Callable[[], None] | None = None) -> dict:
     """Device time per HLO op for one `call()`, from a profiler trace of `calls` calls.
 
+    `before` runs once, untimed, before the warm-up call (e.g. to rewind a cache).
     Returns {"device_us_per_call", "ops": [{"hlo_op", "op_name", "kernels", "launches_per_call",
     "us_per_call", "fraction"}...]} with the `top` largest ops and an "other" row for the rest.
     """
+    if before is not None:
+        before()
     jax.block_until_ready(call())
     names = hlo_op_names(hlo_text)
     with tempfile.TemporaryDirectory() as tmp:
