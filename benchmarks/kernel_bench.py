@@ -24,6 +24,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from pallas_kernels import decode_attention, flash_attention, paged_decode_attention
 
@@ -53,36 +54,26 @@ def _try(fn: Callable, *args, **kwargs) -> tuple[float | None, str | None]:
     return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
-def measure_ceilings(reps: int = 5) -> dict[str, float]:
-  """Copy bandwidth (bytes read + written), read-only reduction bandwidth and the bf16 matmul rate
-  through XLA on this card (one jit call each, so ~50 us of dispatch is included)."""
+def measure_ceilings(calls: int = 5, reps: int = 5) -> dict[str, float]:
+  """Copy bandwidth (bytes read + written), read-only bandwidth and the bf16 matmul rate through XLA
+  on this card, chained like the kernels (optimization barriers keep XLA from fusing the chain)."""
   x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.bfloat16)  # 1 GiB
-  copy = jax.jit(lambda x: x * 1.5)
-  copy(x).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    copy(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  copy_tbs = 2 * x.nbytes / statistics.median(times) / 1e12
-  total = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-  total(x).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    total(x).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  read_tbs = x.nbytes / statistics.median(times) / 1e12
+
+  def copy(x):
+    return lax.optimization_barrier(x * 1.5)
+
+  def read(s, x):  # a full read of x, reduced to one number that feeds the next read
+    return jnp.sum(x * (1 + s * 1e-30).astype(x.dtype), dtype=jnp.float32)
+
+  copy_tbs = 2 * x.nbytes / _time_chain(copy, x, calls=calls, reps=reps) / 1e12
+  read_tbs = x.nbytes / _time_chain(read, jnp.float32(0), x, calls=calls, reps=reps) / 1e12
   del x
   a = jax.random.normal(jax.random.key(1), (8192, 8192), jnp.bfloat16)
-  mm = jax.jit(lambda a: functools.reduce(lambda acc, _: (acc @ a) * (1 / 90.0), range(4), a))
-  mm(a).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  matmul_tfs = 4 * 2 * 8192**3 / statistics.median(times) / 1e12
+
+  def matmul(a):
+    return (a @ a) * (1 / 90.0)
+
+  matmul_tfs = 2 * 8192**3 / _time_chain(matmul, a, calls=calls, reps=reps) / 1e12
   return {"copy_tb_s": copy_tbs, "read_tb_s": read_tbs, "matmul_bf16_tflop_s": matmul_tfs}
 
 
@@ -217,9 +208,8 @@ def decode_sweep():
   dense = [None] + [dict(block_k=bk, num_warps=w, num_stages=st) for bk, w, st in
                     [(128, 4, 2), (128, 4, 3), (128, 4, 4), (64, 4, 3), (64, 4, 4), (256, 4, 2),
                      (128, 2, 2), (128, 2, 3)]]
-  paged = [None] + [dict(gather=g, pages_per_block=p, num_warps=4, num_stages=st)
-                    for g, p, st in [("rows", 8, 2), ("rows", 8, 3), ("rows", 4, 3),
-                                     ("rows", 16, 2), ("pages", 8, 3), ("pages", 8, 2)]]
+  paged = [None] + [dict(pages_per_block=p, num_warps=4, num_stages=st)
+                    for p, st in [(8, 3), (4, 2), (16, 2)]]
   splits = [None] + [dict(num_splits=s) for s in (1, 2, 3, 4, 6, 8, 12, 16)]
   return dense, paged, splits
 
@@ -241,14 +231,13 @@ def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
         functools.partial(bench_decode, 16, 8192, ragged=True, configs=dense + splits,
                           paged_configs=paged),
         functools.partial(bench_decode, 16, 8192, ragged=True, page_size=64, configs=(),
-                          paged_configs=[None, dict(gather="rows", pages_per_block=2),
-                                         dict(gather="pages", pages_per_block=2)],
+                          paged_configs=[None, dict(pages_per_block=4)],
                           baselines=False),
         functools.partial(bench_decode, 1, 8192, ragged=False,
                           configs=splits + [dict(num_splits=s, block_k=64) for s in (8, 16)],
                           paged_configs=[None, dict(num_splits=8)]),
         functools.partial(bench_decode, 64, 4096, ragged=False, configs=splits[:4],
-                          paged_configs=[None, dict(gather="pages")]),
+                          paged_configs=[None]),
     ]
   else:
     jobs = [bench_prefill]
