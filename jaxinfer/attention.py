@@ -95,12 +95,18 @@ def _cudnn(q, view, q_positions, kv_lengths, sliding_window):
     S = view.k.shape[1]
     if S < T:
         return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
-    # Prefill from an empty cache: the first T cache slots are this prompt, causal from position 0.
-    k, v = view.k[:, :T], view.v[:, :T]
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, key_value_seq_lengths=jnp.minimum(kv_lengths, T),
-        local_window_size=window, implementation="cudnn",
-    )
+
+    def from_empty_cache():
+        # The first T cache slots are this prompt, causal from position 0.
+        return jax.nn.dot_product_attention(
+            q, view.k[:, :T], view.v[:, :T], is_causal=True, key_value_seq_lengths=jnp.minimum(kv_lengths, T),
+            local_window_size=window, implementation="cudnn",
+        )
+
+    def continuing():  # cuDNN's causal mask is top-left aligned: a chunk after a prefix takes the XLA path
+        return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
+
+    return jax.lax.cond(jnp.all(q_positions[:, 0] == 0), from_empty_cache, continuing)
 
 
 def xla_attention(q, k, v, q_positions, kv_lengths, *, sliding_window=None):
