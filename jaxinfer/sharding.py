@@ -1,0 +1,327 @@
+"""Meshes and sharding rules: which mesh axis splits which logical axis of the parameters and the cache.
+
+`make_mesh(data=, tensor=, pipeline=)` builds a `jax.sharding.Mesh` with the axes `data`, `pipeline` and
+`tensor` (tensor innermost, so a tensor group is neighbouring devices of one host). `ShardingRules` maps
+logical axis names (`batch`, `layers`, `embed`, `q_heads`, `kv_heads`, `head_dim`, `ffn`, `vocab`, `seq`)
+to mesh axes and rejects two logical axes of one array landing on the same mesh axis. `rules.resolve(
+config, mesh)` checks the model against the mesh (a tensor degree must divide the query heads and the ffn
+width, a pipeline degree the layers) and replicates what cannot be split: kv heads fewer than the tensor
+degree, a vocabulary the tensor degree does not divide.
+
+From there: `param_shardings` / `cache_shardings` give the `NamedSharding` of every leaf, `init_params` /
+`init_cache` create arrays already sharded (jit with `out_shardings`: no device ever holds the whole
+tree), `shard_params` / `shard_cache` place existing trees. The mesh never enters the model config or the
+model code: sharded arrays flow through the ordinary jitted functions and XLA's SPMD partitioner inserts
+the collectives (Megatron pattern: one all-reduce after the attention output and one after the MLP).
+
+Axes are `Auto` (compiler-propagated), not JAX's newer default `Explicit`, so that the model's einsums
+need no per-op output shardings. This file knows nothing of checkpoints or kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from . import params as params_lib
+from .cache import KVCache, PagedKVCache
+from .config import ModelConfig
+
+MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
+DENSE_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # KVCache.k / .v
+PAGED_CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # PagedKVCache pages: a pool shared by rows
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mesh
+
+
+def make_mesh(data: int = 1, tensor: int = 1, pipeline: int = 1, *, devices: Sequence | None = None) -> Mesh:
+    """A mesh of `data x pipeline x tensor` devices (all of `jax.devices()` unless `devices` is given).
+
+    The product must equal the number of devices: a mesh that leaves devices idle or asks for more than
+    there are is an error, not a silent sub-mesh (pass `devices=` for a sub-mesh).
+    """
+    sizes = {"data": data, "tensor": tensor, "pipeline": pipeline}
+    for name, size in sizes.items():
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"make_mesh: {name} must be a positive int, got {size!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    n = data * tensor * pipeline
+    if n != len(devices):
+        raise ValueError(
+            f"make_mesh: data={data} x tensor={tensor} x pipeline={pipeline} = {n} devices, but "
+            f"{len(devices)} device(s) are given ({_describe(devices)}); the mesh size must equal the device count"
+        )
+    return jax.make_mesh(
+        (data, pipeline, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def _describe(devices) -> str:
+    kinds = sorted({d.platform for d in devices})
+    return ", ".join(kinds) if kinds else "none"
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the leaves of `tree` are sharded over (None when they live on one device or are not arrays)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rules
+
+
+def _known_leaf_axes() -> list[tuple[str | None, ...]]:
+    """Logical axes of every kind of array the rules must place: all parameter leaves (with every optional
+    leaf present), the dense and paged cache, and activations."""
+    probe = ModelConfig(
+        vocab_size=2, dim=2, ffn_dim=2, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=2,
+        qkv_bias=True, qk_norm=True,
+    )
+    leaves = jax.tree.leaves(params_lib.param_axes(probe), is_leaf=lambda x: isinstance(x, tuple))
+    return [*leaves, DENSE_CACHE_AXES, PAGED_CACHE_AXES, ("batch", None), ("batch", "seq", "embed"),
+            ("batch", "seq", "q_heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim"),
+            ("batch", "seq", "ffn"), ("batch", "seq", "vocab")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """Logical axis name -> mesh axis (a name, a tuple of names, or None for replicated).
+
+    The default is Megatron-style tensor parallelism (heads, ffn and vocab on `tensor`), layers on
+    `pipeline` and batch on `data`; `embed`, `head_dim` and `seq` stay whole. Construction rejects rules
+    that would put two axes of one array on the same mesh axis.
+    """
+
+    batch: MeshAxes = "data"
+    layers: MeshAxes = "pipeline"
+    q_heads: MeshAxes = "tensor"
+    kv_heads: MeshAxes = "tensor"
+    ffn: MeshAxes = "tensor"
+    vocab: MeshAxes = "tensor"
+    embed: MeshAxes = None
+    head_dim: MeshAxes = None
+    seq: MeshAxes = None
+
+    def __post_init__(self):
+        for name in self.logical_axes():
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = tuple(value)
+                object.__setattr__(self, name, value)
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            )
+            if not ok:
+                raise ValueError(f"ShardingRules.{name} must be a mesh axis name, a tuple of names or None, got {value!r}")
+        for axes in _known_leaf_axes():
+            self._check_collision(axes)
+
+    @classmethod
+    def logical_axes(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, MeshAxes]) -> "ShardingRules":
+        unknown = set(mapping) - set(cls.logical_axes())
+        if unknown:
+            raise ValueError(f"unknown logical axis name(s) {sorted(unknown)}; known: {', '.join(cls.logical_axes())}")
+        return cls(**mapping)
+
+    def mesh_axes(self, logical: str | None) -> tuple[str, ...]:
+        """The mesh axes `logical` is split over (empty when replicated)."""
+        if logical is None:
+            return ()
+        value = getattr(self, logical)
+        if value is None:
+            return ()
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    def _check_collision(self, axes, what: str = "") -> None:
+        seen: dict[str, str] = {}
+        for logical in axes:
+            for m in self.mesh_axes(logical):
+                if m in seen:
+                    where = f" of {what}" if what else ""
+                    raise ValueError(
+                        f"sharding rule collision: logical axes {seen[m]!r} and {logical!r}{where} "
+                        f"(array axes {axes}) both map to mesh axis {m!r}"
+                    )
+                seen[m] = logical
+
+    def spec(self, axes: Sequence[str | None], what: str = "") -> PartitionSpec:
+        """The `PartitionSpec` of an array whose dimensions have logical names `axes`."""
+        axes = tuple(axes)
+        self._check_collision(axes, what)
+        parts = []
+        for logical in axes:
+            m = self.mesh_axes(logical)
+            parts.append(None if not m else (m[0] if len(m) == 1 else m))
+        return PartitionSpec(*parts)
+
+    def resolve(self, config: ModelConfig, mesh: Mesh) -> "ShardingRules":
+        """Check `config` against `mesh` and return rules with the replications the shapes need.
+
+        Errors: a mesh axis the mesh lacks; a degree that does not divide query heads, ffn, layers or a
+        mapped embed/head_dim. Replicated instead of split: kv heads when the tensor degree is a multiple
+        of them (each device keeps every kv head and uses the one its query heads need), and a vocabulary
+        the degree does not divide.
+        """
+        for name in self.logical_axes():
+            for m in self.mesh_axes(name):
+                if m not in mesh.shape:
+                    raise ValueError(f"ShardingRules.{name} names mesh axis {m!r}; the mesh has {tuple(mesh.shape)}")
+        size = lambda name: math.prod(mesh.shape[m] for m in self.mesh_axes(name))
+        c = config
+        changes = {}
+        hard = {
+            "q_heads": ("num_heads", c.num_heads),
+            "ffn": ("ffn_dim", c.ffn_dim),
+            "layers": ("num_layers", c.num_layers),
+            "embed": ("dim", c.dim),
+            "head_dim": ("head_dim", c.head_dim),
+        }
+        for logical, (field, dim) in hard.items():
+            n = size(logical)
+            if dim % n:
+                kind = "pipeline" if logical == "layers" else "tensor" if self.mesh_axes(logical) == ("tensor",) else "mesh"
+                raise ValueError(
+                    f"{kind} degree {n} (mesh axes {self.mesh_axes(logical)} for {logical!r}) does not divide "
+                    f"{field}={dim}; choose a degree that divides it"
+                )
+        t = size("kv_heads")
+        if c.num_kv_heads % t:
+            if t % c.num_kv_heads == 0 and size("q_heads") == t:
+                changes["kv_heads"] = None  # fewer kv heads than devices: every device keeps them all
+            else:
+                raise ValueError(
+                    f"tensor degree {t} neither divides num_kv_heads={c.num_kv_heads} nor is a multiple of it"
+                )
+        if c.vocab_size % size("vocab"):
+            changes["vocab"] = None
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+DEFAULT_RULES = ShardingRules()
+
+
+def _rules(rules: ShardingRules | Mapping | None) -> ShardingRules:
+    if rules is None:
+        return DEFAULT_RULES
+    if isinstance(rules, Mapping):
+        return ShardingRules.from_mapping(rules)
+    return rules
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shardings of the parameter tree and the cache
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules: ShardingRules | Mapping | None = None) -> dict:
+    """The `NamedSharding` of every parameter leaf (same tree structure as `params.param_specs`)."""
+    r = _rules(rules).resolve(config, mesh)
+    specs = params_lib.param_specs(config)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=params_lib.is_spec)
+    out = [NamedSharding(mesh, r.spec(s.axes, jax.tree_util.keystr(p))) for p, s in paths]
+    return treedef.unflatten(out)
+
+
+def param_partition_specs(config: ModelConfig, mesh: Mesh, rules=None) -> dict:
+    """Like `param_shardings`, as bare `PartitionSpec`s (for `shard_map` in/out specs)."""
+    return jax.tree.map(lambda s: s.spec, param_shardings(config, mesh, rules))
+
+
+def _check_batch(batch: int | None, mesh: Mesh, r: ShardingRules) -> None:
+    n = math.prod(mesh.shape[m] for m in r.mesh_axes("batch"))
+    if batch is not None and batch % n:
+        raise ValueError(
+            f"batch {batch} is not divisible by the data degree {n} (mesh axes {r.mesh_axes('batch')}); "
+            f"use a batch that is a multiple of {n}"
+        )
+
+
+def cache_shardings(config: ModelConfig, mesh: Mesh, rules=None, *, batch: int | None = None, paged: bool = False):
+    """The shardings of a cache as a cache-shaped tree: `KVCache` (or `PagedKVCache` when `paged`) whose
+    fields are `NamedSharding`s. Dense k/v `[L,B,S,K,H]` split layers/batch/kv heads; the paged pool is a
+    single pool shared by every row, so it is split on layers and kv heads only."""
+    r = _rules(rules).resolve(config, mesh)
+    _check_batch(batch, mesh, r)
+    ns = lambda axes, what: NamedSharding(mesh, r.spec(axes, what))
+    lengths = ns(("batch",), "cache.lengths")
+    if paged:
+        pages = ns(PAGED_CACHE_AXES, "cache pages")
+        return PagedKVCache(k_pages=pages, v_pages=pages, block_table=ns(("batch", None), "block_table"), lengths=lengths)
+    kv = ns(DENSE_CACHE_AXES, "cache k/v")
+    return KVCache(k=kv, v=kv, lengths=lengths)
+
+
+def batch_sharding(mesh: Mesh, rules=None, ndim: int = 1) -> NamedSharding:
+    """Sharding of a per-sequence input (`tokens [B, T]`, `lengths [B]`): batch on its mesh axes."""
+    return NamedSharding(mesh, _rules(rules).spec(("batch",) + (None,) * (ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Creating and placing sharded trees
+
+
+def init_params(config: ModelConfig, mesh: Mesh, rules=None, key: jax.Array | int = 0, dtype=jnp.bfloat16) -> dict:
+    """Random parameters created directly in their shards (same values as `params.init_params`)."""
+    shardings = param_shardings(config, mesh, rules)
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    make = jax.jit(lambda k: params_lib.init_params(config, k, dtype), out_shardings=shardings)
+    return make(key)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=None, dtype=jnp.bfloat16) -> KVCache:
+    """An empty dense cache created directly in its shards."""
+    from .cache import init_cache as _init
+
+    shardings = cache_shardings(config, mesh, rules, batch=batch)
+    return jax.jit(lambda: _init(config, batch, max_len, dtype), out_shardings=shardings)()
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules=None) -> dict:
+    """Place an existing parameter tree (host or device arrays) on `mesh` by the rules."""
+    shardings = param_shardings(config, mesh, rules)
+    _check_structure(params, shardings)
+    return jax.device_put(params, shardings)
+
+
+def shard_cache(cache, config: ModelConfig, mesh: Mesh, rules=None):
+    """Place an existing dense or paged cache on `mesh` by the rules."""
+    paged = isinstance(cache, PagedKVCache)
+    shardings = cache_shardings(config, mesh, rules, batch=None if paged else cache.batch, paged=paged)
+    return jax.device_put(cache, shardings)
+
+
+def _check_structure(tree, shardings) -> None:
+    a, b = jax.tree.structure(tree), jax.tree.structure(shardings)
+    if a != b:
+        raise ValueError(f"parameter tree does not match the config's parameter specs:\n  got {a}\n  want {b}")
+
+
+def leaf_from_host(array: np.ndarray, sharding, dtype=None) -> jax.Array:
+    """One global array from a host numpy array, each device receiving only its own slice.
+
+    Works in multi-process runs too: each process fills only the shards of its addressable devices.
+    """
+    array = np.asarray(array)
+    if dtype is not None:
+        dtype = jnp.dtype(dtype)
+    return jax.make_array_from_callback(
+        array.shape, sharding, lambda index: np.asarray(array[index], dtype or array.dtype)
+    )

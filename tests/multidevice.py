@@ -1,0 +1,37 @@
+"""Run a test file again in a subprocess with 8 simulated CPU devices.
+
+The main pytest process keeps the default single CPU device (the rest of the suite assumes it), so the
+multi-device tests skip themselves there and one driver test re-runs their file under
+`--xla_force_host_platform_device_count=8`, where they run for real.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+DEVICES = 8
+REPO = Path(__file__).resolve().parent.parent
+
+needs_devices = pytest.mark.skipif(
+    jax.device_count() < DEVICES, reason=f"needs {DEVICES} devices: runs in the {DEVICES}-device subprocess"
+)
+
+
+def rerun_with_devices(test_file: str, timeout: int = 600) -> None:
+    """Run `test_file` under pytest with 8 CPU devices; fail with its output when any test fails."""
+    if jax.device_count() >= DEVICES:
+        pytest.skip(f"already running with {jax.device_count()} devices")
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(test_file)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{DEVICES}-device run of {Path(test_file).name} failed:\n{out[-8000:]}"
+    assert " passed" in out, out[-2000:]
