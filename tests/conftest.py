@@ -1,9 +1,5 @@
 """Shared fixtures: tiny random Hugging Face checkpoints of every supported family, saved to disk."""
 
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import jax
 import pytest
 
