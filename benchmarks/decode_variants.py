@@ -1,20 +1,25 @@
-"""Timed variants of one batch-1 decode step, to find where the XLA path loses bandwidth.
+"""Timed variants of one decode step, to find where the XLA path loses bandwidth (notes: BENCHMARKS.md).
 
     PYTHONPATH=. python3 benchmarks/decode_variants.py --out $OUT
 
-Each variant is jitted once and called per step (asynchronously, as the decode loop is), and reported
-as ms/step and MBU against the copy bandwidth measured in the same process:
-- `decode_step`: the library's step (for reference);
-- `matmuls_scan`: only the seven weight products per layer and the head, layers run with `lax.scan` over
-  the stacked weights (no attention, no cache): the weight-streaming floor of the scanned model;
-- `matmuls_unrolled`: the same with a Python loop over static layer indices;
-- `matmuls_split`: the same over per-layer copies of the weights (no slicing at all): XLA's GEMV floor.
-The bytes for every variant are the step's weights (plus the valid KV for `decode_step`).
+Every variant is jitted once and called per step (asynchronously, as the decode loop is) and reported as
+ms/step and MBU against the copy bandwidth measured in the same process. Variants switch the library's
+private choices (monkeypatched while tracing a fresh jit):
+- `step[B,weights,attention]`: the whole step, weight products as `einsum` (dot), `gemv1` (multiply +
+  reduce over the weight as stored, the first version), `gemv` (2-D view + split-K, the current one);
+  attention as `einsum` or `reduce` (the current one for one query);
+- `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
+  batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
+- `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
+`--sweep-partials P...` instead times `weights[gemv@P]` for each split-K target P (ops.GEMV_PARTIALS),
+then the whole batch-1 step, einsum/einsum against gemv@best/reduce.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
 import json
 import sys
@@ -27,54 +32,70 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from jaxinfer import attention as attn  # noqa: E402
 from jaxinfer import ops  # noqa: E402
 from jaxinfer.bench import costs, measure_ceilings, time_calls  # noqa: E402
 from jaxinfer.bench.runner import build_params, random_cache  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
-from jaxinfer.model import rms_norm  # noqa: E402
+from jaxinfer.model import forward, rms_norm  # noqa: E402
+from jaxinfer.sampling import Sampling, sample, sequence_keys  # noqa: E402
 
 gen = importlib.import_module("jaxinfer.generate")
 
 
-def layer_matmuls(p, x, eps):
-    """The seven products of one layer on x [B, 1, D]; attention replaced by q itself (N*H == D here)."""
+def einsum_mm(eq, x, w, out_dtype=None):
+    out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype or x.dtype)
+
+
+def gemv_mm(eq, x, w, out_dtype=None):
+    return ops.gemv(eq, x, w).astype(out_dtype or x.dtype)
+
+
+def layer_products(mm, p, x, eps):
+    """The seven products of one layer on x [B, 1, D]; attention replaced by q itself (N*H == D)."""
     h = rms_norm(x, p["attn_norm"], eps)
-    q = ops.matmul("btd,dnh->btnh", h, p["q"])
-    k = ops.matmul("btd,dkh->btkh", h, p["k"])
-    v = ops.matmul("btd,dkh->btkh", h, p["v"])
+    q = mm("btd,dnh->btnh", h, p["q"])
+    k = mm("btd,dkh->btkh", h, p["k"])
+    v = mm("btd,dkh->btkh", h, p["v"])
     q = q + (k.sum() + v.sum()).astype(q.dtype) * 0  # keep k and v alive
-    x = x + ops.matmul("btnh,nhd->btd", q, p["o"])
+    x = x + mm("btnh,nhd->btd", q, p["o"])
     h = rms_norm(x, p["mlp_norm"], eps)
-    g = ops.matmul("btd,df->btf", h, p["w_gate"])
-    u = ops.matmul("btd,df->btf", h, p["w_up"])
-    return x + ops.matmul("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"])
+    g = mm("btd,df->btf", h, p["w_gate"])
+    u = mm("btd,df->btf", h, p["w_up"])
+    return x + mm("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"])
 
 
-def head(params, x, eps):
-    return ops.matmul("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], out_dtype=jnp.float32)
-
-
-def make_variants(config: ModelConfig):
+def weights_scan(mm, config):
     eps = config.norm_eps
 
     @jax.jit
-    def matmuls_scan(params, x):
-        x, _ = jax.lax.scan(lambda x, p: (layer_matmuls(p, x, eps), None), x, params["layers"])
-        return x, head(params, x, eps)
+    def run(params, x):
+        x, _ = jax.lax.scan(lambda x, p: (layer_products(mm, p, x, eps), None), x, params["layers"])
+        logits = mm("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], jnp.float32)
+        return x, logits
 
-    @jax.jit
-    def matmuls_unrolled(params, x):
-        for i in range(config.num_layers):
-            x = layer_matmuls(jax.tree.map(lambda a: a[i], params["layers"]), x, eps)
-        return x, head(params, x, eps)
+    return run
 
-    @jax.jit
-    def matmuls_split(split, params, x):
-        for p in split:
-            x = layer_matmuls(p, x, eps)
-        return x, head(params, x, eps)
 
-    return matmuls_scan, matmuls_unrolled, matmuls_split
+@contextlib.contextmanager
+def choices(weights: str, attention: str = "reduce", partials: int | None = None):
+    """Force the weight-product and one-query attention paths while a fresh jit traces."""
+    saved = ops._single_row, ops.gemv, ops.GEMV_PARTIALS, attn._one_query
+    if partials is not None:
+        ops.GEMV_PARTIALS = partials
+    if weights == "einsum":
+        ops._single_row = lambda eq, x: False
+    elif weights == "gemv1":
+        ops.gemv = ops._gemv_general
+    elif weights == "gemv-nosplit":
+        ops.GEMV_PARTIALS = 0
+    if attention == "einsum":
+        attn._one_query = lambda T: False
+    try:
+        yield
+    finally:
+        ops._single_row, ops.gemv, ops.GEMV_PARTIALS, attn._one_query = saved
 
 
 def main(argv=None) -> int:
@@ -83,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--sweep-partials", type=int, nargs="*", default=[],
+                    help="only sweep ops.GEMV_PARTIALS on the weight products, then time the step at the best")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,47 +121,67 @@ def main(argv=None) -> int:
                "mbu": nbytes / timing.median / ceilings.copy_bytes_per_s, "gb_s": nbytes / timing.median / 1e9,
                "note": note}
         rows.append(row)
-        print(f"{name:22s} {row['ms']:8.3f} ms  MBU {row['mbu']:.3f}  {row['gb_s']:7.1f} GB/s  {note}", flush=True)
+        print(f"{name:34s} {row['ms']:8.3f} ms  MBU {row['mbu']:.3f}  {row['gb_s']:7.1f} GB/s  "
+              f"spread {row['spread']:.3f} {note}", flush=True)
+        (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
+                                                       "variants": rows}, indent=1, default=str))
 
-    # The library's step, per-step jit, greedy feedback, as the bench measures it.
-    cache = random_cache(config, 1, args.context + args.steps, args.context, jnp.bfloat16)
-    state = {"cache": cache, "tok": jnp.ones((1,), jnp.int32)}
+    def time_step(batch, w_mode, a_mode, partials=None):
+        step_fn = jax.jit(functools.partial(forward, config=config, impl="xla"), donate_argnums=1)
+        state = {"cache": random_cache(config, batch, args.context + args.steps, args.context, jnp.bfloat16),
+                 "tok": jnp.ones((batch,), jnp.int32)}
 
-    def step():
-        logits, state["cache"] = gen.decode_step(params, state["cache"], state["tok"], config=config, impl="xla")
-        state["tok"] = jnp.argmax(logits, -1).astype(jnp.int32)
-        return state["tok"]
+        def step():
+            logits, state["cache"] = step_fn(params, state["cache"], state["tok"][:, None])
+            state["tok"] = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+            return state["tok"]
 
-    def rewind():
-        state["cache"] = state["cache"].replace(lengths=jnp.full((1,), args.context, jnp.int32))
+        def rewind():
+            state["cache"] = state["cache"].replace(lengths=jnp.full((batch,), args.context, jnp.int32))
 
-    t = time_calls(step, calls=args.steps, samples=5, warmup=2, before_sample=rewind)
-    record("decode_step", t, costs.decode_cost(config, 1, args.context + args.steps / 2, jnp.bfloat16).bytes)
-    del state, cache
+        with choices(w_mode, a_mode, partials):
+            jax.block_until_ready(step())  # trace and compile under the forced choices
+        t = time_calls(step, calls=args.steps, samples=5, warmup=1, before_sample=rewind)
+        cost = costs.decode_cost(config, batch, args.context + args.steps / 2, jnp.bfloat16)
+        tag = f"@{partials}" if partials else ""
+        record(f"step[B{batch},{w_mode}{tag},{a_mode}]", t, cost.bytes)
 
-    scan, unrolled, split_fn = make_variants(config)
-    x0 = jax.random.normal(jax.random.key(0), (1, 1, config.dim), jnp.bfloat16)
-    for name, fn in (("matmuls_scan", scan), ("matmuls_unrolled", unrolled)):
-        st = {"x": x0}
+    def time_weights(mode, partials=None):
+        fn = weights_scan(einsum_mm if mode == "einsum" else gemv_mm, config)
+        st = {"x": jax.random.normal(jax.random.key(0), (1, 1, config.dim), jnp.bfloat16)}
 
-        def call(fn=fn, st=st):
+        def call():
             st["x"], logits = fn(params, st["x"])
             return logits
 
-        record(name, time_calls(call, calls=args.steps, samples=5, warmup=2), weights)
+        with choices(mode, partials=partials):
+            jax.block_until_ready(call())
+        name = f"weights[{mode}{'@' + str(partials) if partials else ''}]"
+        record(name, time_calls(call, calls=args.steps, samples=5, warmup=1), weights)
+        return rows[-1]["ms"]
 
-    split = [jax.tree.map(lambda a: a[i].copy(), params["layers"]) for i in range(config.num_layers)]
-    jax.block_until_ready(split)
-    st = {"x": x0}
+    if args.sweep_partials:
+        time_weights("einsum")
+        best = min(args.sweep_partials, key=lambda p: time_weights("gemv", p))
+        print(json.dumps({"best_gemv_partials": best}))
+        time_step(1, "einsum", "einsum")
+        time_step(1, "gemv", "reduce", best)
+        return 0
 
-    def call_split():
-        st["x"], logits = split_fn(split, params, st["x"])
-        return logits
+    for batch, w_mode, a_mode in ((1, "einsum", "einsum"), (1, "gemv1", "einsum"), (1, "gemv", "einsum"),
+                                  (1, "gemv", "reduce"), (128, "einsum", "einsum"), (128, "einsum", "reduce")):
+        time_step(batch, w_mode, a_mode)
+    for mode in ("einsum", "gemv1", "gemv-nosplit", "gemv"):
+        time_weights(mode)
 
-    record("matmuls_split", time_calls(call_split, calls=args.steps, samples=5, warmup=2), weights)
-    result = {"device": ceilings.device, "ceilings": ceilings.as_dict(), "variants": rows}
-    (out / "variants.json").write_text(json.dumps(result, indent=1, default=str))
-    print(json.dumps({"variants": {r["variant"]: round(r["mbu"], 3) for r in rows}, "device": ceilings.device,
+    for batch in (1, 128):
+        logits = jax.random.normal(jax.random.key(1), (batch, config.vocab_size), jnp.float32)
+        keys, greedy = sequence_keys(0, batch), Sampling().for_batch(batch)
+        for name, fn in (("sample", jax.jit(sample)), ("argmax", jax.jit(lambda lg, k, s: jnp.argmax(lg, -1)))):
+            t = time_calls(lambda fn=fn: fn(logits, keys, greedy), calls=20, samples=5, warmup=2)
+            record(f"{name}[B={batch}]", t, logits.nbytes, "bytes = the logits")
+
+    print(json.dumps({"variants": {r["variant"]: round(r["ms"], 4) for r in rows}, "device": ceilings.device,
                       "copy_tb_s": ceilings.copy_bytes_per_s / 1e12}))
     return 0
 

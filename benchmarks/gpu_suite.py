@@ -5,7 +5,7 @@
 1. `pytest -m gpu` in a subprocess (before this process touches the GPU), log to <out>/pytest.log.
 2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the XLA attention
    path: a 2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context,
-   both per-step and with the fused on-device loop; batch 1 decode traced op by op. <out>/bench.json is
+   both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
    summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt).
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
@@ -29,11 +29,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def run_gpu_tests(out: Path, timeout: int) -> dict:
+def run_gpu_tests(out: Path, timeout: int, paths=("tests",)) -> dict:
     """`pytest -m gpu` on the GPU in a child process; returns its counts and exit code."""
     env = dict(os.environ, JAX_PLATFORMS="cuda", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", "-rfE", str(ROOT / "tests")]
+           "--continue-on-collection-errors", "-rfE", *(str(ROOT / p) for p in paths)]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -54,7 +54,7 @@ def standard_spec(args):
         config=ModelConfig.from_preset(args.preset), name=args.preset, dtype="bfloat16", impl=args.impl,
         batches=tuple(args.batch), prompt_lens=(args.prompt_len,), contexts=(args.context,),
         phases=("decode", "decode_fused"), steps=args.steps, samples=args.samples,
-        gpu_hour_price=args.gpu_hour_price, profile_batches=(1,),
+        gpu_hour_price=args.gpu_hour_price, profile_batches=tuple(args.profile_batch),
     )
 
 
@@ -86,7 +86,7 @@ def run_benchmarks(args, out: Path, summary: dict):
         run_bench(s, ceilings=ceilings, progress=not args.no_progress, on_result=save)
     for m in results:
         hlo = m.extras.get("breakdown", {}).pop("hlo_text", None)
-        if hlo and m.phase == "decode":
+        if hlo and m.phase == "decode" and m.batch == 1:
             (out / "decode_b1_hlo.txt").write_text(hlo)
     save()
     roofline_png(partial, out / "roofline.png")
@@ -135,9 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--gpu-hour-price", type=float, default=None)
+    p.add_argument("--profile-batch", type=int, nargs="*", default=[1, 128], help="decode batches traced per op")
+    p.add_argument("--gemv-partials", type=int, default=None,
+                   help="override jaxinfer.ops.GEMV_PARTIALS (split-K target of one-row products) for this run")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--tests-timeout", type=int, default=240)
+    p.add_argument("--tests", nargs="+", default=["tests"], help="test paths for `pytest -m gpu`")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -145,9 +149,14 @@ def main(argv=None) -> int:
     t0 = time.time()
     summary: dict = {}
     if not args.skip_tests:
-        summary["tests"] = run_gpu_tests(out, args.tests_timeout)
+        summary["tests"] = run_gpu_tests(out, args.tests_timeout, args.tests)
         print(f"gpu tests: {summary['tests']}", flush=True)
 
+    if args.gemv_partials is not None:
+        from jaxinfer import ops
+
+        ops.GEMV_PARTIALS = args.gemv_partials
+        summary["gemv_partials"] = args.gemv_partials
     report, table = None, ""
     try:
         report, table = run_benchmarks(args, out, summary)

@@ -58,14 +58,18 @@ def kernel_breakdown(call: Callable[[], Any], hlo_text: str = "", calls: int = 3
                 for ev in line.events:
                     stats = dict(ev.stats)
                     op = str(stats.get("hlo_op") or ev.name)
+                    if op.startswith("command_buffer"):  # a CUDA graph: name its kernels instead
+                        op = ev.name
                     ns[op] += ev.duration_ns
                     launches[op] += 1
                     kernels[op].add(ev.name)
     total = sum(ns.values())
     rows = []
     for op, t in ns.most_common():
+        # Kernels are named like their fusion with the last "." as "_" (gemm_fusion_dot_14 = gemm_fusion_dot.14).
+        op_name = names.get(op) or names.get(re.sub(r"_(\d+)$", r".\1", op), "")
         rows.append({
-            "hlo_op": op, "op_name": names.get(op, ""), "kernels": sorted(kernels[op])[:3],
+            "hlo_op": op, "op_name": op_name, "kernels": sorted(kernels[op])[:3],
             "launches_per_call": launches[op] / calls, "us_per_call": t / calls / 1e3,
             "fraction": t / total if total else 0.0,
         })
