@@ -81,7 +81,7 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
     kv_lengths = cache.lengths + lengths  # [B]
     rope = rope_tables(config, positions)
 
-    x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
+    x = ops.embed(params["embed"], tokens)  # [B, T, D]
 
     def layer_step(carry, xs):
         x, cache = carry

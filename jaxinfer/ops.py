@@ -1,15 +1,255 @@
-"""The one matmul entry: every weight product in the model goes through `matmul`.
+"""The one matmul entry: every weight product in the model goes through `matmul`; embedding lookups
+through `embed`. Both take a plain array or a `QArray`, so `model.py` never branches on weight format.
 
-Takes a plain array weight today; the quantization work adds quantized-array weights here (dequantize
-or a fused kernel), so that `model.py` never branches on weight format.
+For a `QArray`, `matmul` picks one path per call shape and platform (all paths compute the same math):
+- `pallas`: a fused dequantize-matmul kernel for decode shapes (few rows) on the GPU
+  (`pallas_kernels.quant_matmul`), which streams the packed weight once;
+- `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
+  (activations quantized per token on the fly);
+- `xla`: everywhere else, and always on the CPU. Per-channel int8/fp8 contract the raw codes and scale
+  the output per channel; grouped and offset formats dequantize the weight first.
+Accumulation is float32 throughout.
 """
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 
+from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
 
-def matmul(eq: str, x, w, out_dtype=None):
-    """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype)."""
-    out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return out.astype(out_dtype or x.dtype)
+MATMUL_IMPLS = ("auto", "xla", "pallas", "fp8")
+FP8_MIN_ROWS = 256  # below this many rows (tokens), native fp8 loses to streaming the weight (decode)
+KERNEL_MAX_ROWS = 64  # the fused dequantize-matmul kernel serves decode batches up to this many rows
+
+
+def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
+    """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype).
+
+    `w` is a plain array or a `QArray`. `impl` forces a path for a `QArray` (tests, benchmarks); a forced
+    path that does not apply here falls back to `xla`.
+    """
+    out_dtype = out_dtype or x.dtype
+    if not isinstance(w, QArray):
+        if _single_row(eq, x):
+            return gemv(eq, x, w).astype(out_dtype)
+        out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return out.astype(out_dtype)
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
+    spec = _parse(eq, x, w)
+    path = _choose(impl, spec, x, w)
+    if path == "pallas":
+        out = _pallas_matmul(spec, x, w)
+        if out is not None:
+            return out.astype(out_dtype)
+    if path == "fp8":
+        return fp8_matmul(eq, x, w).astype(out_dtype)
+    return xla_matmul(eq, x, w).astype(out_dtype)
+
+
+def embed(table, tokens):
+    """Rows of the embedding `table [V, D]` at integer `tokens`, in the table's (dequantized) dtype."""
+    if not isinstance(table, QArray):
+        return jnp.take(table, tokens, axis=0)
+    if table.ndim != 2 or table.reduce_axes != (-1,):
+        raise ValueError(f"a quantized embedding must be scaled per row (reduce axis -1), got {table!r}")
+    take = lambda a: None if a is None else jnp.take(a, tokens, axis=0)
+    rows = table.replace(scales=take(table.scales), values=take(table.values), offsets=take(table.offsets))
+    return dequantize(rows)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Equation bookkeeping
+
+
+class _Spec:
+    """A parsed `x,w->out` einsum with the weight's contracted letters."""
+
+    def __init__(self, eq: str, x, w: QArray):
+        lhs, out = eq.replace(" ", "").split("->")
+        xs, ws = lhs.split(",")
+        if "." in eq or len(xs) != x.ndim or len(ws) != w.ndim:
+            raise ValueError(f"matmul equation {eq!r} does not fit x {x.shape} and w {w.shape}")
+        self.eq, self.x, self.w, self.out = eq, xs, ws, out
+        self.contracted = "".join(c for c in ws if c not in out)
+        self.reduce_letters = "".join(ws[a] for a in w.reduce_axes)
+        self.rows = math.prod(d for c, d in zip(xs, x.shape) if c not in ws)
+        self.k = math.prod(d for c, d in zip(ws, w.shape) if c in self.contracted)
+
+
+def _parse(eq, x, w) -> _Spec:
+    return _Spec(eq, x, w)
+
+
+def _choose(impl: str, spec: _Spec, x, w: QArray) -> str:
+    if impl == "xla":
+        return "xla"
+    on_gpu = jax.default_backend() == "gpu"
+    if impl in ("auto", "pallas") and (impl == "pallas" or on_gpu) and _kernel_supports(spec, x, w):
+        return "pallas"
+    if w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted):
+        if impl == "fp8" or (impl == "auto" and on_gpu and spec.rows >= FP8_MIN_ROWS and _has_fp8_tensor_cores()):
+            return "fp8"
+    return "xla"
+
+
+def _has_fp8_tensor_cores() -> bool:
+    """Ada (sm_89) and Hopper (sm_90) or newer."""
+    try:
+        cc = jax.devices()[0].compute_capability
+        major, minor = (int(p) for p in str(cc).split(".")[:2])
+        return (major, minor) >= (8, 9)
+    except Exception:  # not a CUDA device, or no compute capability reported
+        return False
+
+
+def _scale_letters(spec: _Spec, w: QArray) -> str:
+    """Letters of a per-channel scale once its size-1 reduced axes are squeezed."""
+    return "".join(c for i, c in enumerate(spec.w) if i - len(spec.w) not in w.reduce_axes)
+
+
+def _squeezed(a, w: QArray):
+    return jnp.squeeze(a, axis=w.reduce_axes).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# XLA paths
+
+
+def _single_row(eq: str, x) -> bool:
+    """True when x has one row: every letter of x that w lacks has size 1 (batch-1 decode)."""
+    xs, ws = eq.replace(" ", "").split("->")[0].split(",")
+    return math.prod(d for c, d in zip(xs, x.shape) if c not in ws) == 1
+
+
+GEMV_PARTIALS = 1 << 17  # aim for this many partial sums per product: enough blocks to fill the GPU
+
+
+def gemv(eq: str, x, w):
+    """A one-row product as multiply + reduce over the weight in its stored order; float32 result.
+
+    Why not einsum: inside the layer scan XLA feeds a dot's weight through a materialised dynamic slice
+    (read + write + read: ~3x the bytes, measured on an H200). A reduction fusion reads the slice in
+    place, once. The weight is viewed as 2-D (contracted letters leading or trailing, a free reshape),
+    since XLA transposed whole stacked 3-D weights every step to reduce them; and a leading contraction
+    is split into chunks summed in a second, tiny pass (split-K), since a column reduction over few
+    output columns runs on few blocks and leaves bandwidth unused.
+    """
+    xs, ws = eq.replace(" ", "").split("->")[0].split(",")
+    out = eq.replace(" ", "").split("->")[1]
+    con = "".join(c for c in ws if c not in out)
+    kept = "".join(c for c in ws if c in out)
+    if any(c in xs and c in out for c in ws) or not (ws.startswith(con) or ws.endswith(con)):
+        return _gemv_general(eq, x, w)
+    k = math.prod(w.shape[ws.index(c)] for c in con)
+    n = math.prod(w.shape[ws.index(c)] for c in kept)
+    xv = x.reshape([d for c, d in zip(xs, x.shape) if c in ws])  # drop x's size-1 row letters
+    xv = jnp.transpose(xv, [[c for c in xs if c in ws].index(c) for c in con]).reshape(k).astype(jnp.float32)
+    if ws.startswith(con):
+        splits = _splits(k, n)
+        w3 = w.reshape(splits, k // splits, n).astype(jnp.float32)
+        r = jnp.sum(xv.reshape(splits, k // splits, 1) * w3, axis=1)  # [splits, n]
+        # The barrier keeps XLA from merging the two sums back into one long reduction.
+        r = jnp.sum(jax.lax.optimization_barrier(r), axis=0) if splits > 1 else r[0]
+    else:
+        r = jnp.sum(w.reshape(n, k).astype(jnp.float32) * xv, axis=1)  # row reduction: already coalesced
+    r = r.reshape([w.shape[ws.index(c)] for c in kept])
+    r = jnp.transpose(r, [kept.index(c) for c in out if c in kept])
+    return r.reshape([w.shape[ws.index(c)] if c in ws else 1 for c in out])
+
+
+def _splits(k: int, n: int) -> int:
+    """Power-of-two chunks of the contraction so that splits * n ~ GEMV_PARTIALS, chunks >= 32 long."""
+    s = 1
+    while s * 2 * n <= GEMV_PARTIALS and k % (s * 2) == 0 and k // (s * 2) >= 32:
+        s *= 2
+    return s
+
+
+def _gemv_general(eq: str, x, w):
+    """`gemv` for any letter order: broadcast x against w as stored, reduce the contracted axes."""
+    xs, ws = eq.replace(" ", "").split("->")[0].split(",")
+    out = eq.replace(" ", "").split("->")[1]
+    kept = [c for c in xs if c in ws]  # x's letters that w has (contracted or shared)
+    xk = x.reshape([d for c, d in zip(xs, x.shape) if c in ws])
+    xk = jnp.transpose(xk, [kept.index(c) for c in ws if c in kept])
+    xb = xk.reshape([x.shape[xs.index(c)] if c in kept else 1 for c in ws])  # broadcastable against w
+    contracted = tuple(i for i, c in enumerate(ws) if c not in out)
+    r = jnp.sum(xb.astype(jnp.float32) * w.astype(jnp.float32), axis=contracted)
+    r_letters = [c for c in ws if c in out]
+    r = jnp.transpose(r, [r_letters.index(c) for c in out if c in r_letters])
+    return r.reshape([w.shape[ws.index(c)] if c in ws else 1 for c in out])
+
+
+def xla_matmul(eq: str, x, w: QArray):
+    """The reference path, float32 result. Per-channel without offsets: contract the codes, scale the
+    output; otherwise dequantize the weight to the activation dtype first."""
+    spec = _parse(eq, x, w)
+    if w.group_size is None and w.offsets is None and set(spec.reduce_letters) == set(spec.contracted):
+        out = jnp.einsum(eq, x, codes(w).astype(x.dtype), preferred_element_type=jnp.float32)
+        s = _scale_letters(spec, w)
+        return jnp.einsum(f"{spec.out},{s}->{spec.out}", out, _squeezed(w.scales, w))
+    return jnp.einsum(eq, x, dequantize(w, x.dtype), preferred_element_type=jnp.float32)
+
+
+def fp8_matmul(eq: str, x, w: QArray):
+    """Native fp8 x fp8 -> float32 matmul: activations quantized per row (token) to e4m3 with their own
+    scale, weights per output channel; both scales applied to the float32 output. Float32 result."""
+    if w.fmt != "fp8" or w.group_size is not None:
+        raise ValueError(f"fp8_matmul needs a per-channel fp8 weight, got {w!r}")
+    spec = _parse(eq, x, w)
+    x_axes = tuple(i for i, c in enumerate(spec.x) if c in spec.contracted)
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=x_axes, keepdims=True)
+    xs = jnp.where(amax == 0, 1.0, amax / FP8_MAX)
+    xq = jnp.clip(xf / xs, -FP8_MAX, FP8_MAX).astype(FP8)
+    out = jnp.einsum(eq, xq, w.values, preferred_element_type=jnp.float32)
+    x_letters = "".join(c for c in spec.x if c not in spec.contracted)
+    s = _scale_letters(spec, w)
+    return jnp.einsum(
+        f"{spec.out},{x_letters},{s}->{spec.out}", out, jnp.squeeze(xs, axis=x_axes), _squeezed(w.scales, w)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fused kernel path (GPU decode)
+
+
+def _kernel_supports(spec: _Spec, x, w: QArray) -> bool:
+    """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order, and
+    x's contracted letters trailing in the same order; few rows; groups a power of two >= 32."""
+    if spec.rows > KERNEL_MAX_ROWS or x.dtype not in (jnp.bfloat16, jnp.float16):
+        return False
+    c = len(spec.contracted)
+    if spec.w[:c] != spec.contracted or spec.x[-c:] != spec.contracted or set(spec.reduce_letters) != set(spec.contracted):
+        return False
+    if spec.out != spec.x[:-c] + spec.w[c:]:
+        return False
+    if w.group_size is not None:
+        g = w.group_size
+        if g < 32 or g & (g - 1) or w.shape[w.group_axis] % g:
+            return False
+    try:
+        from pallas_kernels import quant_matmul as qm
+    except ImportError:
+        return False
+    n = math.prod(w.shape[c:])
+    return qm.supports(spec.rows, spec.k, n, w.fmt, w.group_size)
+
+
+def _pallas_matmul(spec: _Spec, x, w: QArray):
+    from pallas_kernels import quant_matmul as qm
+
+    c = len(spec.contracted)
+    K, N = spec.k, math.prod(w.shape[c:])
+    x2 = x.reshape(-1, K)
+    # Flatten to [K(/2), N]: contracted axes lead, groups run within the last contracted axis, so the
+    # flattened rows keep their group order (a group never crosses the boundary of a leading axis).
+    values = w.values.reshape(-1, N)
+    scales = w.scales.reshape(-1, N)
+    offsets = None if w.offsets is None else w.offsets.reshape(-1, N)
+    out = qm.quant_matmul(x2, values, scales, offsets, fmt=w.fmt, group_size=w.group_size)
+    return out.reshape(*x.shape[:-c], *w.shape[c:])

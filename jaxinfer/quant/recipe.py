@@ -1,0 +1,187 @@
+"""Recipes and `quantize(params, recipe) -> params`: a pure transform of the parameter tree.
+
+A `Recipe` says which format (int8 / int4 / fp8), which group size, and which leaves: the matrices of the
+stacked `layers` subtree by leaf name (exact tree-path components, never name substrings), plus the
+`lm_head` and the `embed` table as switches. Layers are stacked on one axis and run by one `lax.scan`,
+so a matrix is quantized in every layer or in none. Named presets cover the common cases.
+
+`quantize` selects leaves by tree path, reads each leaf's logical axes from `params.param_specs` (the one
+table of them) to find the axes its matmuls contract, and returns a new tree where the selected leaves are
+`QArray`s. Abstract trees (`jax.ShapeDtypeStruct` leaves) give abstract `QArray`s of the real shapes, so
+loading, sharding and memory planning see the quantized tree without computing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ..config import ModelConfig
+from ..params import param_specs, is_spec
+from .qarray import FORMATS, QArray, check_group, default_scale_dtype, is_qarray, normalize_axes, quantize_array
+
+LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how. `group_size=None` is per output channel (int8, fp8 only)."""
+
+    format: str
+    group_size: int | None = None
+    zero_point: bool = False  # int4 only: asymmetric codes with a per-group offset (GGUF Q4_1 style)
+    matrices: tuple[str, ...] = LAYER_MATRICES  # leaves of params["layers"] to quantize
+    lm_head: bool = True  # the untied output head (absent in tied models)
+    embed: bool = False  # the embedding table (also the head in tied models)
+    scale_dtype: str | None = None  # None: float16 for int4, float32 otherwise (one scale per channel)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown quantization format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.format == "int4" and self.group_size is None:
+            raise ValueError("int4 needs a group size (e.g. 32, 64 or 128): per-channel int4 loses too much")
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or self.group_size < 1 or (self.format == "int4" and self.group_size % 2)
+        ):
+            raise ValueError(f"group size must be a positive{' even' if self.format == 'int4' else ''} integer, got {self.group_size!r}")
+        if self.zero_point and self.format != "int4":
+            raise ValueError(f"zero points are only supported for int4, not {self.format}")
+        unknown = [m for m in self.matrices if m not in LAYER_MATRICES]
+        if unknown:
+            raise ValueError(f"unknown layer matrices {unknown}; the quantizable ones are {', '.join(LAYER_MATRICES)}")
+        if self.scale_dtype is not None:
+            jnp.dtype(self.scale_dtype)  # raises on a bad name
+
+    @property
+    def scales(self):
+        if self.scale_dtype is not None:
+            return jnp.dtype(self.scale_dtype)
+        return default_scale_dtype(self.format)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, Recipe] = {
+    "int8": Recipe("int8"),
+    "fp8": Recipe("fp8"),
+    "int4-g32": Recipe("int4", 32, zero_point=True),
+    "int4-g64": Recipe("int4", 64, zero_point=True),
+    "int4-g128": Recipe("int4", 128, zero_point=True),
+    "int4": Recipe("int4", 128, zero_point=True),  # the name the memory planner and bench know
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """A `Recipe` from a preset name or a `Recipe`; anything else is a clear error."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str):
+        if recipe in PRESETS:
+            return PRESETS[recipe]
+        raise ValueError(f"unknown quantization recipe {recipe!r}; presets: {', '.join(PRESETS)}")
+    raise TypeError(f"a quantization recipe is a preset name or a jaxinfer.quant.Recipe, got {type(recipe).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Logical axes by tree path
+
+
+@functools.lru_cache(maxsize=None)
+def _axes_by_path() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Every leaf path the model can have -> its logical axes, from `param_specs` (all options on)."""
+    full = ModelConfig(vocab_size=8, dim=8, ffn_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                       qkv_bias=True, qk_norm=True)
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(full), is_leaf=is_spec)[0]
+    return {path_names(p): s.axes for p, s in flat}
+
+
+def path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def reduce_axes_for(path: tuple[str, ...], axes: tuple[str | None, ...]) -> tuple[int, ...]:
+    """The axes a leaf's matmuls contract, as negative numbers, from its logical axes.
+
+    Output-side leaves (last axis `embed`: o, w_down) contract every non-`layers` axis but the last;
+    input-side ones contract `embed`. The embedding table is scaled per row (per vocab entry): that is
+    the contraction of the tied head (`btd,vd->btv`) and keeps a gathered row self-contained.
+    """
+    n = len(axes)
+    if path == ("embed",) or axes[-1] != "embed":
+        return (axes.index("embed") - n,)
+    return tuple(i - n for i, a in enumerate(axes[:-1]) if a != "layers")
+
+
+# --------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def selected_paths(params, recipe: Recipe) -> list[tuple[str, ...]]:
+    want = [("layers", m) for m in recipe.matrices]
+    if recipe.lm_head:
+        want.append(("lm_head",))
+    if recipe.embed:
+        want.append(("embed",))
+    return want
+
+
+def quantize(params, recipe: str | Recipe):
+    """Return a new parameter tree with the leaves `recipe` selects replaced by `QArray`s.
+
+    Works on concrete arrays (computed on the arrays' device, layer by layer for stacked leaves) and on
+    abstract `jax.ShapeDtypeStruct` trees (shapes only). Errors: an unknown recipe, a tree that already
+    holds quantized leaves, a group size that does not divide a selected leaf's group axis, a leaf path
+    the model does not have.
+    """
+    recipe = get_recipe(recipe)
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+    if any(is_qarray(leaf) for _, leaf in leaves_with_paths):
+        raise ValueError("the parameter tree is already quantized; quantize the float tree instead")
+    table = _axes_by_path()
+    paths = [path_names(p) for p, _ in leaves_with_paths]
+    present = set(paths)
+    targets = {p for p in selected_paths(params, recipe) if p in present}
+    if recipe.embed and ("embed",) not in present:
+        raise ValueError("the recipe quantizes the embedding, but the tree has no 'embed' leaf")
+    out = []
+    for path, (_, leaf) in zip(paths, leaves_with_paths):
+        if path not in targets:
+            out.append(leaf)
+            continue
+        if path not in table:
+            raise ValueError(f"leaf {'/'.join(path)} is not a parameter of the model")
+        axes = table[path]
+        if len(leaf.shape) != len(axes):
+            raise ValueError(f"leaf {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
+        reduce = reduce_axes_for(path, axes)
+        check_group(leaf.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
+        out.append(_quantize_leaf(leaf, recipe, reduce, axes))
+    return treedef.unflatten(out)
+
+
+def _quantize_leaf(leaf, recipe: Recipe, reduce, axes) -> QArray:
+    static = dict(fmt=recipe.format, reduce_axes=tuple(reduce), group_size=recipe.group_size,
+                  zero_point=recipe.zero_point, scale_dtype=recipe.scales, logical_axes=tuple(axes))
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.eval_shape(functools.partial(quantize_array, **static), leaf)
+    # Stacked leaves are quantized one layer at a time, so temporaries stay one layer big (axes are
+    # negative, so the per-layer metadata is valid for the stack).
+    return _quantize_jit(leaf, stacked=axes[0] == "layers" and leaf.shape[0] > 1, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("stacked", "fmt", "reduce_axes", "group_size", "zero_point",
+                                             "scale_dtype", "logical_axes"))
+def _quantize_jit(w, *, stacked, **static):
+    fn = functools.partial(quantize_array, **static)
+    return jax.lax.map(fn, w) if stacked else fn(w)
+
+
+def dequantize_tree(params, dtype=None):
+    """Replace every `QArray` in a tree by its dequantized float array (e.g. to compare with float)."""
+    from .qarray import dequantize
+
+    return jax.tree.map(lambda x: dequantize(x, dtype) if is_qarray(x) else x, params, is_leaf=is_qarray)

@@ -1,0 +1,263 @@
+"""Quantized weights: the QArray type, `quantize` recipes, `ops.matmul` on quantized weights, bad inputs.
+
+Round trips are checked against bounds derived in numpy float64 from each format's definition, and the
+packed int4 layout against an independent numpy unpacking of the bytes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer as ji
+from jaxinfer import ops
+from jaxinfer import quant as Q
+from jaxinfer.quant.qarray import dequantize
+
+CONFIG = ji.ModelConfig(vocab_size=96, dim=64, ffn_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64)
+TIED = CONFIG.replace(tie_embeddings=True)
+
+
+def _init(config, seed):
+    """Random weights; the rbg key compiles in a fraction of threefry's time (this suite is CPU-bound)."""
+    return ji.init_params(config, jax.random.key(seed, impl="rbg"), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _init(CONFIG, 0)
+
+
+def _w(shape, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(shape) * np.exp(rng.standard_normal(shape[-1:]))  # channel scales vary widely
+    w[..., 0, 3] = 0.0  # one all-zero group / channel corner case handled below
+    return jnp.asarray(w, dtype)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Round trips against float64 bounds
+
+
+def test_int8_per_channel_round_trip():
+    w = _w((3, 64, 40))
+    q = Q.quantize_array(w, "int8", reduce_axes=(-2,))
+    assert q.values.dtype == jnp.int8 and q.values.shape == w.shape and q.scales.shape == (3, 1, 40)
+    w64 = np.asarray(w, np.float64)
+    amax = np.abs(w64).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(q.scales, np.float64), np.where(amax == 0, 1, amax / 127), rtol=1e-6)
+    codes = np.asarray(q.values, np.int64)
+    assert np.abs(codes).max() == 127  # each channel's largest element maps to +-127
+    err = np.abs(np.asarray(dequantize(q), np.float64) - w64)
+    assert (err <= 0.5 * np.asarray(q.scales, np.float64) * (1 + 1e-5) + 1e-12).all()
+    # dequantize is exactly codes * scale
+    np.testing.assert_allclose(np.asarray(dequantize(q)), codes * np.asarray(q.scales, np.float64), rtol=1e-6)
+
+
+def test_fp8_per_channel_round_trip():
+    w = _w((64, 48), 1)
+    q = Q.quantize_array(w, "fp8", reduce_axes=(0,))
+    assert q.values.dtype == jnp.float8_e4m3fn and q.scales.shape == (1, 48)
+    w64 = np.asarray(w, np.float64)
+    s = np.asarray(q.scales, np.float64)
+    np.testing.assert_allclose(s, np.maximum(np.abs(w64).max(0, keepdims=True), 1e-30) / 448, rtol=1e-6)
+    err = np.abs(np.asarray(dequantize(q), np.float64) - w64)
+    # e4m3: 3 mantissa bits -> half an ulp is 2^-4 relative for normals; subnormal spacing is 2^-9 * scale
+    bound = np.abs(w64) * 2.0**-4 + s * 2.0**-10
+    assert (err <= bound * (1 + 1e-5)).all()
+    assert err.max() > 0  # not trivially exact
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_asymmetric_round_trip_and_layout(group):
+    w = _w((5, 128, 24), 2)
+    q = Q.quantize_array(w, "int4", reduce_axes=(-2,), group_size=group, zero_point=True)
+    G = 128 // group
+    assert q.values.dtype == jnp.uint8 and q.values.shape == (5, 64, 24)
+    assert q.scales.shape == q.offsets.shape == (5, G, 24) and q.scales.dtype == jnp.float16
+    assert q.shape == (5, 128, 24)
+    # Independent unpacking: group i, byte j holds element i*g + j (low nibble) and i*g + g/2 + j (high).
+    packed = np.asarray(q.values).reshape(5, G, group // 2, 24)
+    codes = np.concatenate([packed & 15, packed >> 4], axis=2).astype(np.float64)  # [5, G, g, 24]
+    s = np.asarray(q.scales, np.float64)[:, :, None]
+    m = np.asarray(q.offsets, np.float64)[:, :, None]
+    ref = (codes * s + m).reshape(5, 128, 24)
+    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref, rtol=1e-6, atol=1e-7)
+    w64 = np.asarray(w, np.float64).reshape(5, G, group, 24)
+    np.testing.assert_allclose(m[:, :, 0], w64.min(axis=2), rtol=1e-3)  # offset = group minimum (float16)
+    err = np.abs(ref.reshape(5, G, group, 24) - w64)
+    # half a step, plus the float16 rounding of the offset (the step itself is stored, codes use it)
+    assert (err <= 0.5 * s + np.abs(m) * 2.0**-11 + 1e-7).all()
+    assert codes.min() == 0 and codes.max() == 15
+
+
+def test_int4_symmetric_round_trip():
+    w = _w((64, 16), 3)
+    q = Q.quantize_array(w, "int4", reduce_axes=(0,), group_size=32)
+    assert q.offsets is None
+    packed = np.asarray(q.values).reshape(2, 16, 16)
+    codes = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.float64) - 8  # [2, 32, 16]
+    d = np.asarray(q.scales, np.float64)[:, None, :]
+    ref = (codes * d).reshape(64, 16)
+    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref, rtol=1e-6, atol=1e-8)
+    w64 = np.asarray(w, np.float64).reshape(2, 32, 16)
+    big = np.take_along_axis(w64, np.abs(w64).argmax(1)[:, None], 1)  # signed largest magnitude
+    np.testing.assert_allclose(d, big / -8, rtol=1e-3)
+    err = np.abs(ref.reshape(2, 32, 16) - w64)
+    assert (err <= np.abs(d) * (1 + 1e-3)).all()  # half a step, or one step where +8 clips to +7
+
+
+def test_bits_and_bytes():
+    w = jnp.zeros((1024, 256), jnp.bfloat16)
+    assert Q.bits_per_element(Q.quantize_array(w, "int8", (0,))) == pytest.approx(8 + 32 / 1024)
+    assert Q.bits_per_element(Q.quantize_array(w, "int4", (0,), 64, zero_point=True)) == pytest.approx(4.5)
+    q = Q.quantize_array(w, "int8", (0,))
+    assert not np.isnan(np.asarray(dequantize(q), np.float32)).any()  # all-zero channels: scale 1, no NaN
+
+
+# ------------------------------------------------------------------------------------------------------
+# quantize on trees
+
+
+@pytest.mark.parametrize("recipe", ["int8", "fp8", "int4-g32", "int4-g64"])
+def test_quantize_tree_and_abstract_tree_agree(params, recipe):
+    qp = Q.quantize(params, recipe)
+    for name in Q.LAYER_MATRICES:
+        assert isinstance(qp["layers"][name], Q.QArray)
+        assert qp["layers"][name].shape == params["layers"][name].shape
+    assert isinstance(qp["lm_head"], Q.QArray) and not isinstance(qp["embed"], Q.QArray)
+    assert qp["final_norm"] is params["final_norm"]
+    abstract = Q.quantize(ji.abstract_params(CONFIG, jnp.float32), recipe)
+    concrete = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), qp)
+    assert jax.tree.structure(abstract) == jax.tree.structure(concrete)
+    assert jax.tree.leaves(abstract) == jax.tree.leaves(concrete)
+    # logical axis names: a tree of the same structure, one name per dimension of each child
+    names = qp["layers"]["w_down"].axis_names()
+    assert names.values == ("layers", "ffn", "embed")
+    jax.tree.map(lambda a, n: None if len(a.shape) == len(n) else pytest.fail("axis names"),
+                 qp["layers"]["w_down"], names, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def test_quantize_selects_by_path(params):
+    qp = Q.quantize(params, Q.Recipe("int8", matrices=("w_gate", "w_up"), lm_head=False, embed=True))
+    quantized = {k for k, v in qp["layers"].items() if isinstance(v, Q.QArray)}
+    assert quantized == {"w_gate", "w_up"}
+    assert isinstance(qp["embed"], Q.QArray) and not isinstance(qp["lm_head"], Q.QArray)
+    assert qp["embed"].reduce_axes == (-1,) and qp["embed"].scales.shape == (CONFIG.vocab_size, 1)
+    # a stacked leaf is quantized layer by layer with the same result as all at once
+    whole = Q.quantize_array(params["layers"]["w_up"], "int8", (-2,), logical_axes=("layers", "embed", "ffn"))
+    np.testing.assert_array_equal(np.asarray(whole.values), np.asarray(qp["layers"]["w_up"].values))
+
+
+def test_bad_inputs(params):
+    with pytest.raises(ValueError, match="unknown quantization recipe 'int3'"):
+        Q.quantize(params, "int3")
+    with pytest.raises(TypeError, match="preset name or a jaxinfer.quant.Recipe"):
+        Q.quantize(params, 8)
+    with pytest.raises(ValueError, match="unknown quantization format 'int2'"):
+        Q.Recipe("int2")
+    with pytest.raises(ValueError, match=r"group size 48 does not divide dimension 64 \(axis -3 of layers/k"):
+        Q.quantize(params, Q.Recipe("int4", 48))
+    with pytest.raises(ValueError, match="group size 128 does not divide dimension 64"):
+        Q.quantize(params, "int4-g128")  # q/k/v/gate/up contract dim = 64, o's head_dim is 64
+    with pytest.raises(ValueError, match="already quantized"):
+        Q.quantize(Q.quantize(params, "int8"), "int8")
+    with pytest.raises(ValueError, match="int4 needs a group size"):
+        Q.Recipe("int4")
+    with pytest.raises(ValueError, match="group size must be a positive even integer"):
+        Q.Recipe("int4", 33)
+    with pytest.raises(ValueError, match="unknown layer matrices"):
+        Q.Recipe("int8", matrices=("q_proj",))
+    with pytest.raises(ValueError, match="zero points are only supported for int4"):
+        Q.Recipe("int8", zero_point=True)
+    with pytest.raises(ValueError, match="unknown matmul impl"):
+        ops.matmul("bd,df->bf", jnp.ones((1, 64)), Q.quantize_array(params["layers"]["w_up"][0], "int8", (0,)),
+                   impl="cuda")
+
+
+# ------------------------------------------------------------------------------------------------------
+# ops.matmul / ops.embed
+
+
+EQUATIONS = [  # (equation, x shape, w shape, reduce axes): every product the model makes
+    ("btd,dnh->btnh", (2, 3, 64), (64, 4, 64), (0,)),
+    ("btnh,nhd->btd", (2, 3, 4, 64), (4, 64, 64), (0, 1)),
+    ("btf,fd->btd", (2, 3, 128), (128, 64), (0,)),
+    ("btd,vd->btv", (2, 3, 64), (96, 64), (1,)),
+]
+
+
+@pytest.mark.parametrize("eq,xs,ws,axes", EQUATIONS)
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("fp8", None), ("int4", 32), ("int8", 32)])
+def test_matmul_matches_float64_of_dequantized(eq, xs, ws, axes, fmt, group):
+    x = _w(xs, 4)
+    q = Q.quantize_array(_w(ws, 5), fmt, axes, group, zero_point=fmt == "int4")
+    ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(dequantize(q), np.float64))
+    out = ops.matmul(eq, x, q, out_dtype=jnp.float32)
+    assert out.shape == ref.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    bf = ops.matmul(eq, x.astype(jnp.bfloat16), q)
+    assert bf.dtype == jnp.bfloat16
+    rel = np.linalg.norm(np.asarray(bf, np.float64) - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2
+
+
+@pytest.mark.parametrize("eq,xs,ws,axes", EQUATIONS)
+def test_native_fp8_matmul_error_bound(eq, xs, ws, axes):
+    """fp8 x fp8 (activations per token, weights per channel): relative error of a few e4m3 ulps."""
+    x, w = _w(xs, 6), _w(ws, 7)
+    q = Q.quantize_array(w, "fp8", axes)
+    ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    out = np.asarray(ops.matmul(eq, x, q, out_dtype=jnp.float32, impl="fp8"), np.float64)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert 1e-3 < rel < 0.06, rel  # it does quantize the activations (not exact), within ~2 ulps of e4m3
+
+
+def test_embed_rows(params):
+    table = Q.quantize_array(params["embed"], "int4", (-1,), 32, zero_point=True)
+    tokens = jnp.asarray([[3, 95, 0], [7, 7, 50]])
+    rows = ops.embed(table, tokens)
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(dequantize(table))[np.asarray(tokens)])
+    np.testing.assert_array_equal(np.asarray(ops.embed(params["embed"], tokens)),
+                                  np.asarray(params["embed"])[np.asarray(tokens)])
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model on a quantized tree
+
+
+_FORWARD = {}
+
+
+def _logits(params, config, tokens):
+    if config not in _FORWARD:  # one jit per config: the float tree and its dequantized copy share it
+        _FORWARD[config] = jax.jit(lambda p, c, t: ji.forward(p, c, t, config=config)[0])
+    cache = ji.init_cache(config, tokens.shape[0], 32, jnp.float32)
+    return np.asarray(_FORWARD[config](params, cache, tokens), np.float64)
+
+
+@pytest.mark.parametrize(
+    "recipe,config,tol",
+    [("int8", CONFIG, 0.02), ("int4-g32", CONFIG, 0.3), (Q.Recipe("fp8", embed=True), TIED, 0.08)],
+    ids=["int8", "int4-g32", "fp8-tied-embed"],
+)
+def test_forward_on_quantized_tree(recipe, config, tol):
+    params = _init(config, 1)
+    qp = Q.quantize(params, recipe)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 7)))
+    ref, deq, got = _logits(params, config, tokens), _logits(Q.dequantize_tree(qp), config, tokens), _logits(qp, config, tokens)
+    # the quantized tree computes exactly what its dequantized float tree computes ...
+    assert np.abs(got - deq).max() < 1e-4 * np.abs(deq).max()
+    # ... which is close to the float model, by a margin that orders the formats
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert tol / 100 < rel < tol, rel  # something was quantized, and not too coarsely
+
+
+def test_generate_on_quantized_tree(params):
+    """Greedy generation on an int8 tree equals the argmax of the teacher-forced quantized forward."""
+    qp = Q.quantize(params, "int8")
+    prompts = [[1, 2, 3], [50, 6, 70]]
+    out = ji.generate(ji.Model(config=CONFIG, params=qp), prompts, max_new_tokens=4).token_ids
+    tokens = jnp.asarray([p + o for p, o in zip(prompts, out)])  # [2, 7]: the shape compiled above
+    greedy = _logits(qp, CONFIG, tokens).argmax(-1)[:, 2:6]
+    np.testing.assert_array_equal(np.asarray(out), greedy)
