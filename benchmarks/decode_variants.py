@@ -11,8 +11,10 @@ private choices (monkeypatched while tracing a fresh jit):
 - `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
   batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
 - `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
-`--sweep-partials P...` instead times `weights[gemv@P]` for each split-K target P (ops.GEMV_PARTIALS),
-then the whole batch-1 step, einsum/einsum against gemv@best/reduce.
+`--grid` instead times the library's own per-step and fused loops (batch 1 and 128) with one-query
+attention as `reduce` or `einsum` and two split-K targets. `--sweep-partials P...` instead times
+`weights[gemv@P]` for each split-K target P (ops.GEMV_PARTIALS), then the whole batch-1 step,
+einsum/einsum against gemv@best/reduce.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--sweep-partials", type=int, nargs="*", default=[],
                     help="only sweep ops.GEMV_PARTIALS on the weight products, then time the step at the best")
+    ap.add_argument("--grid", action="store_true",
+                    help="only time the library's per-step and fused decode under attention x split-K choices")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,6 +163,25 @@ def main(argv=None) -> int:
         name = f"weights[{mode}{'@' + str(partials) if partials else ''}]"
         record(name, time_calls(call, calls=args.steps, samples=5, warmup=1), weights)
         return rows[-1]["ms"]
+
+    if args.grid:
+        # The library's own jitted loops (per-step and fused) under each choice; caches cleared between
+        # choices so every program is traced again with the patched functions.
+        from jaxinfer.bench import BenchSpec, run_bench
+
+        grid = (("reduce", 1 << 17, (1, 128)), ("einsum", 1 << 17, (1, 128)), ("reduce", 1 << 14, (1,)))
+        for a_mode, partials, batches in grid:
+            jax.clear_caches()
+            spec = BenchSpec(config=config, name=args.preset, batches=batches, contexts=(args.context,),
+                             phases=("decode", "decode_fused"), steps=args.steps, samples=3)
+            with choices("gemv", a_mode, partials):
+                report = run_bench(spec, ceilings=ceilings, progress=False)
+            for m in report.results:
+                rows.append({"variant": f"{m.phase}[B{m.batch},attn={a_mode},P={partials}]", "ms": m.ms,
+                             "mbu": m.mbu, "spread": m.timing.spread})
+                print(f"{rows[-1]['variant']:44s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
+            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "variants": rows}, indent=1))
+        return 0
 
     if args.sweep_partials:
         time_weights("einsum")
