@@ -29,9 +29,9 @@ def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla")
     check_impl(impl)
     chosen = _resolve(impl, q, view)
     if chosen == "pallas":
-        return _pallas(q, view, q_positions, kv_lengths, sliding_window)
+        return per_shard(_pallas, q, view, q_positions, kv_lengths, sliding_window)
     if chosen == "cudnn":
-        return _cudnn(q, view, q_positions, kv_lengths, sliding_window)
+        return per_shard(_cudnn, q, view, q_positions, kv_lengths, sliding_window)
     if isinstance(view, PagedView):
         view = gather_pages(view)
     return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
@@ -48,6 +48,50 @@ def _resolve(impl, q, view) -> str:
     if impl == "cudnn" and isinstance(view, DenseView) and _cudnn_supports(q):
         return "cudnn"
     return "xla"
+
+
+def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):
+    """Call `kernel(q, view, q_positions, kv_lengths, sliding_window)` on each device's shard.
+
+    A kernel call (pallas_call, cuDNN) on arrays sharded over a mesh must run inside `shard_map`. With a
+    mesh in context (`jax.set_mesh`, as `generate` does for sharded parameters) and axes not already
+    manual, the batch goes on `data` and the heads on `tensor` (the default sharding rules); kv heads
+    fewer than the tensor degree are replicated, and each shard keeps the one its query heads use.
+    Without a mesh, or when the heads do not split evenly, the kernel is called on the whole arrays.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    names = set() if mesh.empty else {a for a in mesh.axis_names if a not in mesh.manual_axes}
+    free = {a for a in names if mesh.shape[a] > 1}
+    if not free:
+        return kernel(q, view, q_positions, kv_lengths, sliding_window)
+    B, N = q.shape[0], q.shape[2]
+    K = view.k.shape[2] if isinstance(view, DenseView) else view.k_pages.shape[2]
+    d = mesh.shape["data"] if "data" in free else 1
+    t = mesh.shape["tensor"] if "tensor" in free else 1
+    if N % t or (K % t and t % K):
+        return kernel(q, view, q_positions, kv_lengths, sliding_window)  # unreachable with the rules' checks
+    data = "data" if d > 1 and B % d == 0 else None
+    tensor = "tensor" if t > 1 else None
+    kv = tensor if K % t == 0 else None  # else replicated: t // K shards share each kv head
+    P = jax.sharding.PartitionSpec
+    if isinstance(view, DenseView):
+        view_spec = DenseView(P(data, None, kv, None), P(data, None, kv, None))
+    else:
+        view_spec = PagedView(P(None, None, kv, None), P(None, None, kv, None), P(data, None))
+
+    def body(q, view, q_positions, kv_lengths):
+        if tensor is not None and kv is None:
+            head = jax.lax.axis_index("tensor") // (t // K)
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, head, 1, axis=2)
+            view = DenseView(take(view.k), take(view.v)) if isinstance(view, DenseView) else PagedView(
+                take(view.k_pages), take(view.v_pages), view.block_table
+            )
+        return kernel(q, view, q_positions, kv_lengths, sliding_window)
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(P(data, None, tensor, None), view_spec, P(data, None), P(data)),
+        out_specs=P(data, None, tensor, None), axis_names=names, check_vma=False,
+    )(q, view, q_positions, kv_lengths)
 
 
 def _pallas_supports(q, view) -> bool:

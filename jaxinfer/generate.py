@@ -9,6 +9,7 @@ sequence on EOS / stop ids / max_new_tokens. Overflowing the cache is an error r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Iterator, Sequence
@@ -23,6 +24,7 @@ from .cache import KVCache, init_cache
 from .config import ModelConfig
 from .model import forward
 from .sampling import Sampling, sample, sequence_keys
+from .sharding import init_cache_on, mesh_of
 
 MIN_BUCKET = 16
 NO_TOKEN = -1  # fills the output after a sequence has stopped
@@ -66,7 +68,7 @@ def prefill(params, cache: KVCache, tokens, lengths=None, *, config: ModelConfig
         raise ValueError(f"prompt batch {B} does not match the cache batch {cache.batch}")
     if (lengths < 1).any() or (lengths > T).any():
         raise ValueError(f"every prompt needs between 1 and {T} tokens, got lengths {lengths.tolist()}")
-    needed = np.asarray(cache.lengths) + lengths
+    needed = _host(cache.lengths) + lengths
     if needed.max() > cache.max_len:
         raise ValueError(
             f"prompt longer than the cache: sequence {int(needed.argmax())} needs {int(needed.max())} "
@@ -74,7 +76,8 @@ def prefill(params, cache: KVCache, tokens, lengths=None, *, config: ModelConfig
         )
     padded = np.zeros((B, max(T, min(bucket(T), cache.max_len))), np.int32)
     padded[:, :T] = tokens
-    return _prefill(params, cache, padded, lengths, config=config, impl=impl)
+    with _on_mesh(params):
+        return _prefill(params, cache, padded, lengths, config=config, impl=impl)
 
 
 def decode_step(params, cache: KVCache, tokens, *, config: ModelConfig, active=None, impl: str = "auto"):
@@ -85,7 +88,24 @@ def decode_step(params, cache: KVCache, tokens, *, config: ModelConfig, active=N
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     active = jnp.ones(tokens.shape, bool) if active is None else jnp.asarray(active, bool)
-    return _decode(params, cache, tokens, active, config=config, impl=impl)
+    with _on_mesh(params):
+        return _decode(params, cache, tokens, active, config=config, impl=impl)
+
+
+def _on_mesh(params):
+    """The mesh of sharded `params` as the context mesh (`jax.set_mesh`), so that kernels run per shard;
+    nothing for parameters on one device."""
+    mesh = mesh_of(params)
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def _host(x) -> np.ndarray:
+    """A device array as numpy; in a multi-process run, gathered from every process first."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _next_token(params, cache, tok, done, keys, step, sampling, config, impl):
@@ -197,7 +217,7 @@ def _prepare(model: Model, prompts, max_new_tokens, stop_ids, max_len) -> _Reque
 
 def _start(model: Model, req: _Request, impl: str, cache_dtype):
     dtype = cache_dtype or jax.tree.leaves(model.params)[0].dtype
-    cache = init_cache(model.config, len(req.lengths), req.max_len, dtype)
+    cache = init_cache_on(mesh_of(model.params), model.config, len(req.lengths), req.max_len, dtype)
     return prefill(model.params, cache, req.tokens, req.lengths, config=model.config, impl=impl)
 
 
@@ -218,11 +238,12 @@ def generate(
     B = len(req.lengths)
     sampling = (sampling or Sampling()).for_batch(B)
     logits, cache = _start(model, req, impl, cache_dtype)
-    out, _ = _generate_loop(
-        model.params, cache, logits, sequence_keys(seed, B), sampling, jnp.asarray(req.stop_ids),
-        jnp.asarray(req.max_new), config=model.config, impl=impl, capacity=bucket(int(req.max_new.max())),
-    )
-    out = np.asarray(out)
+    with _on_mesh(model.params):
+        out, _ = _generate_loop(
+            model.params, cache, logits, sequence_keys(seed, B), sampling, jnp.asarray(req.stop_ids),
+            jnp.asarray(req.max_new), config=model.config, impl=impl, capacity=bucket(int(req.max_new.max())),
+        )
+    out = _host(out)
     ids = [[int(t) for t in row if t != NO_TOKEN] for row in out]
     texts = [model.decode(r) for r in ids] if model.tokenizer is not None else None
     return GenerateResult(token_ids=ids, texts=texts, prompt_tokens=req.lengths.tolist())
@@ -251,14 +272,15 @@ def stream(
     detok = _IncrementalDecoder(model, B)
     step = 1
     while True:
-        host_tok = np.asarray(tok)
+        host_tok = _host(tok)
         yield StreamChunk(token_ids=host_tok, texts=detok.push(host_tok))
-        if bool(np.asarray(done).all()):
+        if bool(_host(done).all()):
             return
-        tok, done, cache = _stream_step(
-            model.params, cache, tok, done, keys, jnp.int32(step), sampling, stops, max_new,
-            config=model.config, impl=impl,
-        )
+        with _on_mesh(model.params):
+            tok, done, cache = _stream_step(
+                model.params, cache, tok, done, keys, jnp.int32(step), sampling, stops, max_new,
+                config=model.config, impl=impl,
+            )
         step += 1
 
 

@@ -294,6 +294,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=
     return jax.jit(lambda: _init(config, batch, max_len, dtype), out_shardings=shardings)()
 
 
+def init_cache_on(mesh: Mesh | None, config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """The cache `generate` makes for parameters on `mesh` (default rules; None: one device). A batch the
+    data degree does not divide keeps the batch whole (replicated) instead of failing."""
+    from .cache import init_cache as _init
+
+    if mesh is None:
+        return _init(config, batch, max_len, dtype)
+    rules = DEFAULT_RULES
+    if batch % math.prod(mesh.shape[m] for m in rules.mesh_axes("batch")):
+        rules = dataclasses.replace(rules, batch=None)
+    return init_cache(config, batch, max_len, mesh, rules, dtype)
+
+
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules=None) -> dict:
     """Place an existing parameter tree (host or device arrays) on `mesh` by the rules."""
     shardings = param_shardings(config, mesh, rules)

@@ -29,7 +29,9 @@ def rerun_with_devices(test_file: str, timeout: int = 600) -> None:
         pytest.skip(f"already running with {jax.device_count()} devices")
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+    # Cheaper CPU compiles (the tests compile many small programs; both sides of a comparison share them).
+    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES} {fast}".strip()
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(test_file)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr

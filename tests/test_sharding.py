@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxinfer as ji
+from jaxinfer import params as params_lib
 from jaxinfer import sharding as sh
 
 from multidevice import needs_devices, rerun_with_devices
@@ -158,3 +159,211 @@ def test_sharded_cache_and_shard_params():
     np.testing.assert_array_equal(np.asarray(placed["layers"]["q"]), host["layers"]["q"])
     with pytest.raises(ValueError, match="does not match"):
         sh.shard_params({"embed": host["embed"]}, CFG, mesh)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor and data parallel runs equal one device
+
+
+CFG2 = CFG.replace(num_kv_heads=2, vocab_size=500)
+PROMPTS = [[5, 9, 2, 7, 1, 3], [4, 4, 8], [11, 3, 2, 9, 9, 1, 6, 2, 7, 3, 5], [2]]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _steps(params, cfg, prompts=PROMPTS):
+    """Prefill the prompts, then one decode step; logits of both and the final cache (the shapes
+    `generate` uses, so its prefill is the same compiled program)."""
+    B, T = len(prompts), max(map(len, prompts))
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    cache = sh.init_cache_on(sh.mesh_of(params), cfg, B, 128, jnp.float32)
+    first, cache = ji.prefill(params, cache, tokens, lengths, config=cfg, impl="auto")
+    second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=cfg, impl="auto")
+    return np.asarray(first), np.asarray(second), cache
+
+
+def random_params(cfg, seed=1):
+    """Random float32 parameters made with numpy (no compile): matrices N(0, 1/fan_in), norms near 1."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(spec):
+        x = rng.standard_normal(spec.shape)
+        if spec.kind == "norm":
+            x = 1 + 0.1 * x
+        elif spec.kind == "bias":
+            x = 0.1 * x
+        elif spec.kind == "matrix":
+            x = x / np.sqrt(params_lib._fan_in(spec))
+        return x.astype(np.float32)
+
+    return jax.tree.map(leaf, ji.param_specs(cfg), is_leaf=params_lib.is_spec)
+
+
+_REFERENCE = {}
+
+
+def _reference(cfg):
+    """Single-device parameters, logits and greedy tokens (computed once per config)."""
+    if cfg not in _REFERENCE:
+        params = jax.device_put(random_params(cfg), jax.devices()[0])
+        first, second, _ = _steps(params, cfg)
+        tokens = ji.generate(ji.Model(config=cfg, params=params), PROMPTS, max_new_tokens=6, impl="auto").token_ids
+        _REFERENCE[cfg] = (params, first, second, tokens)
+    return _REFERENCE[cfg]
+
+
+@needs_devices
+@pytest.mark.parametrize(
+    "data,tensor,cfg",
+    [
+        (4, 2, CFG2),  # TP2 x DP4: kv heads and vocab split
+        (1, 8, CFG2),  # TP8: 2 kv heads replicated, vocab 500 replicated
+        (8, 1, CFG2),  # DP8
+    ],
+    ids=["dp4-tp2", "tp8-kv-vocab-replicated", "dp8"],
+)
+def test_tensor_data_parallel_equals_one_device(data, tensor, cfg):
+    params1, first1, second1, tokens1 = _reference(cfg)
+    mesh = sh.make_mesh(data=data, tensor=tensor)
+    params = sh.shard_params(params1, cfg, mesh)
+    B = len(PROMPTS)
+    prompts = PROMPTS * (data // B) if data > B else PROMPTS  # DP8 needs a batch of 8: the prompts twice
+    first, second, cache = _steps(params, cfg, prompts)
+    first, second = first[:B], second[:B]
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
+    np.testing.assert_array_equal(first.argmax(-1), first1.argmax(-1))
+    np.testing.assert_array_equal(second.argmax(-1), second1.argmax(-1))
+    # The cache stayed sharded by the rules through both donated jitted steps.
+    want = sh.cache_shardings(cfg, mesh, batch=cache.batch)
+    assert cache.k.sharding.is_equivalent_to(want.k, 5), (cache.k.sharding, want.k)
+    kv_local = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
+    assert {s.data.shape[1:4:2] for s in cache.k.addressable_shards} == {(cache.batch // data, kv_local)}
+    if data > B:
+        return  # generate at batch 4 on data=8 keeps the batch whole: nothing that dp4-tp2 does not cover
+    tokens = ji.generate(ji.Model(config=cfg, params=params), PROMPTS, max_new_tokens=6, impl="auto").token_ids
+    assert tokens == tokens1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels per shard
+
+
+@needs_devices
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["kv-split", "kv-replicated"])
+def test_kernel_runs_per_shard_inside_shard_map(num_kv_heads):
+    """`attention.per_shard` hands each device its batch rows and heads; with 2 kv heads on tensor=4 each
+    shard gets the one kv head its 2 query heads use. The Pallas decode kernel runs in interpret mode."""
+    import pallas_kernels as pk
+
+    from jaxinfer import attention
+    from jaxinfer.cache import DenseView
+
+    mesh = sh.make_mesh(data=2, tensor=4)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((4, 1, 8, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((4, 32, num_kv_heads, 64)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray([5, 32, 17, 1], jnp.int32)
+    seen = []
+
+    def kernel(q, view, q_positions, kv_lengths, window):
+        seen.append((q.shape, view.k.shape))
+        out = pk.decode_attention(q[:, 0], view.k, view.v, lengths=kv_lengths, interpret=True)
+        return out[:, None]
+
+    run = jax.jit(lambda q, k, v, pos, n: attention.per_shard(kernel, q, DenseView(k, v), pos, n, None))
+    with jax.set_mesh(mesh):
+        out = run(q, k, v, (lengths - 1)[:, None], lengths)
+    assert seen == [((2, 1, 2, 64), (2, 32, 1, 64))]
+    expected = attention.xla_attention(q, k, v, (lengths - 1)[:, None], lengths)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading checkpoints straight into shards
+
+
+def _hf_tensors(params, cfg):
+    """Our parameter tree written back under Hugging Face names and layouts."""
+    D, N, K, H = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    lay = {k: np.asarray(v) for k, v in params["layers"].items()}
+    out = {"model.embed_tokens.weight": np.asarray(params["embed"]), "model.norm.weight": np.asarray(params["final_norm"])}
+    if "lm_head" in params:
+        out["lm_head.weight"] = np.asarray(params["lm_head"]).T
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        out[pre + "input_layernorm.weight"] = lay["attn_norm"][i]
+        out[pre + "post_attention_layernorm.weight"] = lay["mlp_norm"][i]
+        out[pre + "self_attn.q_proj.weight"] = lay["q"][i].reshape(D, N * H).T
+        out[pre + "self_attn.k_proj.weight"] = lay["k"][i].reshape(D, K * H).T
+        out[pre + "self_attn.v_proj.weight"] = lay["v"][i].reshape(D, K * H).T
+        out[pre + "self_attn.o_proj.weight"] = lay["o"][i].reshape(N * H, D).T
+        for p in ("q", "k", "v"):
+            if f"{p}_bias" in lay:
+                out[pre + f"self_attn.{p}_proj.bias"] = lay[f"{p}_bias"][i].reshape(-1)
+        out[pre + "mlp.gate_proj.weight"] = lay["w_gate"][i].T
+        out[pre + "mlp.up_proj.weight"] = lay["w_up"][i].T
+        out[pre + "mlp.down_proj.weight"] = lay["w_down"][i].T
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _assert_placed(params, expected, cfg, mesh):
+    want = sh.param_shardings(cfg, mesh)
+    for (path, leaf), target, ref in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want), jax.tree.leaves(expected)
+    ):
+        assert leaf.sharding.is_equivalent_to(target, leaf.ndim), (jax.tree_util.keystr(path), leaf.sharding)
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref), err_msg=jax.tree_util.keystr(path))
+
+
+@needs_devices
+def test_load_safetensors_into_shards(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    params = random_params(CFG)
+    save_file(_hf_tensors(params, CFG), str(tmp_path / "model.safetensors"))
+    hf_config = {
+        "model_type": "qwen2", "vocab_size": CFG.vocab_size, "hidden_size": CFG.dim, "intermediate_size": CFG.ffn_dim,
+        "num_hidden_layers": CFG.num_layers, "num_attention_heads": CFG.num_heads,
+        "num_key_value_heads": CFG.num_kv_heads, "head_dim": CFG.head_dim, "rms_norm_eps": CFG.norm_eps, "rope_theta": CFG.rope_theta,
+        "max_position_embeddings": CFG.max_seq_len, "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    mesh = sh.make_mesh(data=2, tensor=4)
+    model = ji.load(tmp_path, mesh=mesh)
+    assert model.config.replace(model_type="llama") == CFG
+    _assert_placed(model.params, params, CFG, mesh)
+
+
+@needs_devices
+def test_gguf_tensors_assemble_into_shards(tmp_path):
+    """The GGUF path: tensors read back from a tiny file (one Q8_0 weight) assemble straight into shards."""
+    from test_gguf import _GGUF_NAMES, _tiny_model, llama_cpp_permute, write_gguf
+
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from jaxinfer.checkpoint import gguf as g
+    from jaxinfer.checkpoint.hf_names import assemble_params
+
+    hf = _tiny_model(np.random.default_rng(0), bias=False)
+    tensors = {_GGUF_NAMES[n]: llama_cpp_permute(w, 4 if "q_proj" in n else 2) if ("q_proj" in n or "k_proj" in n) else w
+               for n, w in hf.items()}
+    tensors["blk.0.ffn_up.weight"] = (gguf.quants.quantize(hf["model.layers.0.mlp.up_proj.weight"], T.Q8_0), T.Q8_0)
+    reader = g.open_gguf(write_gguf(tmp_path / "tiny.gguf", "llama", tensors))
+    hf_config = g.read_gguf_config(reader)
+    cfg = ji.ModelConfig.from_hf(hf_config)
+    whole = assemble_params(g.iter_gguf_tensors(reader, hf_config), cfg, jnp.float32)
+    mesh = sh.make_mesh(data=2, tensor=4)  # 2 kv heads on tensor=4: replicated
+    sharded = assemble_params(
+        g.iter_gguf_tensors(reader, hf_config), cfg, jnp.float32, shardings=sh.param_shardings(cfg, mesh)
+    )
+    _assert_placed(sharded, whole, cfg, mesh)
+    assert {s.data.shape for s in sharded["layers"]["w_up"].addressable_shards} == {(1, 64, 24)}

@@ -59,8 +59,14 @@ def hf_name(leaf: str, layer: int | None, config: ModelConfig) -> str:
     return f"model.layers.{layer}.{suffix}"
 
 
-def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfig, dtype, source: str = "") -> dict:
-    """Build the parameter tree from `(hf_name, array)` pairs; missing or mis-shaped tensors are errors."""
+def assemble_params(
+    tensors: Iterable[tuple[str, np.ndarray]], config: ModelConfig, dtype, source: str = "", shardings=None
+) -> dict:
+    """Build the parameter tree from `(hf_name, array)` pairs; missing or mis-shaped tensors are errors.
+
+    `shardings` (a tree like `param_specs` of `jax.sharding.Sharding`s, e.g. `sharding.param_shardings`)
+    places each finished leaf straight into its shards: every device receives only its slice.
+    """
     specs = param_specs(config)
     layer_specs, top_specs = specs["layers"], {k: v for k, v in specs.items() if k != "layers"}
     np_dtype = jnp.dtype(dtype)
@@ -70,6 +76,12 @@ def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConf
     out_layers: dict[str, jax.Array] = {}
     out_top: dict[str, jax.Array] = {}
     where = f" in {source}" if source else ""
+
+    def place(array: np.ndarray, leaf: str, top_level: bool) -> jax.Array:
+        if shardings is None:
+            return jnp.asarray(array)
+        target = shardings[leaf] if top_level else shardings["layers"][leaf]
+        return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
     for name, array in tensors:
         m = _LAYER.match(name)
@@ -84,10 +96,10 @@ def assemble_params(tensors: Iterable[tuple[str, np.ndarray]], config: ModelConf
             buf[layer] = fn(_checked(name, array, hf_shape, where))
             filled[leaf].add(layer)
             if len(filled[leaf]) == config.num_layers:
-                out_layers[leaf] = jnp.asarray(buffers.pop(leaf))
+                out_layers[leaf] = place(buffers.pop(leaf), leaf, top_level=False)
         elif name in top and top[name][0] in top_specs:
             leaf, hf_shape, fn = top[name]
-            out_top[leaf] = jnp.asarray(fn(_checked(name, array, hf_shape, where)).astype(np_dtype))
+            out_top[leaf] = place(fn(_checked(name, array, hf_shape, where)).astype(np_dtype), leaf, top_level=True)
 
     missing = [hf_name(k, None, config) for k in top_specs if k not in out_top]
     for leaf, layers in filled.items():

