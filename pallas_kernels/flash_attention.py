@@ -16,29 +16,19 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-# Masked logits take _MASK_VALUE; the running max starts at _M_INIT, which is finite and far above
-# _MASK_VALUE, so exp2(_MASK_VALUE - m) is exactly 0 even for a row whose keys are all masked, and
-# such a row ends with l == 0 and is written as zeros instead of NaN.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-_M_INIT = -1e30
-_LOG2E = math.log2(math.e)
+# Masking constants, the block logits and the online-softmax update are shared (common.py): a row
+# whose keys are all masked ends with l == 0 and is written as zeros instead of NaN.
+from pallas_kernels.common import (MASK_VALUE, block_logits, check_heads, check_launch,
+                                   check_window_softcap, init_carry, is_pow2, next_pow2,
+                                   online_softmax_update)
 
 # Defaults per head dim: (rows of the q tile = block_q * G, block_k, num_warps, num_stages).
 # Tuned on an H200 with B4 S4096 N32 K8 causal bf16 (see pallas_kernels/NOTES.md).
 _DEFAULTS = {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)}
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
-
-
-def _is_pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
 
 
 def _flash_kernel(
@@ -79,15 +69,7 @@ def _flash_kernel(
   qpos_min = q_off + t0
   qpos_max = q_off + t0 + block_q - 1
 
-  # float32 inputs get true float32 dots (Triton's default for f32 is TF32).
-  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-  if softcap is None:
-    logit_scale = scale * _LOG2E  # work in base 2: exp(x) = exp2(x * log2 e)
-  else:
-    logit_scale = scale / softcap
-
   def step(j, carry, *, masked: bool):
-    acc, m, l = carry
     start = j * block_k
     kpos = start + jnp.arange(block_k, dtype=jnp.int32)  # [bk]
     span = pl.ds(start, block_k)
@@ -99,25 +81,15 @@ def _flash_kernel(
     else:
       k = k_ref[span, :]
       v = v_ref[span, :]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                        preferred_element_type=jnp.float32)  # [M, bk]
-    s = s * logit_scale
-    if softcap is not None:
-      s = jnp.tanh(s) * (softcap * _LOG2E)
+    s = block_logits(q, k, scale=scale, softcap=softcap)  # [M, bk], base 2
     if masked:
       keep = kpos[None, :] < kv_len
       if causal:
         keep = keep & (kpos[None, :] <= qpos[:, None])
       if window is not None:
         keep = keep & (qpos[:, None] - kpos[None, :] < window)
-      s = jnp.where(keep, s, _MASK_VALUE)
-    m_new = jnp.maximum(m, s.max(axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    l = l * alpha + p.sum(axis=1)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=jnp.float32)  # [M, H]
-    return acc * alpha[:, None] + pv, m_new, l
+      s = jnp.where(keep, s, MASK_VALUE)
+    return online_softmax_update(s, v, carry)
 
   # Key-block ranges: [lo, hi) holds every block with a valid key for some row of the tile;
   # [lo_full, hi_full) the blocks valid for every row (no mask needed).
@@ -135,11 +107,7 @@ def _flash_kernel(
   lo_full = jnp.clip(lo_full, lo, hi)
   hi_full = jnp.clip(hi_full, lo_full, hi)
 
-  carry = (
-      jnp.zeros((rows, head_dim), jnp.float32),
-      jnp.full((rows,), _M_INIT, jnp.float32),
-      jnp.zeros((rows,), jnp.float32),
-  )
+  carry = init_carry(rows, head_dim)
   masked_step = functools.partial(step, masked=True)
   carry = lax.fori_loop(lo, lo_full, masked_step, carry)
   carry = lax.fori_loop(lo_full, hi_full, functools.partial(step, masked=False), carry)
@@ -155,7 +123,7 @@ def _flash_kernel(
 
 def _check_blocks(**blocks):
   for name, value in blocks.items():
-    if value is not None and not _is_pow2(value):
+    if value is not None and not is_pow2(value):
       raise ValueError(f"{name} must be a positive power of two, got {value}")
 
 
@@ -202,29 +170,18 @@ def flash_attention(
     raise ValueError(f"k head dim {k.shape[3]} != q head dim {head_dim}")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-  if q.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"q dtype must be bfloat16, float16 or float32, got {q.dtype}")
-  if num_heads % num_kv_heads:
-    raise ValueError(f"query heads N={num_heads} must be a multiple of kv heads K={num_kv_heads}")
-  if not _is_pow2(head_dim) or not 16 <= head_dim <= 256:
-    raise ValueError(f"head dim H must be a power of two in [16, 256], got {head_dim}")
+  check_heads(q.dtype, num_heads, num_kv_heads, head_dim)
   if kv_lengths.shape != (batch,):
     raise ValueError(f"kv_lengths must have shape ({batch},), got {kv_lengths.shape}")
   if q_offsets is not None and q_offsets.shape != (batch,):
     raise ValueError(f"q_offsets must have shape ({batch},), got {q_offsets.shape}")
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-  if softcap is not None and softcap <= 0:
-    raise ValueError(f"softcap must be > 0, got {softcap}")
+  check_window_softcap(sliding_window, softcap)
   _check_blocks(block_q=block_q, block_k=block_k)
-  if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
-    raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
-  if num_stages is not None and num_stages < 1:
-    raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+  check_launch(num_warps, num_stages)
 
   group = num_heads // num_kv_heads
   # The q tile must have a power-of-two row count: pad G to a power of two with zero heads.
-  group_p = _next_pow2(group)
+  group_p = next_pow2(group)
   if group_p != group:
     q = q.reshape(batch, seq_q, num_kv_heads, group, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, group_p - group), (0, 0)))
@@ -234,8 +191,8 @@ def flash_attention(
   if block_q is None:
     block_q = max(1, d_rows // group_p)
   block_q = max(block_q, 16 // min(group_p, 16))  # dot operands need >= 16 rows
-  block_q = min(block_q, max(_next_pow2(seq_q), 16 // min(group_p, 16)))
-  block_k = min(block_k or d_block_k, max(16, _next_pow2(seq_k)))
+  block_q = min(block_q, max(next_pow2(seq_q), 16 // min(group_p, 16)))
+  block_k = min(block_k or d_block_k, max(16, next_pow2(seq_k)))
   if block_k < 16:
     raise ValueError(f"block_k must be >= 16, got {block_k}")
   num_warps = num_warps or d_warps

@@ -1,7 +1,8 @@
 """Paged decode attention: split-K flash-decoding over a block-table KV cache (Pallas, Triton lowering).
 
 Owns the paged kernel, its wrapper and a plain-jnp reference; shares the online-softmax step, split
-ranges and split combine with decode_attention. Knows nothing about models or page allocation.
+ranges, partial outputs and split combine with decode_attention (common.py). Knows nothing about
+models or page allocation.
 
 Layout: q [B, N, H], k_pages and v_pages [P, page_size, K, H], block_table [B, max_pages] int32 of
 page ids; logical position p of sequence b lives in page block_table[b, p // page_size] at row
@@ -23,9 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.decode_attention import (
-    MIN_DOT_ROWS, check_decode_args, combine_splits, default_num_splits, init_carry, is_pow2,
-    load_q_tile, next_pow2, online_softmax_step, split_block_range, store_partials)
+from pallas_kernels.common import (
+    MIN_DOT_ROWS, check_decode_args, default_num_splits, init_carry, is_pow2, load_q_tile,
+    next_pow2, online_softmax_step, split_block_range, split_k_decode_call, store_partials)
 
 # Keys per step when pages_per_block is None: page_size * pages_per_block == this (or one page).
 _DEFAULT_BLOCK_K = 128
@@ -135,33 +136,20 @@ def paged_decode_attention(
   k_pages = k_pages.reshape(pool_rows, num_kv_heads, head_dim)  # free: merges P and page rows
   v_pages = v_pages.reshape(pool_rows, num_kv_heads, head_dim)
   pool_spec = pl.BlockSpec((pool_rows, None, head_dim), lambda b, h, s: (0, h, 0))
-  part_shape = (batch, num_kv_heads, num_splits, group)
-  o, m, l = pl.pallas_call(
+  run = split_k_decode_call(
       kernel,
-      grid=(batch, num_kv_heads, num_splits),
-      in_specs=[
+      [
           pl.BlockSpec((None,), lambda b, h, s: (b,)),
           pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),
           pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
           pool_spec,
           pool_spec,
       ],
-      out_specs=[
-          pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
-          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
-          jax.ShapeDtypeStruct(part_shape, jnp.float32),
-          jax.ShapeDtypeStruct(part_shape, jnp.float32),
-      ],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _DEFAULT_WARPS,
-                                              num_stages=num_stages or _DEFAULT_STAGES),
-      interpret=interpret,
-      name="paged_decode_attention",
-  )(lengths.astype(jnp.int32), block_table.astype(jnp.int32), q, k_pages, v_pages)
-  return combine_splits(o, m, l, q.dtype)
+      batch=batch, num_kv_heads=num_kv_heads, num_splits=num_splits, group=group,
+      head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
+      num_stages=num_stages or _DEFAULT_STAGES, interpret=interpret,
+      name="paged_decode_attention")
+  return run(lengths.astype(jnp.int32), block_table.astype(jnp.int32), q, k_pages, v_pages)
 
 
 def paged_decode_attention_reference(

@@ -1,0 +1,238 @@
+"""Pieces the Pallas (Triton lowering) attention kernels share. Kernels, wrappers and references
+live in their own files; the jnp references use none of this.
+
+- Online softmax (flash_attention, decode_attention, paged_attention): the masking constants, the
+  base-2 logits of one key block and the running (acc, m, l) update.
+- Split-K decode (decode_attention, paged_attention): split ranges, the padded q tile, the
+  unnormalised (o, m, l) partials (kernel-side store, pallas_call outputs) and their combine, and
+  the argument checks of the two decode wrappers.
+- Argument checks every wrapper makes (dtype, head layout, window/soft-cap, warps/stages).
+
+The kernel-side pieces branch only on static Python arguments (softcap, tile rows), never on traced
+values, and trace to the ops the kernels traced before they were shared.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+# Masked logits take MASK_VALUE; the running max starts at M_INIT, which is finite and far above
+# MASK_VALUE, so exp2(MASK_VALUE - m) is exactly 0 even for a row whose keys are all masked: such a
+# row (or an empty split) ends with l == 0, acc == 0 and is written as zeros instead of NaN.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+M_INIT = -1e30
+LOG2E = math.log2(math.e)
+MIN_DOT_ROWS = 16  # Triton dots need every dimension >= 16
+# Splits are chosen so that batch * kv_heads * splits reaches about this many programs (two waves
+# of a 132-SM H100/H200), but no split gets fewer than MIN_BLOCKS_PER_SPLIT key blocks of the cache:
+# short loops pay the pipeline prologue and a larger combine (see pallas_kernels/NOTES.md).
+TARGET_PROGRAMS = 264
+MIN_BLOCKS_PER_SPLIT = 4
+
+
+def next_pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+def is_pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+# ---- argument checks (wrappers) ------------------------------------------------------------------
+
+
+def check_heads(dtype, num_heads: int, num_kv_heads: int, head_dim: int):
+  """The dtype and head layout every kernel supports."""
+  if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+    raise ValueError(f"q dtype must be bfloat16, float16 or float32, got {dtype}")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"query heads N={num_heads} must be a multiple of kv heads K={num_kv_heads}")
+  if not is_pow2(head_dim) or not 16 <= head_dim <= 256:
+    raise ValueError(f"head dim H must be a power of two in [16, 256], got {head_dim}")
+
+
+def check_window_softcap(sliding_window: int | None, softcap: float | None):
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+  if softcap is not None and softcap <= 0:
+    raise ValueError(f"softcap must be > 0, got {softcap}")
+
+
+def check_launch(num_warps: int | None, num_stages: int | None):
+  if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+    raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps}")
+  if num_stages is not None and num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+
+
+# ---- online softmax ------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype):
+  # float32 inputs get true float32 dots (Pallas-Triton maps DEFAULT on f32 to TF32).
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def block_logits(q, k, *, scale: float, softcap: float | None):
+  """q [M, H], k [bk, H] -> float32 logits [M, bk] in base 2 (times log2 e), scaled and soft-capped.
+
+  The caller masks them (jnp.where(keep, s, MASK_VALUE)) before online_softmax_update.
+  """
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_dot_precision(q.dtype),
+                      preferred_element_type=jnp.float32)  # [M, bk]
+  if softcap is None:
+    return s * (scale * LOG2E)  # work in base 2: exp(x) = exp2(x * log2 e)
+  return jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
+
+
+def online_softmax_update(s, v, carry):
+  """Folds base-2 logits s [M, bk] and v [bk, H] into carry (acc [M, H], m [M], l [M]).
+
+  m is the base-2 running max; the caller zeroes masked V rows so 0 * NaN cannot occur.
+  """
+  acc, m, l = carry
+  m_new = jnp.maximum(m, s.max(axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  l = l * alpha + p.sum(axis=1)
+  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                       precision=_dot_precision(v.dtype),
+                       preferred_element_type=jnp.float32)  # [M, H]
+  return acc * alpha[:, None] + pv, m_new, l
+
+
+def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | None):
+  """One flash step: q [M, H], k and v [bk, H], keep [1 or M, bk] -> new (acc [M, H], m [M], l [M])."""
+  s = block_logits(q, k, scale=scale, softcap=softcap)
+  s = jnp.where(keep, s, MASK_VALUE)
+  return online_softmax_update(s, v, carry)
+
+
+def init_carry(rows: int, head_dim: int):
+  return (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), M_INIT, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+# ---- split-K decode ------------------------------------------------------------------------------
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
+  """Enough splits that batch * kv_heads * splits fills the GPU, each with enough blocks to stream."""
+  return int(max(1, min(pl.cdiv(TARGET_PROGRAMS, batch * num_kv_heads),
+                        max_blocks // MIN_BLOCKS_PER_SPLIT)))
+
+
+def split_block_range(length, window: int | None, block_k: int, split, num_splits: int):
+  """Key blocks [lo, hi) of this split: the valid blocks of the sequence, cut into equal shares.
+
+  Shares are computed from the actual length, so short sequences still use every split.
+  """
+  first = jnp.int32(0) if window is None else jnp.maximum(length - window, 0) // block_k
+  end = pl.cdiv(length, block_k)
+  per_split = pl.cdiv(jnp.maximum(end - first, 0), num_splits)
+  lo = first + split * per_split
+  hi = jnp.minimum(lo + per_split, end)
+  return lo, jnp.maximum(hi, lo)
+
+
+def load_q_tile(q_ref, rows: int):
+  """Loads the [G, H] query block as a [rows, H] tile, rows >= 16 padded with zeros."""
+  group = q_ref.shape[0]
+  if rows == group:
+    return q_ref[...]
+  ok = jnp.arange(rows) < group
+  return pltriton.load(q_ref.at[pl.ds(0, rows), :], mask=ok[:, None], other=0)
+
+
+def store_partials(o_ref, m_ref, l_ref, carry):
+  """Writes the real G rows of an unnormalised partial (acc, m, l)."""
+  acc, m, l = carry
+  group, rows = o_ref.shape[0], acc.shape[0]
+  if rows == group:
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
+    return
+  ok = jnp.arange(rows) < group
+  pltriton.store(o_ref.at[pl.ds(0, rows), :], acc, mask=ok[:, None])
+  pltriton.store(m_ref.at[pl.ds(0, rows)], m, mask=ok)
+  pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=ok)
+
+
+def combine_splits(o, m, l, out_dtype):
+  """Merges per-split partials: o [B, K, splits, G, H], m and l [B, K, splits, G] -> [B, K*G, H]."""
+  m_max = m.max(axis=2, keepdims=True)
+  w = jnp.exp2(m - m_max)  # empty splits (m == M_INIT, l == 0) weigh nothing
+  l_sum = (l * w).sum(axis=2)  # [B, K, G]
+  o_sum = (o * w[..., None]).sum(axis=2)  # [B, K, G, H]
+  out = o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]  # no valid key -> zeros
+  batch, kv_heads, group, head_dim = out.shape
+  return out.reshape(batch, kv_heads * group, head_dim).astype(out_dtype)
+
+
+def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,
+                        group: int, head_dim: int, out_dtype, num_warps: int, num_stages: int,
+                        interpret: bool, name: str):
+  """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine.
+
+  The kernel's outputs are one split's unnormalised partial: o [G, H], m [G], l [G] (float32, as
+  store_partials writes them). Returns a function of the kernel's inputs giving [B, K*G, H].
+  """
+  part_shape = (batch, num_kv_heads, num_splits, group)
+  call = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=name,
+  )
+
+  def run(*args):
+    o, m, l = call(*args)
+    return combine_splits(o, m, l, out_dtype)
+
+  return run
+
+
+def check_decode_args(q, k_like, v_like, lengths, *, sliding_window, softcap, num_splits,
+                      block_k, num_warps, num_stages, kv_name: str):
+  """Validation shared by the dense and paged wrappers; k_like is [..., K, H]."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, N, H], got shape {q.shape}")
+  if k_like.shape != v_like.shape:
+    raise ValueError(f"k{kv_name} and v{kv_name} must have the same shape, got "
+                     f"{k_like.shape} and {v_like.shape}")
+  batch, num_heads, head_dim = q.shape
+  num_kv_heads = k_like.shape[-2]
+  if k_like.shape[-1] != head_dim:
+    raise ValueError(f"k{kv_name} head dim {k_like.shape[-1]} != q head dim {head_dim}")
+  if not (q.dtype == k_like.dtype == v_like.dtype):
+    raise ValueError(f"q, k{kv_name}, v{kv_name} must share a dtype, got {q.dtype}, "
+                     f"{k_like.dtype}, {v_like.dtype}")
+  check_heads(q.dtype, num_heads, num_kv_heads, head_dim)
+  if lengths.shape != (batch,):
+    raise ValueError(f"lengths must have shape ({batch},), got {lengths.shape}")
+  check_window_softcap(sliding_window, softcap)
+  if num_splits is not None and num_splits < 1:
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+  if block_k is not None and (not is_pow2(block_k) or block_k < 16):
+    raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+  check_launch(num_warps, num_stages)
