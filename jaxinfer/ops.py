@@ -1,6 +1,9 @@
 """The one matmul entry: every weight product in the model goes through `matmul`; embedding lookups
 through `embed`. Both take a plain array or a `QArray`, so `model.py` never branches on weight format.
 
+A plain weight times a single-row activation (batch-1 decode) goes through `gemv`, a multiply + reduce
+that reads the weight in place inside the layer scan (a dot there copies each layer's weight first).
+
 For a `QArray`, `matmul` picks one path per call shape and platform (all paths compute the same math):
 - `pallas`: a fused dequantize-matmul kernel for decode shapes (few rows) on the GPU
   (`pallas_kernels.quant_matmul`), which streams the packed weight once;
@@ -125,7 +128,7 @@ def _single_row(eq: str, x) -> bool:
     return math.prod(d for c, d in zip(xs, x.shape) if c not in ws) == 1
 
 
-GEMV_PARTIALS = 1 << 17  # aim for this many partial sums per product: enough blocks to fill the GPU
+GEMV_PARTIALS = 1 << 14  # split-K target: partial sums per product (H200: 2^14 > 2^17 > 2^19, BENCHMARKS.md)
 
 
 def gemv(eq: str, x, w):
