@@ -158,7 +158,7 @@ def xla_attention(q, k, v, q_positions, kv_lengths, *, sliding_window=None):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    if _one_query(T):
+    if _one_query(B, T):
         return _decode_attention(q, k, v, q_positions, kv_lengths, sliding_window)
     qg = q.reshape(B, T, K, G, H)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -174,8 +174,14 @@ def xla_attention(q, k, v, q_positions, kv_lengths, *, sliding_window=None):
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
-def _one_query(T: int) -> bool:
-    return T == 1
+REDUCE_MAX_BATCH = 8  # above this, the dot path wins inside the fused loop (H200, BENCHMARKS.md)
+
+
+def _one_query(B: int, T: int) -> bool:
+    """Take `_decode_attention` for decode at small batch. Measured on an H200, llama-3-8b, context 1024:
+    at batch 1 it wins in both loops; at batch 128 it wins per-step (35 vs 46 ms) but loses in the fused
+    loop (35 vs 27 ms), where XLA lays the cache out for the dot once per call, not once per step."""
+    return T == 1 and B <= REDUCE_MAX_BATCH
 
 
 def _decode_attention(q, k, v, q_positions, kv_lengths, sliding_window):
