@@ -93,7 +93,9 @@ def choices(weights: str, attention: str = "reduce", partials: int | None = None
     elif weights == "gemv-nosplit":
         ops.GEMV_PARTIALS = 0
     if attention == "einsum":
-        attn._one_query = lambda T: False
+        attn._one_query = lambda B, T: False
+    elif attention == "reduce":
+        attn._one_query = lambda B, T: T == 1
     try:
         yield
     finally:
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
                 rows.append({"variant": f"{m.phase}[B{m.batch},attn={a_mode},P={partials}]", "ms": m.ms,
                              "mbu": m.mbu, "spread": m.timing.spread})
                 print(f"{rows[-1]['variant']:44s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
-            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "variants": rows}, indent=1))
+            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
+                                                           "variants": rows}, indent=1, default=str))
         return 0
 
     if args.sweep_partials:
