@@ -80,7 +80,7 @@ def roofline_png(report: BenchReport, path) -> Path:
     grid = np.geomspace(lo, hi, 200)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     ax.plot(grid, np.minimum(c.matmul_flops_per_s, c.copy_bytes_per_s * grid), "k-", lw=2,
-            label=f"roof: {c.copy_bytes_per_s / 1e12:.2f} TB/s copy, {c.matmul_flops_per_s / 1e12:.0f} TFLOP/s matmul")
+            label=f"roof: {c.copy_bytes_per_s / 1e12:.3g} TB/s copy, {c.matmul_flops_per_s / 1e12:.3g} TFLOP/s matmul")
     markers = {"prefill": "s", "decode": "o", "decode_fused": "^"}
     for phase, marker in markers.items():
         sel = [p for p in pts if p[2].phase == phase]
