@@ -22,8 +22,9 @@ PARTS = ("weights", "kv_cache", "activations")
 GB = 1e9
 
 
-class DoesNotFit(MemoryError):
-    """A configuration needs more device memory than is free."""
+class DoesNotFit(MemoryError, ValueError):
+    """A configuration needs more device memory than is free (a ValueError too: a bad argument, caught
+    wherever bad arguments are, e.g. the CLI's error message)."""
 
 
 @dataclasses.dataclass(frozen=True)

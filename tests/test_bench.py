@@ -134,7 +134,7 @@ def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
         "bench", "--preset", "tiny", "--batch", "2", "--prompt-len", "8", "--context", "8", "--steps", "2",
         "--samples", "2", "--gpu-hour-price", "2.0", "--no-progress", "--out", str(tmp_path),
     ])
-    report = args.func(args)
+    report = args.handler(args)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["phase"] for r in data["results"]] == ["prefill", "decode", "decode_fused"]
     for r in data["results"]:

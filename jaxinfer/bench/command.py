@@ -37,11 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `bench` subcommand; it dispatches to `run` through `set_defaults(func=run)`."""
+    """Add the `bench` subcommand; `args.handler` (and `args.func`) is `run`."""
     p = subparsers.add_parser("bench", help="measure prefill/decode against this device's measured ceilings",
                               description=__doc__)
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(handler=run, func=run)
     return p
 
 
