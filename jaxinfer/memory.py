@@ -1,6 +1,7 @@
 """Memory planning: how many bytes a configuration needs on the device, and an early, clear refusal.
 
-`memory_plan(config, batch, max_len, dtype, quant)` counts weights, the dense KV cache and an estimate of
+`memory_plan(config, batch, max_len, dtype, quant)` counts weights (as `jaxinfer.quant` would store them
+under the recipe `quant`, computed on the abstract tree), the dense KV cache and an estimate of
 peak activations (the XLA attention path materialises float32 scores for a whole prefill chunk, which
 dominates at long prompts). `check_fits` compares the parts you name against the device's free memory
 and raises `DoesNotFit` naming every number before anything is allocated. Knows nothing of jit or kernels.
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import ModelConfig
-from .params import is_spec, param_specs
+from .params import abstract_params
 
 PARTS = ("weights", "kv_cache", "activations")
 GB = 1e9
@@ -47,29 +48,25 @@ class MemoryPlan:
         return f"{terms} = {self.need(parts) / GB:.2f} GB" if len(parts) > 1 else terms
 
 
-# Weight bits per element for quantization recipes, scales included (per-channel int8; int4 with a bf16
-# scale per group of 128). A recipe not listed here is an error, so no size is ever guessed.
-QUANT_BITS = {"int8": 8.0, "int4": 4.0 + 16.0 / 128}
+def leaf_bytes(config: ModelConfig, dtype=jnp.bfloat16, quant: str | None = None) -> dict[str, int]:
+    """Bytes of every parameter leaf ("layers/q", "embed", ...) as stored: in `dtype`, or as the quantization
+    recipe `quant` stores it (codes, scales and offsets), computed on the abstract tree (no memory)."""
+    tree = abstract_params(config, dtype)
+    is_q = lambda x: False  # noqa: E731
+    if quant is not None:
+        from .quant import is_qarray, quantize  # the recipe decides which leaves, their format and scales
 
-
-def weight_bits(dtype, quant: str | None) -> float:
-    """Bits one weight-matrix element occupies under `quant` (None: the parameter dtype)."""
-    if quant is None:
-        return 8.0 * np.dtype(dtype).itemsize
-    if quant not in QUANT_BITS:
-        raise ValueError(f"unknown quantization recipe {quant!r}; known: {', '.join(QUANT_BITS)}")
-    return QUANT_BITS[quant]
+        tree, is_q = quantize(tree, quant), is_qarray
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_q):
+        key = "/".join(str(getattr(k, "key", k)) for k in path)
+        out[key] = int(leaf.nbytes) if is_q(leaf) else int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return out
 
 
 def weight_bytes(config: ModelConfig, dtype=jnp.bfloat16, quant: str | None = None) -> int:
-    """Resident parameter bytes: weight matrices at the recipe's bits (scales included), the rest in dtype."""
-    item = np.dtype(dtype).itemsize
-    bits = weight_bits(dtype, quant)
-    total = 0.0
-    for spec in jax.tree.leaves(param_specs(config), is_leaf=is_spec):
-        n = int(np.prod(spec.shape))
-        total += n * bits / 8 if spec.kind == "matrix" else n * item
-    return int(total)
+    """Resident parameter bytes, quantized as `quant` stores them."""
+    return sum(leaf_bytes(config, dtype, quant).values())
 
 
 def kv_cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> int:

@@ -42,12 +42,17 @@ def test_tiny_costs_by_hand():
     assert p.tokens == 10 and p.kv_write_bytes == 10 * kv_token
 
 
-def test_quantized_weights_shrink_only_matrices():
+def test_quantized_weights_stream_codes_and_scales():
     bf16 = costs.streamed_weight_bytes(TINY, jnp.bfloat16)
     int8 = costs.streamed_weight_bytes(TINY, jnp.bfloat16, quant="int8")
-    matrices = 2 * 36864 + 64 * 512
-    assert bf16 - int8 == pytest.approx(matrices * 1.0)  # 2 bytes -> 1 byte per matrix element
-    with pytest.raises(ValueError, match="unknown quantization"):
+    # Per-channel int8: 1 byte a code instead of 2, plus a float32 scale per output channel
+    # (elements / contracted size): q, k, v, gate, up contract D=64, o contracts N*H=64, down F=128.
+    elements = {"q": 2 * 4096, "k": 2 * 2048, "v": 2 * 2048, "o": 2 * 4096, "w_gate": 2 * 8192,
+                "w_up": 2 * 8192, "w_down": 2 * 8192, "lm_head": 64 * 512}
+    contracted = {"w_down": 128}
+    scales = sum(4 * n // contracted.get(name, 64) for name, n in elements.items())
+    assert int8 == bf16 - sum(elements.values()) + scales
+    with pytest.raises(ValueError, match="unknown quantization recipe"):
         costs.streamed_weight_bytes(TINY, jnp.bfloat16, quant="int3")
 
 

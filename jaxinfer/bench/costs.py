@@ -2,8 +2,8 @@
 
 This is the roofline model the benchmark reports against: FLOPs are the weight products (2 per
 multiply-add) plus attention with causality (a query attends only to keys at or before it); bytes are the
-fewest a step must move: every weight streamed once, the valid KV cache read once, the new KV written
-once. Elementwise work (norms, rope, softmax) is left out on purpose: it is a few percent of the FLOPs
+fewest a step must move: every weight streamed once (as the quantization recipe stores it), the valid KV
+cache read once, the new KV written once. Elementwise work (norms, rope, softmax) is left out on purpose: it is a few percent of the FLOPs
 and fuses into neighbours. Knows nothing of devices, timing or jit.
 """
 
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from ..config import ModelConfig
-from ..memory import weight_bits
+from ..memory import leaf_bytes
 from ..params import is_spec, param_specs
 
 LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")
@@ -75,23 +75,11 @@ def head_elements(config: ModelConfig) -> int:
 
 
 def streamed_weight_bytes(config: ModelConfig, dtype, quant: str | None = None, rows: int = 1) -> float:
-    """Bytes of weights one step reads: all layers, the final norm, the output head, `rows` embedding rows.
-
-    Matrices take `weight_bits(dtype, quant)`; norms and biases stay in `dtype`. The embedding table is
-    read only at the gathered rows, unless it is tied to the head (then the head reads all of it).
-    """
-    specs = param_specs(config)
-    bits = weight_bits(dtype, quant)
-    item = dtype_bytes(dtype)
-    total = 0.0
-    for name, spec in specs["layers"].items():
-        n = int(np.prod(spec.shape))
-        total += n * bits / 8 if name in LAYER_MATRICES else n * item
-    total += int(np.prod(specs["final_norm"].shape)) * item
-    total += head_elements(config) * bits / 8  # lm_head, or the tied embedding used as the head
-    if not config.tie_embeddings:
-        total += rows * config.dim * item
-    return total
+    """Bytes of weights one step reads: every leaf as stored (quantized by `quant`), except the embedding
+    table, read only at the `rows` gathered rows unless it is tied to the head (then read whole)."""
+    leaves = leaf_bytes(config, dtype, quant)
+    embed = leaves.pop("embed")
+    return float(sum(leaves.values()) + (embed if config.tie_embeddings else rows * embed / config.vocab_size))
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
