@@ -64,13 +64,9 @@ def mlp_block(p, x):
     return ops.matmul("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
 
 
-def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: str = "xla", last_only: bool = False):
-    """Run `tokens [B, T]` (right-padded; `lengths [B]` valid tokens each) after what `cache` holds.
-
-    Token t of sequence b sits at position `cache.lengths[b] + t`. Returns logits `[B, T, V]` in float32
-    (or `[B, V]` at each sequence's last valid token when `last_only`) and the cache with this chunk's
-    keys/values written and `lengths` advanced. Padded tokens are neither cached nor counted.
-    """
+def step_inputs(cache, tokens, lengths, config: ModelConfig):
+    """Per-token bookkeeping of one chunk: lengths `[B]`, positions and valid `[B, T]`, the cached
+    lengths after it `[B]`, and the rotary tables."""
     B, T = tokens.shape
     if lengths is None:
         lengths = jnp.full((B,), T, jnp.int32)
@@ -79,9 +75,12 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
     positions = cache.lengths[:, None] + t  # [B, T]
     valid = t < lengths[:, None]  # [B, T]
     kv_lengths = cache.lengths + lengths  # [B]
-    rope = rope_tables(config, positions)
+    return lengths, positions, valid, kv_lengths, rope_tables(config, positions)
 
-    x = ops.embed(params["embed"], tokens)  # [B, T, D]
+
+def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
+    """The stacked layers `layer_params` (leading axis) over `x [B, T, D]` with `lax.scan`; layer i reads
+    and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced)."""
 
     def layer_step(carry, xs):
         x, cache = carry
@@ -94,16 +93,51 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
         x = x + mlp_block(p, rms_norm(x, p["mlp_norm"], config.norm_eps))
         return (x, cache), None
 
-    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (params["layers"], layer_ids))
-    cache = cache.replace(lengths=kv_lengths)
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (layer_params, layer_ids))
+    return x, cache
 
-    if last_only:
-        last = jnp.maximum(lengths - 1, 0)
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B, 1, D]
+
+def last_tokens(x, lengths):
+    """`x [B, T, D]` at each sequence's last valid token, `[B, 1, D]`."""
+    last = jnp.maximum(lengths - 1, 0)
+    return jnp.take_along_axis(x, last[:, None, None], axis=1)
+
+
+def output_logits(params, x, config: ModelConfig):
+    """Final norm and output head: float32 logits `[B, T, V]`."""
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     if config.tie_embeddings:
-        logits = ops.matmul("btd,vd->btv", x, params["embed"], out_dtype=jnp.float32)
-    else:
-        logits = ops.matmul("btd,dv->btv", x, params["lm_head"], out_dtype=jnp.float32)
+        return ops.matmul("btd,vd->btv", x, params["embed"], out_dtype=jnp.float32)
+    return ops.matmul("btd,dv->btv", x, params["lm_head"], out_dtype=jnp.float32)
+
+
+def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: str = "xla", last_only: bool = False):
+    """Run `tokens [B, T]` (right-padded; `lengths [B]` valid tokens each) after what `cache` holds.
+
+    Token t of sequence b sits at position `cache.lengths[b] + t`. Returns logits `[B, T, V]` in float32
+    (or `[B, V]` at each sequence's last valid token when `last_only`) and the cache with this chunk's
+    keys/values written and `lengths` advanced. Padded tokens are neither cached nor counted.
+
+    Under a context mesh with a `pipeline` axis larger than one (`generate` sets the parameters' mesh),
+    the layers run as a pipeline of micro-batches (`pipeline.forward`): same results.
+    """
+    if _pipelined():
+        from .pipeline import forward as pipeline_forward
+
+        return pipeline_forward(params, cache, tokens, lengths, config=config, impl=impl, last_only=last_only)
+    lengths, positions, valid, kv_lengths, rope = step_inputs(cache, tokens, lengths, config)
+    x = ops.embed(params["embed"], tokens)  # [B, T, D]
+    layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    x, cache = decoder_layers(
+        params["layers"], x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl
+    )
+    cache = cache.replace(lengths=kv_lengths)
+    if last_only:
+        x = last_tokens(x, lengths)  # [B, 1, D]
+    logits = output_logits(params, x, config)
     return (logits[:, 0] if last_only else logits), cache
+
+
+def _pipelined() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.shape.get("pipeline", 1) > 1 and "pipeline" not in mesh.manual_axes

@@ -1,0 +1,124 @@
+"""Pipeline parallelism (layers on `pipeline`, micro-batches passed stage to stage with ppermute), alone
+and combined with tensor and data parallelism, against one device. Runs in an 8-device subprocess."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from multidevice import needs_devices, rerun_with_devices
+from test_sharding import PROMPTS, _rel, _same_spec, _steps, random_params
+
+import jaxinfer as ji
+from jaxinfer import pipeline
+from jaxinfer import sharding as sh
+
+# Four layers so that pipeline=4 gives one layer per stage; 2 kv heads (replicated on tensor=4).
+CFG = ji.ModelConfig.from_preset("tiny").replace(num_layers=4, num_heads=8, num_kv_heads=2, head_dim=16, qkv_bias=True)
+
+
+def test_in_8_device_process():
+    rerun_with_devices(__file__)
+
+
+_REF = {}
+
+
+def _reference():
+    if not _REF:
+        params = jax.device_put(random_params(CFG), jax.devices()[0])
+        first, second, _ = _steps(params, CFG)
+        tokens = ji.generate(ji.Model(config=CFG, params=params), PROMPTS, max_new_tokens=6, impl="auto").token_ids
+        _REF.update(params=params, first=first, second=second, tokens=tokens)
+    return _REF
+
+
+@needs_devices
+def test_pipeline_tensor_data_2x2x2_equals_one_device():
+    ref = _reference()
+    mesh = sh.make_mesh(data=2, pipeline=2, tensor=2)
+    params = sh.shard_params(ref["params"], CFG, mesh)
+    q = params["layers"]["q"]
+    assert _same_spec(q.sharding.spec, jax.sharding.PartitionSpec("pipeline", None, "tensor", None))
+    assert {s.data.shape for s in q.addressable_shards} == {(2, CFG.dim, 4, CFG.head_dim)}
+    first, second, cache = _steps(params, CFG)  # prefill + decode through the pipeline (forward dispatches)
+    assert _rel(first, ref["first"]) < 1e-5 and _rel(second, ref["second"]) < 1e-5
+    np.testing.assert_array_equal(second.argmax(-1), ref["second"].argmax(-1))
+    assert cache.k.sharding.is_equivalent_to(sh.cache_shardings(CFG, mesh, batch=4).k, 5), cache.k.sharding
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [len(p) + 1 for p in PROMPTS])
+    tokens = ji.generate(ji.Model(config=CFG, params=params), PROMPTS, max_new_tokens=6, impl="auto").token_ids
+    assert tokens == ref["tokens"]
+
+
+def _hlo_ops(compiled_text: str, op: str) -> int:
+    return len(re.findall(rf"= \S+ {op}(-start)?\(", compiled_text))
+
+
+@needs_devices
+@pytest.mark.parametrize("microbatches", [4, 1])
+def test_pipeline4_microbatches_flow_stage_to_stage(microbatches):
+    """pipeline=4 x tensor=2, one layer per stage: 4 micro-batches of one row each (or 1 of four) give
+    one device's logits; the compiled program passes activations with collective-permute and gathers
+    no weights."""
+    ref = _reference()
+    mesh = sh.make_mesh(pipeline=4, tensor=2)
+    params = sh.shard_params(ref["params"], CFG, mesh)
+    assert {s.data.shape[0] for s in params["layers"]["w_down"].addressable_shards} == {1}
+    B, T = len(PROMPTS), 16
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, : len(p)] = p
+    lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+
+    @jax.jit
+    def prefill(params, cache, tokens, lengths):
+        return pipeline.forward(
+            params, cache, tokens, lengths, config=CFG, last_only=True, microbatches=microbatches, mesh=mesh
+        )
+
+    cache = sh.init_cache(CFG, B, 128, mesh, dtype=jnp.float32)
+    compiled = prefill.lower(params, cache, tokens, lengths).compile().as_text()
+    assert _hlo_ops(compiled, "collective-permute") >= 1
+    assert _hlo_ops(compiled, "all-gather") == 0
+    logits, cache = prefill(params, cache, tokens, lengths)
+    assert _rel(logits, ref["first"]) < 1e-5
+    assert cache.k.sharding.is_equivalent_to(sh.cache_shardings(CFG, mesh, batch=B).k, 5)
+
+
+@needs_devices
+def test_pipeline_with_paged_cache_equals_dense_one_device():
+    """A paged cache through the pipeline (pipeline=4, tensor=2): micro-batches use their block-table rows."""
+    ref = _reference()
+    mesh = sh.make_mesh(pipeline=4, tensor=2)
+    params = sh.shard_params(ref["params"], CFG, mesh)
+    B, page = len(PROMPTS), 8
+    cache = ji.init_paged_cache(CFG, B, num_pages=B * 16, page_size=page, max_pages_per_seq=16, dtype=jnp.float32)
+    alloc = ji.PageAllocator(B * 16)
+    for i, p in enumerate(PROMPTS):
+        cache = alloc.reserve(cache, i, len(p) + 1)
+    cache = sh.shard_cache(cache, CFG, mesh)
+    assert _same_spec(cache.k_pages.sharding.spec, jax.sharding.PartitionSpec("pipeline", None, None, "tensor", None))
+    tokens = np.zeros((B, max(map(len, PROMPTS))), np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, : len(p)] = p
+    lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+    first, cache = ji.prefill(params, cache, tokens, lengths, config=CFG, impl="auto")
+    second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=CFG, impl="auto")
+    assert _rel(first, ref["first"]) < 1e-5 and _rel(second, ref["second"]) < 1e-5
+
+
+@needs_devices
+def test_pipeline_bad_inputs():
+    mesh = sh.make_mesh(pipeline=8)
+    with pytest.raises(ValueError, match="pipeline degree 8 .* does not divide num_layers=4"):
+        sh.param_shardings(CFG, mesh)
+    mesh = sh.make_mesh(pipeline=4, tensor=2)
+    params = sh.shard_params(random_params(CFG), CFG, mesh)
+    cache = sh.init_cache(CFG, 4, 16, mesh, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="not divisible into 3 micro-batches"):
+        pipeline.forward(params, cache, jnp.ones((4, 1), jnp.int32), config=CFG, microbatches=3, mesh=mesh)
+    with pytest.raises(ValueError, match="needs a mesh with a 'pipeline' axis"):
+        pipeline.forward(params, cache, jnp.ones((4, 1), jnp.int32), config=CFG)
