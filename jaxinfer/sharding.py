@@ -239,6 +239,43 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules: ShardingRules | Mapp
     return treedef.unflatten(out)
 
 
+def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules | Mapping | None = None):
+    """The shardings of an actual parameter tree, whose leaves may be quantized (`quant.QArray`).
+
+    A plain leaf gets its rule as in `param_shardings`. A quantized leaf gets one sharding per child
+    (values, scales, offsets) from the logical axes it carries (`QArray.axis_names()`); a child axis
+    its mesh axes do not divide (a per-channel scale's size-1 axis, a short group axis) is replicated.
+    """
+    r = _rules(rules).resolve(config, mesh)
+    specs = params_lib.param_specs(config)
+
+    def child(axes, array, what):
+        parts = []
+        for logical, dim in zip(axes, array.shape):
+            m = r.mesh_axes(logical)
+            split = m and dim % math.prod(mesh.shape[a] for a in m) == 0
+            parts.append(logical if split else None)
+        return NamedSharding(mesh, r.spec(parts, what))
+
+    def one(path, spec, leaf):
+        what = jax.tree_util.keystr(path)
+        names = getattr(leaf, "axis_names", None)
+        if callable(names):  # a QArray: shard each child by its own logical axes
+            return jax.tree.map(
+                lambda axes, a: child(axes, a, what), names(), leaf, is_leaf=lambda x: isinstance(x, tuple)
+            )
+        if tuple(leaf.shape) != spec.shape:
+            raise ValueError(f"parameter {what} has shape {tuple(leaf.shape)}, the config needs {spec.shape}")
+        return NamedSharding(mesh, r.spec(spec.axes, what))
+
+    try:
+        return jax.tree_util.tree_map_with_path(one, specs, params, is_leaf=params_lib.is_spec)
+    except (ValueError, KeyError, TypeError) as e:
+        if "the config needs" in str(e):
+            raise
+        raise ValueError(f"parameter tree does not match the config's parameter specs: {e}") from None
+
+
 def param_partition_specs(config: ModelConfig, mesh: Mesh, rules=None) -> dict:
     """Like `param_shardings`, as bare `PartitionSpec`s (for `shard_map` in/out specs)."""
     return jax.tree.map(lambda s: s.spec, param_shardings(config, mesh, rules))
@@ -308,10 +345,18 @@ def init_cache_on(mesh: Mesh | None, config: ModelConfig, batch: int, max_len: i
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh, rules=None) -> dict:
-    """Place an existing parameter tree (host or device arrays) on `mesh` by the rules."""
-    shardings = param_shardings(config, mesh, rules)
-    _check_structure(params, shardings)
-    return jax.device_put(params, shardings)
+    """Place an existing parameter tree (host or device arrays, quantized leaves too) on `mesh` by the rules."""
+    return jax.device_put(params, tree_shardings(params, config, mesh, rules))
+
+
+def quantize_params(params, recipe, config: ModelConfig, mesh: Mesh, rules=None):
+    """`quant.quantize(params, recipe)` computed in one jit whose outputs are declared in their shards
+    (`tree_shardings` of the quantized abstract tree): the quantized tree is born sharded."""
+    from . import quant
+
+    abstract = quant.quantize(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params), recipe)
+    shardings = tree_shardings(abstract, config, mesh, rules)
+    return jax.jit(lambda p: quant.quantize(p, recipe), out_shardings=shardings)(params)
 
 
 def shard_cache(cache, config: ModelConfig, mesh: Mesh, rules=None):
@@ -319,12 +364,6 @@ def shard_cache(cache, config: ModelConfig, mesh: Mesh, rules=None):
     paged = isinstance(cache, PagedKVCache)
     shardings = cache_shardings(config, mesh, rules, batch=None if paged else cache.batch, paged=paged)
     return jax.device_put(cache, shardings)
-
-
-def _check_structure(tree, shardings) -> None:
-    a, b = jax.tree.structure(tree), jax.tree.structure(shardings)
-    if a != b:
-        raise ValueError(f"parameter tree does not match the config's parameter specs:\n  got {a}\n  want {b}")
 
 
 def leaf_from_host(array: np.ndarray, sharding, dtype=None) -> jax.Array:

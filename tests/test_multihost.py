@@ -159,10 +159,11 @@ def test_two_processes_generate_the_same_tokens_as_one(tmp_path):
         cfg = tiny_config()
         assert r["q_local_shards"] == [[cfg.num_layers, cfg.dim, cfg.num_heads // 2, cfg.head_dim]] * 2
 
-    # The reference: this (single-device) process, same weights, no mesh.
+    # The reference: this process on one CPU device (CPU numerics, as in the workers), same weights, no mesh.
     config = tiny_config()
-    params = jax.device_put(host_params(config), jax.devices()[0])
-    logits, token_ids = run(params, config)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        logits, token_ids = run(jax.device_put(host_params(config), cpu), config)
     for r in reports:
         got = np.asarray(r["logits"])
         assert np.abs(got - logits).max() / np.abs(logits).max() < 1e-5

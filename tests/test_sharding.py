@@ -250,6 +250,36 @@ def test_tensor_data_parallel_equals_one_device(data, tensor, cfg):
     assert tokens == tokens1
 
 
+@needs_devices
+def test_quantized_params_shard_by_their_logical_axes():
+    """`QArray` leaves: values, scales and offsets each split on tensor where their axis allows (int4
+    grouped, planned on the abstract tree); int8 quantized straight into its 2x2x2 shards equals one
+    device's int8 tree, and gives its logits (through the pipeline)."""
+    from jaxinfer import quant
+
+    mesh = sh.make_mesh(data=2, tensor=4)
+    abstract = quant.quantize(ji.abstract_params(CFG, jnp.float32), quant.Recipe("int4", 16, zero_point=True))
+    down = sh.tree_shardings(abstract, CFG, mesh)["layers"]["w_down"]  # [L, F, D]: F the group axis
+    for child in (down.values, down.scales, down.offsets):
+        assert _same_spec(child.spec, P("pipeline", "tensor", None)), child
+
+    params1 = jax.device_put(random_params(CFG), jax.devices()[0])
+    q1 = quant.quantize(params1, "int8")
+    mesh = sh.make_mesh(data=2, pipeline=2, tensor=2)
+    qs = sh.quantize_params(sh.shard_params(params1, CFG, mesh), "int8", CFG, mesh)  # quantized in its shards
+    for a, b in zip(jax.tree.leaves(qs), jax.tree.leaves(q1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert sh.shard_params(q1, CFG, mesh)["layers"]["o"].values.sharding == qs["layers"]["o"].values.sharding
+    down = qs["layers"]["w_down"]
+    assert _same_spec(down.values.sharding.spec, P("pipeline", "tensor", None))
+    assert _same_spec(down.scales.sharding.spec, P("pipeline", None, None))  # per channel: size-1 F axis
+    assert {s.data.shape for s in down.values.addressable_shards} == {(1, 64, 64)}
+    assert _same_spec(qs["layers"]["q"].values.sharding.spec, P("pipeline", None, "tensor", None))
+    first1, second1, _ = _steps(q1, CFG)
+    first, second, _ = _steps(qs, CFG)
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels per shard
 
@@ -367,3 +397,36 @@ def test_gguf_tensors_assemble_into_shards(tmp_path):
     )
     _assert_placed(sharded, whole, cfg, mesh)
     assert {s.data.shape for s in sharded["layers"]["w_up"].addressable_shards} == {(1, 64, 24)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Disaggregated prefill / decode
+
+
+@needs_devices
+def test_disaggregated_prefill_and_decode_equal_one_device():
+    """Prefill with tensor=4 on devices 0-3, the cache moved to data=2 x tensor=2 on devices 4-7, decode
+    there: one device's tokens; the cache arrives in the decode mesh's shardings."""
+    from jaxinfer import disagg
+
+    params1, _, _, tokens1 = _reference(CFG2)
+    model = ji.Model(config=CFG2, params=params1)
+    a, b = disagg.split_devices(4, 4)
+    dm = disagg.disaggregate(model, sh.make_mesh(tensor=4, devices=a), sh.make_mesh(data=2, tensor=2, devices=b))
+    assert set(dm.decode.params["layers"]["q"].sharding.device_set) == set(b)
+    result, times = disagg.generate(dm, PROMPTS, max_new_tokens=6, impl="auto")
+    assert result.token_ids == tokens1
+    assert times.prefill_s > 0 and times.transfer_s > 0 and times.decode_s > 0
+    # Two layers x (k and v) of [4, 128, 2, 16] float32, plus 4 int32 lengths.
+    assert times.transfer_bytes == 2 * 2 * 4 * 128 * 2 * 16 * 4 + 4 * 4
+
+    cache = sh.init_cache(CFG2, 4, 128, dm.prefill_mesh, dtype=jnp.float32)
+    moved = disagg.transfer(cache, CFG2, dm.decode_mesh)
+    assert set(moved.k.sharding.device_set) == set(b)
+    assert moved.k.sharding.is_equivalent_to(sh.cache_shardings(CFG2, dm.decode_mesh, batch=4).k, 5)
+    cost = disagg.transfer_cost(cache, CFG2, dm.decode_mesh, repeats=2)
+    assert cost["bytes"] == times.transfer_bytes and cost["median_s"] > 0 and cost["gbps"] > 0
+    with pytest.raises(ValueError, match="share 4 device"):
+        disagg.disaggregate(model, dm.prefill_mesh, sh.make_mesh(tensor=4, devices=a))
+    with pytest.raises(ValueError, match="cannot split 8 device"):
+        disagg.split_devices(4, 5)

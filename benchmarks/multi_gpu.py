@@ -1,0 +1,295 @@
+"""Multi-GPU acceptance numbers in one run: one-GPU baselines next to tensor / pipeline parallelism,
+and the cost of moving the KV cache between two sub-meshes (disaggregated prefill/decode).
+
+    PYTHONPATH=. python3 benchmarks/multi_gpu.py --out $OUT            # on a 2-GPU or 4-GPU host
+
+Parts (default: all that fit the device count n):
+- `tp`:  `llama-3-8b` bf16, batch-1 decode tokens/s (on-device loop of `generate`, greedy, after a
+         `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
+- `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
+         prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given.
+- `disagg`: prefill on the first n/2 GPUs (tensor=n/2), the cache moved to the last n/2, decode there:
+         `disagg.transfer_cost` (bytes, seconds, GB/s) and the phase times of one `disagg.generate`.
+Every timing is a median of `--samples` runs after a warm-up (which compiles). <out>/multi_gpu.json is
+rewritten after every case; a table is printed and the last line is one JSON object.
+`--preset tiny` with `JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4` checks the
+script on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxinfer as ji  # noqa: E402
+from jaxinfer import disagg, pipeline  # noqa: E402
+from jaxinfer import sharding as sh  # noqa: E402
+from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
+from jaxinfer.model import forward  # noqa: E402
+from jaxinfer.sampling import Sampling, sequence_keys  # noqa: E402
+
+TARGETS = {"tp2_decode_b1": 1.7, "tp4_decode_b1": 2.6, "pp4_throughput_b64": 3.0}
+
+
+def _median_time(run, samples: int) -> tuple[float, list[float]]:
+    """`run()` returns a zero-arg callable that does the timed work (so setup stays untimed)."""
+    jax.block_until_ready(run()())  # warm-up: compiles
+    times = []
+    for _ in range(samples):
+        work = run()
+        t0 = time.perf_counter()
+        jax.block_until_ready(work())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length), dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batch-1 decode through generate's on-device loop
+
+
+def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dtype):
+    """Tokens/s of `steps` greedy decode steps (the fused loop `generate` runs) after a prefill."""
+    mesh = sh.mesh_of(params)
+    tokens = _prompt(batch, context, cfg.vocab_size)
+    max_len = bucket(context + steps + 1, 128)
+    stops = jnp.full((8,), -2, jnp.int32)
+    sampling = Sampling().for_batch(batch)
+    keys = sequence_keys(0, batch)
+    max_new = jnp.full((batch,), steps + 1, jnp.int32)
+
+    def run():
+        cache = sh.init_cache_on(mesh, cfg, batch, max_len, dtype)
+        logits, cache = ji.prefill(params, cache, tokens, config=cfg, impl=impl)
+        jax.block_until_ready(cache)
+
+        def work():
+            with _on_mesh(params):
+                out, _ = _generate_loop(
+                    params, cache, logits, keys, sampling, stops, max_new, config=cfg, impl=impl, capacity=steps + 1
+                )
+            return out
+
+        return work
+
+    seconds, times = _median_time(run, samples)
+    return {"tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "samples_s": times}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pipeline throughput: prefill and decode at a large batch
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh"), donate_argnames=("cache",))
+def _prefill_fn(params, cache, tokens, *, cfg, impl, microbatches, mesh):
+    if mesh is None:
+        return forward(params, cache, tokens, config=cfg, impl=impl, last_only=True)
+    return pipeline.forward(params, cache, tokens, config=cfg, impl=impl, last_only=True, microbatches=microbatches, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
+def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
+    def body(_, carry):
+        tok, cache = carry
+        if mesh is None:
+            logits, cache = forward(params, cache, tok[:, None], config=cfg, impl=impl)
+        else:
+            logits, cache = pipeline.forward(
+                params, cache, tok[:, None], config=cfg, impl=impl, microbatches=microbatches, mesh=mesh
+            )
+        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), cache
+
+    tok, cache = jax.lax.fori_loop(0, steps, body, (tok, cache))
+    return tok, cache
+
+
+def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, samples, dtype, phases=("prefill", "decode")):
+    """Prefill tokens/s (batch x context) and decode tokens/s (batch x steps) on one GPU (mesh None)
+    or through the pipeline with `microbatches`."""
+    tokens = _prompt(batch, context, cfg.vocab_size)
+    max_len = bucket(context + steps + 1, 128)
+    new_cache = lambda: sh.init_cache_on(mesh, cfg, batch, max_len, dtype)
+    kw = dict(cfg=cfg, impl=impl, microbatches=microbatches, mesh=mesh)
+
+    def run_prefill():
+        cache = jax.block_until_ready(new_cache())
+        return lambda: _prefill_fn(params, cache, tokens, **kw)
+
+    def run_decode():
+        logits, cache = _prefill_fn(params, new_cache(), tokens, **kw)
+        tok = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
+        return lambda: _decode_loop(params, cache, tok, steps=steps, **kw)
+
+    out = {"microbatches": microbatches}
+    if "prefill" in phases:
+        pre, _ = _median_time(run_prefill, samples)
+        out.update(prefill_tokens_per_s=batch * context / pre, prefill_s=pre)
+    if "decode" in phases:
+        dec, _ = _median_time(run_decode, samples)
+        out.update(decode_tokens_per_s=batch * steps / dec, decode_step_ms=1e3 * dec / steps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("multi_gpu_out"))
+    ap.add_argument("--preset", default="llama-3-8b")
+    ap.add_argument("--parts", default="", help="comma list of tp,pp,disagg (default: all that fit)")
+    ap.add_argument("--impl", default="auto", help="attention impl (auto, xla, pallas, cudnn)")
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per sample")
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--pp-batch", type=int, default=64)
+    ap.add_argument("--pp-prefill-microbatches", default="4,16")
+    ap.add_argument("--pp-decode-microbatches", default="1,4")
+    ap.add_argument("--disagg-batch", type=int, default=8)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    devices = jax.devices()
+    n = len(devices)
+    parts = set(filter(None, args.parts.split(","))) or ({"tp", "disagg"} | ({"pp"} if n >= 4 else set()))
+    cfg = ji.ModelConfig.from_preset(args.preset)
+    dtype = jnp.bfloat16
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "jax": jax.__version__,
+        "devices": [d.device_kind for d in devices], "preset": args.preset, "impl": args.impl,
+        "context": args.context, "steps": args.steps, "results": {}, "errors": {},
+    }
+    results, errors = report["results"], report["errors"]
+
+    def save():
+        (args.out / "multi_gpu.json").write_text(json.dumps(report, indent=1))
+
+    def case(name, fn):
+        t0 = time.time()
+        try:
+            results[name] = fn()
+            results[name]["wall_s"] = round(time.time() - t0, 1)
+        except Exception as e:  # recorded, the run goes on
+            errors[name] = f"{type(e).__name__}: {e}"[:2000]
+            traceback.print_exc()
+        print(f"[{time.time() - T0:7.1f}s] {name}: {results.get(name) or errors.get(name)}", flush=True)
+        save()
+
+    T0 = time.time()
+    one = sh.make_mesh(devices=devices[:1])
+    base_params = sh.init_params(cfg, one, dtype=dtype)  # one copy on GPU 0; every other layout is placed from it
+    jax.block_until_ready(base_params)
+
+    decode_kw = dict(batch=1, context=args.context, steps=args.steps, impl=args.impl, samples=args.samples, dtype=dtype)
+    if "tp" in parts:
+        case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
+        for t in sorted({n, 2} if n >= 4 else {n}):
+            def tp_case(t=t):
+                params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
+                try:
+                    return decode_tokens_per_s(params, cfg, **decode_kw)
+                finally:
+                    del params
+            case(f"decode_b1_tp{t}", tp_case)
+            if f"decode_b1_tp{t}" in results and "decode_b1_1gpu" in results:
+                results[f"decode_b1_tp{t}"]["speedup"] = (
+                    results[f"decode_b1_tp{t}"]["tokens_per_s"] / results["decode_b1_1gpu"]["tokens_per_s"]
+                )
+
+    if "pp" in parts and n >= 2:
+        pp_kw = dict(batch=args.pp_batch, context=args.context, steps=args.steps // 2, impl=args.impl,
+                     samples=args.samples, dtype=dtype)
+        case(f"throughput_b{args.pp_batch}_1gpu",
+             lambda: throughput(base_params, cfg, mesh=None, microbatches=None, **pp_kw))
+        pp_mesh = sh.make_mesh(pipeline=n)
+        try:
+            pp_params = sh.shard_params(base_params, cfg, pp_mesh)
+        except ValueError as e:
+            pp_params, errors[f"pp{n}"] = None, str(e)
+        base = results.get(f"throughput_b{args.pp_batch}_1gpu")
+        pre_ms = [int(m) for m in args.pp_prefill_microbatches.split(",") if m]
+        dec_ms = [int(m) for m in args.pp_decode_microbatches.split(",") if m]
+        for m in sorted(set(pre_ms) | set(dec_ms)) if pp_params is not None else ():
+            name = f"throughput_b{args.pp_batch}_pp{n}_m{m}"
+            phases = tuple(ph for ph, ms in (("prefill", pre_ms), ("decode", dec_ms)) if m in ms)
+            case(name, lambda m=m, phases=phases: throughput(
+                pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=phases, **pp_kw))
+            for ph in phases:
+                if name in results and base and f"{ph}_tokens_per_s" in base:
+                    results[name][f"{ph}_speedup"] = results[name][f"{ph}_tokens_per_s"] / base[f"{ph}_tokens_per_s"]
+        del pp_params
+
+    if "disagg" in parts and n >= 2:
+        def disagg_case():
+            half = n // 2
+            a, b = disagg.split_devices(half, half)
+            model = ji.Model(config=cfg, params=base_params)
+            dm = disagg.disaggregate(model, sh.make_mesh(tensor=half, devices=a), sh.make_mesh(tensor=half, devices=b))
+            B = args.disagg_batch
+            max_len = bucket(args.context + args.steps + 1, 128)
+            cache = sh.init_cache(cfg, B, max_len, dm.prefill_mesh, dtype=dtype)
+            cost = disagg.transfer_cost(cache, cfg, dm.decode_mesh, repeats=5)
+            prompts = _prompt(B, args.context, cfg.vocab_size)
+            disagg.generate(dm, prompts, max_new_tokens=args.steps, max_len=max_len, impl=args.impl)  # compiles
+            _, times = disagg.generate(dm, prompts, max_new_tokens=args.steps, max_len=max_len, impl=args.impl)
+            return {
+                "prefill_devices": half, "decode_devices": half, "batch": B, "max_len": max_len,
+                "cache_bytes": cost["bytes"], "transfer_median_s": cost["median_s"], "transfer_first_s": cost["first_s"],
+                "transfer_gbps": cost["gbps"], "generate_prefill_s": times.prefill_s,
+                "generate_transfer_s": times.transfer_s, "generate_decode_s": times.decode_s,
+                "transfer_vs_decode_step": times.transfer_s / (times.decode_s / args.steps),
+            }
+        case("disagg", disagg_case)
+
+    # Summary against the acceptance targets.
+    summary = {}
+    for t in (2, 4):
+        r = results.get(f"decode_b1_tp{t}")
+        if r and "speedup" in r:
+            summary[f"tp{t}_decode_b1"] = {"speedup": round(r["speedup"], 3), "target": TARGETS[f"tp{t}_decode_b1"]}
+    pp = [v for k, v in results.items() if k.startswith(f"throughput_b{args.pp_batch}_pp")]
+    if pp:
+        summary[f"pp{n}_throughput_b{args.pp_batch}"] = {
+            "best_prefill_speedup": round(max(v.get("prefill_speedup", 0) for v in pp), 3),
+            "best_decode_speedup": round(max(v.get("decode_speedup", 0) for v in pp), 3),
+            "target": TARGETS["pp4_throughput_b64"],
+        }
+    if "disagg" in results:
+        d = results["disagg"]
+        summary["disagg_transfer"] = {"bytes": d["cache_bytes"], "seconds": round(d["transfer_median_s"], 5),
+                                      "gbps": round(d["transfer_gbps"], 2)}
+    report["summary"] = summary
+    report["total_s"] = round(time.time() - T0, 1)
+    save()
+
+    print(f"\n{'case':34} {'result':>60}")
+    for name, r in results.items():
+        keys = [k for k in ("tokens_per_s", "speedup", "prefill_tokens_per_s", "prefill_speedup",
+                            "decode_tokens_per_s", "decode_speedup", "transfer_gbps", "transfer_median_s") if k in r]
+        print(f"{name:34} " + ", ".join(f"{k}={r[k]:.4g}" for k in keys))
+    for name, e in errors.items():
+        print(f"{name:34} ERROR {e[:200]}")
+    print(json.dumps({"summary": summary, "errors": list(errors), "devices": len(devices), "commit": commit}))
+
+
+if __name__ == "__main__":
+    main()
