@@ -10,35 +10,51 @@ from .cache import KVCache, PageAllocator, PagedKVCache, init_cache, init_paged_
 from .chat import chat, render_chat
 from .checkpoint import load
 from .config import ModelConfig
+from . import disagg, pipeline, sharding
 from .generate import GenerateResult, StreamChunk, decode_step, generate, prefill, stream
+from .memory import DoesNotFit, MemoryPlan, check_fits, memory_plan
 from .model import forward
 from .perplexity import perplexity
 from .params import abstract_params, init_params, param_axes, param_specs
 from .sampling import Sampling, sample
+from .sharding import ShardingRules, cache_shardings, make_mesh, param_shardings, shard_cache, shard_params
 
 __all__ = [
+    "abstract_params",
+    "cache_shardings",
+    "chat",
+    "check_fits",
+    "decode_step",
+    "disagg",
+    "DoesNotFit",
+    "forward",
+    "generate",
     "GenerateResult",
+    "init_cache",
+    "init_paged_cache",
+    "init_params",
     "KVCache",
+    "load",
+    "make_mesh",
+    "memory_plan",
+    "MemoryPlan",
     "Model",
     "ModelConfig",
     "PageAllocator",
     "PagedKVCache",
-    "Sampling",
-    "StreamChunk",
-    "abstract_params",
-    "chat",
-    "decode_step",
-    "forward",
-    "generate",
-    "init_cache",
-    "init_paged_cache",
-    "init_params",
-    "load",
     "param_axes",
+    "param_shardings",
     "param_specs",
     "perplexity",
+    "pipeline",
     "prefill",
     "render_chat",
     "sample",
+    "Sampling",
+    "shard_cache",
+    "shard_params",
+    "sharding",
+    "ShardingRules",
     "stream",
+    "StreamChunk",
 ]

@@ -15,6 +15,7 @@ import numpy as np
 from flax import struct
 
 from .config import ModelConfig
+from .memory import check_fits
 
 
 @struct.dataclass
@@ -106,10 +107,16 @@ class PagedKVCache:
         return self.replace(k_pages=k, v_pages=v)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty dense cache for `batch` sequences of up to `max_len` tokens."""
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, check_memory: bool = True) -> KVCache:
+    """An empty dense cache for `batch` sequences of up to `max_len` tokens.
+
+    Refuses early, naming the numbers, when the cache would not fit the device's free memory
+    (`check_memory=False` for callers that check per shard themselves).
+    """
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    if check_memory:
+        check_fits(config, batch, max_len, dtype, parts=("kv_cache",))
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 

@@ -327,8 +327,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=
     """An empty dense cache created directly in its shards."""
     from .cache import init_cache as _init
 
+    from .memory import check_fits, free_device_bytes
+
+    free, _ = free_device_bytes(mesh.devices.flat[0])
+    if free is not None:  # the cache is spread over the mesh: count every device's free memory
+        check_fits(config, batch, max_len, dtype, parts=("kv_cache",), available=free * mesh.size)
     shardings = cache_shardings(config, mesh, rules, batch=batch)
-    return jax.jit(lambda: _init(config, batch, max_len, dtype), out_shardings=shardings)()
+    return jax.jit(lambda: _init(config, batch, max_len, dtype, check_memory=False), out_shardings=shardings)()
 
 
 def init_cache_on(mesh: Mesh | None, config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
