@@ -42,7 +42,10 @@ def _resolve(impl, q, view) -> str:
     if impl == "xla" or jax.default_backend() != "gpu":
         return "xla"
     if impl == "auto":
-        impl = "pallas"
+        # Measured on an H200 (pallas_kernels/NOTES.md): cuDNN leads prefill, the Pallas split-K kernels
+        # lead decode from batch 16 up and cover the paged cache, which cuDNN does not read.
+        dense_prefill = q.shape[1] > 1 and isinstance(view, DenseView) and _cudnn_supports(q)
+        impl = "cudnn" if dense_prefill else "pallas"
     if impl == "pallas" and _pallas_supports(q, view):
         return "pallas"
     if impl == "cudnn" and isinstance(view, DenseView) and _cudnn_supports(q):
@@ -95,11 +98,10 @@ def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):
 
 
 def _pallas_supports(q, view) -> bool:
-    try:
-        import pallas_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return q.shape[-1] in (64, 128, 256) and q.dtype in (jnp.bfloat16, jnp.float16)
+    """Head dims the kernels take (powers of two, 16..256) and half-precision inputs of one dtype."""
+    H = q.shape[-1]
+    k = view.k if isinstance(view, DenseView) else view.k_pages
+    return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
 
 
 def _cudnn_supports(q) -> bool:
