@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
 
 MATMUL_IMPLS = ("auto", "xla", "pallas", "fp8")
@@ -35,6 +36,9 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     path that does not apply here falls back to `xla`.
     """
     out_dtype = out_dtype or x.dtype
+    if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
+        record(w, eq, x)
+        w = w.w
     if not isinstance(w, QArray):
         if _single_row(eq, x):
             return gemv(eq, x, w).astype(out_dtype)
@@ -55,6 +59,8 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
 
 def embed(table, tokens):
     """Rows of the embedding `table [V, D]` at integer `tokens`, in the table's (dequantized) dtype."""
+    if isinstance(table, Observed):
+        table = table.w
     if not isinstance(table, QArray):
         return jnp.take(table, tokens, axis=0)
     if table.ndim != 2 or table.reduce_axes != (-1,):

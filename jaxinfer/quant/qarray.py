@@ -199,8 +199,13 @@ def quantize_array(
     zero_point: bool = False,
     scale_dtype=None,
     logical_axes=None,
+    importance=None,
 ) -> QArray:
-    """Quantize float `w` along `reduce_axes` (the axes its matmuls contract)."""
+    """Quantize float `w` along `reduce_axes` (the axes its matmuls contract).
+
+    `importance` (int4 only; broadcastable to `w`, e.g. the mean square of the activations each input
+    channel sees, from `calibrate.activation_stats`) weights the error the int4 search minimises.
+    """
     reduce_axes = normalize_axes(reduce_axes, w.ndim)
     check_group(w.shape, reduce_axes, fmt, group_size)
     if zero_point and fmt != "int4":
@@ -214,31 +219,28 @@ def quantize_array(
         grouped = _split_group_axis(wf, reduce_axes[-1], group_size)  # [..., A/g, g, ...]
         stat_axes = (reduce_axes[-1],)  # the within-group axis (counted from the end, it keeps its number)
 
-    def stat(fn):
-        return fn(grouped, axis=stat_axes, keepdims=True)
+    act = None
+    if importance is not None:
+        act = jnp.broadcast_to(jnp.asarray(importance, jnp.float32), w.shape)
+        act = act if group_size is None else _split_group_axis(act, reduce_axes[-1], group_size)
 
     def amax():
         return jnp.max(jnp.abs(grouped), axis=stat_axes, keepdims=True)
 
     offsets = None
-    if fmt == "int4" and zero_point:
-        lo, hi = stat(jnp.min), stat(jnp.max)
-        scale = _round_scale((hi - lo) / 15.0, scale_dtype)
-        offset = lo.astype(scale_dtype).astype(jnp.float32)
-        codes = jnp.clip(jnp.round((grouped - offset) / scale), 0, 15)
-        offsets = offset
-    elif fmt == "int4":
-        # GGUF Q4_0's rule: the element of largest magnitude maps to code -8 exactly, using all 16 levels.
-        amax_idx = jnp.argmax(jnp.abs(grouped), axis=stat_axes[0], keepdims=True)
-        signed_max = jnp.take_along_axis(grouped, amax_idx, axis=stat_axes[0])
-        scale = _round_scale(signed_max / -8.0, scale_dtype)
-        codes = jnp.clip(jnp.round(grouped / scale), -8, 7) + INT4_CENTER
+    if fmt == "int4":
+        # The search reduces over each group many times: run it with the group axis innermost (contiguous).
+        last = lambda a: None if a is None else jnp.moveaxis(a, stat_axes[0], -1)
+        back = lambda a: None if a is None else jnp.moveaxis(a, -1, stat_axes[0])
+        if zero_point:
+            scale, offsets, codes = map(back, _int4_asymmetric(last(grouped), -1, scale_dtype, last(act)))
+        else:
+            scale, codes = map(back, _int4_symmetric(last(grouped), -1, scale_dtype, last(act)))
     elif fmt == "int8":
         scale = _round_scale(amax() / INT8_MAX, scale_dtype)
         codes = jnp.clip(jnp.round(grouped / scale), -INT8_MAX, INT8_MAX)
     else:  # fp8
-        scale = _round_scale(amax() / FP8_MAX, scale_dtype)
-        codes = jnp.clip(grouped / scale, -FP8_MAX, FP8_MAX)
+        scale, codes = _fp8_search(grouped, stat_axes, amax(), scale_dtype, act)
 
     if group_size is not None:
         codes = _merge_group_axis(codes, reduce_axes[-1])
@@ -268,6 +270,108 @@ def default_scale_dtype(fmt: str):
     """float16 for int4 (one scale per small group: 2 bytes matter, as in GGUF); float32 otherwise
     (one scale per output channel: negligible size)."""
     return jnp.dtype(jnp.float16 if fmt == "int4" else jnp.float32)
+
+
+# Searched scales. int4 has 16 levels: where the scale (and offset) sit matters, so both int4 quantizers
+# search: each candidate step gives codes by round-to-nearest, then (scale, offset) are refit to those
+# codes by weighted least squares, and the candidate with the least weighted squared error wins
+# (llama.cpp's make_qkx search). fp8 keeps ~2^-4 relative precision at any scale, but where its grid
+# falls depends on the scale: 8 scales over one octave are tried. The plain candidate (min/max, signed
+# max, amax/448) is always among them, so a search never does worse than it by its own measure.
+SEARCH_STEPS = 21  # int4 candidate steps: (15 or 8) + (-1.0, -0.9, ..., +1.0)
+FP8_STEPS = 8
+
+
+def _importance(w, axis, act):
+    """Per-element weights of the error, as llama.cpp weighs them: sqrt(group mean square + w^2), so the
+    search does not buy a lower mean error by clipping the large weights a model depends on; times the
+    activation mean square of the element's input channel where calibration data is given (imatrix)."""
+    imp = jnp.sqrt(jnp.mean(w * w, axis=axis, keepdims=True) + w * w)
+    return imp if act is None else imp * act
+
+
+def _sse(w, s, m, codes, axis, imp):
+    return jnp.sum(imp * jnp.square(codes * s + m - w), axis=axis, keepdims=True)
+
+
+def _search(n: int, first, candidate):
+    """Keep the lowest-error result among `first` and `candidate(i)` for i < n (error is the last item)."""
+
+    def body(i, best):
+        cand = candidate(i, best)
+        better = cand[-1] < best[-1]
+        return tuple(jnp.where(better, c, b) for c, b in zip(cand, best))
+
+    return jax.lax.fori_loop(0, n, body, first)
+
+
+def _int4_asymmetric(w, axis: int, scale_dtype, act=None):
+    """w ~ u * s + m, u in [0, 15], per group along `axis` (a within-group axis, keepdims stats)."""
+    imp = _importance(w, axis, act)
+    total = jnp.sum(imp, axis=axis, keepdims=True)
+    lo = jnp.min(w, axis=axis, keepdims=True)
+    hi = jnp.max(w, axis=axis, keepdims=True)
+    span = jnp.where(hi > lo, hi - lo, 1.0)
+    sum_w = jnp.sum(imp * w, axis=axis, keepdims=True)
+    plain = (span / 15.0, lo)
+
+    def candidate(i, best):  # codes for this step, then (s, m) refit to them; error before storage rounding
+        step = -1.0 + 0.1 * i.astype(jnp.float32)
+        u = jnp.clip(jnp.round((w - lo) * ((15.0 + step) / span)), 0, 15)
+        su, suu = jnp.sum(imp * u, axis, keepdims=True), jnp.sum(imp * u * u, axis, keepdims=True)
+        suw = jnp.sum(imp * u * w, axis, keepdims=True)
+        det = total * suu - su * su
+        s = (total * suw - su * sum_w) / jnp.where(det > 0, det, 1.0)
+        m = (sum_w - s * su) / total
+        ok = (det > 0) & (s > 0)
+        s, m = jnp.where(ok, s, best[0]), jnp.where(ok, m, best[1])
+        return s, m, _sse(w, s, m, u, axis, imp)
+
+    u0 = jnp.clip(jnp.round((w - lo) / plain[0]), 0, 15)
+    s, m, _ = _search(SEARCH_STEPS, (*plain, _sse(w, *plain, u0, axis, imp)), candidate)
+    # store-rounded scale and offset; final codes against them
+    s = _round_scale(s, scale_dtype)
+    m = m.astype(scale_dtype).astype(jnp.float32)
+    return s, m, jnp.clip(jnp.round((w - m) / s), 0, 15)
+
+
+def _int4_symmetric(w, axis: int, scale_dtype, act=None):
+    """w ~ (u - 8) * d, u in [0, 15]; d starts from GGUF Q4_0's rule (the signed largest magnitude maps
+    to -8, using all 16 levels) and is searched like the asymmetric case with the offset fixed at 0."""
+    idx = jnp.argmax(jnp.abs(w), axis=axis, keepdims=True)
+    signed_max = jnp.take_along_axis(w, idx, axis=axis)
+    signed_max = jnp.where(signed_max == 0, 1.0, signed_max)
+    imp = _importance(w, axis, act)
+
+    def candidate(i, best):
+        step = -1.0 + 0.1 * i.astype(jnp.float32)
+        q = jnp.clip(jnp.round(w * ((-8.0 - step) / signed_max)), -8, 7)
+        sqq = jnp.sum(imp * q * q, axis, keepdims=True)
+        d = jnp.sum(imp * q * w, axis, keepdims=True) / jnp.where(sqq > 0, sqq, 1.0)
+        d = jnp.where((sqq > 0) & (d != 0), d, best[0])
+        return d, _sse(w, d, 0.0, q, axis, imp)
+
+    d0 = signed_max / -8.0
+    q0 = jnp.clip(jnp.round(w / d0), -8, 7)
+    d, _ = _search(SEARCH_STEPS, (d0, _sse(w, d0, 0.0, q0, axis, imp)), candidate)
+    d = _round_scale(d, scale_dtype)
+    return d, jnp.clip(jnp.round(w / d), -8, 7) + INT4_CENTER
+
+
+def _fp8_search(w, axes, amax, scale_dtype, act):
+    """fp8 codes (as float32) and scale: 8 scales over one octave from amax/448, least weighted error."""
+    imp = jnp.sqrt(jnp.mean(w * w, axis=axes, keepdims=True) + w * w)
+    imp = imp if act is None else imp * act
+
+    def finish(s):
+        s = _round_scale(s, scale_dtype)
+        q = jnp.clip(w / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(jnp.float32)
+        return s, q, jnp.sum(imp * jnp.square(q * s - w), axis=axes, keepdims=True)
+
+    # Scales only grow from amax/448 (up to one octave), so the largest element never clips.
+    up = lambda i: 2.0 ** ((i + 1).astype(jnp.float32) / FP8_STEPS)
+    s, q, _ = _search(FP8_STEPS - 1, finish(amax / FP8_MAX), lambda i, best: finish(amax / FP8_MAX * up(i)))
+    return s, q
 
 
 def _round_scale(scale, scale_dtype):

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import ModelConfig
 from ..params import param_specs, is_spec
@@ -129,8 +130,11 @@ def selected_paths(params, recipe: Recipe) -> list[tuple[str, ...]]:
     return want
 
 
-def quantize(params, recipe: str | Recipe):
+def quantize(params, recipe: str | Recipe, importance: dict | None = None):
     """Return a new parameter tree with the leaves `recipe` selects replaced by `QArray`s.
+
+    `importance` (optional, from `calibrate.activation_stats`): per-input-channel activation mean squares
+    by tree path; int4 then minimises the error weighted by them (other formats ignore it).
 
     Works on concrete arrays (computed on the arrays' device, layer by layer for stacked leaves) and on
     abstract `jax.ShapeDtypeStruct` trees (shapes only). Errors: an unknown recipe, a tree that already
@@ -159,25 +163,48 @@ def quantize(params, recipe: str | Recipe):
             raise ValueError(f"leaf {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
         reduce = reduce_axes_for(path, axes)
         check_group(leaf.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
-        out.append(_quantize_leaf(leaf, recipe, reduce, axes))
+        imp = _importance_for(importance, path, leaf.shape, reduce, axes)
+        out.append(_quantize_leaf(leaf, recipe, reduce, axes, imp))
     return treedef.unflatten(out)
 
 
-def _quantize_leaf(leaf, recipe: Recipe, reduce, axes) -> QArray:
+def _importance_for(importance, path, shape, reduce, axes):
+    """The calibration entry for `path` ([layers,] contracted dims), shaped to broadcast against the leaf."""
+    if importance is None:
+        return None
+    node = importance
+    for key in path:
+        node = node.get(key) if isinstance(node, dict) else None
+    if node is None:
+        return None
+    ndim = len(shape)
+    target = tuple(d if (i == 0 and axes[0] == "layers") or i - ndim in reduce else 1 for i, d in enumerate(shape))
+    node = jnp.asarray(node, jnp.float32)
+    if int(np.prod(node.shape)) != int(np.prod(target)):
+        raise ValueError(f"importance for {'/'.join(path)} has shape {tuple(node.shape)}, expected {target}")
+    return node.reshape(target)
+
+
+def _quantize_leaf(leaf, recipe: Recipe, reduce, axes, importance=None) -> QArray:
     static = dict(fmt=recipe.format, reduce_axes=tuple(reduce), group_size=recipe.group_size,
                   zero_point=recipe.zero_point, scale_dtype=recipe.scales, logical_axes=tuple(axes))
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.eval_shape(functools.partial(quantize_array, **static), leaf)
     # Stacked leaves are quantized one layer at a time, so temporaries stay one layer big (axes are
     # negative, so the per-layer metadata is valid for the stack).
-    return _quantize_jit(leaf, stacked=axes[0] == "layers" and leaf.shape[0] > 1, **static)
+    stacked = axes[0] == "layers" and leaf.shape[0] > 1
+    return _quantize_jit(leaf, importance, stacked=stacked, **static)
 
 
 @functools.partial(jax.jit, static_argnames=("stacked", "fmt", "reduce_axes", "group_size", "zero_point",
                                              "scale_dtype", "logical_axes"))
-def _quantize_jit(w, *, stacked, **static):
-    fn = functools.partial(quantize_array, **static)
-    return jax.lax.map(fn, w) if stacked else fn(w)
+def _quantize_jit(w, importance, *, stacked, **static):
+    fn = lambda w, imp: quantize_array(w, importance=imp, **static)
+    if not stacked:
+        return fn(w, importance)
+    if importance is None:
+        return jax.lax.map(lambda w: fn(w, None), w)
+    return jax.lax.map(lambda args: fn(*args), (w, importance))
 
 
 def dequantize_tree(params, dtype=None):
