@@ -110,7 +110,10 @@ def memory_plan(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat1
 def free_device_bytes(device=None) -> tuple[int | None, str]:
     """(free bytes, description) of `device` (default: the first); host RAM for the CPU; None if unknown."""
     device = device or jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    try:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    except jax.errors.JaxRuntimeError:  # e.g. another process's device: its memory is not ours to read
+        stats = None
     if stats and "bytes_limit" in stats:
         limit, used = int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
         return limit - used, f"{device.device_kind} has {(limit - used) / GB:.2f} GB free of {limit / GB:.2f} GB"

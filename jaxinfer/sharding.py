@@ -329,7 +329,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=
 
     from .memory import check_fits, free_device_bytes
 
-    free, _ = free_device_bytes(mesh.devices.flat[0])
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    free, _ = free_device_bytes(local[0]) if local else (None, "")
     if free is not None:  # the cache is spread over the mesh: count every device's free memory
         check_fits(config, batch, max_len, dtype, parts=("kv_cache",), available=free * mesh.size)
     shardings = cache_shardings(config, mesh, rules, batch=batch)
