@@ -5,8 +5,10 @@ A plain weight times a single-row activation (batch-1 decode) goes through `gemv
 that reads the weight in place inside the layer scan (a dot there copies each layer's weight first).
 
 For a `QArray`, `matmul` picks one path per call shape and platform (all paths compute the same math):
-- `pallas`: a fused dequantize-matmul kernel for decode shapes (few rows) on the GPU
-  (`pallas_kernels.quant_matmul`), which streams the packed weight once;
+- `gemv` (one row, batch-1 decode): `gemv` over the dequantize expression; XLA fuses the dequantization
+  into the reduction, which reads the packed weight once and in place (also inside the layer scan);
+- `pallas`: a fused dequantize-matmul kernel for 2-64 rows on the GPU (`pallas_kernels.quant_matmul`),
+  which streams the packed weight once (inside the scan XLA first copies the layer's slice for it);
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
   (activations quantized per token on the fly);
 - `xla`: everywhere else, and always on the CPU. Per-channel int8/fp8 contract the raw codes and scale
@@ -24,9 +26,10 @@ import jax.numpy as jnp
 from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
 
-MATMUL_IMPLS = ("auto", "xla", "pallas", "fp8")
+MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
 FP8_MIN_ROWS = 256  # below this many rows (tokens), native fp8 loses to streaming the weight (decode)
-KERNEL_MAX_ROWS = 64  # the fused dequantize-matmul kernel serves decode batches up to this many rows
+KERNEL_MIN_ROWS = 2  # GPU rows in [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] take the fused Pallas kernel; one
+KERNEL_MAX_ROWS = 64  # row takes `gemv` over the dequantized weight (it reads the scanned slice in place)
 
 
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
@@ -49,11 +52,13 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w)
     if path == "pallas":
-        out = _pallas_matmul(spec, x, w)
-        if out is not None:
-            return out.astype(out_dtype)
+        return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
+    if path == "gemv":
+        # One row: the multiply + reduce of `gemv` with the dequantization fused into the reduction, so the
+        # packed weight is read once, in place (inside the layer scan too).
+        return gemv(eq, x, dequantize(w, jnp.float32)).astype(out_dtype)
     return xla_matmul(eq, x, w).astype(out_dtype)
 
 
@@ -94,14 +99,24 @@ def _parse(eq, x, w) -> _Spec:
 
 
 def _choose(impl: str, spec: _Spec, x, w: QArray) -> str:
+    """The path for this call: a forced `impl` where it applies (else `xla`), or by shape and platform."""
+    fp8_ok = w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
+    if impl == "gemv":
+        return "gemv" if spec.rows == 1 else "xla"
+    if impl == "pallas":
+        return "pallas" if _kernel_supports(spec, x, w) else "xla"
+    if impl == "fp8":
+        return "fp8" if fp8_ok else "xla"
     if impl == "xla":
         return "xla"
     on_gpu = jax.default_backend() == "gpu"
-    if impl in ("auto", "pallas") and (impl == "pallas" or on_gpu) and _kernel_supports(spec, x, w):
+    if on_gpu and KERNEL_MIN_ROWS <= spec.rows <= KERNEL_MAX_ROWS and x.dtype in (jnp.bfloat16, jnp.float16) \
+            and _kernel_supports(spec, x, w):
         return "pallas"
-    if w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted):
-        if impl == "fp8" or (impl == "auto" and on_gpu and spec.rows >= FP8_MIN_ROWS and _has_fp8_tensor_cores()):
-            return "fp8"
+    if spec.rows == 1:
+        return "gemv"
+    if on_gpu and fp8_ok and spec.rows >= FP8_MIN_ROWS and _has_fp8_tensor_cores():
+        return "fp8"
     return "xla"
 
 
@@ -230,23 +245,18 @@ def fp8_matmul(eq: str, x, w: QArray):
 def _kernel_supports(spec: _Spec, x, w: QArray) -> bool:
     """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order, and
     x's contracted letters trailing in the same order; few rows; groups a power of two >= 32."""
-    if spec.rows > KERNEL_MAX_ROWS or x.dtype not in (jnp.bfloat16, jnp.float16):
+    if spec.rows > KERNEL_MAX_ROWS:
         return False
     c = len(spec.contracted)
     if spec.w[:c] != spec.contracted or spec.x[-c:] != spec.contracted or set(spec.reduce_letters) != set(spec.contracted):
         return False
     if spec.out != spec.x[:-c] + spec.w[c:]:
         return False
-    if w.group_size is not None:
-        g = w.group_size
-        if g < 32 or g & (g - 1) or w.shape[w.group_axis] % g:
-            return False
     try:
         from pallas_kernels import quant_matmul as qm
     except ImportError:
         return False
-    n = math.prod(w.shape[c:])
-    return qm.supports(spec.rows, spec.k, n, w.fmt, w.group_size)
+    return qm.supports(spec.rows, spec.k, math.prod(w.shape[c:]), w.fmt, w.group_size)
 
 
 def _pallas_matmul(spec: _Spec, x, w: QArray):

@@ -1,0 +1,149 @@
+"""The quantization speed check on a GPU: every ratio against bf16 measured in the same process.
+
+    PYTHONPATH=. python3 -m jaxinfer.quant.speed --out $OUT [--budget 330]
+
+1. `pytest -m gpu tests/test_quant_kernels.py` in a child process (the kernels natively), log kept.
+2. `llama-3-8b` random bf16 weights, quantized on the device per recipe; decode per step (the library's
+   jitted `decode_step`, greedy feedback, context 1024) at batch 1 and 16 for bf16 / int8 / int4, then
+   path variants (the Pallas kernel at batch 1, XLA at batch 16) to show what each path is worth.
+3. Prefill of 4096 tokens, bf16 vs fp8 (native fp8 matmuls), cuDNN attention for both.
+Cases run in priority order until the time budget is spent; `<out>/quant_speed.json` is rewritten after
+each. Prints a table and ends with one JSON line. Uses the bench runner's timing (`jaxinfer.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_kernel_tests(out: Path, timeout: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
+           str(ROOT / "tests" / "test_quant_kernels.py")]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        log = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as e:
+        log = f"{e.stdout or ''}{e.stderr or ''}\nTIMED OUT after {timeout} s"
+    (out / "kernel_tests.log").write_text(log)
+    tail = [line for line in log.splitlines() if line.strip()][-3:]
+    return {"seconds": round(time.time() - t0, 1), "tail": tail}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxinfer.quant.speed")
+    p.add_argument("--out", default="quant_speed")
+    p.add_argument("--budget", type=float, default=330.0, help="seconds; no new case starts after this")
+    p.add_argument("--tests-timeout", type=int, default=120)
+    p.add_argument("--preset", default="llama-3-8b")
+    p.add_argument("--int4", default="int4", help="the int4 recipe (preset name)")
+    p.add_argument("--prefill", type=int, default=4096)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--skip-tests", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    report: dict = {"results": [], "skipped": []}
+    if not args.skip_tests:
+        report["kernel_tests"] = run_kernel_tests(out, args.tests_timeout)
+        print("kernel tests:", report["kernel_tests"], flush=True)
+
+    import jax
+    import jax.numpy as jnp
+
+    from .. import ops
+    from ..bench import runner
+    from ..config import ModelConfig
+    from . import quantize
+
+    dev = jax.devices()[0]
+    report["device"] = f"{dev.device_kind} ({jax.__version__})"
+    config = ModelConfig.from_preset(args.preset)
+    report["preset"] = args.preset
+    spec = lambda quant, impl="xla": runner.BenchSpec(config=config, name=args.preset, dtype="bfloat16",
+                                                     quant=quant, impl=impl, steps=args.steps,
+                                                     samples=args.samples)
+    trees = {"bf16": runner.build_params(config, jnp.bfloat16, 0)}
+    jax.block_until_ready(trees["bf16"])
+
+    def tree(name):
+        if name not in trees:
+            t0 = time.time()
+            trees[name] = jax.block_until_ready(quantize(trees["bf16"], name))
+            report.setdefault("quantize_s", {})[name] = round(time.time() - t0, 1)
+        return trees[name]
+
+    def save():
+        (out / "quant_speed.json").write_text(json.dumps(report, indent=1))
+
+    def case(label, recipe, phase, batch, length, kernel_rows=(2, 64), impl="xla"):
+        if time.time() - t_start > args.budget:
+            report["skipped"].append(label)
+            print("skipped (budget):", label, flush=True)
+            return
+        ops.KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = kernel_rows
+        t0 = time.time()
+        try:
+            params = tree(recipe)
+            s = spec(None if recipe == "bf16" else recipe, impl)
+            if phase == "prefill":
+                timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
+            else:
+                timing, seconds, _, _ = runner._time_decode(params, s, "decode", batch, length)
+            row = {"case": label, "recipe": recipe, "phase": phase, "batch": batch, "length": length,
+                   "ms": round(seconds * 1e3, 3), "tokens_per_s": round(batch * (length if phase == "prefill" else 1)
+                                                                        / seconds, 1),
+                   "spread": round(timing.spread, 3), "wall_s": round(time.time() - t0, 1)}
+        except Exception as e:  # one failing case must not lose the others
+            row = {"case": label, "error": f"{type(e).__name__}: {str(e)[:400]}", "wall_s": round(time.time() - t0, 1)}
+        finally:
+            ops.KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 2, 64
+        report["results"].append(row)
+        print(row, flush=True)
+        save()
+
+    int4 = args.int4
+    ctx = args.context
+    case("decode b1 bf16", "bf16", "decode", 1, ctx)
+    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx)
+    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx)
+    case("decode b16 bf16", "bf16", "decode", 16, ctx)
+    case(f"decode b16 {int4} (pallas)", int4, "decode", 16, ctx)
+    case("decode b16 int8 (pallas)", "int8", "decode", 16, ctx)
+    case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
+    case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
+    case(f"decode b1 {int4} (pallas)", int4, "decode", 1, ctx, kernel_rows=(1, 64))
+    case(f"decode b16 {int4} (xla)", int4, "decode", 16, ctx, kernel_rows=(2, 0))
+    case("decode b1 int8 (pallas)", "int8", "decode", 1, ctx, kernel_rows=(1, 64))
+    case("decode b1 fp8 (gemv)", "fp8", "decode", 1, ctx)
+
+    base = {(r["phase"], r["batch"]): r["ms"] for r in report["results"] if r.get("recipe") == "bf16" and "ms" in r}
+    print(f"\n{report['device']}")
+    for r in report["results"]:
+        if "ms" in r:
+            ratio = base.get((r["phase"], r["batch"]))
+            speed = f"{ratio / r['ms']:.2f}x bf16" if ratio else ""
+            print(f"{r['case']:34s} {r['ms']:9.3f} ms {r['tokens_per_s']:10.1f} tok/s  {speed}")
+        else:
+            print(f"{r['case']:34s} {r.get('error')}")
+    report["total_s"] = round(time.time() - t_start, 1)
+    save()
+    print(json.dumps({"device": report["device"], "results": [{k: r.get(k) for k in ("case", "ms", "error")}
+                                                            for r in report["results"]]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
