@@ -15,6 +15,7 @@ from .generate import GenerateResult, StreamChunk, decode_step, generate, prefil
 from .memory import DoesNotFit, MemoryPlan, check_fits, memory_plan
 from .model import forward
 from .perplexity import perplexity
+from .quant import QArray, Recipe, load_quantized, quantize, save_quantized
 from .params import abstract_params, init_params, param_axes, param_specs
 from .sampling import Sampling, sample
 from .sharding import ShardingRules, cache_shardings, make_mesh, param_shardings, shard_cache, shard_params
@@ -35,6 +36,7 @@ __all__ = [
     "init_params",
     "KVCache",
     "load",
+    "load_quantized",
     "make_mesh",
     "memory_plan",
     "MemoryPlan",
@@ -48,9 +50,13 @@ __all__ = [
     "perplexity",
     "pipeline",
     "prefill",
+    "QArray",
+    "quantize",
+    "Recipe",
     "render_chat",
     "sample",
     "Sampling",
+    "save_quantized",
     "shard_cache",
     "shard_params",
     "sharding",

@@ -23,6 +23,7 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", choices=["auto", "xla", "pallas", "cudnn"], help="attention implementation")
+    p.add_argument("--quant", default=None, help="quantize the weights after loading (a recipe such as int8, int4-g64, fp8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,12 @@ def _load(args):
 
     t0 = time.perf_counter()
     model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True)
-    print(f"loaded {model.name} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if args.quant:
+        from .quant import quantize
+
+        model = model.replace(params=quantize(model.params, args.quant))
+    print(f"loaded {model.name}{' (' + args.quant + ')' if args.quant else ''} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     return model
 
 
