@@ -235,6 +235,22 @@ def test_matmul_matches_float64_of_dequantized(eq, xs, ws, axes, fmt, group):
     assert rel < 1e-2
 
 
+@pytest.mark.parametrize("fmt,group,zp", [("int8", None, False), ("fp8", None, False), ("int4", 32, True),
+                                          ("int4", 64, False), ("int8", 32, False)])
+def test_single_row_gemv_path(fmt, group, zp):
+    """Batch-1 decode's path (`qgemv`: codes read in place, int4 bytes paired with their two activations)."""
+    rng = np.random.default_rng(11)
+    for eq, xs, ws, axes in EQUATIONS:
+        x = jnp.asarray(rng.standard_normal((1, 1, *xs[2:])), jnp.float32)
+        q = Q.quantize_array(jnp.asarray(rng.standard_normal(ws), jnp.float32), fmt, axes, group, zero_point=zp)
+        if jax.default_backend() != "gpu":
+            assert ops._choose("auto", ops._parse(eq, x, q), x, q) == "gemv"
+        ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(dequantize(q), np.float64))
+        out = np.asarray(ops.matmul(eq, x, q, jnp.float32, impl="gemv"), np.float64)
+        assert out.shape == ref.shape
+        assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max(), eq
+
+
 @pytest.mark.parametrize("eq,xs,ws,axes", EQUATIONS)
 def test_native_fp8_matmul_error_bound(eq, xs, ws, axes):
     """fp8 x fp8 (activations per token, weights per channel): relative error of a few e4m3 ulps."""
