@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .cache import DenseView, PagedView
+from .cache import DenseView, PagedView, QuantDenseView
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
 MASK_VALUE = -1e30  # large finite negative: a fully masked row never turns into NaN
@@ -27,6 +27,8 @@ def check_impl(impl: str) -> str:
 def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla"):
     """Causal attention of `q [B,T,N,H]` at `q_positions [B,T]` over cached keys `< kv_lengths [B]`."""
     check_impl(impl)
+    if isinstance(view, QuantDenseView):  # int8 / fp8 cache: the XLA path reads the codes (no kernel yet)
+        return quantized_attention(q, view, q_positions, kv_lengths, sliding_window=sliding_window)
     chosen = _resolve(impl, q, view)
     if chosen == "pallas":
         return per_shard(_pallas, q, view, q_positions, kv_lengths, sliding_window)
@@ -173,6 +175,27 @@ def xla_attention(q, k, v, q_positions, kv_lengths, *, sliding_window=None):
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def quantized_attention(q, view: QuantDenseView, q_positions, kv_lengths, *, sliding_window=None):
+    """`xla_attention` over an int8 / fp8 cache, written from the math: scores = (q . k_codes) * k_scale,
+    out = sum_s (p * v_scale) v_codes. The codes go into the products as they are (no dequantized copy);
+    the per-token, per-head scales multiply the scores and the probabilities."""
+    B, T, N, H = q.shape
+    S, K = view.k.shape[1], view.k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, view.k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores * (jnp.transpose(view.k_scale, (0, 2, 1))[:, :, None, None, :] * (1.0 / H**0.5))
+    kpos = jnp.arange(S)[None, None, :]
+    qpos = q_positions[:, :, None]
+    mask = (kpos <= qpos) & (kpos < kv_lengths[:, None, None])  # [B, T, S]
+    if sliding_window:
+        mask = mask & (qpos - kpos < sliding_window)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1) * jnp.transpose(view.v_scale, (0, 2, 1))[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(q.dtype), view.v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 

@@ -107,17 +107,84 @@ class PagedKVCache:
         return self.replace(k_pages=k, v_pages=v)
 
 
+KV_QUANT_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}  # code range of each quantized cache dtype
+
+
+@struct.dataclass
+class QuantDenseView:
+    """One layer of a quantized dense cache: codes k, v `[B, S, K, H]` (int8 or float8_e4m3fn) and their
+    per-token, per-head scales `[B, S, K]` (float32): key = k * k_scale[..., None]."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+
+
+@struct.dataclass
+class QuantKVCache:
+    """Dense cache with int8 / fp8 (e4m3) keys and values: codes `[L, B, S, K, H]`, scales `[L, B, S, K]`
+    (one per token per kv head, absmax / code range), lengths `[B]`. `init_cache` makes one when asked
+    for an int8 or float8_e4m3fn cache; attention reads the codes and applies the scales (`QuantDenseView`)."""
+
+    k: jax.Array
+    v: jax.Array
+    k_scale: jax.Array
+    v_scale: jax.Array
+    lengths: jax.Array
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def view(self, layer) -> QuantDenseView:
+        return QuantDenseView(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
+
+    def write(self, layer, k_new, v_new, positions, valid) -> "QuantKVCache":
+        """Quantize k/v `[B, T, K, H]` per token and head, store codes and scales where `valid`."""
+        B, T = positions.shape
+        pos = jnp.where(valid, positions, self.max_len)  # out of bounds: dropped
+        b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        kc, ks = quantize_kv(k_new, self.k.dtype)
+        vc, vs = quantize_kv(v_new, self.v.dtype)
+        return self.replace(
+            k=self.k.at[layer, b, pos].set(kc, mode="drop"),
+            v=self.v.at[layer, b, pos].set(vc, mode="drop"),
+            k_scale=self.k_scale.at[layer, b, pos].set(ks, mode="drop"),
+            v_scale=self.v_scale.at[layer, b, pos].set(vs, mode="drop"),
+        )
+
+
+def quantize_kv(x, dtype):
+    """x `[..., H]` -> (codes `[..., H]` in `dtype`, float32 scales `[...]`): absmax per vector."""
+    top = KV_QUANT_MAX[jnp.dtype(dtype).name]
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    q = jnp.clip(xf / scale[..., None], -top, top)
+    return (jnp.round(q) if jnp.issubdtype(dtype, jnp.integer) else q).astype(dtype), scale
+
+
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, check_memory: bool = True) -> KVCache:
     """An empty dense cache for `batch` sequences of up to `max_len` tokens.
 
     Refuses early, naming the numbers, when the cache would not fit the device's free memory
-    (`check_memory=False` for callers that check per shard themselves).
+    (`check_memory=False` for callers that check per shard themselves). An int8 or float8_e4m3fn `dtype`
+    gives a `QuantKVCache` (codes plus a float32 scale per token and kv head).
     """
     if batch < 1 or max_len < 1:
         raise ValueError(f"init_cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
     if check_memory:
         check_fits(config, batch, max_len, dtype, parts=("kv_cache",))
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    if jnp.dtype(dtype).name in KV_QUANT_MAX:
+        ones = lambda: jnp.ones(shape[:-1], jnp.float32)
+        return QuantKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), k_scale=ones(), v_scale=ones(),
+                            lengths=jnp.zeros((batch,), jnp.int32))
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
 
 
