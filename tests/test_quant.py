@@ -152,7 +152,7 @@ def test_bits_and_bytes():
 # quantize on trees
 
 
-@pytest.mark.parametrize("recipe", ["int8", "fp8", "int4-g32", "int4-g64"])
+@pytest.mark.parametrize("recipe", ["int8", "fp8", "int4-g32"])
 def test_quantize_tree_and_abstract_tree_agree(params, recipe):
     qp = Q.quantize(params, recipe)
     for name in Q.LAYER_MATRICES:
@@ -318,7 +318,7 @@ def test_generate_on_quantized_tree(params):
 
 def test_save_and_load_round_trip(params, tmp_path):
     bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    tree = Q.quantize(bf, Q.Recipe("int4", 32, zero_point=True, embed=True))
+    tree = Q.quantize(bf, Q.Recipe("int4", 32, zero_point=True, matrices=("o", "w_down", "q", "k"), embed=True))
     tree["layers"] = {**tree["layers"], **{k: v for k, v in Q.quantize(bf, "fp8")["layers"].items() if k in ("q", "k")}}
     path = Q.save_quantized(tmp_path / "p.safetensors", tree, config=CONFIG, recipe="int4-g32")
     loaded, config = Q.load_quantized(path)

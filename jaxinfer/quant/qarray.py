@@ -201,6 +201,36 @@ def quantize_array(
     logical_axes=None,
     importance=None,
 ) -> QArray:
+    """Quantize float `w` along `reduce_axes` (the axes its matmuls contract); see `_quantize_array`.
+    Jitted per shape and format (the scale searches are loops), so eager calls stay cheap."""
+    return _quantize_array_jit(
+        w, importance, fmt=fmt, reduce_axes=tuple(reduce_axes), group_size=group_size, zero_point=zero_point,
+        scale_dtype=None if scale_dtype is None else jnp.dtype(scale_dtype).name,
+        logical_axes=None if logical_axes is None else tuple(logical_axes),
+    )
+
+
+def _quantize_array_jit_impl(w, importance, **static):
+    return _quantize_array(w, importance=importance, **static)
+
+
+_quantize_array_jit = jax.jit(
+    _quantize_array_jit_impl,
+    static_argnames=("fmt", "reduce_axes", "group_size", "zero_point", "scale_dtype", "logical_axes"),
+)
+
+
+def _quantize_array(
+    w,
+    fmt: str,
+    reduce_axes,
+    group_size: int | None = None,
+    *,
+    zero_point: bool = False,
+    scale_dtype=None,
+    logical_axes=None,
+    importance=None,
+) -> QArray:
     """Quantize float `w` along `reduce_axes` (the axes its matmuls contract).
 
     `importance` (int4 only; broadcastable to `w`, e.g. the mean square of the activations each input

@@ -25,6 +25,7 @@ from ..params import param_specs, is_spec
 from .qarray import FORMATS, QArray, check_group, default_scale_dtype, is_qarray, normalize_axes, quantize_array
 
 LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")
+PER_LAYER_ABOVE = 1 << 26  # elements: stacked leaves larger than this are quantized layer by layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,12 +188,12 @@ def _importance_for(importance, path, shape, reduce, axes):
 
 def _quantize_leaf(leaf, recipe: Recipe, reduce, axes, importance=None) -> QArray:
     static = dict(fmt=recipe.format, reduce_axes=tuple(reduce), group_size=recipe.group_size,
-                  zero_point=recipe.zero_point, scale_dtype=recipe.scales, logical_axes=tuple(axes))
+                  zero_point=recipe.zero_point, scale_dtype=recipe.scales.name, logical_axes=tuple(axes))
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.eval_shape(functools.partial(quantize_array, **static), leaf)
-    # Stacked leaves are quantized one layer at a time, so temporaries stay one layer big (axes are
-    # negative, so the per-layer metadata is valid for the stack).
-    stacked = axes[0] == "layers" and leaf.shape[0] > 1
+    # Large stacked leaves are quantized one layer at a time, so temporaries stay one layer big (axes are
+    # negative, so the per-layer metadata is valid for the stack); small ones at once (faster on a CPU).
+    stacked = axes[0] == "layers" and leaf.shape[0] > 1 and int(np.prod(leaf.shape)) > PER_LAYER_ABOVE
     return _quantize_jit(leaf, importance, stacked=stacked, **static)
 
 
