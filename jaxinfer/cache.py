@@ -35,6 +35,13 @@ class PagedView:
     block_table: jax.Array
 
 
+def dense_slots(positions, valid, max_len):
+    """(batch index, position) `[B, T]` scatter indices into a dense cache; invalid tokens point past the
+    end (`max_len`), so a `mode="drop"` scatter skips them."""
+    B, T = positions.shape
+    return jnp.broadcast_to(jnp.arange(B)[:, None], (B, T)), jnp.where(valid, positions, max_len)
+
+
 @struct.dataclass
 class KVCache:
     """Dense cache: k, v `[L, B, S, K, H]`; lengths `[B]` int32 = valid cached tokens per sequence."""
@@ -56,10 +63,7 @@ class KVCache:
 
     def write(self, layer, k_new, v_new, positions, valid) -> "KVCache":
         """Store k/v `[B, T, K, H]` of one layer at `positions [B, T]` where `valid [B, T]`."""
-        B, T = positions.shape
-        S = self.max_len
-        pos = jnp.where(valid, positions, S)  # S is out of bounds: dropped
-        b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        b, pos = dense_slots(positions, valid, self.max_len)
         k = self.k.at[layer, b, pos].set(k_new.astype(self.k.dtype), mode="drop")
         v = self.v.at[layer, b, pos].set(v_new.astype(self.v.dtype), mode="drop")
         return self.replace(k=k, v=v)
@@ -146,9 +150,7 @@ class QuantKVCache:
 
     def write(self, layer, k_new, v_new, positions, valid) -> "QuantKVCache":
         """Quantize k/v `[B, T, K, H]` per token and head, store codes and scales where `valid`."""
-        B, T = positions.shape
-        pos = jnp.where(valid, positions, self.max_len)  # out of bounds: dropped
-        b = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+        b, pos = dense_slots(positions, valid, self.max_len)
         kc, ks = quantize_kv(k_new, self.k.dtype)
         vc, vs = quantize_kv(v_new, self.v.dtype)
         return self.replace(
