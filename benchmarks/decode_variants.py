@@ -82,12 +82,14 @@ def weights_scan(mm, config):
 
 @contextlib.contextmanager
 def choices(weights: str, attention: str = "reduce", partials: int | None = None):
-    """Force the weight-product and one-query attention paths while a fresh jit traces."""
-    saved = ops._single_row, ops.gemv, ops.GEMV_PARTIALS, attn._one_query
+    """Force the weight-product and one-query attention paths while a fresh jit traces. `weights`:
+    `kernel` (the Pallas weight kernel, the default on a GPU), `einsum`, `gemv1`, `gemv-nosplit`, `gemv`."""
+    saved = ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query
+    ops.PLAIN_KERNEL = weights == "kernel"
     if partials is not None:
         ops.GEMV_PARTIALS = partials
     if weights == "einsum":
-        ops._single_row = lambda eq, x: False
+        ops.gemv = lambda eq, x, w: jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     elif weights == "gemv1":
         ops.gemv = ops._gemv_general
     elif weights == "gemv-nosplit":
@@ -99,7 +101,7 @@ def choices(weights: str, attention: str = "reduce", partials: int | None = None
     try:
         yield
     finally:
-        ops._single_row, ops.gemv, ops.GEMV_PARTIALS, attn._one_query = saved
+        ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query = saved
 
 
 def main(argv=None) -> int:

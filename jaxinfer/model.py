@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from . import attention, ops
 from .config import ModelConfig, rope_inv_freq
+from .params import LAYER_MATRICES
 
 
 def rms_norm(x, weight, eps):
@@ -78,13 +79,24 @@ def step_inputs(cache, tokens, lengths, config: ModelConfig):
     return lengths, positions, valid, kv_lengths, rope_tables(config, positions)
 
 
+def layer_view(layer_params, i):
+    """Layer `i` of the stacked `layer_params`: weight matrices as `ops.LayerOf` (kernels read the layer
+    in place; other paths slice it), norms and biases sliced."""
+    take = lambda a: jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, i, 0, keepdims=False), a)
+    return {name: ops.LayerOf(a, i) if name in LAYER_MATRICES else take(a) for name, a in layer_params.items()}
+
+
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
     """The stacked layers `layer_params` (leading axis) over `x [B, T, D]` with `lax.scan`; layer i reads
-    and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced)."""
+    and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced).
+
+    The scan runs over layer numbers and the body picks its layer from the whole stacked weights
+    (`layer_view`) rather than scanning over the weights: a scanned slice reaches a kernel as a copy."""
 
     def layer_step(carry, xs):
         x, cache = carry
-        p, layer = xs
+        i, layer = xs
+        p = layer_view(layer_params, i)
         h, cache = attention_block(
             p, rms_norm(x, p["attn_norm"], config.norm_eps), cache, layer, rope, positions, valid, kv_lengths,
             config, impl,
@@ -93,7 +105,8 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
         x = x + mlp_block(p, rms_norm(x, p["mlp_norm"], config.norm_eps))
         return (x, cache), None
 
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (layer_params, layer_ids))
+    local = jnp.arange(layer_ids.shape[0], dtype=jnp.int32)
+    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (local, layer_ids))
     return x, cache
 
 

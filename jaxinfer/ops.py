@@ -1,24 +1,28 @@
 """The one matmul entry: every weight product in the model goes through `matmul`; embedding lookups
 through `embed`. Both take a plain array or a `QArray`, so `model.py` never branches on weight format.
 
-A plain weight times a single-row activation (batch-1 decode) goes through `gemv`, a multiply + reduce
-that reads the weight in place inside the layer scan (a dot there copies each layer's weight first).
+Inside the layer scan the model hands each matrix over as `LayerOf(stacked, layer)`: the whole stacked
+`[L, ...]` weight and the layer index, not a slice. XLA feeds a dot (or any kernel) with a materialised
+copy of a dynamic slice, so a decode step would read, write and read every weight again; the Pallas
+kernel (`pallas_kernels.weight_matmul`) instead indexes the layer itself and streams it once. Paths that
+cannot take the stacked form slice it first (`LayerOf.take`), as a reduction fusion reads a slice in place.
 
-For a `QArray`, `matmul` picks one path per call shape and platform (all paths compute the same math):
-- `gemv` (one row, batch-1 decode): `gemv` over the dequantize expression; XLA fuses the dequantization
-  into the reduction, which reads the packed weight once and in place (also inside the layer scan);
-- `pallas`: a fused dequantize-matmul kernel for 2-64 rows on the GPU (`pallas_kernels.quant_matmul`),
-  which streams the packed weight once (inside the scan XLA first copies the layer's slice for it);
+Paths (all compute the same math, float32 accumulation):
+- `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
+  as `LayerOf` and quantized ones in any form; not under a mesh with sharded axes (XLA partitions there);
+- `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
+  slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
   (activations quantized per token on the fly);
-- `xla`: everywhere else, and always on the CPU. Per-channel int8/fp8 contract the raw codes and scale
-  the output per channel; grouped and offset formats dequantize the weight first.
-Accumulation is float32 throughout.
+- `xla`: everywhere else, and always on the CPU. Plain weights: einsum. Per-channel int8/fp8 contract the
+  raw codes and scale the output per channel; grouped and offset formats dequantize the weight first.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,35 +33,60 @@ from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
 MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
 FP8_MIN_ROWS = 256  # below this many rows (tokens), native fp8 loses to streaming the weight (decode)
 FP8_OUT_NARROW = True  # native fp8 dots return the activation dtype (bf16), not float32
-KERNEL_MIN_ROWS = 2  # GPU rows in [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] take the fused Pallas kernel; one
-KERNEL_MAX_ROWS = 64  # row takes `gemv` over the dequantized weight (it reads the scanned slice in place)
+KERNEL_MIN_ROWS = 1  # GPU products with [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] rows take the Pallas kernel
+KERNEL_MAX_ROWS = 64  # (`auto`); quantized weights from QUANT_KERNEL_MIN_ROWS rows
+QUANT_KERNEL_MIN_ROWS = 1
+PLAIN_KERNEL = True  # plain stacked weights take the kernel (False: the XLA paths, for comparisons)
+
+
+@dataclass(frozen=True)
+class LayerOf:
+    """Layer `index` (int32 scalar) of `stacked`, a weight (array, `QArray` or `Observed`) with a leading
+    layer axis, not yet sliced. Built inside the scan body; never a pytree leaf of the parameters."""
+
+    stacked: Any
+    index: jax.Array
+
+    def take(self):
+        """The layer's slice of every array in the weight."""
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False),
+                            self.stacked)
+
+    def shape_view(self):
+        """The layer's weight as shapes only (same type: array or QArray), for choosing a path."""
+        return jax.eval_shape(lambda s: jax.tree.map(lambda a: a[0], s), self.stacked)
 
 
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype).
 
-    `w` is a plain array or a `QArray`. `impl` forces a path for a `QArray` (tests, benchmarks); a forced
-    path that does not apply here falls back to `xla`.
+    `w` is a plain array, a `QArray`, or either as `LayerOf` (one layer of a stacked weight). `impl`
+    forces a path (tests, benchmarks); a forced path that does not apply here falls back to `xla`
+    (`gemv` for one row of a plain weight).
     """
     out_dtype = out_dtype or x.dtype
+    if impl not in MATMUL_IMPLS:
+        raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
+    layer = None
+    if isinstance(w, LayerOf):
+        one = w.shape_view()
+        if not isinstance(w.stacked, Observed) and _choose(impl, _parse(eq, x, one), x, one, stacked=True) == "pallas":
+            return _pallas_matmul(_parse(eq, x, one), x, w.stacked, w.index).astype(out_dtype)
+        w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
         w = w.w
-    if not isinstance(w, QArray):
-        if _single_row(eq, x):
-            return gemv(eq, x, w).astype(out_dtype)
-        out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return out.astype(out_dtype)
-    if impl not in MATMUL_IMPLS:
-        raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
     spec = _parse(eq, x, w)
-    path = _choose(impl, spec, x, w)
+    path = _choose(impl, spec, x, w, stacked=False)
     if path == "pallas":
-        return _pallas_matmul(spec, x, w).astype(out_dtype)
+        return _pallas_matmul(spec, x, w, layer).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
-        return qgemv(eq, x, w).astype(out_dtype)
+        return (qgemv(eq, x, w) if isinstance(w, QArray) else gemv(eq, x, w)).astype(out_dtype)
+    if not isinstance(w, QArray):
+        out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return out.astype(out_dtype)
     return xla_matmul(eq, x, w).astype(out_dtype)
 
 
@@ -79,16 +108,17 @@ def embed(table, tokens):
 
 
 class _Spec:
-    """A parsed `x,w->out` einsum with the weight's contracted letters."""
+    """A parsed `x,w->out` einsum with the weight's contracted letters (w: array, QArray or their shapes)."""
 
-    def __init__(self, eq: str, x, w: QArray):
+    def __init__(self, eq: str, x, w):
         lhs, out = eq.replace(" ", "").split("->")
         xs, ws = lhs.split(",")
-        if "." in eq or len(xs) != x.ndim or len(ws) != w.ndim:
+        if "." in eq or len(xs) != x.ndim or len(ws) != len(w.shape):
             raise ValueError(f"matmul equation {eq!r} does not fit x {x.shape} and w {w.shape}")
         self.eq, self.x, self.w, self.out = eq, xs, ws, out
         self.contracted = "".join(c for c in ws if c not in out)
-        self.reduce_letters = "".join(ws[a] for a in w.reduce_axes)
+        reduce_axes = w.reduce_axes if isinstance(w, QArray) else ()
+        self.reduce_letters = "".join(ws[a] for a in reduce_axes)
         self.rows = math.prod(d for c, d in zip(xs, x.shape) if c not in ws)
         self.k = math.prod(d for c, d in zip(ws, w.shape) if c in self.contracted)
 
@@ -97,26 +127,37 @@ def _parse(eq, x, w) -> _Spec:
     return _Spec(eq, x, w)
 
 
-def _choose(impl: str, spec: _Spec, x, w: QArray) -> str:
-    """The path for this call: a forced `impl` where it applies (else `xla`), or by shape and platform."""
-    fp8_ok = w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
+def _choose(impl: str, spec: _Spec, x, w, *, stacked: bool = False) -> str:
+    """The path for this call: a forced `impl` where it applies (else `xla`, or `gemv` for one row of a
+    plain weight), or by shape, format and platform. `stacked`: w is one layer of a stacked weight."""
+    quantized = isinstance(w, QArray)
+    fp8_ok = quantized and w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
+    fallback = "gemv" if spec.rows == 1 and not quantized else "xla"
     if impl == "gemv":
         return "gemv" if spec.rows == 1 else "xla"
     if impl == "pallas":
-        return "pallas" if _kernel_supports(spec, x, w) else "xla"
+        return "pallas" if _kernel_supports(spec, x, w) else fallback
     if impl == "fp8":
         return "fp8" if fp8_ok else "xla"
     if impl == "xla":
         return "xla"
     on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and KERNEL_MIN_ROWS <= spec.rows <= KERNEL_MAX_ROWS and x.dtype in (jnp.bfloat16, jnp.float16) \
-            and _kernel_supports(spec, x, w):
+    first = QUANT_KERNEL_MIN_ROWS if quantized else KERNEL_MIN_ROWS
+    wants_kernel = quantized or (stacked and PLAIN_KERNEL)  # plain weights only lose the copy in the scan
+    if on_gpu and wants_kernel and first <= spec.rows <= KERNEL_MAX_ROWS and x.dtype in (jnp.bfloat16, jnp.float16) \
+            and _unsharded() and _kernel_supports(spec, x, w):
         return "pallas"
     if spec.rows == 1:
         return "gemv"
     if on_gpu and fp8_ok and spec.rows >= FP8_MIN_ROWS and _has_fp8_tensor_cores():
         return "fp8"
     return "xla"
+
+
+def _unsharded() -> bool:
+    """No mesh axis larger than one that XLA partitions automatically: a kernel sees whole arrays."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or all(n == 1 for a, n in mesh.shape.items() if a not in mesh.manual_axes)
 
 
 def _has_fp8_tensor_cores() -> bool:
@@ -140,12 +181,6 @@ def _squeezed(a, w: QArray):
 
 # --------------------------------------------------------------------------------------------------------
 # XLA paths
-
-
-def _single_row(eq: str, x) -> bool:
-    """True when x has one row: every letter of x that w lacks has size 1 (batch-1 decode)."""
-    xs, ws = eq.replace(" ", "").split("->")[0].split(",")
-    return math.prod(d for c, d in zip(xs, x.shape) if c not in ws) == 1
 
 
 GEMV_PARTIALS = 1 << 14  # split-K target: partial sums per product (H200: 2^14 > 2^17 > 2^19, BENCHMARKS.md)
@@ -284,33 +319,42 @@ def fp8_matmul(eq: str, x, w: QArray):
 # Fused kernel path (GPU decode)
 
 
-def _kernel_supports(spec: _Spec, x, w: QArray) -> bool:
+def _kernel_supports(spec: _Spec, x, w) -> bool:
     """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order, and
-    x's contracted letters trailing in the same order; few rows; groups a power of two >= 32."""
-    if spec.rows > KERNEL_MAX_ROWS:
-        return False
+    x's contracted letters trailing in the same order; few rows; groups a power of two >= 32; plain
+    weights in the activations' dtype."""
     c = len(spec.contracted)
-    if spec.w[:c] != spec.contracted or spec.x[-c:] != spec.contracted or set(spec.reduce_letters) != set(spec.contracted):
+    if spec.w[:c] != spec.contracted or spec.x[-c:] != spec.contracted or spec.out != spec.x[:-c] + spec.w[c:]:
         return False
-    if spec.out != spec.x[:-c] + spec.w[c:]:
-        return False
+    if isinstance(w, QArray):
+        fmt, group = w.fmt, w.group_size
+        if set(spec.reduce_letters) != set(spec.contracted):
+            return False
+    else:
+        fmt, group = "plain", None
+        if w.dtype != x.dtype:
+            return False
     try:
-        from pallas_kernels import quant_matmul as qm
+        from pallas_kernels import weight_matmul as wm
     except ImportError:
         return False
-    return qm.supports(spec.rows, spec.k, math.prod(w.shape[c:]), w.fmt, w.group_size)
+    return wm.supports(spec.rows, spec.k, math.prod(w.shape[c:]), fmt, group)
 
 
-def _pallas_matmul(spec: _Spec, x, w: QArray):
-    from pallas_kernels import quant_matmul as qm
+def _pallas_matmul(spec: _Spec, x, w, layer=None):
+    """The kernel on x and w (array or QArray), w with a leading layer axis when `layer` is given."""
+    from pallas_kernels import weight_matmul as wm
 
     c = len(spec.contracted)
-    K, N = spec.k, math.prod(w.shape[c:])
-    x2 = x.reshape(-1, K)
-    # Flatten to [K(/2), N]: contracted axes lead, groups run within the last contracted axis, so the
+    lead = () if layer is None else (w.values.shape[0] if isinstance(w, QArray) else w.shape[0],)
+    one = w.values.shape[len(lead):] if isinstance(w, QArray) else w.shape[len(lead):]
+    N = math.prod(one[c:])
+    flat = lambda a: None if a is None else a.reshape(*lead, -1, N)
+    # Flatten to [(L,) K(/2), N]: contracted axes lead, groups run within the last contracted axis, so the
     # flattened rows keep their group order (a group never crosses the boundary of a leading axis).
-    values = w.values.reshape(-1, N)
-    scales = w.scales.reshape(-1, N)
-    offsets = None if w.offsets is None else w.offsets.reshape(-1, N)
-    out = qm.quant_matmul(x2, values, scales, offsets, fmt=w.fmt, group_size=w.group_size)
-    return out.reshape(*x.shape[:-c], *w.shape[c:])
+    if isinstance(w, QArray):
+        args, fmt, group = (flat(w.values), flat(w.scales), flat(w.offsets)), w.fmt, w.group_size
+    else:
+        args, fmt, group = (flat(w), None, None), "plain", None
+    out = wm.weight_matmul(x.reshape(-1, spec.k), *args, layer, fmt=fmt, group_size=group)
+    return out.reshape(*x.shape[:-c], *one[c:])

@@ -17,6 +17,9 @@ import numpy as np
 from .config import ModelConfig
 
 
+LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")  # the weight matrices of each layer
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """Shape and logical axis names of one parameter leaf; `kind` chooses its random init."""

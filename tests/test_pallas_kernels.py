@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.weight_matmul import weight_matmul
 from pallas_kernels import (decode_attention, decode_attention_reference, flash_attention,
                             flash_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
@@ -410,6 +411,13 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (paged_decode_attention,
        (sds((3, 28, 64), bf16), sds((50, 16, 4, 64), bf16), sds((50, 16, 4, 64), bf16)),
        dict(block_table=sds((3, 10), i32), lengths=sds((3,), i32))),
+      (functools.partial(weight_matmul, fmt="plain", group_size=None, interpret=False),  # one layer of a stacked weight
+       (sds((1, 4096), bf16), sds((4, 4096, 1024), bf16)), dict(layer=sds((), i32))),
+      (functools.partial(weight_matmul, fmt="int4", group_size=64, interpret=False),
+       (sds((48, 1024), bf16), sds((2, 512, 256), jnp.uint8), sds((2, 16, 256), jnp.float32),
+        sds((2, 16, 256), jnp.float32)), dict(layer=sds((), i32))),
+      (functools.partial(weight_matmul, fmt="int8", group_size=None, interpret=False),
+       (sds((128, 512), bf16), sds((512, 256), jnp.int8), sds((1, 256), jnp.float32)), {}),
   ]
   for fn, args, kwargs in cases:
     text = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()

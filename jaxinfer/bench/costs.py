@@ -16,9 +16,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..memory import leaf_bytes
-from ..params import is_spec, param_specs
-
-LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")
+from ..params import LAYER_MATRICES, is_spec, param_specs
 
 
 def dtype_bytes(dtype) -> int:

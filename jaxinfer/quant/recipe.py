@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig
-from ..params import param_specs, is_spec
+from ..params import LAYER_MATRICES, is_spec, param_specs
 from .qarray import FORMATS, QArray, check_group, default_scale_dtype, is_qarray, normalize_axes, quantize_array
 
-LAYER_MATRICES = ("q", "k", "v", "o", "w_gate", "w_up", "w_down")
 PER_LAYER_ABOVE = 1 << 26  # elements: stacked leaves larger than this are quantized layer by layer
 
 

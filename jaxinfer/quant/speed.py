@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 -m jaxinfer.quant.speed --out $OUT [--budget 330]
 
-1. `pytest -m gpu tests/test_quant_kernels.py` in a child process (the kernels natively), log kept.
+1. `pytest -m gpu tests/test_weight_matmul.py` in a child process (the kernels natively), log kept.
 2. `llama-3-8b` random bf16 weights, quantized on the device per recipe; decode per step (the library's
    jitted `decode_step`, greedy feedback, context 1024) at batch 1 and 16 for bf16 / int8 / int4, then
    path variants (the Pallas kernel at batch 1, XLA at batch 16) to show what each path is worth.
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_kernel_tests(out: Path, timeout: int) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
-           str(ROOT / "tests" / "test_quant_kernels.py")]
+           str(ROOT / "tests" / "test_weight_matmul.py")]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -108,17 +108,17 @@ def main(argv=None) -> int:
     def save():
         (out / "quant_speed.json").write_text(json.dumps(report, indent=1))
 
-    from pallas_kernels import quant_matmul as qm
+    from pallas_kernels import weight_matmul as wm
 
-    def case(label, recipe, phase, batch, length, kernel_rows=(2, 64), impl="xla", warps=None, fp8_narrow=True):
+    def case(label, recipe, phase, batch, length, kernel_rows=(1, 64), impl="xla", warps=None, fp8_narrow=True):
         if time.time() - t_start > args.budget:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
             return
         # Module knobs are read when a step is traced: clear jit caches so each case traces its own path.
         jax.clear_caches()
-        ops.KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = kernel_rows
-        qm._WARPS = warps or 4
+        ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = kernel_rows
+        wm._WARPS = warps or 4
         ops.FP8_OUT_NARROW = fp8_narrow
         t0 = time.time()
         try:
@@ -135,8 +135,8 @@ def main(argv=None) -> int:
         except Exception as e:  # one failing case must not lose the others
             row = {"case": label, "error": f"{type(e).__name__}: {str(e)[:400]}", "wall_s": round(time.time() - t0, 1)}
         finally:
-            ops.KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 2, 64
-            qm._WARPS = 4
+            ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 1, 64
+            wm._WARPS = 4
             ops.FP8_OUT_NARROW = True
         report["results"].append(row)
         print(row, flush=True)
@@ -145,22 +145,19 @@ def main(argv=None) -> int:
     int4 = args.int4
     ctx = args.context
     case("decode b1 bf16", "bf16", "decode", 1, ctx)
-    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx)
-    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx)
+    case("decode b1 int8 (kernel)", "int8", "decode", 1, ctx)
+    case(f"decode b1 {int4} (kernel)", int4, "decode", 1, ctx)
+    case("decode b1 fp8 (kernel)", "fp8", "decode", 1, ctx)
     case("decode b16 bf16 [attn pallas]", "bf16", "decode", 16, ctx, impl="pallas")
     case(f"decode b16 {int4} (kernel) [attn pallas]", int4, "decode", 16, ctx, impl="pallas")
     case("decode b16 int8 (kernel) [attn pallas]", "int8", "decode", 16, ctx, impl="pallas")
     case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
     case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
-    case(f"prefill {args.prefill} fp8, f32 dot out (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn",
-         fp8_narrow=False)
-    case("decode b1 int4-g64 (gemv)", "int4-g64", "decode", 1, ctx)
-    case("decode b1 fp8 (gemv)", "fp8", "decode", 1, ctx)
-    case("decode b16 bf16 [attn xla]", "bf16", "decode", 16, ctx)
-    case(f"decode b16 {int4} (kernel) [attn xla]", int4, "decode", 16, ctx)
-    case(f"decode b16 {int4} (xla dequant+dot) [attn pallas]", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="pallas")
+    case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx)
+    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 64))
+    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx, kernel_rows=(2, 64))
     case(f"decode b16 {int4} (kernel, 8 warps) [attn pallas]", int4, "decode", 16, ctx, impl="pallas", warps=8)
-    case(f"decode b1 {int4} (kernel)", int4, "decode", 1, ctx, kernel_rows=(1, 64))
+    case(f"decode b16 {int4} (xla dequant+dot) [attn pallas]", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="pallas")
 
     base = {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"] if r.get("recipe") == "bf16" and "ms" in r}
     print(f"\n{report['device']}")

@@ -1,0 +1,254 @@
+"""Decode-shaped products with a stored weight: x [M, K] @ W [K, N] for few rows M, with W plain (bf16/f16)
+or quantized, read **in place from one layer of a stacked `[L, K, N]` weight**. Pallas (Triton lowering),
+plus a plain-jnp reference. Knows nothing about models or `QArray`s: it takes arrays and static ints.
+
+Why a kernel for plain weights too: inside the model's layer scan XLA feeds a dot (or any custom call)
+with a materialised copy of the layer's slice of the stacked weight, so a decode step reads, writes and
+reads every weight again. This kernel takes the whole stacked weight and the layer index and streams the
+layer's rows straight from it, once.
+
+Weight formats (codes along K, scales per group of K rows or per column):
+  plain: values bf16/f16 [K, N] (the activations' dtype); no scales
+  int8:  values int8 [K, N];          w = q * s           (s [K/g, N] grouped, or [1, N] per column)
+  fp8:   values float8_e4m3fn [K, N]; w = q * s
+  int4:  values uint8 [K/2, N], two codes per byte, per group of g rows: byte j of a group holds row j
+         (low nibble) and row j + g/2 (high nibble); w = (u - 8) * s, or u * s + m with offsets m [K/g, N].
+Each weight-side array may carry a leading layer axis (`[L, ...]`); `layer` (an int32 scalar array) picks
+the layer. Without one, the array is its own single layer.
+
+The grid is (N / block_n, splits): each program streams one [K / splits, block_n] slab of the weight once,
+dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes) and
+accumulates x @ W in float32 with the group scale applied to each group's partial product (and the offset
+times the group's sum of x). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
+combines: few rows mean few columns of programs, so K is split to fill the GPU. M is padded to a power of
+two >= 16 for the Triton dot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+FORMATS = ("plain", "int8", "fp8", "int4")
+MIN_DOT = 16  # Triton dots need every dimension >= 16
+MAX_ROWS = 128
+TARGET_PROGRAMS = 264  # two waves of a 132-SM H100/H200
+MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dominates
+_BLOCK_N = 128
+_BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
+_WARPS = 4
+_STAGES = 3
+
+
+def _pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _block_n(n: int, rows: int = 1) -> int | None:
+  widest = _BLOCK_N if rows <= 64 else _BLOCK_N // 2  # 128 rows x 128 columns of float32 spill registers
+  for b in (widest, 64, 32, 16):
+    if b <= widest and n % b == 0:
+      return b
+  return None
+
+
+def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[int, int, int] | None:
+  """(block_n, splits, step) for a K x N weight, or None when the shapes do not fit the kernel.
+
+  Each split streams a power-of-two number of K rows, `step` rows per loop iteration (a whole group when
+  grouped); splits grow until the grid has about TARGET_PROGRAMS programs, but no split gets fewer
+  than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
+  """
+  bn = _block_n(n, rows)
+  if bn is None:
+    return None
+  cands = []
+  for s in range(1, k + 1):
+    if k % s == 0 and _pow2(k // s):
+      ks = k // s
+      step = group if group is not None else min(_BLOCK_K, ks)
+      if ks % step == 0 and step >= MIN_DOT and (fmt != "int4" or step // 2 >= MIN_DOT):
+        cands.append((s, step))
+  if not cands:
+    return None
+  floor = min(MIN_SPLIT_ROWS, k // cands[0][0])
+  best = cands[0]
+  for s, step in cands:
+    if k // s < floor:
+      break
+    best = (s, step)
+    if s * (n // bn) >= TARGET_PROGRAMS:
+      break
+  return bn, best[0], best[1]
+
+
+def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
+  """Whether `weight_matmul` handles these static shapes (callers fall back to XLA otherwise)."""
+  if fmt not in FORMATS or rows < 1 or rows > MAX_ROWS:
+    return False
+  if fmt == "int4" and group is None:
+    return False
+  if fmt == "plain" and group is not None:
+    return False
+  if group is not None and (not _pow2(group) or group < 2 * MIN_DOT or k % group):
+    return False
+  return plan(k, n, fmt, group, rows) is not None
+
+
+def _kernel(layer_ref, x_ref, v_ref, *refs, fmt, group, step, n_steps, block_n, has_scales, has_offsets):
+  """One program: x [Mp, Ks] @ W[layer, split rows, block_n columns] -> o [Mp, block_n] float32.
+
+  The weight-side refs are whole (stacked) arrays; the program indexes its layer, rows and columns."""
+  s_ref = refs[0] if has_scales else None
+  m_ref = refs[1] if has_offsets else None
+  o_ref = refs[-1]
+  mp, bn = o_ref.shape
+  dt = x_ref.dtype
+  layer = layer_ref[0]
+  cols = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
+  split = pl.program_id(1)
+  rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
+  groups_per_split = n_steps if group is not None else 0
+
+  def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
+    return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(jnp.float32)
+
+  def body(i, acc):
+    if fmt == "int4":
+      half = group // 2
+      packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
+      lo = (packed & 0x0F).astype(jnp.float32)
+      hi = (packed >> 4).astype(jnp.float32)
+      if not has_offsets:
+        lo, hi = lo - 8.0, hi - 8.0
+      x_lo = x_ref[:, pl.ds(i * group, half)]  # [Mp, g/2]
+      x_hi = x_ref[:, pl.ds(i * group + half, half)]
+      part = pltriton.dot(x_lo, lo.astype(dt)) + pltriton.dot(x_hi, hi.astype(dt))  # [Mp, bn] f32
+      part = part * group_rows(s_ref, i)
+      if has_offsets:
+        xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
+              + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
+        part = part + xs * group_rows(m_ref, i)
+      return acc + part
+    w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
+    if fmt != "plain":
+      w = w.astype(jnp.float32).astype(dt)
+    part = pltriton.dot(x_ref[:, pl.ds(i * step, step)], w)
+    if group is not None:
+      part = part * group_rows(s_ref, i)
+    return acc + part
+
+  acc = lax.fori_loop(0, n_steps, body, jnp.zeros((mp, bn), jnp.float32))
+  if has_scales and group is None:
+    acc = acc * s_ref[layer, pl.ds(0, 1), cols].astype(jnp.float32)  # [1, bn] per column
+  o_ref[...] = acc
+
+
+def _stacked(a, ndim: int):
+  """A weight-side array with its layer axis (a single layer gets one of size 1)."""
+  return a if a is None or a.ndim == ndim + 1 else a[None]
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
+                                             "num_warps", "num_stages", "interpret"))
+def weight_matmul(
+    x: jax.Array,  # [M, K] bf16 / f16 / f32
+    values: jax.Array,  # [(L,) K, N] plain / int8 / float8_e4m3fn, or [(L,) K/2, N] uint8 (int4)
+    scales: jax.Array | None = None,  # [(L,) K/g, N] or [(L,) 1, N]; None for plain
+    offsets: jax.Array | None = None,  # like scales (int4 asymmetric only)
+    layer: jax.Array | int | None = None,  # which layer of stacked arrays (int32 scalar)
+    *,
+    fmt: str,
+    group_size: int | None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    step: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:  # [M, N] float32
+  """x @ dequantize(W[layer]), float32. `interpret=None`: interpret mode unless the backend is a GPU."""
+  M, K = x.shape
+  g = group_size
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+  values = _stacked(values, 2)
+  N = values.shape[-1]
+  if values.ndim != 3 or values.shape[1] != (K // 2 if fmt == "int4" else K):
+    raise ValueError(f"{fmt} values of shape {values.shape} do not match x of shape {x.shape}")
+  if fmt == "plain":
+    if scales is not None or offsets is not None or g is not None:
+      raise ValueError("plain weights take no scales, offsets or group size")
+    if values.dtype != x.dtype:
+      raise ValueError(f"plain weights must have the activations' dtype {x.dtype}, got {values.dtype}")
+  else:
+    scales = _stacked(scales, 2)
+    want = (values.shape[0], K // g if g else 1, N)
+    if scales is None or scales.shape != want:
+      raise ValueError(f"scales have shape {None if scales is None else scales.shape}, expected {want}")
+  offsets = _stacked(offsets, 2)
+  if offsets is not None and (fmt != "int4" or offsets.shape != scales.shape):
+    raise ValueError("offsets are for int4 only and must have the scales' shape")
+  if not supports(M, K, N, fmt, g):
+    raise ValueError(f"unsupported weight_matmul shape: M={M}, K={K}, N={N}, {fmt}, group {g}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  bn, splits, stp = plan(K, N, fmt, g, M)
+  bn, splits = block_n or bn, num_splits or splits
+  if g is not None:
+    stp = g
+  elif step is not None or num_splits is not None:
+    stp = min(step or _BLOCK_K, K // splits)
+  ks = K // splits
+  if K % splits or ks % stp or N % bn:
+    raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={N}")
+  mp = max(MIN_DOT, _next_pow2(M))
+  xp = jnp.pad(x, ((0, mp - M), (0, 0))) if mp != M else x
+  layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+  weight_side = [a for a in (values, scales, offsets) if a is not None]
+  kernel = functools.partial(_kernel, fmt=fmt, group=g, step=stp, n_steps=ks // stp, block_n=bn,
+                             has_scales=scales is not None, has_offsets=offsets is not None)
+  partials = pl.pallas_call(
+      kernel,
+      grid=(N // bn, splits),
+      in_specs=[pl.no_block_spec, pl.BlockSpec((mp, ks), lambda j, s: (0, s))]
+      + [pl.no_block_spec] * len(weight_side),
+      out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
+      interpret=interpret,
+      name=f"weight_matmul_{fmt}",
+  )(layer, xp, *weight_side)
+  out = partials[0] if splits == 1 else jnp.sum(partials, axis=0)
+  return out[:M]
+
+
+def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *, fmt: str,
+                            group_size: int | None):
+  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision)."""
+  K = x.shape[1]
+  if values.ndim == 3:
+    values, scales, offsets = (None if a is None else a[layer] for a in (values, scales, offsets))
+  if fmt == "plain":
+    return jnp.dot(x.astype(jnp.float32), values.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  if fmt == "int4":
+    g = group_size
+    p = values.reshape(K // g, g // 2, -1)
+    codes = jnp.concatenate([p & 0x0F, p >> 4], axis=1).astype(jnp.float32)  # [K/g, g, N]
+    if offsets is None:
+      codes = codes - 8.0
+  else:
+    codes = values.astype(jnp.float32).reshape(K // (group_size or K), group_size or K, -1)
+  w = codes * scales.astype(jnp.float32)[:, None, :]
+  if offsets is not None:
+    w = w + offsets.astype(jnp.float32)[:, None, :]
+  w = w.reshape(K, -1)
+  return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)

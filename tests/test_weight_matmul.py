@@ -1,0 +1,150 @@
+"""The decode-shaped weight matmul kernel (pallas_kernels/weight_matmul.py: plain and quantized weights, one
+layer of a stacked weight read in place) against float64 numpy, in interpret
+mode on the CPU and natively on the GPU (marked `gpu`), and `ops.matmul`'s kernel path on model equations.
+
+The numpy reference unpacks the codes itself (not through jaxinfer.quant), so a shared packing mistake
+cannot hide. Outputs are float32; tolerances cover the bf16 activations' products accumulated in float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxinfer import ops
+from jaxinfer import quant as Q
+from pallas_kernels import weight_matmul as wm
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [
+    pytest.param(True, id="interpret", marks=pytest.mark.skipif(ON_GPU, reason="interpret mode runs on the CPU suite")),
+    pytest.param(False, id="native", marks=[pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a GPU")]),
+]
+
+
+def _np_weight(values, scales, offsets, fmt, group):
+    """float64 W [K, N] from the stored arrays, decoded from the format's definition."""
+    v = np.asarray(values)
+    s = np.asarray(scales, np.float64)
+    if fmt == "int4":
+        half = group // 2
+        K2, N = v.shape
+        p = v.reshape(K2 // half, half, N)
+        codes = np.concatenate([p & 15, p >> 4], axis=1).reshape(2 * K2, N).astype(np.float64)
+        if offsets is None:
+            codes -= 8
+    else:
+        codes = v.astype(np.float64)
+    K = codes.shape[0]
+    rows = np.arange(K) // (group or K)
+    w = codes * s[rows]
+    if offsets is not None:
+        w = w + np.asarray(offsets, np.float64)[rows]
+    return w
+
+
+CASES = [  # (M, K, N, fmt, group, zero_point, layers): layers > 1 reads the last layer of a stacked weight
+    (1, 1024, 128, "int4", 64, True, 1),  # 4 splits of K
+    (5, 512, 192, "int4", 32, False, 3),
+    (16, 256, 256, "int4", 128, True, 1),
+    (1, 1024, 256, "int8", None, False, 2),
+    (33, 512, 128, "int8", 64, False, 1),
+    (3, 768, 64, "fp8", None, False, 1),  # K = 3 * 256: three splits of a power of two
+    (1, 1024, 384, "plain", None, False, 3),
+    (7, 256, 128, "plain", None, False, 1),
+    (100, 512, 128, "plain", None, False, 2),  # more rows than a 64-row tile: narrower column blocks
+]
+
+
+def _case_weight(rng, K, N, fmt, group, zp, layers):
+    """Stored arrays (values, scales, offsets) with a leading layer axis when layers > 1."""
+    shape = (layers, K, N) if layers > 1 else (K, N)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    if fmt == "plain":
+        return w.astype(jnp.bfloat16), None, None
+    q = Q.quantize_array(w, fmt, (len(shape) - 2,), group, zero_point=zp)
+    lead = shape[:-2]
+    return q.values, q.scales.reshape(*lead, -1, N), q.offsets
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("M,K,N,fmt,group,zp,layers", CASES,
+                         ids=[f"{c[3]}-g{c[4]}-m{c[0]}-l{c[6]}" for c in CASES])
+def test_kernel_matches_float64(interpret, M, K, N, fmt, group, zp, layers):
+    rng = np.random.default_rng(K + N + M)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    values, scales, offsets = _case_weight(rng, K, N, fmt, group, zp, layers)
+    layer = jnp.int32(layers - 1) if layers > 1 else None
+    assert wm.supports(M, K, N, fmt, group)
+    out = wm.weight_matmul(x, values, scales, offsets, layer, fmt=fmt, group_size=group, interpret=interpret)
+    assert out.dtype == jnp.float32
+    pick = (lambda a: None if a is None else a[layers - 1]) if layers > 1 else (lambda a: a)
+    if fmt == "plain":
+        w64 = np.asarray(pick(values), np.float64)
+    else:
+        w64 = _np_weight(pick(values), pick(scales), pick(offsets), fmt, group)
+    ref = np.asarray(x, np.float64) @ w64
+    out = np.asarray(out, np.float64)
+    assert out.shape == ref.shape and not np.isnan(out).any()
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert err < 1e-5, err  # bf16 x and codes are exact in the dot; float32 accumulation only
+    # the jnp reference agrees with numpy too
+    jref = wm.weight_matmul_reference(x, values, scales, offsets, layer, fmt=fmt, group_size=group)
+    assert np.abs(np.asarray(jref, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_supports_and_bad_inputs():
+    assert not wm.supports(129, 1024, 128, "int8", None)  # more rows than decode
+    assert not wm.supports(1, 1024, 128, "plain", 32)  # plain weights have no groups
+    assert not wm.supports(1, 1024, 128, "int4", None)  # int4 needs groups
+    assert not wm.supports(1, 1024, 128, "int4", 48)  # not a power of two
+    assert not wm.supports(1, 1024, 120, "int8", None)  # N not a multiple of 16
+    assert not wm.supports(1, 3 * 5 * 7, 128, "int8", None)  # no power-of-two split of K
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="unknown format"):
+        wm.weight_matmul(x, jnp.zeros((256, 128), jnp.int8), jnp.ones((1, 128)), fmt="int2", group_size=None)
+    with pytest.raises(ValueError, match="scales have shape"):
+        wm.weight_matmul(x, jnp.zeros((256, 128), jnp.int8), jnp.ones((2, 128)), fmt="int8", group_size=None)
+    with pytest.raises(ValueError, match="activations' dtype"):
+        wm.weight_matmul(x, jnp.zeros((256, 128), jnp.float32), fmt="plain", group_size=None)
+    with pytest.raises(ValueError, match="take no scales"):
+        wm.weight_matmul(x, jnp.zeros((256, 128), jnp.bfloat16), jnp.ones((1, 128)), fmt="plain", group_size=None)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_ops_kernel_path_on_model_equations(interpret):
+    """ops.matmul(impl="pallas") flattens q/o/down weights to the kernel's [K, N] view correctly."""
+    rng = np.random.default_rng(7)
+    cases = [("btd,dnh->btnh", (2, 1, 256), (256, 4, 64), (0,), "int4", 64),
+             ("btnh,nhd->btd", (3, 1, 4, 64), (4, 64, 128), (0, 1), "int4", 32),
+             ("btnh,nhd->btd", (1, 1, 4, 64), (4, 64, 128), (0, 1), "int8", None),
+             ("btf,fd->btd", (4, 1, 512), (512, 64), (0,), "fp8", None)]
+    for eq, xs, ws, axes, fmt, group in cases:
+        x = jnp.asarray(rng.standard_normal(xs), jnp.bfloat16)
+        q = Q.quantize_array(jnp.asarray(rng.standard_normal(ws), jnp.float32), fmt, axes, group, zero_point=fmt == "int4")
+        spec = ops._parse(eq, x, q)
+        assert ops._choose("pallas", spec, x, q) == "pallas", eq
+        out = np.asarray(ops.matmul(eq, x, q, jnp.float32, impl="pallas"), np.float64)
+        ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(Q.dequantize(q), np.float64))
+        assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5, eq
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_ops_kernel_reads_one_layer_of_a_stacked_weight(interpret):
+    """ops.matmul on `LayerOf(stacked, i)` (how the layer scan passes weights) gives layer i's product,
+    plain and quantized, through the kernel and through the fallback that slices first."""
+    rng = np.random.default_rng(11)
+    L, i = 3, 2
+    x = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), jnp.bfloat16)  # "btnh" with N*H = 256
+    w = jnp.asarray(rng.standard_normal((L, 4, 64, 128)), jnp.float32)
+    ref = np.einsum("btnh,nhd->btd", np.asarray(x, np.float64), np.asarray(w[i].astype(jnp.bfloat16), np.float64))
+    for weight in (w.astype(jnp.bfloat16), Q.quantize_array(w, "int8", (1, 2), None)):
+        one = ops.LayerOf(weight, jnp.int32(i))
+        ref_w = ref if not isinstance(weight, Q.QArray) else np.einsum(
+            "btnh,nhd->btd", np.asarray(x, np.float64), np.asarray(Q.dequantize(one.take()), np.float64))
+        spec = ops._parse("btnh,nhd->btd", x, one.shape_view())
+        assert ops._choose("pallas", spec, x, one.shape_view(), stacked=True) == "pallas"
+        for impl in ("pallas", "xla"):
+            out = np.asarray(ops.matmul("btnh,nhd->btd", x, one, jnp.float32, impl=impl), np.float64)
+            assert np.abs(out - ref_w).max() / np.abs(ref_w).max() < 1e-5, (impl, type(weight))
