@@ -7,11 +7,12 @@ model's decode step with and without it, every number against the copy bandwidth
   stacked `[L, K, N]` and read one layer per call as the layer scan does, over block_n x splits x warps x
   stages; next to XLA's paths on the same stacked weight: a dot on the dynamic slice (`dot-slice`), the
   multiply + reduce `ops.gemv` (`gemv`), and a dot on an unstacked weight (`dot-whole`, no slice at all).
-- `rows`: the kernel's defaults at 1-128 rows against the dot on the slice.
+- `rows`: the same sweep at 8-64 rows against the dot on the slice. `qkv` and `gateup` are a layer's
+  products sharing one input in one launch (`weight_matmuls`).
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
-Timing: `calls` products chained inside one jit (each output feeds the next input), median of `reps`
-runs over `calls`. Results: <out>/weight_kernel.json, rewritten after each row; a table last.
+Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
+device time per product (kernels only, the chaining slice included), `wall_us` the median wall time. Results: <out>/weight_kernel.json, rewritten after each row; a table last.
 """
 from __future__ import annotations
 
@@ -32,24 +33,27 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxinfer import ops  # noqa: E402
 from jaxinfer.bench import measure_ceilings  # noqa: E402
+from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from pallas_kernels import weight_matmul as wm  # noqa: E402
 
 SHAPES = {"q": (4096, 4096), "kv": (4096, 1024), "gate": (4096, 14336), "down": (14336, 4096)}
+FUSED = {"qkv": ("q", "kv", "kv"), "gateup": ("gate", "gate")}  # products sharing x, one launch
 LAYERS = 8  # stacked layers per weight (enough to defeat the L2 cache: >= 64 MB per weight stack)
 
 
-def chain_seconds(product, x, w, *, calls=32, reps=5) -> float:
-    """Seconds per call of `product(x, w, layer) -> [M, N]`, calls chained through the output."""
+def chain_seconds(product, x, w, *, calls=32, reps=5) -> tuple[float, float | None]:
+    """(wall, device) seconds per call of `product(x, w, layer) -> [M, N]`, `calls` chained through the
+    output in one jit (a Python loop: no device loop between calls). Wall: median of `reps` runs over
+    calls; device: the profiler's kernel time per call (the product's kernels plus the small chaining
+    slice), free of launch gaps."""
     K = x.shape[1]
 
     @jax.jit
     def run(x, w):
-        def body(i, x):
-            y = product(x, w, i % LAYERS)
-            y = y[:, :K] if y.shape[1] >= K else jnp.tile(y, (1, K // y.shape[1]))
-            return y.astype(x.dtype)
-
-        return jax.lax.fori_loop(0, calls, body, x)
+        for c in range(calls):
+            y = product(x, w, c % LAYERS)
+            x = jnp.tile(y, (1, -(-K // y.shape[1])))[:, :K].astype(x.dtype)
+        return x
 
     jax.block_until_ready(run(x, w))
     times = []
@@ -57,16 +61,25 @@ def chain_seconds(product, x, w, *, calls=32, reps=5) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(run(x, w))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / calls
+    device = kernel_breakdown(lambda: run(x, w), calls=2).get("device_us_per_call")
+    return statistics.median(times) / calls, (device * 1e-6 / calls if device else None)
 
 
 def kernel_product(**cfg):
     return lambda x, w, i: wm.weight_matmul(x, w, None, None, i, fmt="plain", group_size=None, **cfg)
 
 
+def fused_product(parts, **cfg):
+    """The products of `parts` (names in SHAPES, stacked weights passed as a tuple) in one launch; the
+    first output feeds the chain."""
+    return lambda x, ws, i: wm.weight_matmuls(x, tuple((w, None, None) for w in ws), i, fmt="plain",
+                                              group_size=None, **cfg)[0]
+
+
 XLA_PRODUCTS = {
-    "dot-slice": lambda x, w, i: jnp.dot(x, w[i], preferred_element_type=jnp.float32),
-    "gemv": lambda x, w, i: ops.gemv("mk,kn->mn", x, w[i]),
+    "dot-slice": lambda x, w, i: jnp.dot(x, jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False),
+                                         preferred_element_type=jnp.float32),
+    "gemv": lambda x, w, i: ops.gemv("mk,kn->mn", x, jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False)),
 }
 
 
@@ -100,55 +113,20 @@ def main(argv=None) -> int:
 
     key = jax.random.key(0)
     stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
-
-    def product_row(part, name, M, label, product):
-        w = stacks[name]
-        k, n = SHAPES[name]
-        x = jax.random.normal(jax.random.key(1), (M, k), jnp.bfloat16)
-        try:
-            s = chain_seconds(product, x, w)
-            add({"part": part, "weight": name, "rows": M, "variant": label, "us": round(s * 1e6, 2),
-                 "tb_s": round(k * n * 2 / s / 1e12, 3), "of_copy": round(k * n * 2 / s / copy, 3)})
-        except Exception as e:  # a configuration that does not compile must not stop the sweep
-            add({"part": part, "weight": name, "rows": M, "variant": label, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-
-    if "sweep" in parts:
-        for name, (k, n) in SHAPES.items():
-            if over_budget():
-                break
-            for label, product in XLA_PRODUCTS.items():
-                product_row("sweep", name, 1, label, product)
-            whole = lambda x, w, i: jnp.dot(x, w[0], preferred_element_type=jnp.float32)  # noqa: E731
-            product_row("sweep", name, 1, "dot-whole", whole)
-            bn0, s0, _ = wm.plan(k, n, "plain", None)
-            product_row("sweep", name, 1, f"kernel default bn{bn0} s{s0}", kernel_product())
-            for bn, sf, warps, stages in itertools.product((64, 128, 256), (0.5, 1, 2), (4, 8), (3, 4)):
-                splits = max(1, int(s0 * sf))
-                if n % bn or k % splits or (bn, sf, warps, stages) == (bn0, 1, 4, 3):
-                    continue
-                product_row("sweep", name, 1, f"kernel bn{bn} s{splits} w{warps} st{stages}",
-                            kernel_product(block_n=bn, num_splits=splits, num_warps=warps, num_stages=stages))
-
-    if "rows" in parts:
-        for name, M in itertools.product(("gate", "down"), (8, 16, 32, 64, 128)):
-            if over_budget():
-                break
-            product_row("rows", name, M, "dot-slice", XLA_PRODUCTS["dot-slice"])
-            product_row("rows", name, M, "kernel", kernel_product())
-            product_row("rows", name, M, "kernel w8", kernel_product(num_warps=8))
+    # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
+    again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16) for name in ("kv", "gate")}
 
     if "step" in parts:
         from jaxinfer.bench import BenchSpec, run_bench
         from jaxinfer.config import ModelConfig
 
         config = ModelConfig.from_preset(args.preset)
-        for impl, kernel, batches in (("xla", False, (1, 8, 32, 64, 128)), ("xla", True, (1, 8, 32, 64, 128)),
-                                      ("pallas", True, (1, 16, 64))):
+        for impl, kernel, batches in (("xla", True, (1, 8, 32, 64)), ("auto", True, (1, 8, 16, 32, 64)),
+                                      ("xla", False, (1, 8))):
             if over_budget():
                 break
             jax.clear_caches()  # the switch is read when a step is traced
             ops.PLAIN_KERNEL = kernel
-            ops.KERNEL_MAX_ROWS = 128
             spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl=impl, batches=batches,
                              contexts=(args.context,), phases=("decode", "decode_fused"), steps=16, samples=3)
             try:
@@ -158,7 +136,59 @@ def main(argv=None) -> int:
                          "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)})
             except Exception as e:
                 add({"part": "step", "impl": impl, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        ops.PLAIN_KERNEL, ops.KERNEL_MAX_ROWS = True, 64
+        ops.PLAIN_KERNEL = True
+
+    def weight_bytes(name):
+        return sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n in FUSED.get(name, (name,)))
+
+    def product_row(part, name, M, label, product):
+        parts_ = FUSED.get(name)
+        w = tuple(again[n] if n in parts_[:j] else stacks[n] for j, n in enumerate(parts_)) if parts_ else stacks[name]
+        k = SHAPES[parts_[0] if parts_ else name][0]
+        x = jax.random.normal(jax.random.key(1), (M, k), jnp.bfloat16)
+        nbytes = weight_bytes(name)
+        try:
+            wall, dev = chain_seconds(product, x, w)
+            s = dev or wall
+            add({"part": part, "weight": name, "rows": M, "variant": label, "us": round(s * 1e6, 2),
+                 "wall_us": round(wall * 1e6, 2), "tb_s": round(nbytes / s / 1e12, 3),
+                 "of_copy": round(nbytes / s / copy, 3)})
+        except Exception as e:  # a configuration that does not compile must not stop the sweep
+            add({"part": part, "weight": name, "rows": M, "variant": label, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+    def sweep(name, M):
+        parts_ = FUSED.get(name)
+        k = SHAPES[parts_[0] if parts_ else name][0]
+        n = sum(SHAPES[p][1] for p in parts_) if parts_ else SHAPES[name][1]
+        make = (lambda **c: fused_product(parts_, **c)) if parts_ else kernel_product
+        bn0, s0, _ = wm.plan(k, n, "plain", None, M)
+        product_row("sweep", name, M, f"kernel default bn{bn0} s{s0}", make())
+        seen = {(bn0, s0, 4, 3)}
+        for bn, sf, warps, stages in itertools.product((64, 128, 256), (0.5, 1, 2), (4, 8), (3, 4)):
+            splits = max(1, int(s0 * sf))
+            if (warps == 8 and sf != 1) or k % splits or (bn, splits, warps, stages) in seen:
+                continue
+            seen.add((bn, splits, warps, stages))
+            product_row("sweep", name, M, f"kernel bn{bn} s{splits} w{warps} st{stages}",
+                        make(block_n=bn, num_splits=splits, num_warps=warps, num_stages=stages))
+
+    if "sweep" in parts:
+        for name in ("qkv", "gateup", "down", "q", "kv", "gate"):
+            if over_budget():
+                break
+            if name in SHAPES:
+                for label, product in XLA_PRODUCTS.items():
+                    product_row("sweep", name, 1, label, product)
+            sweep(name, 1)
+
+    if "rows" in parts:
+        for M in (8, 16, 32, 64):
+            for name in ("gateup", "down"):
+                if over_budget():
+                    break
+                if name in SHAPES:
+                    product_row("rows", name, M, "dot-slice", XLA_PRODUCTS["dot-slice"])
+                sweep(name, M)
 
     print(f"\n{ceilings.device}, copy {copy / 1e12:.3f} TB/s")
     best = {}

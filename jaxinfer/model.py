@@ -3,7 +3,7 @@
 Embedding, RMSNorm, rotary embedding, the attention block (GQA, optional q/k/v bias and q/k norm), the
 SwiGLU MLP and the output head. Layers are stacked on a leading axis and run with `lax.scan`; the cache
 is threaded through the scan as part of the carry. Attention goes through `attention.attend`, every
-weight product through `ops.matmul`. Knows nothing of checkpoints, sampling or jit.
+weight product through `ops.matmul` (`ops.matmuls` for products sharing an input). Knows nothing of checkpoints, sampling or jit.
 """
 
 from __future__ import annotations
@@ -42,9 +42,7 @@ def apply_rope(x, cos, sin):
 
 def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
     """Self-attention of one layer on normalised `x [B, T, D]`; writes this step's k/v into the cache."""
-    q = ops.matmul("btd,dnh->btnh", x, p["q"])
-    k = ops.matmul("btd,dkh->btkh", x, p["k"])
-    v = ops.matmul("btd,dkh->btkh", x, p["v"])
+    q, k, v = ops.matmuls(x, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if config.qk_norm:
@@ -60,8 +58,7 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
 
 def mlp_block(p, x):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate = ops.matmul("btd,df->btf", x, p["w_gate"])
-    up = ops.matmul("btd,df->btf", x, p["w_up"])
+    gate, up = ops.matmuls(x, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
     return ops.matmul("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
 
 

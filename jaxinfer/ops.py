@@ -1,5 +1,5 @@
-"""The one matmul entry: every weight product in the model goes through `matmul`; embedding lookups
-through `embed`. Both take a plain array or a `QArray`, so `model.py` never branches on weight format.
+"""The one matmul entry: every weight product in the model goes through `matmul` (or `matmuls`, for
+products of one input that may share a kernel launch); embedding lookups through `embed`. Both take a plain array or a `QArray`, so `model.py` never branches on weight format.
 
 Inside the layer scan the model hands each matrix over as `LayerOf(stacked, layer)`: the whole stacked
 `[L, ...]` weight and the layer index, not a slice. XLA feeds a dot (or any kernel) with a materialised
@@ -341,20 +341,63 @@ def _kernel_supports(spec: _Spec, x, w) -> bool:
     return wm.supports(spec.rows, spec.k, math.prod(w.shape[c:]), fmt, group)
 
 
+def _flat_kernel_args(spec: _Spec, w, layer):
+    """((values, scales, offsets) flattened to [(L,) K(/2), N], fmt, group, free-axes shape) of w, an
+    array or QArray with a leading layer axis when `layer` is given."""
+    c = len(spec.contracted)
+    quantized = isinstance(w, QArray)
+    lead = () if layer is None else ((w.values if quantized else w).shape[0],)
+    free = (w.values if quantized else w).shape[len(lead) + c:]
+    N = math.prod(free)
+    # Contracted axes lead and groups run within the last contracted axis, so the flattened rows keep
+    # their group order (a group never crosses the boundary of a leading axis).
+    flat = lambda a: None if a is None else a.reshape(*lead, -1, N)
+    if quantized:
+        return (flat(w.values), flat(w.scales), flat(w.offsets)), w.fmt, w.group_size, free
+    return (flat(w), None, None), "plain", None, free
+
+
 def _pallas_matmul(spec: _Spec, x, w, layer=None):
     """The kernel on x and w (array or QArray), w with a leading layer axis when `layer` is given."""
+    return _pallas_matmuls(x, [(spec, w)], layer)[0]
+
+
+def _pallas_matmuls(x, products, layer):
+    """One kernel launch for [(spec, w)] sharing x, K and the weight format."""
     from pallas_kernels import weight_matmul as wm
 
-    c = len(spec.contracted)
-    lead = () if layer is None else (w.values.shape[0] if isinstance(w, QArray) else w.shape[0],)
-    one = w.values.shape[len(lead):] if isinstance(w, QArray) else w.shape[len(lead):]
-    N = math.prod(one[c:])
-    flat = lambda a: None if a is None else a.reshape(*lead, -1, N)
-    # Flatten to [(L,) K(/2), N]: contracted axes lead, groups run within the last contracted axis, so the
-    # flattened rows keep their group order (a group never crosses the boundary of a leading axis).
-    if isinstance(w, QArray):
-        args, fmt, group = (flat(w.values), flat(w.scales), flat(w.offsets)), w.fmt, w.group_size
-    else:
-        args, fmt, group = (flat(w), None, None), "plain", None
-    out = wm.weight_matmul(x.reshape(-1, spec.k), *args, layer, fmt=fmt, group_size=group)
-    return out.reshape(*x.shape[:-c], *one[c:])
+    args = [_flat_kernel_args(spec, w, layer) for spec, w in products]
+    spec0 = products[0][0]
+    c = len(spec0.contracted)
+    outs = wm.weight_matmuls(x.reshape(-1, spec0.k), tuple(a[0] for a in args), layer, fmt=args[0][1],
+                             group_size=args[0][2])
+    return [out.reshape(*x.shape[:-c], *a[3]) for out, a in zip(outs, args)]
+
+
+def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
+    """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
+    kernel launch when the kernel path takes every product and they share K, the weight format and the
+    layer; otherwise one `matmul` each. Returns a tuple in order."""
+    out_dtype = out_dtype or x.dtype
+    plan = []
+    for eq, w in products:
+        stacked = isinstance(w, LayerOf)
+        view = w.shape_view() if stacked else w
+        if isinstance(w, Observed) or (stacked and isinstance(w.stacked, Observed)):
+            plan = None
+            break
+        spec = _parse(eq, x, view)
+        if _choose(impl, spec, x, view, stacked=stacked) != "pallas":
+            plan = None
+            break
+        plan.append((spec, w.stacked if stacked else w, w.index if stacked else None, view))
+    same = plan and all(
+        p[0].k == plan[0][0].k and (p[2] is plan[0][2]) and _format(p[3]) == _format(plan[0][3]) for p in plan)
+    if len(products) < 2 or not same:
+        return tuple(matmul(eq, x, w, out_dtype, impl=impl) for eq, w in products)
+    outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
+    return tuple(o.astype(out_dtype) for o in outs)
+
+
+def _format(w) -> tuple:
+    return (w.fmt, w.group_size, w.offsets is not None) if isinstance(w, QArray) else ("plain", w.dtype)

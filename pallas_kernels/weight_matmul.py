@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 FORMATS = ("plain", "int8", "fp8", "int4")
 MIN_DOT = 16  # Triton dots need every dimension >= 16
 MAX_ROWS = 128
-TARGET_PROGRAMS = 264  # two waves of a 132-SM H100/H200
+TARGET_PROGRAMS = 132  # one wave of a 132-SM H100/H200 (H200: fewer splits beat two waves, BENCHMARKS.md)
 MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dominates
 _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
@@ -103,18 +103,11 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
   return plan(k, n, fmt, group, rows) is not None
 
 
-def _kernel(layer_ref, x_ref, v_ref, *refs, fmt, group, step, n_steps, block_n, has_scales, has_offsets):
-  """One program: x [Mp, Ks] @ W[layer, split rows, block_n columns] -> o [Mp, block_n] float32.
-
-  The weight-side refs are whole (stacked) arrays; the program indexes its layer, rows and columns."""
-  s_ref = refs[0] if has_scales else None
-  m_ref = refs[1] if has_offsets else None
-  o_ref = refs[-1]
+def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
+  """x [Mp, Ks] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once. (Program ids
+  are read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
-  layer = layer_ref[0]
-  cols = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
-  split = pl.program_id(1)
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
   groups_per_split = n_steps if group is not None else 0
 
@@ -127,13 +120,13 @@ def _kernel(layer_ref, x_ref, v_ref, *refs, fmt, group, step, n_steps, block_n, 
       packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
       lo = (packed & 0x0F).astype(jnp.float32)
       hi = (packed >> 4).astype(jnp.float32)
-      if not has_offsets:
+      if m_ref is None:
         lo, hi = lo - 8.0, hi - 8.0
       x_lo = x_ref[:, pl.ds(i * group, half)]  # [Mp, g/2]
       x_hi = x_ref[:, pl.ds(i * group + half, half)]
       part = pltriton.dot(x_lo, lo.astype(dt)) + pltriton.dot(x_hi, hi.astype(dt))  # [Mp, bn] f32
       part = part * group_rows(s_ref, i)
-      if has_offsets:
+      if m_ref is not None:
         xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
               + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
         part = part + xs * group_rows(m_ref, i)
@@ -147,9 +140,32 @@ def _kernel(layer_ref, x_ref, v_ref, *refs, fmt, group, step, n_steps, block_n, 
     return acc + part
 
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((mp, bn), jnp.float32))
-  if has_scales and group is None:
+  if s_ref is not None and group is None:
     acc = acc * s_ref[layer, pl.ds(0, 1), cols].astype(jnp.float32)  # [1, bn] per column
   o_ref[...] = acc
+
+
+def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
+  """One program: column block j of the concatenated parts' outputs, split s of K.
+
+  `parts` holds, per weight, (first column block, end column block, has scales, has offsets); the
+  weight-side refs are whole (stacked) arrays, indexed here by layer, rows and columns. The program
+  streams the one part its column block falls in (a static branch per part)."""
+  o_ref = refs[-1]
+  layer = layer_ref[0]
+  j, split = pl.program_id(0), pl.program_id(1)
+  k = 0
+  for first, end, has_s, has_m in parts:
+    v_ref = refs[k]
+    s_ref = refs[k + 1] if has_s else None
+    m_ref = refs[k + 1 + has_s] if has_m else None
+    k += 1 + has_s + has_m
+    cols = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
+    if len(parts) == 1:
+      _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
+    else:
+      pl.when((j >= first) & (j < end))(
+          functools.partial(_stream, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
 
 
 def _stacked(a, ndim: int):
@@ -157,29 +173,9 @@ def _stacked(a, ndim: int):
   return a if a is None or a.ndim == ndim + 1 else a[None]
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
-                                             "num_warps", "num_stages", "interpret"))
-def weight_matmul(
-    x: jax.Array,  # [M, K] bf16 / f16 / f32
-    values: jax.Array,  # [(L,) K, N] plain / int8 / float8_e4m3fn, or [(L,) K/2, N] uint8 (int4)
-    scales: jax.Array | None = None,  # [(L,) K/g, N] or [(L,) 1, N]; None for plain
-    offsets: jax.Array | None = None,  # like scales (int4 asymmetric only)
-    layer: jax.Array | int | None = None,  # which layer of stacked arrays (int32 scalar)
-    *,
-    fmt: str,
-    group_size: int | None,
-    block_n: int | None = None,
-    num_splits: int | None = None,
-    step: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:  # [M, N] float32
-  """x @ dequantize(W[layer]), float32. `interpret=None`: interpret mode unless the backend is a GPU."""
+def _check_part(x, fmt, g, values, scales, offsets):
+  """One weight's arrays, with their layer axis, after checking them against x and the format."""
   M, K = x.shape
-  g = group_size
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   values = _stacked(values, 2)
   N = values.shape[-1]
   if values.ndim != 3 or values.shape[1] != (K // 2 if fmt == "int4" else K):
@@ -199,36 +195,79 @@ def weight_matmul(
     raise ValueError("offsets are for int4 only and must have the scales' shape")
   if not supports(M, K, N, fmt, g):
     raise ValueError(f"unsupported weight_matmul shape: M={M}, K={K}, N={N}, {fmt}, group {g}")
+  return values, scales, offsets
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
+                                             "num_warps", "num_stages", "interpret"))
+def weight_matmuls(
+    x: jax.Array,  # [M, K] bf16 / f16 / f32
+    weights: tuple,  # per weight (values, scales, offsets): see `weight_matmul`; one format for all
+    layer: jax.Array | int | None = None,  # which layer of stacked arrays (int32 scalar)
+    *,
+    fmt: str,
+    group_size: int | None,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    step: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> tuple:  # per weight: [M, N_i] float32
+  """x @ dequantize(W_i[layer]) for several weights sharing x and K, in one launch (the q/k/v or
+  gate/up products of a layer: fewer launches, and the narrow ones ride along the wide one's grid)."""
+  M, K = x.shape
+  g = group_size
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+  if not weights:
+    raise ValueError("weight_matmuls needs at least one weight")
+  weights = [_check_part(x, fmt, g, *w) for w in weights]
+  widths = [w[0].shape[-1] for w in weights]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  bn, splits, stp = plan(K, N, fmt, g, M)
+  bn, splits, stp = plan(K, sum(widths), fmt, g, M)
+  if any(n % bn for n in widths):
+    bn = min(_block_n(n, M) for n in widths)
   bn, splits = block_n or bn, num_splits or splits
   if g is not None:
     stp = g
   elif step is not None or num_splits is not None:
     stp = min(step or _BLOCK_K, K // splits)
   ks = K // splits
-  if K % splits or ks % stp or N % bn:
-    raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={N}")
+  if K % splits or ks % stp or any(n % bn for n in widths):
+    raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
   mp = max(MIN_DOT, _next_pow2(M))
   xp = jnp.pad(x, ((0, mp - M), (0, 0))) if mp != M else x
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-  weight_side = [a for a in (values, scales, offsets) if a is not None]
-  kernel = functools.partial(_kernel, fmt=fmt, group=g, step=stp, n_steps=ks // stp, block_n=bn,
-                             has_scales=scales is not None, has_offsets=offsets is not None)
+  parts, first, arrays = [], 0, []
+  for (v, sc, off), n in zip(weights, widths):
+    parts.append((first, first + n // bn, sc is not None, off is not None))
+    first += n // bn
+    arrays += [a for a in (v, sc, off) if a is not None]
+  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
+                             n_steps=ks // stp)
   partials = pl.pallas_call(
       kernel,
-      grid=(N // bn, splits),
-      in_specs=[pl.no_block_spec, pl.BlockSpec((mp, ks), lambda j, s: (0, s))]
-      + [pl.no_block_spec] * len(weight_side),
+      grid=(first, splits),
+      in_specs=[pl.no_block_spec, pl.BlockSpec((mp, ks), lambda j, s: (0, s))] + [pl.no_block_spec] * len(arrays),
       out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((splits, mp, sum(widths)), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"weight_matmul_{fmt}",
-  )(layer, xp, *weight_side)
-  out = partials[0] if splits == 1 else jnp.sum(partials, axis=0)
-  return out[:M]
+  )(layer, xp, *arrays)
+  out = (partials[0] if splits == 1 else jnp.sum(partials, axis=0))[:M]
+  starts = [sum(widths[:i]) for i in range(len(widths))]
+  return tuple(out[:, a:a + n] for a, n in zip(starts, widths))
+
+
+def weight_matmul(x, values, scales=None, offsets=None, layer=None, *, fmt: str, group_size: int | None,
+                  **options) -> jax.Array:
+  """x [M, K] @ dequantize(W[layer]) -> [M, N] float32, W given by `values` [(L,) K(/2), N], `scales`
+  [(L,) K/g or 1, N] (None for plain), `offsets` (int4 asymmetric only). `options`: block_n,
+  num_splits, step, num_warps, num_stages (tuning), interpret (None: unless the backend is a GPU)."""
+  return weight_matmuls(x, ((values, scales, offsets),), layer, fmt=fmt, group_size=group_size, **options)[0]
 
 
 def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *, fmt: str,

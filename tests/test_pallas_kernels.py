@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.weight_matmul import weight_matmul
+from pallas_kernels.weight_matmul import weight_matmul, weight_matmuls
 from pallas_kernels import (decode_attention, decode_attention_reference, flash_attention,
                             flash_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
@@ -416,6 +416,9 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (functools.partial(weight_matmul, fmt="int4", group_size=64, interpret=False),
        (sds((48, 1024), bf16), sds((2, 512, 256), jnp.uint8), sds((2, 16, 256), jnp.float32),
         sds((2, 16, 256), jnp.float32)), dict(layer=sds((), i32))),
+      (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
+       (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
+                                (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
       (functools.partial(weight_matmul, fmt="int8", group_size=None, interpret=False),
        (sds((128, 512), bf16), sds((512, 256), jnp.int8), sds((1, 256), jnp.float32)), {}),
   ]

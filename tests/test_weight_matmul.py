@@ -94,6 +94,26 @@ def test_kernel_matches_float64(interpret, M, K, N, fmt, group, zp, layers):
     assert np.abs(np.asarray(jref, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("fmt,group", [("plain", None), ("int4", 32), ("int8", None)])
+def test_several_weights_in_one_launch(interpret, fmt, group):
+    """weight_matmuls: weights of different widths sharing x (a layer's q/k/v) give each weight's product."""
+    rng = np.random.default_rng(3)
+    M, K, L = 2, 512, 3
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    weights = [_case_weight(rng, K, n, fmt, group, fmt == "int4", L) for n in (256, 64, 64)]
+    outs = wm.weight_matmuls(x, tuple(weights), jnp.int32(1), fmt=fmt, group_size=group, interpret=interpret)
+    assert len(outs) == 3
+    for (values, scales, offsets), out in zip(weights, outs):
+        if fmt == "plain":
+            w64 = np.asarray(values[1], np.float64)
+        else:
+            w64 = _np_weight(values[1], scales[1], None if offsets is None else offsets[1], fmt, group)
+        ref = np.asarray(x, np.float64) @ w64
+        assert out.shape == ref.shape
+        assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+
+
 def test_supports_and_bad_inputs():
     assert not wm.supports(129, 1024, 128, "int8", None)  # more rows than decode
     assert not wm.supports(1, 1024, 128, "plain", 32)  # plain weights have no groups
@@ -148,3 +168,31 @@ def test_ops_kernel_reads_one_layer_of_a_stacked_weight(interpret):
         for impl in ("pallas", "xla"):
             out = np.asarray(ops.matmul("btnh,nhd->btd", x, one, jnp.float32, impl=impl), np.float64)
             assert np.abs(out - ref_w).max() / np.abs(ref_w).max() < 1e-5, (impl, type(weight))
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_ops_matmuls_share_one_launch(interpret, monkeypatch):
+    """ops.matmuls on a layer's q/k/v (LayerOf) launches the kernel once and equals one matmul each;
+    mixed formats fall back to one matmul per product."""
+    rng = np.random.default_rng(5)
+    L, i = 2, 1
+    x = jnp.asarray(rng.standard_normal((3, 1, 128)), jnp.bfloat16)
+    ws = [jnp.asarray(rng.standard_normal((L, 128, n, 32)), jnp.bfloat16) for n in (4, 2, 2)]
+    eqs = ["btd,dnh->btnh", "btd,dkh->btkh", "btd,dkh->btkh"]
+    launches = []
+    real = ops._pallas_matmuls
+    monkeypatch.setattr(ops, "_pallas_matmuls", lambda *a: launches.append(len(a[1])) or real(*a))
+    idx = jnp.int32(i)
+    products = [(eq, ops.LayerOf(w, idx)) for eq, w in zip(eqs, ws)]
+    outs = ops.matmuls(x, *products, out_dtype=jnp.float32, impl="pallas")
+    assert launches == [3]
+    for (eq, w), out in zip(zip(eqs, ws), outs):
+        ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(w[i], np.float64))
+        assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+    launches.clear()
+    q8 = Q.quantize_array(ws[1].astype(jnp.float32), "int8", (1,), None)
+    mixed = [products[0], (eqs[1], ops.LayerOf(q8, idx))]
+    outs = ops.matmuls(x, *mixed, out_dtype=jnp.float32, impl="pallas")
+    assert launches == [1, 1]
+    ref = np.einsum(eqs[1], np.asarray(x, np.float64), np.asarray(Q.dequantize(ops.LayerOf(q8, idx).take()), np.float64))
+    assert np.abs(np.asarray(outs[1], np.float64) - ref).max() / np.abs(ref).max() < 1e-5
