@@ -128,12 +128,19 @@ def main(argv=None) -> int:
             jax.clear_caches()  # the switch is read when a step is traced
             ops.PLAIN_KERNEL = kernel
             spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl=impl, batches=batches,
-                             contexts=(args.context,), phases=("decode", "decode_fused"), steps=16, samples=3)
+                             contexts=(args.context,), phases=("decode", "decode_fused"), steps=16, samples=3,
+                             profile_batches=(1,) if impl == "auto" else ())
             try:
                 res = run_bench(spec, ceilings=ceilings, progress=False)
                 for m in res.results:
-                    add({"part": "step", "impl": impl, "kernel": kernel, "phase": m.phase, "batch": m.batch,
-                         "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)})
+                    row = {"part": "step", "impl": impl, "kernel": kernel, "phase": m.phase, "batch": m.batch,
+                           "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)}
+                    prof = m.extras.get("breakdown")
+                    if prof:  # device time per op of one call (per-step: one step; fused: steps_per_call)
+                        row["profile"] = {"device_us_per_call": prof.get("device_us_per_call"),
+                                          "steps_per_call": prof.get("steps_per_call"),
+                                          "ops": prof.get("ops", [])[:25]}
+                    add(row)
             except Exception as e:
                 add({"part": "step", "impl": impl, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         ops.PLAIN_KERNEL = True
