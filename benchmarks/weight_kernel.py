@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         from jaxinfer.config import ModelConfig
 
         config = ModelConfig.from_preset(args.preset)
-        for impl, kernel, batches in (("xla", True, (1, 8, 32, 64)), ("auto", True, (1, 8, 16, 32, 64)),
+        for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),
                                       ("xla", False, (1, 8))):
             if over_budget():
                 break

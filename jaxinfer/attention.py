@@ -69,6 +69,8 @@ def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):
     free = {a for a in names if mesh.shape[a] > 1}
     if not free:
         return kernel(q, view, q_positions, kv_lengths, sliding_window)
+    if isinstance(view, DenseView):
+        view = DenseView(view.k, view.v)  # shards see their slice of the layer, not the stack
     B, N = q.shape[0], q.shape[2]
     K = view.k.shape[2] if isinstance(view, DenseView) else view.k_pages.shape[2]
     d = mesh.shape["data"] if "data" in free else 1
@@ -121,7 +123,11 @@ def _pallas(q, view, q_positions, kv_lengths, sliding_window):
                 sliding_window=sliding_window,
             )
         else:
-            out = pk.decode_attention(q[:, 0], view.k, view.v, lengths=kv_lengths, sliding_window=sliding_window)
+            if view.layer is not None:  # read the layer in place from the stacked cache
+                k, v, layer = view.stacked_k, view.stacked_v, view.layer
+            else:
+                k, v, layer = view.k, view.v, None
+            out = pk.decode_attention(q[:, 0], k, v, lengths=kv_lengths, layer=layer, sliding_window=sliding_window)
         return out[:, None]
     if isinstance(view, PagedView):
         view = gather_pages(view)

@@ -20,10 +20,15 @@ from .memory import check_fits
 
 @struct.dataclass
 class DenseView:
-    """One layer of a dense cache, as attention reads it: k, v `[B, S, K, H]`."""
+    """One layer of a dense cache, as attention reads it: k, v `[B, S, K, H]`. A cache's own view also
+    carries the whole stacked k, v `[L, B, S, K, H]` and the layer, so a kernel can read the layer in
+    place (the sliced k, v reach a kernel as copies; unused, XLA drops them)."""
 
     k: jax.Array
     v: jax.Array
+    stacked_k: jax.Array | None = None
+    stacked_v: jax.Array | None = None
+    layer: jax.Array | None = None
 
 
 @struct.dataclass
@@ -59,7 +64,7 @@ class KVCache:
         return self.k.shape[2]
 
     def view(self, layer) -> DenseView:
-        return DenseView(self.k[layer], self.v[layer])
+        return DenseView(self.k[layer], self.v[layer], self.k, self.v, jnp.asarray(layer, jnp.int32))
 
     def write(self, layer, k_new, v_new, positions, valid) -> "KVCache":
         """Store k/v `[B, T, K, H]` of one layer at `positions [B, T]` where `valid [B, T]`."""

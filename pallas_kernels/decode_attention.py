@@ -35,20 +35,25 @@ _DEFAULT_STAGES = 2
 def _decode_kernel(
     len_ref,  # [] int32
     q_ref,  # [G, H]
-    k_ref,  # [S, H] (strided view of one kv head)
-    v_ref,  # [S, H]
-    o_ref,  # [G, H] float32, unnormalised
-    m_ref,  # [G] float32, base-2 running max
-    l_ref,  # [G] float32, softmax denominator
-    *,
+    *refs,  # stacked: layer [1] int32, k and v [L, B, S, K, H] whole; else k, v [S, H] (one kv head's view)
+    # then o [G, H] float32 unnormalised, m [G] float32 base-2 running max, l [G] float32 denominator
     scale: float,
     window: int | None,
     softcap: float | None,
     block_k: int,
     num_splits: int,
+    stacked: bool,
 ):
+  if stacked:
+    layer_ref, k_ref, v_ref, o_ref, m_ref, l_ref = refs
+    layer, b, h = layer_ref[0], pl.program_id(0), pl.program_id(1)
+    seq_k = k_ref.shape[2]
+    kv_at = lambda ref, span: ref.at[layer, b, span, h, :]  # noqa: E731  read in place from the stack
+  else:
+    k_ref, v_ref, o_ref, m_ref, l_ref = refs
+    seq_k = k_ref.shape[0]
+    kv_at = lambda ref, span: ref.at[span, :]  # noqa: E731
   group, head_dim = q_ref.shape
-  seq_k = k_ref.shape[0]
   rows = max(MIN_DOT_ROWS, next_pow2(group))
   length = jnp.minimum(len_ref[()], seq_k)
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
@@ -61,8 +66,8 @@ def _decode_kernel(
     if window is not None:
       keep = keep & (length - 1 - kpos < window)  # the query sits at position length - 1
     span = pl.ds(start, block_k)
-    k = pltriton.load(k_ref.at[span, :], mask=keep[:, None], other=0)  # [bk, H]
-    v = pltriton.load(v_ref.at[span, :], mask=keep[:, None], other=0)
+    k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=0)  # [bk, H]
+    v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=0)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
@@ -76,10 +81,11 @@ def _decode_kernel(
 )
 def decode_attention(
     q: jax.Array,  # [B, N, H]
-    k: jax.Array,  # [B, S, K, H]
-    v: jax.Array,  # [B, S, K, H]
+    k: jax.Array,  # [B, S, K, H], or [L, B, S, K, H] with `layer`
+    v: jax.Array,  # like k
     *,
     lengths: jax.Array,  # [B] int, valid cache entries (the current token included)
+    layer: jax.Array | int | None = None,  # which layer of a stacked cache (int32 scalar)
     sliding_window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
@@ -93,10 +99,15 @@ def decode_attention(
 
   Keys at positions >= lengths[b] are never read; `sliding_window` keeps the last sliding_window
   keys; `softcap` maps logits s to softcap * tanh(s / softcap). A length of 0 gives zeros.
-  num_splits=None picks enough splits to fill the GPU.
+  num_splits=None picks enough splits to fill the GPU. With `layer`, k and v are a whole stacked cache
+  `[L, B, S, K, H]` and the kernel reads that layer in place (a sliced layer would reach it as a copy).
   """
-  if k.ndim != 4:
-    raise ValueError(f"k must be [B, S, K, H], got shape {k.shape}")
+  stacked = layer is not None
+  if k.ndim != (5 if stacked else 4):
+    raise ValueError(f"k must be {'[L, B, S, K, H] with a layer' if stacked else '[B, S, K, H]'}, got shape {k.shape}")
+  whole_k, whole_v = k, v
+  if stacked:
+    k, v = k[0], v[0]  # shapes for the checks; the kernel reads whole_k / whole_v
   check_decode_args(q, k, v, lengths, sliding_window=sliding_window, softcap=softcap,
                     num_splits=num_splits, block_k=block_k, num_warps=num_warps,
                     num_stages=num_stages, kv_name="")
@@ -112,19 +123,22 @@ def decode_attention(
 
   q = q.reshape(batch, num_kv_heads, group, head_dim)  # free: heads of a kv head are adjacent
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
-                             block_k=block_k, num_splits=num_splits)
+                             block_k=block_k, num_splits=num_splits, stacked=stacked)
+  specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
+           pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  if stacked:
+    specs += [pl.no_block_spec] * 3
+    args = (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v)
+  else:
+    specs += [pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0))] * 2
+    args = (k, v)
   run = split_k_decode_call(
       kernel,
-      [
-          pl.BlockSpec((None,), lambda b, h, s: (b,)),
-          pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
-          pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0)),
-          pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0)),
-      ],
+      specs,
       batch=batch, num_kv_heads=num_kv_heads, num_splits=num_splits, group=group,
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
       num_stages=num_stages or _DEFAULT_STAGES, interpret=interpret, name="decode_attention")
-  return run(lengths.astype(jnp.int32), q, k, v)
+  return run(lengths.astype(jnp.int32), q, *args)
 
 
 def decode_attention_reference(

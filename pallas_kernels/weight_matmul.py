@@ -20,8 +20,8 @@ The grid is (N / block_n, splits): each program streams one [K / splits, block_n
 dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes) and
 accumulates x @ W in float32 with the group scale applied to each group's partial product (and the offset
 times the group's sum of x). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
-combines: few rows mean few columns of programs, so K is split to fill the GPU. M is padded to a power of
-two >= 16 for the Triton dot.
+combines: few rows mean few columns of programs, so K is split to fill the GPU. The Triton dot takes a
+power of two >= 16 rows: x's missing rows load as zeros (masked), never as a padded copy.
 """
 from __future__ import annotations
 
@@ -104,10 +104,20 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
 
 
 def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
-  """x [Mp, Ks] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once. (Program ids
-  are read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
+  """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
+  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). (Program ids are read by
+  the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
+  m = x_ref.shape[0]
+  x_cols0 = split * n_steps * step
+
+  def load_x(start, width):  # [Mp, width] of x from column x_cols0 + start
+    idx = x_ref.at[pl.ds(0, mp), pl.ds(x_cols0 + start, width)]
+    if m == mp:
+      return pltriton.load(idx)
+    rows = lax.broadcasted_iota(jnp.int32, (mp, width), 0)
+    return pltriton.load(idx, mask=rows < m, other=0)
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
   groups_per_split = n_steps if group is not None else 0
 
@@ -122,8 +132,8 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
       hi = (packed >> 4).astype(jnp.float32)
       if m_ref is None:
         lo, hi = lo - 8.0, hi - 8.0
-      x_lo = x_ref[:, pl.ds(i * group, half)]  # [Mp, g/2]
-      x_hi = x_ref[:, pl.ds(i * group + half, half)]
+      x_lo = load_x(i * group, half)  # [Mp, g/2]
+      x_hi = load_x(i * group + half, half)
       part = pltriton.dot(x_lo, lo.astype(dt)) + pltriton.dot(x_hi, hi.astype(dt))  # [Mp, bn] f32
       part = part * group_rows(s_ref, i)
       if m_ref is not None:
@@ -134,7 +144,7 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
     w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
     if fmt != "plain":
       w = w.astype(jnp.float32).astype(dt)
-    part = pltriton.dot(x_ref[:, pl.ds(i * step, step)], w)
+    part = pltriton.dot(load_x(i * step, step), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
     return acc + part
@@ -238,7 +248,6 @@ def weight_matmuls(
   if K % splits or ks % stp or any(n % bn for n in widths):
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
   mp = max(MIN_DOT, _next_pow2(M))
-  xp = jnp.pad(x, ((0, mp - M), (0, 0))) if mp != M else x
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
   for (v, sc, off), n in zip(weights, widths):
@@ -250,13 +259,13 @@ def weight_matmuls(
   partials = pl.pallas_call(
       kernel,
       grid=(first, splits),
-      in_specs=[pl.no_block_spec, pl.BlockSpec((mp, ks), lambda j, s: (0, s))] + [pl.no_block_spec] * len(arrays),
+      in_specs=[pl.no_block_spec] * (2 + len(arrays)),
       out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
       out_shape=jax.ShapeDtypeStruct((splits, mp, sum(widths)), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"weight_matmul_{fmt}",
-  )(layer, xp, *arrays)
+  )(layer, x, *arrays)
   out = (partials[0] if splits == 1 else jnp.sum(partials, axis=0))[:M]
   starts = [sum(widths[:i]) for i in range(len(widths))]
   return tuple(out[:, a:a + n] for a, n in zip(starts, widths))

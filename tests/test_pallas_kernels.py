@@ -248,6 +248,20 @@ class TestDecodeAttention:
     _check(out, ref, dtype, what="decode pad")
     assert np.all(np.asarray(out[1], np.float32) == 0.0)
 
+  @pytest.mark.parametrize("interpret", MODES)
+  def test_one_layer_of_a_stacked_cache(self, interpret):
+    """With `layer`, the kernel reads that layer of a [L, B, S, K, H] cache in place; other layers
+    hold NaN and are never touched."""
+    rng = _rng()
+    batch, seq_k, blocks = self._shapes(interpret)
+    dtype = jnp.bfloat16
+    q, k, v, lengths = _decode_inputs(rng, batch, seq_k, 8, 2, 64, dtype)
+    nan = jnp.full_like(k, jnp.nan)
+    ks, vs = jnp.stack([nan, k, nan]), jnp.stack([nan, v, nan])
+    out = decode_attention(q, ks, vs, lengths=lengths, layer=jnp.int32(1), num_splits=2, **blocks,
+                           interpret=interpret)
+    _check(out, decode_attention_reference(q, k, v, lengths=lengths), dtype, what="decode stacked")
+
   def test_kv_go_straight_into_the_kernel(self):
     """No transposed (or any other) copy of K/V is made before the pallas_call."""
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
@@ -416,6 +430,9 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (functools.partial(weight_matmul, fmt="int4", group_size=64, interpret=False),
        (sds((48, 1024), bf16), sds((2, 512, 256), jnp.uint8), sds((2, 16, 256), jnp.float32),
         sds((2, 16, 256), jnp.float32)), dict(layer=sds((), i32))),
+      (functools.partial(decode_attention, layer=3),  # one layer of a stacked cache
+       (sds((2, 32, 128), bf16), sds((4, 2, 1024, 8, 128), bf16), sds((4, 2, 1024, 8, 128), bf16)),
+       dict(lengths=sds((2,), i32))),
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
