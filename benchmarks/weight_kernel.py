@@ -116,28 +116,6 @@ def main(argv=None) -> int:
     # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
     again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16) for name in ("kv", "gate")}
 
-    if "fma" in parts:  # batch-1 decode, one-row multiply-add path vs padded dot, per weight format
-        from jaxinfer.bench import BenchSpec, run_bench
-        from jaxinfer.config import ModelConfig
-
-        config = ModelConfig.from_preset(args.preset)
-        for quant in (None, "int8", "int4", "fp8"):
-            for fma in (True, False):
-                if over_budget():
-                    break
-                jax.clear_caches()
-                wm.ONE_ROW_FMA = fma
-                spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl="auto", quant=quant,
-                                 batches=(1,), contexts=(args.context,), phases=("decode",), steps=16, samples=3)
-                try:
-                    res = run_bench(spec, ceilings=ceilings, progress=False)
-                    for m in res.results:
-                        add({"part": "fma", "quant": quant or "bf16", "fma": fma, "batch": m.batch,
-                             "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)})
-                except Exception as e:
-                    add({"part": "fma", "quant": quant or "bf16", "fma": fma, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        wm.ONE_ROW_FMA = True
-
     if "step" in parts:
         from jaxinfer.bench import BenchSpec, run_bench
         from jaxinfer.config import ModelConfig

@@ -42,9 +42,6 @@ _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
 _WARPS = 4
 _STAGES = 3
-ONE_ROW_FMA = True  # one row (batch-1 decode): multiply-add the tile into a 2-D accumulator, no dot
-_FMA_STEP = 32  # rows per loop step in that mode (plain, per-column int8 / fp8)
-FMA_TILE = 4096  # float32 accumulator elements per program in that mode (32 registers a thread at 4 warps)
 
 
 def _pow2(x: int) -> bool:
@@ -55,24 +52,22 @@ def _next_pow2(x: int) -> int:
   return 1 << max(0, int(x) - 1).bit_length()
 
 
-def _block_n(n: int, rows: int = 1, widest: int | None = None) -> int | None:
-  if widest is None:
-    widest = _BLOCK_N if rows <= 64 else _BLOCK_N // 2  # 128 rows x 128 columns of float32 spill registers
+def _block_n(n: int, rows: int = 1) -> int | None:
+  widest = _BLOCK_N if rows <= 64 else _BLOCK_N // 2  # 128 rows x 128 columns of float32 spill registers
   for b in (widest, 64, 32, 16):
     if b <= widest and n % b == 0:
       return b
   return None
 
 
-def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1,
-         widest: int | None = None) -> tuple[int, int, int] | None:
+def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[int, int, int] | None:
   """(block_n, splits, step) for a K x N weight, or None when the shapes do not fit the kernel.
 
   Each split streams a power-of-two number of K rows, `step` rows per loop iteration (a whole group when
   grouped); splits grow until the grid has about TARGET_PROGRAMS programs, but no split gets fewer
   than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
   """
-  bn = _block_n(n, rows, widest)
+  bn = _block_n(n, rows)
   if bn is None:
     return None
   cands = []
@@ -106,48 +101,6 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
   if group is not None and (not _pow2(group) or group < 2 * MIN_DOT or k % group):
     return False
   return plan(k, n, fmt, group, rows) is not None
-
-
-def _stream_fma(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
-  """One row: x[0, split's columns] @ W[layer, split's rows, cols] -> o [1, bn] float32.
-
-  The tile (dequantized in float32) times x's matching entries is added into a [rows, bn] accumulator,
-  summed over rows once at the end: pure multiply-adds, no padded dot and no operand relayout."""
-  x_cols0 = split * n_steps * step
-  rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)
-  groups_per_split = n_steps if group is not None else 0
-
-  def x_col(start, width):  # [width, 1] float32
-    return x_ref[0, pl.ds(x_cols0 + start, width)].astype(jnp.float32)[:, None]
-
-  def group_rows(ref, i):  # [1, bn] float32
-    return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(jnp.float32)
-
-  def body(i, acc):
-    if fmt == "int4":
-      half = group // 2
-      packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
-      lo = (packed & 0x0F).astype(jnp.float32)
-      hi = (packed >> 4).astype(jnp.float32)
-      if m_ref is None:
-        lo, hi = lo - 8.0, hi - 8.0
-      x_lo, x_hi = x_col(i * group, half), x_col(i * group + half, half)
-      t = (x_lo * lo + x_hi * hi) * group_rows(s_ref, i)
-      if m_ref is not None:
-        t = t + (x_lo + x_hi) * group_rows(m_ref, i)
-      return acc + t
-    w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols].astype(jnp.float32)
-    t = x_col(i * step, step) * w
-    if group is not None:
-      t = t * group_rows(s_ref, i)
-    return acc + t
-
-  tile_rows = group // 2 if fmt == "int4" else step
-  acc = lax.fori_loop(0, n_steps, body, jnp.zeros((tile_rows, o_ref.shape[1]), jnp.float32))
-  out = jnp.sum(acc, axis=0, keepdims=True)  # [1, bn]
-  if s_ref is not None and group is None:
-    out = out * s_ref[layer, pl.ds(0, 1), cols].astype(jnp.float32)
-  o_ref[...] = out
 
 
 def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
@@ -202,7 +155,7 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
   o_ref[...] = acc
 
 
-def _kernel(layer_ref, x_ref, *refs, parts, block_n, fma, **stream):
+def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
   """One program: column block j of the concatenated parts' outputs, split s of K.
 
   `parts` holds, per weight, (first column block, end column block, has scales, has offsets); the
@@ -218,12 +171,11 @@ def _kernel(layer_ref, x_ref, *refs, parts, block_n, fma, **stream):
     m_ref = refs[k + 1 + has_s] if has_m else None
     k += 1 + has_s + has_m
     cols = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
-    run = functools.partial(_stream_fma if fma else _stream, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref,
-                            cols, **stream)
     if len(parts) == 1:
-      run()
+      _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
     else:
-      pl.when((j >= first) & (j < end))(run)
+      pl.when((j >= first) & (j < end))(
+          functools.partial(_stream, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
 
 
 def _stacked(a, ndim: int):
@@ -257,7 +209,7 @@ def _check_part(x, fmt, g, values, scales, offsets):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
-                                             "num_warps", "num_stages", "fma", "interpret"))
+                                             "num_warps", "num_stages", "interpret"))
 def weight_matmuls(
     x: jax.Array,  # [M, K] bf16 / f16 / f32
     weights: tuple,  # per weight (values, scales, offsets): see `weight_matmul`; one format for all
@@ -270,7 +222,6 @@ def weight_matmuls(
     step: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fma: bool | None = None,
     interpret: bool | None = None,
 ) -> tuple:  # per weight: [M, N_i] float32
   """x @ dequantize(W_i[layer]) for several weights sharing x and K, in one launch (the q/k/v or
@@ -285,31 +236,25 @@ def weight_matmuls(
   widths = [w[0].shape[-1] for w in weights]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  fma = (ONE_ROW_FMA if fma is None else fma) and M == 1
-  # one-row mode: the accumulator holds a whole tile, so tiles are narrower (FMA_TILE elements)
-  tile_rows = (g // 2 if fmt == "int4" else g) if g is not None else (step or _FMA_STEP)
-  widest = max(16, min(_BLOCK_N * 2, FMA_TILE // tile_rows)) if fma else None
-  bn, splits, stp = plan(K, sum(widths), fmt, g, M, widest)
+  bn, splits, stp = plan(K, sum(widths), fmt, g, M)
   if any(n % bn for n in widths):
-    bn = min(_block_n(n, M, widest) for n in widths)
+    bn = min(_block_n(n, M) for n in widths)
   bn, splits = block_n or bn, num_splits or splits
   if g is not None:
     stp = g
-  elif fma:
-    stp = min(step or _FMA_STEP, K // splits)
   elif step is not None or num_splits is not None:
     stp = min(step or _BLOCK_K, K // splits)
   ks = K // splits
   if K % splits or ks % stp or any(n % bn for n in widths):
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
-  mp = 1 if fma else max(MIN_DOT, _next_pow2(M))
+  mp = max(MIN_DOT, _next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
   for (v, sc, off), n in zip(weights, widths):
     parts.append((first, first + n // bn, sc is not None, off is not None))
     first += n // bn
     arrays += [a for a in (v, sc, off) if a is not None]
-  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fma=fma, fmt=fmt, group=g, step=stp,
+  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
                              n_steps=ks // stp)
   partials = pl.pallas_call(
       kernel,

@@ -436,9 +436,6 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
-      (functools.partial(weight_matmul, fmt="int4", group_size=128, interpret=False),  # one row: multiply-add
-       (sds((1, 4096), bf16), sds((3, 2048, 14336), jnp.uint8), sds((3, 32, 14336), bf16),
-        sds((3, 32, 14336), bf16)), dict(layer=sds((), i32))),
       (functools.partial(weight_matmul, fmt="int8", group_size=None, interpret=False),
        (sds((128, 512), bf16), sds((512, 256), jnp.int8), sds((1, 256), jnp.float32)), {}),
   ]

@@ -89,10 +89,6 @@ def test_kernel_matches_float64(interpret, M, K, N, fmt, group, zp, layers):
     assert out.shape == ref.shape and not np.isnan(out).any()
     err = np.abs(out - ref).max() / np.abs(ref).max()
     assert err < 1e-5, err  # bf16 x and codes are exact in the dot; float32 accumulation only
-    if M == 1:  # one row takes the multiply-add path by default; the dot path must agree too
-        dot = wm.weight_matmul(x, values, scales, offsets, layer, fmt=fmt, group_size=group, fma=False,
-                               interpret=interpret)
-        assert np.abs(np.asarray(dot, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
     # the jnp reference agrees with numpy too
     jref = wm.weight_matmul_reference(x, values, scales, offsets, layer, fmt=fmt, group_size=group)
     assert np.abs(np.asarray(jref, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
