@@ -23,6 +23,7 @@ from .bundle import Model
 from .cache import KVCache, init_cache
 from .config import ModelConfig
 from .model import forward
+from .quant.qarray import compute_dtype
 from .sampling import Sampling, sample, sequence_keys
 from .sharding import init_cache_on, mesh_of
 
@@ -216,7 +217,7 @@ def _prepare(model: Model, prompts, max_new_tokens, stop_ids, max_len) -> _Reque
 
 
 def _start(model: Model, req: _Request, impl: str, cache_dtype):
-    dtype = cache_dtype or jax.tree.leaves(model.params)[0].dtype
+    dtype = cache_dtype or compute_dtype(model.params)  # a quantized tree's leaves are codes and scales
     cache = init_cache_on(mesh_of(model.params), model.config, len(req.lengths), req.max_len, dtype)
     return prefill(model.params, cache, req.tokens, req.lengths, config=model.config, impl=impl)
 

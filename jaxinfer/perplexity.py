@@ -20,6 +20,7 @@ from .bundle import Model
 from .cache import init_cache
 from .config import ModelConfig
 from .model import forward
+from .quant.qarray import compute_dtype
 
 WINDOWS_PER_BATCH = 4
 
@@ -49,7 +50,7 @@ def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, i
 @functools.partial(jax.jit, static_argnames=("config", "impl"))
 def _token_nll(params, tokens, lengths, *, config: ModelConfig, impl):
     """NLL of tokens[:, t+1] given tokens[:, :t+1], for every t: [B, T-1] float32."""
-    cache = init_cache(config, tokens.shape[0], tokens.shape[1], jax.tree.leaves(params)[0].dtype)
+    cache = init_cache(config, tokens.shape[0], tokens.shape[1], compute_dtype(params))
     logits, _ = forward(params, cache, tokens, lengths, config=config, impl=impl)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]

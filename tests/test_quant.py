@@ -4,6 +4,8 @@ Round trips are checked against bounds derived in numpy float64 from each format
 packed int4 layout against an independent numpy unpacking of the bytes.
 """
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -425,3 +427,17 @@ def test_gguf_keep_quantized_is_exact(tmp_path):
                                   np.asarray(p1.params["layers"]["w_down"]))
     with pytest.raises(ValueError, match="keep_quantized applies to GGUF files"):
         ji.load("tiny", keep_quantized=True)
+
+
+def test_cache_takes_the_compute_dtype_of_a_quantized_tree(params, monkeypatch):
+    """The cache of a bf16 tree whose first leaf is a quantized embedding (float32 scales) is bf16."""
+    gen = importlib.import_module("jaxinfer.generate")  # the package exports a function of that name
+
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    qp = Q.quantize(bf, Q.Recipe("int8", None, embed=True, scale_dtype="float32"))
+    assert jax.tree.leaves(qp)[0].dtype == jnp.float32  # what the cache dtype was once read from
+    seen = []
+    real = gen.init_cache_on
+    monkeypatch.setattr(gen, "init_cache_on", lambda *a: seen.append(a[-1]) or real(*a))
+    ji.generate(ji.Model(config=CONFIG, params=qp), [[1, 2, 3]], max_new_tokens=2)
+    assert seen == [jnp.bfloat16]
