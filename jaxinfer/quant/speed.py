@@ -12,23 +12,23 @@ each. Prints a table and ends with one JSON line. Uses the bench runner's timing
 
 Measured on one NVIDIA H200 (jax 0.11.2, 2026-11-26; llama-3-8b random weights, decode context 1024,
 ms per step, each ratio against bf16 in the same run; run 1 at commit 22042d3, run 2 = 22042d3 + the int4
-`qgemv` and bf16-out fp8 dots; "int4" = groups of 128 with offsets):
-| case | run 1 | run 2 | target |
-| --- | --- | --- | --- |
-| batch 1, bf16 (XLA attention) | 6.393 | 6.380 | |
-| batch 1, int8 | 5.839 (1.09x, dequantize in gemv) | 6.366 (1.00x, codes + output scale) | 1.8x |
-| batch 1, int4 | 10.348 (0.62x, gemv over dequantized) | 5.464 (1.17x, `qgemv`) | 3.0x |
-| batch 1, int4-g64 | - | 5.789 (1.10x) | |
-| batch 1, fp8 | 5.761 (1.11x, dequantize in gemv) | 5.158 (1.24x, codes + output scale) | |
-| batch 1, int4 through the Pallas kernel | - | 9.778 (0.65x: the scanned slice is copied first) | |
-| batch 16, bf16 / int4 kernel / int8 kernel (XLA attention) | 16.27 / 13.23 / 13.16 | 16.17 / 13.22 / - | |
-| batch 16, bf16 / int4 kernel / int8 kernel (Pallas attention) | - | 13.51 / 10.56 (1.28x) / 10.48 (1.29x) | 2.0x |
-| batch 16, int4 dequantize + dot / kernel with 8 warps (Pallas attention) | - | 12.56 / 11.75 | |
-| prefill 4096, bf16 / fp8 (cuDNN attention) | 113.4 / 85.3 (1.33x) | 111.8 / 78.3 (1.43x) | 1.5x |
-| prefill 4096, fp8 with float32 dot output | - | 83.1 (1.35x) | |
-The kernel passed its 7 native tests in run 1. None of the speed targets is met: see the report in
-the quantization issue (every layer's weight reaches `ops.matmul` as the scan's slice; reductions over it
-run at a rate that does not scale with fewer bytes, and a kernel gets a copied slice).
+`qgemv` and bf16-out fp8 dots, run 3 at 4c0e44a (session 2): every decode product of 1-64 rows through the
+Pallas kernel reading the layer in place, bf16 included (raw: benchmarks/results/2026-11-26-h200-s2/);
+"int4" = groups of 128 with offsets):
+| case | run 1 | run 2 | run 3 | target |
+| --- | --- | --- | --- | --- |
+| batch 1, bf16 (XLA attention) | 6.393 | 6.380 | 5.487 | |
+| batch 1, int8 | 5.839 (1.09x, dequantize in gemv) | 6.366 (1.00x, codes + output scale) | 4.918 (1.12x, kernel) | 1.8x |
+| batch 1, int4 | 10.348 (0.62x, gemv over dequantized) | 5.464 (1.17x, `qgemv`) | 6.085 (0.90x, kernel); 5.212 (1.05x, qgemv) | 3.0x |
+| batch 1, int4-g64 | - | 5.789 (1.10x) | 7.331 (0.75x, kernel) | |
+| batch 1, fp8 | 5.761 (1.11x, dequantize in gemv) | 5.158 (1.24x, codes + output scale) | 5.469 (1.00x, kernel) | |
+| batch 16, bf16 / int4 / int8 (Pallas attention) | - | 13.51 / 10.56 (1.28x) / 10.48 (1.29x) | 5.453 / 6.092 (0.90x) / 4.873 (1.12x) | 2.0x |
+| prefill 4096, bf16 / fp8 (cuDNN attention) | 113.4 / 85.3 (1.33x) | 111.8 / 78.3 (1.43x) | 113.0 / 75.6 (1.49x) | 1.5x |
+Run 3's bf16 baseline is itself 1.2-2.5x faster than before (the kernel removed the per-layer weight copies),
+so the quantized formats gained in milliseconds but lost in ratio: through the kernel they are limited by
+dequantizing each tile before the dot, not by bytes (pallas_kernels/NOTES.md). With `impl="auto"` in the
+same session (run S2-6): bf16 4.951, int8 4.369 (1.13x), fp8 4.898 (1.01x), int4 5.539 (0.89x) ms.
+None of the speed targets is met; quality is (tests/test_quant_quality.py).
 """
 
 from __future__ import annotations
