@@ -27,7 +27,9 @@ def check_impl(impl: str) -> str:
 def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla"):
     """Causal attention of `q [B,T,N,H]` at `q_positions [B,T]` over cached keys `< kv_lengths [B]`."""
     check_impl(impl)
-    if isinstance(view, QuantDenseView):  # int8 / fp8 cache: the XLA path reads the codes (no kernel yet)
+    if isinstance(view, QuantDenseView):  # int8 / fp8 cache: the decode kernel or the XLA path read the codes
+        if _quantized_kernel_applies(impl, q, view):
+            return _pallas_quantized_decode(q, view, kv_lengths, sliding_window)
         return quantized_attention(q, view, q_positions, kv_lengths, sliding_window=sliding_window)
     chosen = _resolve(impl, q, view)
     if chosen == "pallas":
@@ -53,6 +55,27 @@ def _resolve(impl, q, view) -> str:
     if impl == "cudnn" and isinstance(view, DenseView) and _cudnn_supports(q):
         return "cudnn"
     return "xla"
+
+
+def _quantized_kernel_applies(impl, q, view) -> bool:
+    """The Pallas decode kernel on an int8 / fp8 cache: one query token, `pallas`/`auto` on a GPU, the
+    cache's own view (stacked, read in place), and no mesh axis to split it over (XLA partitions there)."""
+    if impl not in ("pallas", "auto") or jax.default_backend() != "gpu" or q.shape[1] != 1 or view.layer is None:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and any(n > 1 for a, n in mesh.shape.items() if a not in mesh.manual_axes):
+        return False
+    H = q.shape[-1]
+    return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _pallas_quantized_decode(q, view, kv_lengths, sliding_window):
+    import pallas_kernels as pk
+
+    k, v, k_scale, v_scale = view.stacked
+    out = pk.decode_attention(q[:, 0], k, v, lengths=kv_lengths, layer=view.layer, k_scale=k_scale,
+                              v_scale=v_scale, sliding_window=sliding_window)
+    return out[:, None]
 
 
 def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):

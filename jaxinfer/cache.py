@@ -128,6 +128,8 @@ class QuantDenseView:
     v: jax.Array
     k_scale: jax.Array
     v_scale: jax.Array
+    stacked: tuple | None = None  # the cache's (k, v, k_scale, v_scale) `[L, ...]`, for kernels (as DenseView)
+    layer: jax.Array | None = None
 
 
 @struct.dataclass
@@ -151,7 +153,8 @@ class QuantKVCache:
         return self.k.shape[2]
 
     def view(self, layer) -> QuantDenseView:
-        return QuantDenseView(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer])
+        return QuantDenseView(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer],
+                              (self.k, self.v, self.k_scale, self.v_scale), jnp.asarray(layer, jnp.int32))
 
     def write(self, layer, k_new, v_new, positions, valid) -> "QuantKVCache":
         """Quantize k/v `[B, T, K, H]` per token and head, store codes and scales where `valid`."""

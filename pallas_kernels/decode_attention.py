@@ -36,23 +36,29 @@ def _decode_kernel(
     len_ref,  # [] int32
     q_ref,  # [G, H]
     *refs,  # stacked: layer [1] int32, k and v [L, B, S, K, H] whole; else k, v [S, H] (one kv head's view)
-    # then o [G, H] float32 unnormalised, m [G] float32 base-2 running max, l [G] float32 denominator
+    # quantized: then k and v scales ([L, B, S, K] whole, or [S]); then o [G, H] float32 unnormalised,
+    # m [G] float32 base-2 running max, l [G] float32 denominator
     scale: float,
     window: int | None,
     softcap: float | None,
     block_k: int,
     num_splits: int,
     stacked: bool,
+    quantized: bool,
 ):
   if stacked:
-    layer_ref, k_ref, v_ref, o_ref, m_ref, l_ref = refs
+    layer_ref, *refs = refs
     layer, b, h = layer_ref[0], pl.program_id(0), pl.program_id(1)
-    seq_k = k_ref.shape[2]
     kv_at = lambda ref, span: ref.at[layer, b, span, h, :]  # noqa: E731  read in place from the stack
+    scale_at = lambda ref, span: ref.at[layer, b, span, h]  # noqa: E731
+  else:
+    kv_at = lambda ref, span: ref.at[span, :]  # noqa: E731
+    scale_at = lambda ref, span: ref.at[span]  # noqa: E731
+  if quantized:
+    k_ref, v_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref = refs
   else:
     k_ref, v_ref, o_ref, m_ref, l_ref = refs
-    seq_k = k_ref.shape[0]
-    kv_at = lambda ref, span: ref.at[span, :]  # noqa: E731
+  seq_k = k_ref.shape[2 if stacked else 0]
   group, head_dim = q_ref.shape
   rows = max(MIN_DOT_ROWS, next_pow2(group))
   length = jnp.minimum(len_ref[()], seq_k)
@@ -68,6 +74,11 @@ def _decode_kernel(
     span = pl.ds(start, block_k)
     k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=0)  # [bk, H]
     v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=0)
+    if quantized:  # int8 / fp8 codes times their per-token scale, in registers: no dequantized copy
+      ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
+      vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
+      k = (k.astype(jnp.float32) * ks[:, None]).astype(q.dtype)
+      v = (v.astype(jnp.float32) * vs[:, None]).astype(q.dtype)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
@@ -86,6 +97,8 @@ def decode_attention(
     *,
     lengths: jax.Array,  # [B] int, valid cache entries (the current token included)
     layer: jax.Array | int | None = None,  # which layer of a stacked cache (int32 scalar)
+    k_scale: jax.Array | None = None,  # int8 / fp8 k and v: float32 scales [(L,) B, S, K], key = k * scale
+    v_scale: jax.Array | None = None,
     sliding_window: int | None = None,
     softcap: float | None = None,
     scale: float | None = None,
@@ -101,6 +114,7 @@ def decode_attention(
   keys; `softcap` maps logits s to softcap * tanh(s / softcap). A length of 0 gives zeros.
   num_splits=None picks enough splits to fill the GPU. With `layer`, k and v are a whole stacked cache
   `[L, B, S, K, H]` and the kernel reads that layer in place (a sliced layer would reach it as a copy).
+  With `k_scale`/`v_scale`, k and v are int8 / fp8 codes, dequantized tile by tile in registers.
   """
   stacked = layer is not None
   if k.ndim != (5 if stacked else 4):
@@ -108,6 +122,16 @@ def decode_attention(
   whole_k, whole_v = k, v
   if stacked:
     k, v = k[0], v[0]  # shapes for the checks; the kernel reads whole_k / whole_v
+  quantized = k_scale is not None or v_scale is not None
+  if quantized:
+    if k.dtype not in (jnp.int8, jnp.float8_e4m3fn) or v.dtype != k.dtype:
+      raise ValueError(f"a quantized cache holds int8 or float8_e4m3fn codes, got {k.dtype} and {v.dtype}")
+    want = whole_k.shape[:-1]
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+      if sc is None or sc.shape != want or sc.dtype != jnp.float32:
+        raise ValueError(f"{name} must be float32 of shape {want} (one scale per token per kv head), got "
+                         f"{None if sc is None else (sc.shape, sc.dtype)}")
+    k = v = jax.ShapeDtypeStruct(k.shape, q.dtype)  # the checks below see the dequantized dtype
   check_decode_args(q, k, v, lengths, sliding_window=sliding_window, softcap=softcap,
                     num_splits=num_splits, block_k=block_k, num_warps=num_warps,
                     num_stages=num_stages, kv_name="")
@@ -123,15 +147,17 @@ def decode_attention(
 
   q = q.reshape(batch, num_kv_heads, group, head_dim)  # free: heads of a kv head are adjacent
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
-                             block_k=block_k, num_splits=num_splits, stacked=stacked)
+                             block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized)
   specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
            pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  scales = (k_scale, v_scale) if quantized else ()
   if stacked:
-    specs += [pl.no_block_spec] * 3
-    args = (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v)
+    specs += [pl.no_block_spec] * (3 + len(scales))
+    args = (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v, *scales)
   else:
     specs += [pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0))] * 2
-    args = (k, v)
+    specs += [pl.BlockSpec((None, seq_k, None), lambda b, h, s: (b, 0, h))] * len(scales)
+    args = (whole_k, whole_v, *scales)
   run = split_k_decode_call(
       kernel,
       specs,

@@ -262,6 +262,31 @@ class TestDecodeAttention:
                            interpret=interpret)
     _check(out, decode_attention_reference(q, k, v, lengths=lengths), dtype, what="decode stacked")
 
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+  @pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stacked"])
+  def test_quantized_cache(self, interpret, code_dtype, stacked):
+    """int8 / fp8 codes with per-token scales, dequantized in the kernel, equal attention over the
+    dequantized values (bf16 rounding of each dequantized tile is the only difference)."""
+    from jaxinfer.cache import quantize_kv
+
+    rng = _rng()
+    batch, seq_k, blocks = self._shapes(interpret)
+    q, k, v, lengths = _decode_inputs(rng, batch, seq_k, 8, 2, 64, jnp.bfloat16)
+    (kc, ks), (vc, vs) = quantize_kv(k, code_dtype), quantize_kv(v, code_dtype)
+    deq = lambda c, sc: c.astype(jnp.float32) * sc[..., None]  # noqa: E731
+    ref = decode_attention_reference(q.astype(jnp.float32), deq(kc, ks), deq(vc, vs), lengths=lengths)
+    if stacked:
+      junk = lambda a: jnp.stack([jnp.zeros_like(a), a])  # noqa: E731  layer 0 is never read
+      args, kw = (junk(kc), junk(vc)), dict(k_scale=junk(ks), v_scale=junk(vs), layer=jnp.int32(1))
+    else:
+      args, kw = (kc, vc), dict(k_scale=ks, v_scale=vs)
+    out = decode_attention(q, *args, lengths=lengths, num_splits=2, **kw, **blocks, interpret=interpret)
+    assert out.dtype == q.dtype
+    _check(out, ref, jnp.bfloat16, what=f"decode {jnp.dtype(code_dtype).name}")
+    with pytest.raises(ValueError, match="k_scale"):
+      decode_attention(q, kc, vc, lengths=lengths, k_scale=ks[:, :1], v_scale=vs, interpret=True)
+
   def test_kv_go_straight_into_the_kernel(self):
     """No transposed (or any other) copy of K/V is made before the pallas_call."""
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
@@ -433,6 +458,10 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (functools.partial(decode_attention, layer=3),  # one layer of a stacked cache
        (sds((2, 32, 128), bf16), sds((4, 2, 1024, 8, 128), bf16), sds((4, 2, 1024, 8, 128), bf16)),
        dict(lengths=sds((2,), i32))),
+      (functools.partial(decode_attention, layer=1),  # int8 codes + scales, one layer of a stacked cache
+       (sds((2, 32, 128), bf16), sds((2, 2, 1024, 8, 128), jnp.int8), sds((2, 2, 1024, 8, 128), jnp.int8)),
+       dict(lengths=sds((2,), i32), k_scale=sds((2, 2, 1024, 8), jnp.float32),
+            v_scale=sds((2, 2, 1024, 8), jnp.float32))),
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
