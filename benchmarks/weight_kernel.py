@@ -9,6 +9,7 @@ model's decode step with and without it, every number against the copy bandwidth
   multiply + reduce `ops.gemv` (`gemv`), and a dot on an unstacked weight (`dot-whole`, no slice at all).
 - `rows`: the same sweep at 8-64 rows against the dot on the slice. `qkv` and `gateup` are a layer's
   products sharing one input in one launch (`weight_matmuls`).
+- `kvq`: the decode step (`auto`) at batch 16 and 64, context 4096, over a bf16, int8 and fp8 KV cache.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -115,6 +116,23 @@ def main(argv=None) -> int:
     stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
     # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
     again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16) for name in ("kv", "gate")}
+
+    if "kvq" in parts:  # the decode step over a bf16 vs int8 / fp8 KV cache (read by the Pallas kernel)
+        from jaxinfer.bench import BenchSpec, run_bench
+        from jaxinfer.config import ModelConfig
+
+        config = ModelConfig.from_preset(args.preset)
+        for kv in (None, "int8", "float8_e4m3fn"):
+            if over_budget():
+                break
+            spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl="auto", kv_dtype=kv,
+                             batches=(16, 64), contexts=(4096,), phases=("decode",), steps=16, samples=3)
+            try:
+                for m in run_bench(spec, ceilings=ceilings, progress=False).results:
+                    add({"part": "kvq", "kv": kv or "bf16", "batch": m.batch, "context": 4096,
+                         "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)})
+            except Exception as e:
+                add({"part": "kvq", "kv": kv or "bf16", "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
     if "step" in parts:
         from jaxinfer.bench import BenchSpec, run_bench

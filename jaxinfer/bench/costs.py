@@ -81,8 +81,10 @@ def streamed_weight_bytes(config: ModelConfig, dtype, quant: str | None = None, 
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype) -> int:
-    """Bytes of keys plus values one token occupies in the cache, over all layers."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
+    """Bytes of keys plus values one token occupies in the cache, over all layers (a one-byte int8 / fp8
+    cache also stores a float32 scale per token per kv head)."""
+    per_head = config.head_dim * dtype_bytes(dtype) + (4 if dtype_bytes(dtype) == 1 else 0)
+    return 2 * config.num_layers * config.num_kv_heads * per_head
 
 
 def attention_flops(config: ModelConfig, batch: int, q_len: int, kv_before: int) -> float:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, init_cache
+from ..cache import KVCache, QuantKVCache, init_cache, quantize_kv
 from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
@@ -62,6 +62,7 @@ class BenchSpec:
     gpu_hour_price: float | None = None
     seed: int = 0
     profile_batches: tuple[int, ...] = ()  # decode batches to trace kernel by kernel
+    kv_dtype: str | None = None  # decode cache dtype: None = `dtype`; "int8" / "float8_e4m3fn" quantized
 
     def __post_init__(self):
         bad = [p for p in self.phases if p not in PHASES]
@@ -169,14 +170,24 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
     return params
 
 
-def random_cache(config: ModelConfig, batch: int, max_len: int, context: int, dtype, seed: int = 1) -> KVCache:
-    """A dense cache holding `context` tokens of random keys/values (decode timing needs no prefill)."""
+def random_cache(config: ModelConfig, batch: int, max_len: int, context: int, dtype, seed: int = 1,
+                 kv_dtype: str | None = None):
+    """A dense cache holding `context` tokens of random keys/values (decode timing needs no prefill);
+    `kv_dtype` "int8" / "float8_e4m3fn": a quantized cache of the same random values."""
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     kk, kv = jax.random.split(jax.random.key(seed, impl="rbg"))
+    lengths = jnp.full((batch,), context, jnp.int32)
     # One layer's worth of random values repeated over layers: the draw stays under 2^31 elements
     # (an 8B model at batch 128 holds 4.4e9 per tensor); every layer still reads its own memory.
+    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
+        def quantized(k):
+            codes, scales = quantize_kv(jax.random.normal(k, shape[1:], dtype), jnp.dtype(kv_dtype))
+            return jnp.broadcast_to(codes, shape), jnp.broadcast_to(scales, shape[:-1])
+
+        (k, ks), (v, vs) = jax.jit(quantized)(kk), jax.jit(quantized)(kv)
+        return QuantKVCache(k=k, v=v, k_scale=ks, v_scale=vs, lengths=lengths)
     fill = jax.jit(lambda k: jnp.broadcast_to(jax.random.normal(k, shape[1:], dtype), shape))
-    return KVCache(k=fill(kk), v=fill(kv), lengths=jnp.full((batch,), context, jnp.int32))
+    return KVCache(k=fill(kk), v=fill(kv), lengths=lengths)
 
 
 def _key(seed: int):
@@ -212,7 +223,8 @@ def _decode_call(params, spec: BenchSpec, batch: int, context: int):
     """The per-step loop: `decode_step` then an on-device argmax fed back; nothing leaves the device."""
     config = spec.config
     state = {
-        "cache": random_cache(config, batch, spec.max_len("decode", context), context, spec.jnp_dtype, spec.seed + 1),
+        "cache": random_cache(config, batch, spec.max_len("decode", context), context, spec.jnp_dtype, spec.seed + 1,
+                              spec.kv_dtype),
         "tok": jax.random.randint(_key(spec.seed + 3), (batch,), 1, config.vocab_size, jnp.int32),
     }
 
@@ -237,7 +249,7 @@ def _fused_call(params, spec: BenchSpec, batch: int, context: int):
     config = spec.config
     capacity = _gen.bucket(spec.steps)
     state = {"cache": random_cache(config, batch, spec.max_len("decode_fused", context), context,
-                                   spec.jnp_dtype, spec.seed + 1)}
+                                   spec.jnp_dtype, spec.seed + 1, spec.kv_dtype)}
     first = jax.random.normal(_key(spec.seed + 5), (batch, config.vocab_size), jnp.float32)
     args = dict(keys=sequence_keys(spec.seed, batch), sampling=Sampling().for_batch(batch),
                 stop_ids=jnp.full((8,), -2, jnp.int32), max_new=jnp.full((batch,), capacity, jnp.int32))
@@ -261,7 +273,8 @@ def _time_decode(params, spec: BenchSpec, phase: str, batch: int, context: int):
     calls = steps_per_call if phase == "decode" else 1
     timing = time_calls(call, calls=calls, samples=spec.samples, warmup=2, before_sample=rewind)
     seconds = timing.median * calls / steps_per_call
-    cost = costs.decode_cost(spec.config, batch, mean_context, spec.jnp_dtype, spec.quant)
+    cost = costs.decode_cost(spec.config, batch, mean_context, spec.jnp_dtype, spec.quant,
+                             jnp.dtype(spec.kv_dtype) if spec.kv_dtype else None)
     breakdown = None
     if batch in spec.profile_batches:
         text = hlo()
