@@ -64,6 +64,7 @@ def _decode_kernel(
   length = jnp.minimum(len_ref[()], seq_k)
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
   q = load_q_tile(q_ref, rows)  # [rows, H]
+  zero = 0.0 if jnp.issubdtype(k_ref.dtype, jnp.floating) else 0  # Triton cannot cast an int to fp8
 
   def body(j, carry):
     start = j * block_k
@@ -72,8 +73,8 @@ def _decode_kernel(
     if window is not None:
       keep = keep & (length - 1 - kpos < window)  # the query sits at position length - 1
     span = pl.ds(start, block_k)
-    k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=0)  # [bk, H]
-    v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=0)
+    k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=zero)  # [bk, H]
+    v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=zero)
     if quantized:  # int8 / fp8 codes times their per-token scale, in registers: no dequantized copy
       ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)

@@ -462,6 +462,9 @@ def test_kernels_lower_to_triton_on_the_cpu():
        (sds((2, 32, 128), bf16), sds((2, 2, 1024, 8, 128), jnp.int8), sds((2, 2, 1024, 8, 128), jnp.int8)),
        dict(lengths=sds((2,), i32), k_scale=sds((2, 2, 1024, 8), jnp.float32),
             v_scale=sds((2, 2, 1024, 8), jnp.float32))),
+      (decode_attention,  # fp8 codes (a masked fp8 load needs a float fill value)
+       (sds((2, 32, 128), bf16), sds((2, 1000, 8, 128), jnp.float8_e4m3fn), sds((2, 1000, 8, 128), jnp.float8_e4m3fn)),
+       dict(lengths=sds((2,), i32), k_scale=sds((2, 1000, 8), jnp.float32), v_scale=sds((2, 1000, 8), jnp.float32))),
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
