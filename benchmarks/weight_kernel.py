@@ -206,6 +206,51 @@ def main(argv=None) -> int:
                     product_row("sweep", name, 1, label, product)
             sweep(name, 1)
 
+    if "qsweep" in parts:  # quantized formats: block sweeps on gate+up and down, 1 and 16 rows
+        from jaxinfer.quant import quantize_array
+
+        formats = {"int8": ("int8", None, False), "int4": ("int4", 128, True)}
+        for fmt_name, (fmt, group, zp) in formats.items():
+            qs = {}
+            for name in ("gate", "down"):
+                for key, src in ((name, stacks[name]), (name + "2", again.get(name))):
+                    if src is not None:
+                        q = quantize_array(src.astype(jnp.float32), fmt, (1,), group, zero_point=zp)
+                        n = SHAPES[name][1]
+                        qs[key] = (q.values, q.scales.reshape(LAYERS, -1, n), q.offsets)
+            for name, parts_ in (("gateup", ("gate", "gate2")), ("down", ("down",))):
+                ws = tuple(qs[p] for p in parts_)
+                nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
+                k = SHAPES["gate" if name == "gateup" else "down"][0]
+                n = sum(SHAPES["gate" if name == "gateup" else "down"][1] for _ in parts_)
+                for M in (1, 16):
+                    bn0, s0, _ = wm.plan(k, n, fmt, group, M)
+                    seen = set()
+                    for bn, sf, warps, stages, step in itertools.product(
+                            (128, 256), (0.5, 1, 2), (4, 8), (3, 5), (None, 256) if group is None else (None,)):
+                        splits = max(1, int(s0 * sf))
+                        if over_budget() or (warps == 8 and (sf != 1 or stages != 3)) or k % splits:
+                            continue
+                        cfg = (bn, splits, warps, stages, step)
+                        if cfg in seen:
+                            continue
+                        seen.add(cfg)
+                        label = f"{fmt_name} bn{bn} s{splits} w{warps} st{stages}" + (f" step{step}" if step else "")
+                        prod = lambda x, w, i, c=cfg: wm.weight_matmuls(  # noqa: E731
+                            x, w, i, fmt=fmt, group_size=group, block_n=c[0], num_splits=c[1], num_warps=c[2],
+                            num_stages=c[3], step=c[4])[0]
+                        x = jax.random.normal(jax.random.key(1), (M, k), jnp.bfloat16)
+                        try:
+                            wall, dev = chain_seconds(prod, x, ws)
+                            t = dev or wall
+                            add({"part": "qsweep", "weight": f"{name}-{fmt_name}", "rows": M, "variant": label,
+                                 "default": (bn, splits) == (bn0, s0) and warps == 4 and stages == 3 and not step,
+                                 "us": round(t * 1e6, 2), "tb_s": round(nbytes / t / 1e12, 3),
+                                 "of_copy": round(nbytes / t / copy, 3)})
+                        except Exception as e:
+                            add({"part": "qsweep", "weight": f"{name}-{fmt_name}", "rows": M, "variant": label,
+                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+
     if "rows" in parts:
         for M in (8, 16, 32, 64):
             for name in ("gateup", "down"):
