@@ -3,13 +3,14 @@
     PYTHONPATH=. python3 benchmarks/gpu_suite.py --out $OUT
 
 1. `pytest -m gpu` in a subprocess (before this process touches the GPU), log to <out>/pytest.log.
-2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the XLA attention
-   path: a 2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context,
-   both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
+2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the library's default
+   (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-64 rows): a
+   2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
    summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt).
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
-Prints a short table last and ends with one JSON line.
+Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
+on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for pytest.log, bench.json, roofline.png, summary.md")
     p.add_argument("--preset", default="llama-3-8b")
-    p.add_argument("--impl", default="xla")
+    p.add_argument("--impl", default="auto", help="attention impl of the standard set (auto: the library's default)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=2048)
