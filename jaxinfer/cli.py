@@ -24,6 +24,11 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--impl", default="auto", choices=["auto", "xla", "pallas", "cudnn"], help="attention implementation")
     p.add_argument("--quant", default=None, help="quantize the weights after loading (a recipe such as int8, int4-g64, fp8)")
+    p.add_argument("--calibrate", default=None, metavar="FILE",
+                   help="with --quant: weigh the quantization error by activations measured on this text file")
+    p.add_argument("--keep-quantized", action="store_true",
+                   help="GGUF: keep Q8_0/Q4_0/Q4_1/Q4_K weights quantized (run at the stored size)")
+    p.add_argument("--kv-cache", default=None, choices=["int8", "fp8"], help="quantized KV cache (default: model dtype)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +61,40 @@ def _load(args):
     from .checkpoint import DEFAULT_MODEL, load
 
     t0 = time.perf_counter()
-    model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True)
+    if args.calibrate and not args.quant:
+        raise ValueError("--calibrate needs --quant (it weighs the quantization error)")
+    model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True,
+                 keep_quantized=args.keep_quantized)
     if args.quant:
-        from .quant import quantize
+        from .quant import activation_stats, quantize
 
-        model = model.replace(params=quantize(model.params, args.quant))
-    print(f"loaded {model.name}{' (' + args.quant + ')' if args.quant else ''} in {time.perf_counter() - t0:.1f}s",
+        importance = activation_stats(model, _read_text(args.calibrate)) if args.calibrate else None
+        model = model.replace(params=quantize(model.params, args.quant, importance=importance))
+    how = [args.quant] if args.quant else []
+    how += ["calibrated"] if args.calibrate else []
+    how += ["kept quantized"] if args.keep_quantized else []
+    print(f"loaded {model.name}{' (' + ', '.join(how) + ')' if how else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     return model
+
+
+def _read_text(name: str) -> str:
+    """A text file's contents; a missing or empty file is a user error."""
+    from pathlib import Path
+
+    path = Path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such text file: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} is empty: no text to read")
+    return text
+
+
+def _cache_dtype(args):
+    import jax.numpy as jnp
+
+    return {None: None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_cache]
 
 
 def _sampling(args):
@@ -84,7 +115,7 @@ def _stream_reply(model, ids, args) -> tuple[str, dict]:
     """Stream one reply to stdout; returns the text and timings (compilation excluded by a warm-up)."""
     from .generate import stream
 
-    kwargs = dict(sampling=_sampling(args), seed=args.seed, impl=args.impl)
+    kwargs = dict(sampling=_sampling(args), seed=args.seed, impl=args.impl, cache_dtype=_cache_dtype(args))
     t0 = time.perf_counter()
     for _ in stream(model, [ids], max_new_tokens=2, **kwargs):  # compiles this prompt bucket and the step
         pass
@@ -145,16 +176,9 @@ def cmd_chat(args):
 
 
 def cmd_perplexity(args):
-    from pathlib import Path
-
     from .perplexity import perplexity
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such text file: {path}")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"{path} is empty: nothing to score")
+    text = _read_text(args.file)
     model = _load(args)
     result = perplexity(model, text, window=args.window, stride=args.stride, impl=args.impl, progress=True)
     print(f"scored {result.scored_tokens} tokens in {result.windows} window(s); mean NLL {result.mean_nll:.4f}")

@@ -167,3 +167,17 @@ def test_cli_bad_inputs_one_line_error(tmp_path, make_args, message):
     lines = [l for l in out.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_quantized_runs(tmp_path):
+    """The CLI's quantization switches end to end on the default model: GGUF blocks kept quantized with an
+    int8 KV cache, and calibrated int8 quantization with an fp8 KV cache, still answer correctly."""
+    text = tmp_path / "calib.txt"
+    text.write_text("Paris is the capital and largest city of France. " * 40)
+    for extra in (["--keep-quantized", "--kv-cache", "int8"],
+                  ["--quant", "int8", "--calibrate", str(text), "--kv-cache", "fp8"]):
+        out = _cli("generate", "What is the capital of France?", "--max-new-tokens", "12", *extra)
+        assert out.returncode == 0, out.stderr
+        assert "Paris" in out.stdout, (extra, out.stdout)
+    out = _cli("generate", "hi", "--calibrate", str(text))
+    assert out.returncode != 0 and "--calibrate needs --quant" in out.stderr
