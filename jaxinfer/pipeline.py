@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import model, ops
-from .cache import KVCache, PagedKVCache
+from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig
 
 AXIS = "pipeline"
@@ -68,7 +68,11 @@ def forward(
     lengths, positions, valid, kv_lengths, rope = model.step_inputs(cache, tokens, lengths, config)
     x = ops.embed(params["embed"], tokens)  # [B, T, D]
     rows = (x, positions, valid, kv_lengths, *rope, cache.block_table if paged else kv_lengths)
-    kv = (cache.k_pages, cache.v_pages) if paged else (cache.k, cache.v)
+    # the cache's per-layer arrays, all stacked on layers (a quantized cache adds its scales)
+    names = ("k_pages", "v_pages") if paged else ("k", "v", "k_scale", "v_scale") if isinstance(
+        cache, QuantKVCache) else ("k", "v")
+    dense = QuantKVCache if isinstance(cache, QuantKVCache) else KVCache
+    kv = tuple(getattr(cache, n) for n in names)
     out_t = 1 if last_only else T
 
     def stage(layer_params, kv, rows):
@@ -76,52 +80,48 @@ def forward(
         n_local = jax.tree.leaves(layer_params)[0].shape[0]
         mb = rows[0].shape[0] // M  # rows of one micro-batch on this data shard
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
-        k, v = kv
         if not paged:  # [L/p, b, ...] -> [L/p * M, mb, ...]: micro-batch m of local layer l is layer l * M + m
-            k, v = (a.reshape(n_local * M, mb, *a.shape[2:]) for a in (k, v))
+            kv = tuple(a.reshape(n_local * M, mb, *a.shape[2:]) for a in kv)
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
 
         def tick(carry, i):
-            state, k, v, outs = carry
+            state, kv, outs = carry
             m = i - s  # the micro-batch this stage works on at tick i
             active = (m >= 0) & (m < M)
             mc = jnp.clip(m, 0, M - 1)
             h = jnp.where(s == 0, x[mc], state)
             if paged:
-                sub = PagedKVCache(k, v, tables[mc], kv_lengths[mc])
+                sub = PagedKVCache(*kv, tables[mc], kv_lengths[mc])
                 ids = jnp.arange(n_local, dtype=jnp.int32)
             else:
-                sub = KVCache(k, v, kv_lengths[mc])
+                sub = dense(*kv, kv_lengths[mc])
                 ids = jnp.arange(n_local, dtype=jnp.int32) * M + mc
             h, sub = model.decoder_layers(
                 layer_params, h, sub, ids, (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
                 config=config, impl=impl,
             )
-            k, v = (sub.k_pages, sub.v_pages) if paged else (sub.k, sub.v)
+            kv = tuple(getattr(sub, n) for n in names)
             result = model.last_tokens(h, valid[mc].sum(-1).astype(jnp.int32)) if last_only else h
             outs = outs.at[mc].set(jnp.where(active & (s == p - 1), result, outs[mc]))
             state = jax.lax.ppermute(h, AXIS, [(j, j + 1) for j in range(p - 1)])
-            return (state, k, v, outs), None
+            return (state, kv, outs), None
 
-        (_, k, v, outs), _ = jax.lax.scan(tick, (state, k, v, outs), jnp.arange(M + p - 1, dtype=jnp.int32))
+        (_, kv, outs), _ = jax.lax.scan(tick, (state, kv, outs), jnp.arange(M + p - 1, dtype=jnp.int32))
         if not paged:
-            k, v = (a.reshape(n_local, M * mb, *a.shape[2:]) for a in (k, v))
-        return outs.reshape(1, M * mb, out_t, -1), (k, v)
+            kv = tuple(a.reshape(n_local, M * mb, *a.shape[2:]) for a in kv)
+        return outs.reshape(1, M * mb, out_t, -1), kv
 
     # Manual over pipeline, data (when it splits the batch) and every size-1 axis, so that a stage of a
     # pipeline-only mesh is fully manual (kernels need no inner shard_map); tensor stays automatic.
     manual = {AXIS} | ({data} if data else set()) | {a for a in mesh.axis_names if mesh.shape[a] == 1}
     layer_spec = jax.tree.map(lambda _: P(AXIS), params["layers"])
-    kv_spec = (P(AXIS), P(AXIS)) if paged else (P(AXIS, data), P(AXIS, data))
+    kv_spec = tuple(P(AXIS) if paged else P(AXIS, data) for _ in names)
     outs, kv = jax.shard_map(
         stage, mesh=mesh, in_specs=(layer_spec, kv_spec, P(data)), out_specs=(P(AXIS, data), kv_spec),
         axis_names=manual, check_vma=False,
     )(params["layers"], kv, rows)
     h = outs[p - 1]  # the last stage's activations [B, T or 1, D]
-    if paged:
-        cache = cache.replace(k_pages=kv[0], v_pages=kv[1], lengths=kv_lengths)
-    else:
-        cache = cache.replace(k=kv[0], v=kv[1], lengths=kv_lengths)
+    cache = cache.replace(**dict(zip(names, kv)), lengths=kv_lengths)
     logits = model.output_logits(params, h, config)
     return (logits[:, 0] if last_only else logits), cache

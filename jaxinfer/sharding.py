@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from . import params as params_lib
-from .cache import KVCache, PagedKVCache
+from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig
 
 MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
@@ -290,10 +290,12 @@ def _check_batch(batch: int | None, mesh: Mesh, r: ShardingRules) -> None:
         )
 
 
-def cache_shardings(config: ModelConfig, mesh: Mesh, rules=None, *, batch: int | None = None, paged: bool = False):
-    """The shardings of a cache as a cache-shaped tree: `KVCache` (or `PagedKVCache` when `paged`) whose
-    fields are `NamedSharding`s. Dense k/v `[L,B,S,K,H]` split layers/batch/kv heads; the paged pool is a
-    single pool shared by every row, so it is split on layers and kv heads only."""
+def cache_shardings(config: ModelConfig, mesh: Mesh, rules=None, *, batch: int | None = None, paged: bool = False,
+                    quantized: bool = False):
+    """The shardings of a cache as a cache-shaped tree: `KVCache` (`PagedKVCache` when `paged`,
+    `QuantKVCache` when `quantized`) whose fields are `NamedSharding`s. Dense k/v `[L,B,S,K,H]` split
+    layers/batch/kv heads (a quantized cache's scales `[L,B,S,K]` alike); the paged pool is a single pool
+    shared by every row, so it is split on layers and kv heads only."""
     r = _rules(rules).resolve(config, mesh)
     _check_batch(batch, mesh, r)
     ns = lambda axes, what: NamedSharding(mesh, r.spec(axes, what))
@@ -302,6 +304,9 @@ def cache_shardings(config: ModelConfig, mesh: Mesh, rules=None, *, batch: int |
         pages = ns(PAGED_CACHE_AXES, "cache pages")
         return PagedKVCache(k_pages=pages, v_pages=pages, block_table=ns(("batch", None), "block_table"), lengths=lengths)
     kv = ns(DENSE_CACHE_AXES, "cache k/v")
+    if quantized:
+        scales = ns(DENSE_CACHE_AXES[:-1], "cache scales")
+        return QuantKVCache(k=kv, v=kv, k_scale=scales, v_scale=scales, lengths=lengths)
     return KVCache(k=kv, v=kv, lengths=lengths)
 
 
@@ -333,7 +338,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=
     free, _ = free_device_bytes(local[0]) if local else (None, "")
     if free is not None:  # the cache is spread over the mesh: count every device's free memory
         check_fits(config, batch, max_len, dtype, parts=("kv_cache",), available=free * mesh.size)
-    shardings = cache_shardings(config, mesh, rules, batch=batch)
+    quantized = jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+    shardings = cache_shardings(config, mesh, rules, batch=batch, quantized=quantized)
     return jax.jit(lambda: _init(config, batch, max_len, dtype, check_memory=False), out_shardings=shardings)()
 
 
@@ -368,7 +374,8 @@ def quantize_params(params, recipe, config: ModelConfig, mesh: Mesh, rules=None)
 def shard_cache(cache, config: ModelConfig, mesh: Mesh, rules=None):
     """Place an existing dense or paged cache on `mesh` by the rules."""
     paged = isinstance(cache, PagedKVCache)
-    shardings = cache_shardings(config, mesh, rules, batch=None if paged else cache.batch, paged=paged)
+    shardings = cache_shardings(config, mesh, rules, batch=None if paged else cache.batch, paged=paged,
+                                quantized=isinstance(cache, QuantKVCache))
     return jax.device_put(cache, shardings)
 
 

@@ -53,6 +53,21 @@ def test_pipeline_tensor_data_2x2x2_equals_one_device():
     assert tokens == ref["tokens"]
 
 
+@needs_devices
+def test_pipeline_tensor_data_with_int8_cache_equals_one_device():
+    """A quantized (int8) cache through pipeline x tensor x data: codes and scales sharded like k/v, the
+    same logits as one device with the same cache."""
+    ref = _reference()
+    first1, second1, _ = _steps(ref["params"], CFG, cache_dtype=jnp.int8)
+    mesh = sh.make_mesh(data=2, pipeline=2, tensor=2)
+    params = sh.shard_params(ref["params"], CFG, mesh)
+    first, second, cache = _steps(params, CFG, cache_dtype=jnp.int8)
+    assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+    assert cache.k_scale.sharding.spec[:2] == ("pipeline", "data"), cache.k_scale.sharding
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5
+    assert _rel(second, ref["second"]) < 5e-2  # and close to the float cache
+
+
 def _hlo_ops(compiled_text: str, op: str) -> int:
     return len(re.findall(rf"= \S+ {op}(-start)?\(", compiled_text))
 

@@ -174,7 +174,7 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _steps(params, cfg, prompts=PROMPTS):
+def _steps(params, cfg, prompts=PROMPTS, cache_dtype=jnp.float32):
     """Prefill the prompts, then one decode step; logits of both and the final cache (the shapes
     `generate` uses, so its prefill is the same compiled program)."""
     B, T = len(prompts), max(map(len, prompts))
@@ -182,7 +182,7 @@ def _steps(params, cfg, prompts=PROMPTS):
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     lengths = np.asarray([len(p) for p in prompts], np.int32)
-    cache = sh.init_cache_on(sh.mesh_of(params), cfg, B, 128, jnp.float32)
+    cache = sh.init_cache_on(sh.mesh_of(params), cfg, B, 128, cache_dtype)
     first, cache = ji.prefill(params, cache, tokens, lengths, config=cfg, impl="auto")
     second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=cfg, impl="auto")
     return np.asarray(first), np.asarray(second), cache
