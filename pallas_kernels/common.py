@@ -79,20 +79,25 @@ def _dot_precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def block_logits(q, k, *, scale: float, softcap: float | None):
+def block_logits(q, k, *, scale: float, softcap: float | None, key_scale=None):
   """q [M, H], k [bk, H] -> float32 logits [M, bk] in base 2 (times log2 e), scaled and soft-capped.
+  `key_scale` [bk] (float32): k holds quantization codes and key j is k[j] * key_scale[j].
 
   The caller masks them (jnp.where(keep, s, MASK_VALUE)) before online_softmax_update.
   """
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_dot_precision(q.dtype),
                       preferred_element_type=jnp.float32)  # [M, bk]
+  if key_scale is not None:
+    s = s * key_scale[None, :]
   if softcap is None:
     return s * (scale * LOG2E)  # work in base 2: exp(x) = exp2(x * log2 e)
   return jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
 
 
-def online_softmax_update(s, v, carry):
+def online_softmax_update(s, v, carry, value_scale=None):
   """Folds base-2 logits s [M, bk] and v [bk, H] into carry (acc [M, H], m [M], l [M]).
+  `value_scale` [bk] (float32): v holds quantization codes and value j is v[j] * value_scale[j]; the
+  scale goes onto the probabilities (p * scale) @ codes, so the codes enter the dot as they are.
 
   m is the base-2 running max; the caller zeroes masked V rows so 0 * NaN cannot occur.
   """
@@ -101,17 +106,21 @@ def online_softmax_update(s, v, carry):
   alpha = jnp.exp2(m - m_new)
   p = jnp.exp2(s - m_new[:, None])
   l = l * alpha + p.sum(axis=1)
+  if value_scale is not None:
+    p = p * value_scale[None, :]
   pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                        precision=_dot_precision(v.dtype),
                        preferred_element_type=jnp.float32)  # [M, H]
   return acc * alpha[:, None] + pv, m_new, l
 
 
-def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | None):
-  """One flash step: q [M, H], k and v [bk, H], keep [1 or M, bk] -> new (acc [M, H], m [M], l [M])."""
-  s = block_logits(q, k, scale=scale, softcap=softcap)
+def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | None, key_scale=None,
+                        value_scale=None):
+  """One flash step: q [M, H], k and v [bk, H], keep [1 or M, bk] -> new (acc [M, H], m [M], l [M]).
+  With `key_scale`/`value_scale` [bk], k and v are quantization codes (in q's dtype) and their scales."""
+  s = block_logits(q, k, scale=scale, softcap=softcap, key_scale=key_scale)
   s = jnp.where(keep, s, MASK_VALUE)
-  return online_softmax_update(s, v, carry)
+  return online_softmax_update(s, v, carry, value_scale)
 
 
 def init_carry(rows: int, head_dim: int):

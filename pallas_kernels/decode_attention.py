@@ -75,11 +75,12 @@ def _decode_kernel(
     span = pl.ds(start, block_k)
     k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=zero)  # [bk, H]
     v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=zero)
-    if quantized:  # int8 / fp8 codes times their per-token scale, in registers: no dequantized copy
+    if quantized:  # int8 / fp8 codes enter the dots as they are (exact in bf16); the per-token scales
+      # go onto the logits and the probabilities: no dequantized copy, no per-element rescaling
       ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
-      k = (k.astype(jnp.float32) * ks[:, None]).astype(q.dtype)
-      v = (v.astype(jnp.float32) * vs[:, None]).astype(q.dtype)
+      return online_softmax_step(q, k.astype(q.dtype), v.astype(q.dtype), keep[None, :], carry, scale=scale,
+                                 softcap=softcap, key_scale=ks, value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
@@ -115,7 +116,8 @@ def decode_attention(
   keys; `softcap` maps logits s to softcap * tanh(s / softcap). A length of 0 gives zeros.
   num_splits=None picks enough splits to fill the GPU. With `layer`, k and v are a whole stacked cache
   `[L, B, S, K, H]` and the kernel reads that layer in place (a sliced layer would reach it as a copy).
-  With `k_scale`/`v_scale`, k and v are int8 / fp8 codes, dequantized tile by tile in registers.
+  With `k_scale`/`v_scale`, k and v are int8 / fp8 codes: the dots take the codes, the scales multiply
+  the logits and the probabilities.
   """
   stacked = layer is not None
   if k.ndim != (5 if stacked else 4):
