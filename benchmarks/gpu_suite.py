@@ -4,7 +4,7 @@
 
 1. `pytest -m gpu` in a subprocess (before this process touches the GPU), log to <out>/pytest.log.
 2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the library's default
-   (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-64 rows): a
+   (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-128 rows): a
    2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
    summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt).

@@ -9,6 +9,7 @@ model's decode step with and without it, every number against the copy bandwidth
   multiply + reduce `ops.gemv` (`gemv`), and a dot on an unstacked weight (`dot-whole`, no slice at all).
 - `rows`: the same sweep at 8-64 rows against the dot on the slice. `qkv` and `gateup` are a layer's
   products sharing one input in one launch (`weight_matmuls`).
+- `maxrows`: the decode step at batch 96 and 128 with `ops.KERNEL_MAX_ROWS` 64 (dot on the copied slice) and 128.
 - `kvq`: the decode step (`auto`) at batch 16 and 64, context 4096, over a bf16, int8 and fp8 KV cache.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
@@ -116,6 +117,26 @@ def main(argv=None) -> int:
     stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
     # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
     again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16) for name in ("kv", "gate")}
+
+    if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
+        from jaxinfer.bench import BenchSpec, run_bench
+        from jaxinfer.config import ModelConfig
+
+        config = ModelConfig.from_preset(args.preset)
+        for max_rows in (64, 128):
+            if over_budget():
+                break
+            jax.clear_caches()
+            ops.KERNEL_MAX_ROWS = max_rows
+            spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl="auto", batches=(96, 128),
+                             contexts=(args.context,), phases=("decode",), steps=16, samples=3)
+            try:
+                for m in run_bench(spec, ceilings=ceilings, progress=False).results:
+                    add({"part": "maxrows", "kernel_max_rows": max_rows, "batch": m.batch, "ms": round(m.ms, 3),
+                         "mbu": round(m.mbu, 3)})
+            except Exception as e:
+                add({"part": "maxrows", "kernel_max_rows": max_rows, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        ops.KERNEL_MAX_ROWS = 128
 
     if "kvq" in parts:  # the decode step over a bf16 vs int8 / fp8 KV cache (read by the Pallas kernel)
         from jaxinfer.bench import BenchSpec, run_bench

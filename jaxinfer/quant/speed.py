@@ -110,7 +110,7 @@ def main(argv=None) -> int:
 
     from pallas_kernels import weight_matmul as wm
 
-    def case(label, recipe, phase, batch, length, kernel_rows=(1, 64), impl="xla", warps=None, fp8_narrow=True):
+    def case(label, recipe, phase, batch, length, kernel_rows=(1, 128), impl="xla", warps=None, fp8_narrow=True):
         if time.time() - t_start > args.budget:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one failing case must not lose the others
             row = {"case": label, "error": f"{type(e).__name__}: {str(e)[:400]}", "wall_s": round(time.time() - t0, 1)}
         finally:
-            ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 1, 64
+            ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 1, 128
             wm._WARPS = 4
             ops.FP8_OUT_NARROW = True
         report["results"].append(row)
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
     case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
     case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
     case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx)
-    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 64))
-    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx, kernel_rows=(2, 64))
+    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128))
+    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx, kernel_rows=(2, 128))
     case(f"decode b16 {int4} (kernel, 8 warps) [attn pallas]", int4, "decode", 16, ctx, impl="pallas", warps=8)
     case(f"decode b16 {int4} (xla dequant+dot) [attn pallas]", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="pallas")
 
