@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from . import ops
 from .cache import DenseView, PagedView, QuantDenseView
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
@@ -62,8 +63,7 @@ def _quantized_kernel_applies(impl, q, view) -> bool:
     cache's own view (stacked, read in place), and no mesh axis to split it over (XLA partitions there)."""
     if impl not in ("pallas", "auto") or jax.default_backend() != "gpu" or q.shape[1] != 1 or view.layer is None:
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(n > 1 for a, n in mesh.shape.items() if a not in mesh.manual_axes):
+    if not ops.whole_arrays():
         return False
     H = q.shape[-1]
     return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16)
@@ -147,7 +147,7 @@ def _pallas(q, view, q_positions, kv_lengths, sliding_window):
             )
         else:
             if view.layer is not None:  # read the layer in place from the stacked cache
-                k, v, layer = view.stacked_k, view.stacked_v, view.layer
+                (k, v), layer = view.stacked, view.layer
             else:
                 k, v, layer = view.k, view.v, None
             out = pk.decode_attention(q[:, 0], k, v, lengths=kv_lengths, layer=layer, sliding_window=sliding_window)

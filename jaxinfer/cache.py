@@ -26,8 +26,7 @@ class DenseView:
 
     k: jax.Array
     v: jax.Array
-    stacked_k: jax.Array | None = None
-    stacked_v: jax.Array | None = None
+    stacked: tuple | None = None  # the cache's (k, v) `[L, B, S, K, H]`
     layer: jax.Array | None = None
 
 
@@ -47,13 +46,8 @@ def dense_slots(positions, valid, max_len):
     return jnp.broadcast_to(jnp.arange(B)[:, None], (B, T)), jnp.where(valid, positions, max_len)
 
 
-@struct.dataclass
-class KVCache:
-    """Dense cache: k, v `[L, B, S, K, H]`; lengths `[B]` int32 = valid cached tokens per sequence."""
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
+class _DenseLayout:
+    """Shape properties of a dense cache, whose `k` is `[L, B, S, K, H]` (plain or quantized codes)."""
 
     @property
     def batch(self) -> int:
@@ -63,8 +57,17 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
+
+@struct.dataclass
+class KVCache(_DenseLayout):
+    """Dense cache: k, v `[L, B, S, K, H]`; lengths `[B]` int32 = valid cached tokens per sequence."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
     def view(self, layer) -> DenseView:
-        return DenseView(self.k[layer], self.v[layer], self.k, self.v, jnp.asarray(layer, jnp.int32))
+        return DenseView(self.k[layer], self.v[layer], (self.k, self.v), jnp.asarray(layer, jnp.int32))
 
     def write(self, layer, k_new, v_new, positions, valid) -> "KVCache":
         """Store k/v `[B, T, K, H]` of one layer at `positions [B, T]` where `valid [B, T]`."""
@@ -117,6 +120,12 @@ class PagedKVCache:
 
 
 KV_QUANT_MAX = {"int8": 127.0, "float8_e4m3fn": 448.0}  # code range of each quantized cache dtype
+KV_CACHE_NAMES = {"int8": "int8", "fp8": "float8_e4m3fn"}  # command-line names of the quantized cache dtypes
+
+
+def is_quantized_kv(dtype) -> bool:
+    """Whether a cache of `dtype` is a `QuantKVCache` (int8 / fp8 codes with per-token scales)."""
+    return jnp.dtype(dtype).name in KV_QUANT_MAX
 
 
 @struct.dataclass
@@ -133,7 +142,7 @@ class QuantDenseView:
 
 
 @struct.dataclass
-class QuantKVCache:
+class QuantKVCache(_DenseLayout):
     """Dense cache with int8 / fp8 (e4m3) keys and values: codes `[L, B, S, K, H]`, scales `[L, B, S, K]`
     (one per token per kv head, absmax / code range), lengths `[B]`. `init_cache` makes one when asked
     for an int8 or float8_e4m3fn cache; attention reads the codes and applies the scales (`QuantDenseView`)."""
@@ -143,14 +152,6 @@ class QuantKVCache:
     k_scale: jax.Array
     v_scale: jax.Array
     lengths: jax.Array
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
 
     def view(self, layer) -> QuantDenseView:
         return QuantDenseView(self.k[layer], self.v[layer], self.k_scale[layer], self.v_scale[layer],
@@ -191,7 +192,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     if check_memory:
         check_fits(config, batch, max_len, dtype, parts=("kv_cache",))
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    if jnp.dtype(dtype).name in KV_QUANT_MAX:
+    if is_quantized_kv(dtype):
         ones = lambda: jnp.ones(shape[:-1], jnp.float32)
         return QuantKVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), k_scale=ones(), v_scale=ones(),
                             lengths=jnp.zeros((batch,), jnp.int32))

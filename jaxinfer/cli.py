@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from .cache import KV_CACHE_NAMES
+
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -28,7 +30,7 @@ def _common(p: argparse.ArgumentParser):
                    help="with --quant: weigh the quantization error by activations measured on this text file")
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF: keep Q8_0/Q4_0/Q4_1/Q4_K weights quantized (run at the stored size)")
-    p.add_argument("--kv-cache", default=None, choices=["int8", "fp8"], help="quantized KV cache (default: model dtype)")
+    p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache (default: model dtype)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,9 +94,7 @@ def _read_text(name: str) -> str:
 
 
 def _cache_dtype(args):
-    import jax.numpy as jnp
-
-    return {None: None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[args.kv_cache]
+    return KV_CACHE_NAMES.get(args.kv_cache)
 
 
 def _sampling(args):

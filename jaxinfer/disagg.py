@@ -18,14 +18,13 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from . import sharding as sh
-from .generate import NO_TOKEN, GenerateResult, _generate_loop, _host, _on_mesh, _prepare, _start, bucket
+from .generate import GenerateResult, _decode_all, _prepare, _result, _start
 from .bundle import Model
-from .sampling import Sampling, sequence_keys
+from .sampling import Sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +116,9 @@ def generate(
     cache, logits = jax.block_until_ready((cache, logits))
     moved = time.perf_counter()
 
-    with _on_mesh(dm.decode.params):
-        out, _ = _generate_loop(
-            dm.decode.params, cache, logits, sequence_keys(seed, B), sampling, jnp.asarray(req.stop_ids),
-            jnp.asarray(req.max_new), config=dm.decode.config, impl=impl, capacity=bucket(int(req.max_new.max())),
-        )
-    out = _host(out)
+    out = _decode_all(dm.decode, req, cache, logits, seed, sampling, impl)
     done = time.perf_counter()
-
-    ids = [[int(t) for t in row if t != NO_TOKEN] for row in out]
-    texts = [dm.decode.decode(r) for r in ids] if dm.decode.tokenizer is not None else None
-    result = GenerateResult(token_ids=ids, texts=texts, prompt_tokens=req.lengths.tolist())
-    return result, PhaseTimes(prefilled - start, moved - prefilled, done - moved, cache_bytes(cache))
+    return _result(dm.decode, req, out), PhaseTimes(prefilled - start, moved - prefilled, done - moved, cache_bytes(cache))
 
 
 def _batch_rules(dm: Disaggregated, batch: int):

@@ -236,15 +236,23 @@ def generate(
     """Generate for a batch of prompts with the whole decode loop on device; returns ids and texts."""
     check_impl(impl)
     req = _prepare(model, prompts, max_new_tokens, stop_ids, max_len)
-    B = len(req.lengths)
-    sampling = (sampling or Sampling()).for_batch(B)
+    sampling = (sampling or Sampling()).for_batch(len(req.lengths))
     logits, cache = _start(model, req, impl, cache_dtype)
+    return _result(model, req, _decode_all(model, req, cache, logits, seed, sampling, impl))
+
+
+def _decode_all(model: Model, req: _Request, cache, logits, seed, sampling: Sampling, impl: str) -> np.ndarray:
+    """The on-device decode loop from the prefill's logits to every sequence's tokens, on the host."""
     with _on_mesh(model.params):
         out, _ = _generate_loop(
-            model.params, cache, logits, sequence_keys(seed, B), sampling, jnp.asarray(req.stop_ids),
+            model.params, cache, logits, sequence_keys(seed, len(req.lengths)), sampling, jnp.asarray(req.stop_ids),
             jnp.asarray(req.max_new), config=model.config, impl=impl, capacity=bucket(int(req.max_new.max())),
         )
-    out = _host(out)
+    return _host(out)
+
+
+def _result(model: Model, req: _Request, out: np.ndarray) -> GenerateResult:
+    """Token ids (padding dropped) and their texts."""
     ids = [[int(t) for t in row if t != NO_TOKEN] for row in out]
     texts = [model.decode(r) for r in ids] if model.tokenizer is not None else None
     return GenerateResult(token_ids=ids, texts=texts, prompt_tokens=req.lengths.tolist())

@@ -79,8 +79,8 @@ def step_inputs(cache, tokens, lengths, config: ModelConfig):
 def layer_view(layer_params, i):
     """Layer `i` of the stacked `layer_params`: weight matrices as `ops.LayerOf` (kernels read the layer
     in place; other paths slice it), norms and biases sliced."""
-    take = lambda a: jax.tree.map(lambda t: jax.lax.dynamic_index_in_dim(t, i, 0, keepdims=False), a)
-    return {name: ops.LayerOf(a, i) if name in LAYER_MATRICES else take(a) for name, a in layer_params.items()}
+    views = {name: ops.LayerOf(a, i) for name, a in layer_params.items()}
+    return {name: v if name in LAYER_MATRICES else v.take() for name, v in views.items()}
 
 
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):

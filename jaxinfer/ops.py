@@ -69,11 +69,11 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     out_dtype = out_dtype or x.dtype
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
-    layer = None
     if isinstance(w, LayerOf):
         one = w.shape_view()
-        if not isinstance(w.stacked, Observed) and _choose(impl, _parse(eq, x, one), x, one, stacked=True) == "pallas":
-            return _pallas_matmul(_parse(eq, x, one), x, w.stacked, w.index).astype(out_dtype)
+        spec = _parse(eq, x, one)
+        if not isinstance(w.stacked, Observed) and _choose(impl, spec, x, one, stacked=True) == "pallas":
+            return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
@@ -81,7 +81,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w, stacked=False)
     if path == "pallas":
-        return _pallas_matmul(spec, x, w, layer).astype(out_dtype)
+        return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
@@ -147,7 +147,7 @@ def _choose(impl: str, spec: _Spec, x, w, *, stacked: bool = False) -> str:
     first = QUANT_KERNEL_MIN_ROWS if quantized else KERNEL_MIN_ROWS
     wants_kernel = quantized or (stacked and PLAIN_KERNEL)  # plain weights only lose the copy in the scan
     if on_gpu and wants_kernel and first <= spec.rows <= KERNEL_MAX_ROWS and x.dtype in (jnp.bfloat16, jnp.float16) \
-            and _unsharded() and _kernel_supports(spec, x, w):
+            and whole_arrays() and _kernel_supports(spec, x, w):
         return "pallas"
     if spec.rows == 1:
         return "gemv"
@@ -156,8 +156,8 @@ def _choose(impl: str, spec: _Spec, x, w, *, stacked: bool = False) -> str:
     return "xla"
 
 
-def _unsharded() -> bool:
-    """No mesh axis larger than one that XLA partitions automatically: a kernel sees whole arrays."""
+def whole_arrays() -> bool:
+    """No mesh axis larger than one that XLA partitions automatically: a kernel call sees whole arrays."""
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or all(n == 1 for a, n in mesh.shape.items() if a not in mesh.manual_axes)
 

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from . import params as params_lib
-from .cache import KVCache, PagedKVCache, QuantKVCache
+from .cache import KVCache, PagedKVCache, QuantKVCache, is_quantized_kv
 from .config import ModelConfig
 
 MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
@@ -338,8 +338,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, mesh: Mesh, rules=
     free, _ = free_device_bytes(local[0]) if local else (None, "")
     if free is not None:  # the cache is spread over the mesh: count every device's free memory
         check_fits(config, batch, max_len, dtype, parts=("kv_cache",), available=free * mesh.size)
-    quantized = jnp.dtype(dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
-    shardings = cache_shardings(config, mesh, rules, batch=batch, quantized=quantized)
+    shardings = cache_shardings(config, mesh, rules, batch=batch, quantized=is_quantized_kv(dtype))
     return jax.jit(lambda: _init(config, batch, max_len, dtype, check_memory=False), out_shardings=shardings)()
 
 

@@ -33,8 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.common import MIN_DOT_ROWS, is_pow2, next_pow2
+
 FORMATS = ("plain", "int8", "fp8", "int4")
-MIN_DOT = 16  # Triton dots need every dimension >= 16
 MAX_ROWS = 128
 TARGET_PROGRAMS = 132  # one wave of a 132-SM H100/H200 (H200: fewer splits beat two waves, BENCHMARKS.md)
 MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dominates
@@ -42,14 +43,6 @@ _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
 _WARPS = 4
 _STAGES = 3
-
-
-def _pow2(x: int) -> bool:
-  return x > 0 and x & (x - 1) == 0
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, int(x) - 1).bit_length()
 
 
 def _block_n(n: int, rows: int = 1) -> int | None:
@@ -72,10 +65,10 @@ def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[in
     return None
   cands = []
   for s in range(1, k + 1):
-    if k % s == 0 and _pow2(k // s):
+    if k % s == 0 and is_pow2(k // s):
       ks = k // s
       step = group if group is not None else min(_BLOCK_K, ks)
-      if ks % step == 0 and step >= MIN_DOT and (fmt != "int4" or step // 2 >= MIN_DOT):
+      if ks % step == 0 and step >= MIN_DOT_ROWS and (fmt != "int4" or step // 2 >= MIN_DOT_ROWS):
         cands.append((s, step))
   if not cands:
     return None
@@ -98,7 +91,7 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
     return False
   if fmt == "plain" and group is not None:
     return False
-  if group is not None and (not _pow2(group) or group < 2 * MIN_DOT or k % group):
+  if group is not None and (not is_pow2(group) or group < 2 * MIN_DOT_ROWS or k % group):
     return False
   return plan(k, n, fmt, group, rows) is not None
 
@@ -247,7 +240,7 @@ def weight_matmuls(
   ks = K // splits
   if K % splits or ks % stp or any(n % bn for n in widths):
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
-  mp = max(MIN_DOT, _next_pow2(M))
+  mp = max(MIN_DOT_ROWS, next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
   for (v, sc, off), n in zip(weights, widths):

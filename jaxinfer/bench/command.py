@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..attention import IMPLS
+from ..cache import KV_CACHE_NAMES
 from ..config import ModelConfig, list_presets
 from ..memory import check_fits
 from .report import markdown, roofline_png, write_json
@@ -22,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter and cache dtype")
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
     p.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
-    p.add_argument("--kv-cache", default=None, choices=["int8", "fp8"], help="quantized KV cache for decode")
+    p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache for decode")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (a sweep)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prefill prompt lengths")
     p.add_argument("--context", type=int, nargs="+", default=[128], help="decode context lengths")
@@ -52,7 +53,7 @@ def spec_from_args(args) -> BenchSpec:
         impl=args.impl, batches=tuple(args.batch), prompt_lens=tuple(args.prompt_len), contexts=tuple(args.context),
         phases=tuple(args.phases), steps=args.steps, samples=args.samples, gpu_hour_price=args.gpu_hour_price,
         seed=args.seed, profile_batches=tuple(args.profile_batch),
-        kv_dtype={None: None, "int8": "int8", "fp8": "float8_e4m3fn"}[getattr(args, "kv_cache", None)],
+        kv_dtype=KV_CACHE_NAMES.get(getattr(args, "kv_cache", None)),
     )
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..cache import KVCache, QuantKVCache, init_cache, quantize_kv
+from ..cache import KVCache, QuantKVCache, init_cache, is_quantized_kv, quantize_kv
 from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
@@ -179,7 +179,7 @@ def random_cache(config: ModelConfig, batch: int, max_len: int, context: int, dt
     lengths = jnp.full((batch,), context, jnp.int32)
     # One layer's worth of random values repeated over layers: the draw stays under 2^31 elements
     # (an 8B model at batch 128 holds 4.4e9 per tensor); every layer still reads its own memory.
-    if kv_dtype is not None and jnp.dtype(kv_dtype) != jnp.dtype(dtype):
+    if kv_dtype is not None and is_quantized_kv(kv_dtype):
         def quantized(k):
             codes, scales = quantize_kv(jax.random.normal(k, shape[1:], dtype), jnp.dtype(kv_dtype))
             return jnp.broadcast_to(codes, shape), jnp.broadcast_to(scales, shape[:-1])

@@ -204,20 +204,10 @@ def quantize_array(
     """Quantize float `w` along `reduce_axes` (the axes its matmuls contract); see `_quantize_array`.
     Jitted per shape and format (the scale searches are loops), so eager calls stay cheap."""
     return _quantize_array_jit(
-        w, importance, fmt=fmt, reduce_axes=tuple(reduce_axes), group_size=group_size, zero_point=zero_point,
+        w, importance=importance, fmt=fmt, reduce_axes=tuple(reduce_axes), group_size=group_size, zero_point=zero_point,
         scale_dtype=None if scale_dtype is None else jnp.dtype(scale_dtype).name,
         logical_axes=None if logical_axes is None else tuple(logical_axes),
     )
-
-
-def _quantize_array_jit_impl(w, importance, **static):
-    return _quantize_array(w, importance=importance, **static)
-
-
-_quantize_array_jit = jax.jit(
-    _quantize_array_jit_impl,
-    static_argnames=("fmt", "reduce_axes", "group_size", "zero_point", "scale_dtype", "logical_axes"),
-)
 
 
 def _quantize_array(
@@ -294,6 +284,11 @@ def _quantize_array(
         dtype_name=jnp.dtype(w.dtype).name,
         logical_axes=None if logical_axes is None else tuple(logical_axes),
     )
+
+
+_quantize_array_jit = jax.jit(
+    _quantize_array, static_argnames=("fmt", "reduce_axes", "group_size", "zero_point", "scale_dtype", "logical_axes")
+)
 
 
 def default_scale_dtype(fmt: str):
