@@ -113,76 +113,59 @@ def main(argv=None) -> int:
     def over_budget():
         return time.time() - t_start > args.budget
 
-    key = jax.random.key(0)
-    stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
-    # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
-    again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16) for name in ("kv", "gate")}
+    def decode_rows(part, fields, knobs=None, **spec):
+        """The library's decode step (`jaxinfer.bench`) for `spec` (BenchSpec fields beyond the preset),
+        with `ops` module switches `knobs` set while it is traced; one row per case, or the error."""
+        from jaxinfer.bench import BenchSpec, run_bench
+        from jaxinfer.config import ModelConfig
+
+        saved = {k: getattr(ops, k) for k in knobs or {}}
+        jax.clear_caches()  # the switches are read when a step is traced
+        for k, v in (knobs or {}).items():
+            setattr(ops, k, v)
+        spec = {"contexts": (args.context,), "phases": ("decode",), **spec}
+        try:
+            bench = BenchSpec(config=ModelConfig.from_preset(args.preset), name=args.preset, dtype="bfloat16",
+                              steps=16, samples=3, **spec)
+            for m in run_bench(bench, ceilings=ceilings, progress=False).results:
+                row = {"part": part, **fields, "phase": m.phase, "batch": m.batch, "context": m.length,
+                       "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)}
+                prof = m.extras.get("breakdown")
+                if prof:  # device time per op of one call (per-step: one step; fused: steps_per_call)
+                    row["profile"] = {"device_us_per_call": prof.get("device_us_per_call"),
+                                      "steps_per_call": prof.get("steps_per_call"), "ops": prof.get("ops", [])[:25]}
+                add(row)
+        except Exception as e:  # one failing case must not lose the others
+            add({"part": part, **fields, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        finally:
+            for k, v in saved.items():
+                setattr(ops, k, v)
 
     if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
-        from jaxinfer.bench import BenchSpec, run_bench
-        from jaxinfer.config import ModelConfig
-
-        config = ModelConfig.from_preset(args.preset)
         for max_rows in (64, 128):
-            if over_budget():
-                break
-            jax.clear_caches()
-            ops.KERNEL_MAX_ROWS = max_rows
-            spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl="auto", batches=(96, 128),
-                             contexts=(args.context,), phases=("decode",), steps=16, samples=3)
-            try:
-                for m in run_bench(spec, ceilings=ceilings, progress=False).results:
-                    add({"part": "maxrows", "kernel_max_rows": max_rows, "batch": m.batch, "ms": round(m.ms, 3),
-                         "mbu": round(m.mbu, 3)})
-            except Exception as e:
-                add({"part": "maxrows", "kernel_max_rows": max_rows, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        ops.KERNEL_MAX_ROWS = 128
+            if not over_budget():
+                decode_rows("maxrows", {"kernel_max_rows": max_rows}, {"KERNEL_MAX_ROWS": max_rows}, impl="auto",
+                            batches=(96, 128))
 
     if "kvq" in parts:  # the decode step over a bf16 vs int8 / fp8 KV cache (read by the Pallas kernel)
-        from jaxinfer.bench import BenchSpec, run_bench
-        from jaxinfer.config import ModelConfig
-
-        config = ModelConfig.from_preset(args.preset)
         for kv in (None, "int8", "float8_e4m3fn"):
-            if over_budget():
-                break
-            spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl="auto", kv_dtype=kv,
-                             batches=(16, 64), contexts=(4096,), phases=("decode",), steps=16, samples=3)
-            try:
-                for m in run_bench(spec, ceilings=ceilings, progress=False).results:
-                    add({"part": "kvq", "kv": kv or "bf16", "batch": m.batch, "context": 4096,
-                         "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)})
-            except Exception as e:
-                add({"part": "kvq", "kv": kv or "bf16", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            if not over_budget():
+                decode_rows("kvq", {"kv": kv or "bf16"}, impl="auto", kv_dtype=kv, batches=(16, 64), contexts=(4096,))
 
     if "step" in parts:
-        from jaxinfer.bench import BenchSpec, run_bench
-        from jaxinfer.config import ModelConfig
-
-        config = ModelConfig.from_preset(args.preset)
         for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),
                                       ("xla", False, (1, 8))):
-            if over_budget():
-                break
-            jax.clear_caches()  # the switch is read when a step is traced
-            ops.PLAIN_KERNEL = kernel
-            spec = BenchSpec(config=config, name=args.preset, dtype="bfloat16", impl=impl, batches=batches,
-                             contexts=(args.context,), phases=("decode", "decode_fused"), steps=16, samples=3,
-                             profile_batches=(1,) if impl == "auto" else ())
-            try:
-                res = run_bench(spec, ceilings=ceilings, progress=False)
-                for m in res.results:
-                    row = {"part": "step", "impl": impl, "kernel": kernel, "phase": m.phase, "batch": m.batch,
-                           "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)}
-                    prof = m.extras.get("breakdown")
-                    if prof:  # device time per op of one call (per-step: one step; fused: steps_per_call)
-                        row["profile"] = {"device_us_per_call": prof.get("device_us_per_call"),
-                                          "steps_per_call": prof.get("steps_per_call"),
-                                          "ops": prof.get("ops", [])[:25]}
-                    add(row)
-            except Exception as e:
-                add({"part": "step", "impl": impl, "kernel": kernel, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        ops.PLAIN_KERNEL = True
+            if not over_budget():
+                decode_rows("step", {"impl": impl, "kernel": kernel}, {"PLAIN_KERNEL": kernel}, impl=impl,
+                            batches=batches, phases=("decode", "decode_fused"),
+                            profile_batches=(1,) if impl == "auto" else ())
+
+    if {"sweep", "rows", "qsweep"} & set(parts):  # stacked weights for the product timings only
+        key = jax.random.key(0)
+        stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
+        # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
+        again = {name: jax.random.normal(jax.random.key(2), (LAYERS, *SHAPES[name]), jnp.bfloat16)
+                 for name in ("kv", "gate")}
 
     def weight_bytes(name):
         return sum(SHAPES[n][0] * SHAPES[n][1] * 2 for n in FUSED.get(name, (name,)))
