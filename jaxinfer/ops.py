@@ -70,10 +70,11 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
     if isinstance(w, LayerOf):
-        one = w.shape_view()
-        spec = _parse(eq, x, one)
-        if not isinstance(w.stacked, Observed) and _choose(impl, spec, x, one, stacked=True) == "pallas":
-            return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
+        if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
+            one = w.shape_view()
+            spec = _parse(eq, x, one)
+            if _choose(impl, spec, x, one, stacked=True) == "pallas":
+                return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
