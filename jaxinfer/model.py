@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import attention, ops
+from . import attention, ops, tensor_parallel
 from .config import ModelConfig, rope_inv_freq
 from .params import LAYER_MATRICES
 
@@ -53,13 +53,13 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
     out = attention.attend(
         q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
     )
-    return ops.matmul("btnh,nhd->btd", out, p["o"]), cache
+    return tensor_parallel.row_parallel("btnh,nhd->btd", out, p["o"]), cache
 
 
 def mlp_block(p, x):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
     gate, up = ops.matmuls(x, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
-    return ops.matmul("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+    return tensor_parallel.row_parallel("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
 
 
 def step_inputs(cache, tokens, lengths, config: ModelConfig):
@@ -129,7 +129,8 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
     keys/values written and `lengths` advanced. Padded tokens are neither cached nor counted.
 
     Under a context mesh with a `pipeline` axis larger than one (`generate` sets the parameters' mesh),
-    the layers run as a pipeline of micro-batches (`pipeline.forward`): same results.
+    the layers run as a pipeline of micro-batches (`pipeline.forward`); with a `tensor` axis larger than
+    one (and no pipeline) they run per shard (`tensor_parallel.decoder_layers`): same results.
     """
     if _pipelined():
         from .pipeline import forward as pipeline_forward
@@ -138,9 +139,14 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
     lengths, positions, valid, kv_lengths, rope = step_inputs(cache, tokens, lengths, config)
     x = ops.embed(params["embed"], tokens)  # [B, T, D]
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
-    x, cache = decoder_layers(
-        params["layers"], x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl
-    )
+    if tensor_parallel.applies(config):  # the layers per shard, so that kernels run on each shard
+        x, cache = tensor_parallel.decoder_layers(
+            params, x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl
+        )
+    else:
+        x, cache = decoder_layers(
+            params["layers"], x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl
+        )
     cache = cache.replace(lengths=kv_lengths)
     if last_only:
         x = last_tokens(x, lengths)  # [B, 1, D]

@@ -314,6 +314,40 @@ def test_kernel_runs_per_shard_inside_shard_map(num_kv_heads):
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+@needs_devices
+def test_tensor_parallel_layers_run_the_weight_kernel_per_shard(monkeypatch):
+    """With tensor=4 (x data=2) the layers run inside one shard_map: the weight kernel (forced, interpret
+    mode) sees each device's heads and ffn slice, the row-parallel partial sums are added over `tensor`,
+    and prefill + decode logits equal one device's XLA run. kv heads fewer than the degree, or a
+    pipeline, keep XLA's partitioner."""
+    from jaxinfer import ops, tensor_parallel
+
+    params1, first1, second1, _ = _reference(CFG)
+    real_choose, real_launch = ops._choose, ops._pallas_matmuls
+    launches = []
+    monkeypatch.setattr(ops, "_choose", lambda impl, spec, x, w, stacked=False: real_choose(
+        "pallas" if stacked and ops.whole_arrays() else impl, spec, x, w, stacked=stacked))
+    monkeypatch.setattr(ops, "_pallas_matmuls", lambda x, products, layer: launches.append(
+        [tuple(w.shape) for _, w in products]) or real_launch(x, products, layer))
+    mesh = sh.make_mesh(data=2, tensor=4)
+    params = sh.shard_params(params1, CFG, mesh)
+    first, second, _ = _steps(params, CFG)
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
+    L, D, H, F = CFG.num_layers, CFG.dim, CFG.head_dim, CFG.ffn_dim
+    qkv = [(L, D, 2, H), (L, D, 1, H), (L, D, 1, H)]  # 8 query and 4 kv heads over 4 shards
+    assert launches == [qkv, [(L, 2, H, D)], [(L, D, F // 4)] * 2, [(L, F // 4, D)]] * 2, launches
+    with jax.set_mesh(mesh):
+        assert tensor_parallel.applies(CFG)
+        assert not tensor_parallel.applies(CFG.replace(num_kv_heads=2))  # kv heads replicated on tensor=4
+    with jax.set_mesh(sh.make_mesh(pipeline=2, tensor=4)):
+        assert not tensor_parallel.applies(CFG)
+    monkeypatch.setattr(tensor_parallel, "ENABLED", False)
+    launches.clear()
+    jax.clear_caches()
+    off_first, _, _ = _steps(params, CFG)  # XLA's partitioner: the kernel stays off under split axes
+    assert launches == [] and _rel(off_first, first1) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading checkpoints straight into shards
 

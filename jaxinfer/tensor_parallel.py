@@ -1,0 +1,83 @@
+"""Tensor parallelism with the layers run per shard: the decoder layers inside one `jax.shard_map`.
+
+Under XLA's automatic partitioning a Pallas call cannot see its shard, so `ops` keeps the weight kernel
+off there and a tensor-parallel step ran XLA's products (each a dot on a copied layer slice); on 2 and 4
+H200s that made TP slower than one GPU. Here the whole layer stack is one manual region over every mesh
+axis: each device runs the same model code on its shard (its query and kv heads, its slice of the ffn,
+its rows of the batch when `data` splits it), so the weight kernel and the attention kernels run as on
+one device, and the Megatron pattern is written out: q/k/v and gate/up are column-parallel (no
+communication), the attention output and the MLP down product are row-parallel and their partial sums
+are added over `tensor` with one `psum` each (`row_parallel`, in float32).
+
+`model.forward` comes here when `applies(config)`: a context mesh (`generate` sets the parameters' mesh)
+with `tensor` larger than one, no pipeline, and a tensor degree dividing the query heads, kv heads and
+ffn width, which is how the default sharding rules split the layers. Anything else (kv heads fewer than
+the degree, a pipeline) keeps XLA's partitioner. The embedding and the output head stay outside, split
+on the vocabulary by XLA. `ENABLED = False` turns this path off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from . import ops
+from .config import ModelConfig
+
+AXIS = "tensor"
+ENABLED = True
+
+
+def applies(config: ModelConfig) -> bool:
+    """The layers can run per shard over the context mesh's `tensor` axis (see the module docstring)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not ENABLED or mesh.empty or mesh.manual_axes or AXIS not in mesh.shape:
+        return False
+    t = mesh.shape[AXIS]
+    if t == 1 or mesh.shape.get("pipeline", 1) > 1:
+        return False
+    return config.num_heads % t == 0 and config.num_kv_heads % t == 0 and config.ffn_dim % t == 0
+
+
+def row_parallel(eq: str, x, w):
+    """`ops.matmul(eq, x, w)` for a weight whose contraction is split on `tensor` (attention output, MLP
+    down). Inside the per-shard layers each device's product is a float32 partial sum, added over the
+    shards with one `psum` before rounding to x's dtype; elsewhere XLA's partitioner inserts the sum."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
+        return ops.matmul(eq, x, w)
+    return jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS).astype(x.dtype)
+
+
+def decoder_layers(params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
+    """`model.decoder_layers` on `params["layers"]`, run per shard over the context mesh (`applies`)."""
+    from . import model
+    from . import sharding as sh
+    from .cache import PagedKVCache, QuantKVCache
+
+    mesh = jax.sharding.get_abstract_mesh()
+    t = mesh.shape[AXIS]
+    d = mesh.shape.get("data", 1)
+    data = "data" if d > 1 and x.shape[0] % d == 0 else None  # else every data shard runs the whole batch
+    rules = dataclasses.replace(sh.DEFAULT_RULES, batch=data)
+    spec = lambda tree: jax.tree.map(lambda s: s.spec, tree)
+    layer_specs = spec(sh.tree_shardings(params, config, mesh, rules)["layers"])
+    paged = isinstance(cache, PagedKVCache)
+    cache_specs = spec(sh.cache_shardings(config, mesh, rules, paged=paged, quantized=isinstance(cache, QuantKVCache)))
+    local = config.replace(num_heads=config.num_heads // t, num_kv_heads=config.num_kv_heads // t,
+                           ffn_dim=config.ffn_dim // t)
+
+    def body(layers, x, cache, layer_ids, rope, positions, valid, kv_lengths):
+        return model.decoder_layers(layers, x, cache, layer_ids, rope, positions, valid, kv_lengths,
+                                    config=local, impl=impl)
+
+    rows = P(data)
+    return jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(layer_specs, rows, cache_specs, P(), (rows, rows), rows, rows, rows),
+        out_specs=(rows, cache_specs), axis_names=set(mesh.axis_names), check_vma=False,
+    )(params["layers"], x, cache, layer_ids, rope, positions, valid, kv_lengths)
+
