@@ -6,6 +6,9 @@ and the cost of moving the KV cache between two sub-meshes (disaggregated prefil
 Parts (default: all that fit the device count n):
 - `tp`:  `llama-3-8b` bf16, batch-1 decode tokens/s (on-device loop of `generate`, greedy, after a
          `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
+         Each degree three ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
+         (`_partitioner`), and per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
+         what the 2 all-reduces per layer cost).
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given.
 - `disagg`: prefill on the first n/2 GPUs (tensor=n/2), the cache moved to the last n/2, decode there:
@@ -19,6 +22,7 @@ script on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -37,7 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinfer as ji  # noqa: E402
-from jaxinfer import disagg, pipeline  # noqa: E402
+from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
@@ -56,6 +60,21 @@ def _median_time(run, samples: int) -> tuple[float, list[float]]:
         jax.block_until_ready(work())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+@contextlib.contextmanager
+def _switched(module, values: dict):
+    """Module attributes set to `values` for the block, restored after (and compiled programs dropped)."""
+    saved = {k: getattr(module, k) for k in values}
+    jax.clear_caches()
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+        jax.clear_caches()
 
 
 def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -203,17 +222,22 @@ def main(argv=None) -> None:
     if "tp" in parts:
         case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
         for t in sorted({n, 2} if n >= 4 else {n}):
-            def tp_case(t=t):
-                params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
-                try:
-                    return decode_tokens_per_s(params, cfg, **decode_kw)
-                finally:
-                    del params
-            case(f"decode_b1_tp{t}", tp_case)
-            if f"decode_b1_tp{t}" in results and "decode_b1_1gpu" in results:
-                results[f"decode_b1_tp{t}"]["speedup"] = (
-                    results[f"decode_b1_tp{t}"]["tokens_per_s"] / results["decode_b1_1gpu"]["tokens_per_s"]
-                )
+            # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
+            # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
+            variants = {"": {}, "_partitioner": {"ENABLED": False},
+                        "_nosum": {"row_parallel": lambda eq, x, w: ops.matmul(eq, x, w)}}
+            for suffix, switches in variants.items():
+                def tp_case(t=t, switches=switches):
+                    params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
+                    try:
+                        with _switched(tensor_parallel, switches):
+                            return decode_tokens_per_s(params, cfg, **decode_kw)
+                    finally:
+                        del params
+                name = f"decode_b1_tp{t}{suffix}"
+                case(name, tp_case)
+                if name in results and "decode_b1_1gpu" in results:
+                    results[name]["speedup"] = results[name]["tokens_per_s"] / results["decode_b1_1gpu"]["tokens_per_s"]
 
     if "pp" in parts and n >= 2:
         pp_kw = dict(batch=args.pp_batch, context=args.context, steps=args.steps // 2, impl=args.impl,
