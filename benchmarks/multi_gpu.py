@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import jaxinfer as ji  # noqa: E402
 from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
+from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
 from jaxinfer.sampling import Sampling, sequence_keys  # noqa: E402
@@ -113,6 +114,20 @@ def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dt
     return {"tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "samples_s": times}
 
 
+def profile_decode_step(params, cfg, *, context, impl, dtype, top=12):
+    """Device time per op of one batch-1 decode step on the first GPU (the profiler's kernel times)."""
+    mesh = sh.mesh_of(params)
+    cache = sh.init_cache_on(mesh, cfg, 1, bucket(context + 2, 128), dtype)
+    logits, cache = ji.prefill(params, cache, _prompt(1, context, cfg.vocab_size), config=cfg, impl=impl)
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
+    step = jax.jit(lambda p, c, t: forward(p, c, t, config=cfg, impl=impl)[0])
+    with _on_mesh(params):
+        text = step.lower(params, cache, tok).compile().as_text()
+        out = kernel_breakdown(lambda: step(params, cache, tok), text, calls=5, top=top, device="/device:GPU:0")
+    return {"device_us": out["device_us_per_call"], "ops": [
+        {k: r[k] for k in ("hlo_op", "op_name", "launches_per_call", "us_per_call")} for r in out["ops"]]}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pipeline throughput: prefill and decode at a large batch
 
@@ -179,6 +194,7 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per sample")
     ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
@@ -221,6 +237,8 @@ def main(argv=None) -> None:
     decode_kw = dict(batch=1, context=args.context, steps=args.steps, impl=args.impl, samples=args.samples, dtype=dtype)
     if "tp" in parts:
         case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
+        if args.profile:
+            case("profile_1gpu", lambda: profile_decode_step(base_params, cfg, context=args.context, impl=args.impl, dtype=dtype))
         for t in sorted({n, 2} if n >= 4 else {n}):
             # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
@@ -231,7 +249,10 @@ def main(argv=None) -> None:
                     params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:
                         with _switched(tensor_parallel, switches):
-                            return decode_tokens_per_s(params, cfg, **decode_kw)
+                            r = decode_tokens_per_s(params, cfg, **decode_kw)
+                            if args.profile:
+                                r["profile"] = profile_decode_step(params, cfg, context=args.context, impl=args.impl, dtype=dtype)
+                            return r
                     finally:
                         del params
                 name = f"decode_b1_tp{t}{suffix}"
@@ -310,6 +331,12 @@ def main(argv=None) -> None:
         keys = [k for k in ("tokens_per_s", "speedup", "prefill_tokens_per_s", "prefill_speedup",
                             "decode_tokens_per_s", "decode_speedup", "transfer_gbps", "transfer_median_s") if k in r]
         print(f"{name:34} " + ", ".join(f"{k}={r[k]:.4g}" for k in keys))
+    for name, r in results.items():
+        prof = r if name.startswith("profile") else r.get("profile")
+        if prof and prof.get("device_us"):
+            print(f"\n{name}: device time of one decode step on GPU 0, {prof['device_us']:.0f} us")
+            for op in prof["ops"][:10]:
+                print(f"  {op['us_per_call']:8.1f} us x{op['launches_per_call']:<5g} {op['hlo_op'][:40]:40} {op['op_name'][-60:]}")
     for name, e in errors.items():
         print(f"{name:34} ERROR {e[:200]}")
     print(json.dumps({"summary": summary, "errors": list(errors), "devices": len(devices), "commit": commit}))

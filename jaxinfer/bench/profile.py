@@ -24,10 +24,11 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 
 def kernel_breakdown(call: Callable[[], Any], hlo_text: str = "", calls: int = 3, top: int = 25,
-                     before: Callable[[], None] | None = None) -> dict:
+                     before: Callable[[], None] | None = None, device: str = "/device:GPU") -> dict:
     """Device time per HLO op for one `call()`, from a profiler trace of `calls` calls.
 
-    `before` runs once, untimed, before the warm-up call (e.g. to rewind a cache).
+    `before` runs once, untimed, before the warm-up call (e.g. to rewind a cache). `device`: the trace
+    planes counted (a prefix: "/device:GPU:0" for one GPU of a multi-GPU run; the default sums them all).
     Returns {"device_us_per_call", "ops": [{"hlo_op", "op_name", "kernels", "launches_per_call",
     "us_per_call", "fraction"}...]} with the `top` largest ops and an "other" row for the rest.
     """
@@ -50,7 +51,7 @@ def kernel_breakdown(call: Callable[[], Any], hlo_text: str = "", calls: int = 3
         launches = collections.Counter()
         kernels: dict[str, set] = collections.defaultdict(set)
         for plane in data.planes:
-            if not plane.name.startswith("/device:GPU"):
+            if not plane.name.startswith(device):
                 continue
             for line in plane.lines:
                 if not line.name.startswith("Stream"):
