@@ -137,8 +137,8 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
 
         return pipeline_forward(params, cache, tokens, lengths, config=config, impl=impl, last_only=last_only)
     lengths, positions, valid, kv_lengths, rope = step_inputs(cache, tokens, lengths, config)
-    x = ops.embed(params["embed"], tokens)  # [B, T, D]
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+    x = tensor_parallel.embed(params, tokens, config)  # [B, T, D]
     if tensor_parallel.applies(config):  # the layers per shard, so that kernels run on each shard
         x, cache = tensor_parallel.decoder_layers(
             params, x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl

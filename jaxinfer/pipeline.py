@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from . import model, ops
+from . import model, tensor_parallel
 from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig
 
@@ -66,7 +66,7 @@ def forward(
         raise NotImplementedError("a paged cache with pipeline and data parallelism together: use a dense cache")
 
     lengths, positions, valid, kv_lengths, rope = model.step_inputs(cache, tokens, lengths, config)
-    x = ops.embed(params["embed"], tokens)  # [B, T, D]
+    x = tensor_parallel.embed(params, tokens, config)  # [B, T, D]
     rows = (x, positions, valid, kv_lengths, *rope, cache.block_table if paged else kv_lengths)
     # the cache's per-layer arrays, all stacked on layers (a quantized cache adds its scales)
     names = ("k_pages", "v_pages") if paged else ("k", "v", "k_scale", "v_scale") if isinstance(
