@@ -11,8 +11,6 @@ model's decode step with and without it, every number against the copy bandwidth
   products sharing one input in one launch (`weight_matmuls`).
 - `maxrows`: the decode step at batch 96 and 128 with `ops.KERNEL_MAX_ROWS` 64 (dot on the copied slice) and 128.
 - `kvq`: the decode step (`auto`) at batch 16 and 64, context 4096, over a bf16, int8 and fp8 KV cache.
-- `norm`: the decode step (`auto`) at batch 1-128 with the block pre-norms fused into the kernel
-  (`ops.FUSE_NORM`) and not (XLA's two norm kernels per use), profiled at batch 1.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -153,12 +151,6 @@ def main(argv=None) -> int:
         for kv in (None, "int8", "float8_e4m3fn"):
             if not over_budget():
                 decode_rows("kvq", {"kv": kv or "bf16"}, impl="auto", kv_dtype=kv, batches=(16, 64), contexts=(4096,))
-
-    if "norm" in parts:
-        for fuse in (True, False):
-            if not over_budget():
-                decode_rows("norm", {"fuse_norm": fuse}, {"FUSE_NORM": fuse}, impl="auto", batches=(1, 8, 32, 128),
-                            phases=("decode", "decode_fused"), profile_batches=(1,))
 
     if "step" in parts:
         for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),

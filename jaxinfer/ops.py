@@ -39,7 +39,6 @@ KERNEL_MIN_ROWS = 1  # GPU products with [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] rows
 KERNEL_MAX_ROWS = 128
 QUANT_KERNEL_MIN_ROWS = 1
 PLAIN_KERNEL = True  # plain stacked weights take the kernel (False: the XLA paths, for comparisons)
-FUSE_NORM = True  # block pre-norms fused into the kernel launch (`matmuls(norm=)`; False: for comparisons)
 
 
 @dataclass(frozen=True)
@@ -395,7 +394,7 @@ def matmuls(x, *products, norm=None, out_dtype=None, impl: str = "auto"):
         weight, eps = norm
         layer = plan[0][2] if plan else None
         same_layer = weight.index is layer if isinstance(weight, LayerOf) else layer is None
-        if plan and same_layer and FUSE_NORM:
+        if plan and same_layer:
             fused = (weight.stacked if isinstance(weight, LayerOf) else weight, eps)
         else:
             x = rms_norm(x, weight.take() if isinstance(weight, LayerOf) else weight, eps)
