@@ -13,8 +13,14 @@ import jax.numpy as jnp
 
 from . import attention, ops, tensor_parallel
 from .config import ModelConfig, rope_inv_freq
-from .ops import rms_norm
 from .params import LAYER_MATRICES
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm computed in float32, scaled by `weight` after casting back (as Llama does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
 
 
 def rope_tables(config: ModelConfig, positions):
@@ -35,10 +41,8 @@ def apply_rope(x, cos, sin):
 
 
 def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
-    """Self-attention of one layer on the residual stream `x [B, T, D]` (normalised here: the pre-norm
-    goes into the q/k/v products, fused into the kernel where it runs); writes this step's k/v into the cache."""
-    q, k, v = ops.matmuls(x, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]),
-                          norm=(p["attn_norm"], config.norm_eps))
+    """Self-attention of one layer on normalised `x [B, T, D]`; writes this step's k/v into the cache."""
+    q, k, v = ops.matmuls(x, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if config.qk_norm:
@@ -52,10 +56,9 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
     return tensor_parallel.row_parallel("btnh,nhd->btd", out, p["o"]), cache
 
 
-def mlp_block(p, x, config: ModelConfig):
-    """SwiGLU on the residual stream x, pre-normed: down(silu(gate(n)) * up(n)), n = rms_norm(x)."""
-    gate, up = ops.matmuls(x, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]),
-                           norm=(p["mlp_norm"], config.norm_eps))
+def mlp_block(p, x):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    gate, up = ops.matmuls(x, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
     return tensor_parallel.row_parallel("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
 
 
@@ -73,14 +76,11 @@ def step_inputs(cache, tokens, lengths, config: ModelConfig):
     return lengths, positions, valid, kv_lengths, rope_tables(config, positions)
 
 
-BLOCK_NORMS = ("attn_norm", "mlp_norm")  # pre-norms handed to ops.matmuls, which fuses them into the kernel
-
-
 def layer_view(layer_params, i):
-    """Layer `i` of the stacked `layer_params`: weight matrices and block pre-norms as `ops.LayerOf`
-    (kernels read the layer in place; other paths slice it), the rest sliced."""
+    """Layer `i` of the stacked `layer_params`: weight matrices as `ops.LayerOf` (kernels read the layer
+    in place; other paths slice it), norms and biases sliced."""
     views = {name: ops.LayerOf(a, i) for name, a in layer_params.items()}
-    return {name: v if name in LAYER_MATRICES or name in BLOCK_NORMS else v.take() for name, v in views.items()}
+    return {name: v if name in LAYER_MATRICES else v.take() for name, v in views.items()}
 
 
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
@@ -94,9 +94,12 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
         x, cache = carry
         i, layer = xs
         p = layer_view(layer_params, i)
-        h, cache = attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config, impl)
+        h, cache = attention_block(
+            p, rms_norm(x, p["attn_norm"], config.norm_eps), cache, layer, rope, positions, valid, kv_lengths,
+            config, impl,
+        )
         x = x + h
-        x = x + mlp_block(p, x, config)
+        x = x + mlp_block(p, rms_norm(x, p["mlp_norm"], config.norm_eps))
         return (x, cache), None
 
     local = jnp.arange(layer_ids.shape[0], dtype=jnp.int32)

@@ -365,67 +365,41 @@ def _pallas_matmul(spec: _Spec, x, w, layer=None):
     return _pallas_matmuls(x, [(spec, w)], layer)[0]
 
 
-def _pallas_matmuls(x, products, layer, norm=None):
-    """One kernel launch for [(spec, w)] sharing x, K and the weight format; `norm` (weight, eps): the
-    input is rms_norm(x) (weight [K], or [L, K] with `layer`)."""
+def _pallas_matmuls(x, products, layer):
+    """One kernel launch for [(spec, w)] sharing x, K and the weight format."""
     from pallas_kernels import weight_matmul as wm
 
     args = [_flat_kernel_args(spec, w, layer) for spec, w in products]
     spec0 = products[0][0]
     c = len(spec0.contracted)
-    fused = {} if norm is None else {"norm_weight": norm[0], "norm_eps": float(norm[1])}
     outs = wm.weight_matmuls(x.reshape(-1, spec0.k), tuple(a[0] for a in args), layer, fmt=args[0][1],
-                             group_size=args[0][2], **fused)
+                             group_size=args[0][2])
     return [out.reshape(*x.shape[:-c], *a[3]) for out, a in zip(outs, args)]
 
 
-def matmuls(x, *products, norm=None, out_dtype=None, impl: str = "auto"):
+def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
     kernel launch when the kernel path takes every product and they share K, the weight format and the
-    layer; otherwise one `matmul` each. Returns a tuple in order.
-
-    `norm=(weight, eps)`: the products take `rms_norm(x, weight, eps)` (a block's pre-norm; weight `[K]`,
-    or `LayerOf` a stacked `[L, K]` with the products' layer). In the kernel launch the norm is fused
-    (no normalised copy of x, no separate norm kernels); on every other path it is computed first."""
+    layer; otherwise one `matmul` each. Returns a tuple in order."""
     out_dtype = out_dtype or x.dtype
-    plan = _kernel_plan(x, products, impl)
-    fused = None
-    if norm is not None:
-        weight, eps = norm
-        layer = plan[0][2] if plan else None
-        same_layer = weight.index is layer if isinstance(weight, LayerOf) else layer is None
-        if plan and same_layer:
-            fused = (weight.stacked if isinstance(weight, LayerOf) else weight, eps)
-        else:
-            x = rms_norm(x, weight.take() if isinstance(weight, LayerOf) else weight, eps)
-    if not plan or (len(products) < 2 and fused is None):
-        return tuple(matmul(eq, x, w, out_dtype, impl=impl) for eq, w in products)
-    outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2], fused)
-    return tuple(o.astype(out_dtype) for o in outs)
-
-
-def _kernel_plan(x, products, impl):
-    """[(spec, weight (stacked when LayerOf), layer index or None, shape view)] when the kernel takes every
-    product in one launch (same K, format and layer), else None."""
     plan = []
     for eq, w in products:
         stacked = isinstance(w, LayerOf)
         view = w.shape_view() if stacked else w
         if isinstance(w, Observed) or (stacked and isinstance(w.stacked, Observed)):
-            return None
+            plan = None
+            break
         spec = _parse(eq, x, view)
         if _choose(impl, spec, x, view, stacked=stacked) != "pallas":
-            return None
+            plan = None
+            break
         plan.append((spec, w.stacked if stacked else w, w.index if stacked else None, view))
-    same = all(p[0].k == plan[0][0].k and p[2] is plan[0][2] and _format(p[3]) == _format(plan[0][3]) for p in plan)
-    return plan if plan and same else None
-
-
-def rms_norm(x, weight, eps):
-    """RMSNorm computed in float32, scaled by `weight` after casting back (as Llama does)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+    same = plan and all(
+        p[0].k == plan[0][0].k and (p[2] is plan[0][2]) and _format(p[3]) == _format(plan[0][3]) for p in plan)
+    if len(products) < 2 or not same:
+        return tuple(matmul(eq, x, w, out_dtype, impl=impl) for eq, w in products)
+    outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
+    return tuple(o.astype(out_dtype) for o in outs)
 
 
 def _format(w) -> tuple:

@@ -96,47 +96,28 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
   return plan(k, n, fmt, group, rows) is not None
 
 
-def _stream(layer, split, x_ref, n_ref, v_ref, s_ref, m_ref, o_ref, ss_ref, cols, *, fmt, group, step, n_steps):
+def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
-  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). With a norm weight `n_ref`
-  [L, K], x's columns are multiplied by it before the dot and the split's sum of x^2 per row goes to
-  `ss_ref` [Mp] (the caller applies the row's RMS scale after summing the splits). (Program ids are read
-  by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
+  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). (Program ids are read by
+  the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
   m = x_ref.shape[0]
   x_cols0 = split * n_steps * step
 
-  def load_raw(start, width):  # [Mp, width] of x from column x_cols0 + start
+  def load_x(start, width):  # [Mp, width] of x from column x_cols0 + start
     idx = x_ref.at[pl.ds(0, mp), pl.ds(x_cols0 + start, width)]
     if m == mp:
       return pltriton.load(idx)
     rows = lax.broadcasted_iota(jnp.int32, (mp, width), 0)
     return pltriton.load(idx, mask=rows < m, other=0)
-
-  squares = []  # this split's sum of x^2 per row, traced once per loop body (norm only)
-
-  def load_x(start, width):
-    x = load_raw(start, width)
-    if n_ref is None:
-      return x
-    xf = x.astype(jnp.float32)
-    squares.append(jnp.sum(xf * xf, axis=1, keepdims=True))
-    w = n_ref[layer, pl.ds(x_cols0 + start, width)].astype(jnp.float32)
-    return (xf * w[None, :]).astype(dt)
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
   groups_per_split = n_steps if group is not None else 0
 
   def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
     return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(jnp.float32)
 
-  def body(i, carry):
-    acc, ss = carry
-    squares.clear()
-    acc = acc + product(i)
-    return acc, ss + sum(squares) if squares else ss
-
-  def product(i):  # [Mp, bn] float32: loop step i's partial product
+  def body(i, acc):
     if fmt == "int4":
       half = group // 2
       packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
@@ -152,32 +133,28 @@ def _stream(layer, split, x_ref, n_ref, v_ref, s_ref, m_ref, o_ref, ss_ref, cols
         xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
               + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
         part = part + xs * group_rows(m_ref, i)
-      return part
+      return acc + part
     w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
     if fmt != "plain":
       w = w.astype(jnp.float32).astype(dt)
     part = pltriton.dot(load_x(i * step, step), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
-    return part
+    return acc + part
 
-  zeros = (jnp.zeros((mp, bn), jnp.float32), jnp.zeros((mp, 1), jnp.float32))
-  acc, ss = lax.fori_loop(0, n_steps, body, zeros)
+  acc = lax.fori_loop(0, n_steps, body, jnp.zeros((mp, bn), jnp.float32))
   if s_ref is not None and group is None:
     acc = acc * s_ref[layer, pl.ds(0, 1), cols].astype(jnp.float32)  # [1, bn] per column
   o_ref[...] = acc
-  if ss_ref is not None:  # every column block of this split writes the same sums
-    ss_ref[...] = ss[:, 0]
 
 
-def _kernel(layer_ref, x_ref, *refs, parts, block_n, norm, **stream):
+def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
   """One program: column block j of the concatenated parts' outputs, split s of K.
 
   `parts` holds, per weight, (first column block, end column block, has scales, has offsets); the
   weight-side refs are whole (stacked) arrays, indexed here by layer, rows and columns. The program
   streams the one part its column block falls in (a static branch per part)."""
-  n_ref, refs = (refs[0], refs[1:]) if norm else (None, refs)
-  o_ref, ss_ref = (refs[-2], refs[-1]) if norm else (refs[-1], None)
+  o_ref = refs[-1]
   layer = layer_ref[0]
   j, split = pl.program_id(0), pl.program_id(1)
   k = 0
@@ -187,11 +164,11 @@ def _kernel(layer_ref, x_ref, *refs, parts, block_n, norm, **stream):
     m_ref = refs[k + 1 + has_s] if has_m else None
     k += 1 + has_s + has_m
     cols = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
-    run = functools.partial(_stream, layer, split, x_ref, n_ref, v_ref, s_ref, m_ref, o_ref, ss_ref, cols, **stream)
     if len(parts) == 1:
-      run()
+      _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
     else:
-      pl.when((j >= first) & (j < end))(run)
+      pl.when((j >= first) & (j < end))(
+          functools.partial(_stream, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
 
 
 def _stacked(a, ndim: int):
@@ -225,7 +202,7 @@ def _check_part(x, fmt, g, values, scales, offsets):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
-                                             "num_warps", "num_stages", "interpret", "norm_eps"))
+                                             "num_warps", "num_stages", "interpret"))
 def weight_matmuls(
     x: jax.Array,  # [M, K] bf16 / f16 / f32
     weights: tuple,  # per weight (values, scales, offsets): see `weight_matmul`; one format for all
@@ -233,8 +210,6 @@ def weight_matmuls(
     *,
     fmt: str,
     group_size: int | None,
-    norm_weight: jax.Array | None = None,  # [(L,) K]: multiply RMSNorm(x) * norm_weight instead of x
-    norm_eps: float = 1e-6,
     block_n: int | None = None,
     num_splits: int | None = None,
     step: int | None = None,
@@ -243,12 +218,7 @@ def weight_matmuls(
     interpret: bool | None = None,
 ) -> tuple:  # per weight: [M, N_i] float32
   """x @ dequantize(W_i[layer]) for several weights sharing x and K, in one launch (the q/k/v or
-  gate/up products of a layer: fewer launches, and the narrow ones ride along the wide one's grid).
-
-  With `norm_weight`, the input is RMSNorm(x) * norm_weight[layer] (the pre-norm of a transformer block)
-  without a normalised copy of x: the kernel multiplies x's columns by the weight and sums x^2 per row
-  for its split while it streams, and the row's 1 / RMS, a scalar that factors out of the product,
-  scales the summed splits (saves the norm's two small kernels per use at decode sizes)."""
+  gate/up products of a layer: fewer launches, and the narrow ones ride along the wide one's grid)."""
   M, K = x.shape
   g = group_size
   if fmt not in FORMATS:
@@ -273,37 +243,23 @@ def weight_matmuls(
   mp = max(MIN_DOT_ROWS, next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
-  if norm_weight is not None:
-    norm_weight = norm_weight if norm_weight.ndim == 2 else norm_weight[None]
-    if norm_weight.shape[-1] != K or norm_weight.shape[0] != weights[0][0].shape[0]:
-      raise ValueError(f"norm weight of shape {norm_weight.shape} does not match x {x.shape} and the weights' layers")
-    arrays.append(norm_weight)
   for (v, sc, off), n in zip(weights, widths):
     parts.append((first, first + n // bn, sc is not None, off is not None))
     first += n // bn
     arrays += [a for a in (v, sc, off) if a is not None]
-  norm = norm_weight is not None
-  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, norm=norm, fmt=fmt, group=g, step=stp,
+  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
                              n_steps=ks // stp)
-  out_specs = [pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j))]
-  out_shape = [jax.ShapeDtypeStruct((splits, mp, sum(widths)), jnp.float32)]
-  if norm:  # the splits' sums of x^2 per row
-    out_specs.append(pl.BlockSpec((None, mp), lambda j, s: (s, 0)))
-    out_shape.append(jax.ShapeDtypeStruct((splits, mp), jnp.float32))
-  outs = pl.pallas_call(
+  partials = pl.pallas_call(
       kernel,
       grid=(first, splits),
       in_specs=[pl.no_block_spec] * (2 + len(arrays)),
-      out_specs=out_specs,
-      out_shape=out_shape,
+      out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((splits, mp, sum(widths)), jnp.float32),
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
-      name=f"weight_matmul_{fmt}" + ("_norm" if norm else ""),
+      name=f"weight_matmul_{fmt}",
   )(layer, x, *arrays)
-  partials = outs[0]
   out = (partials[0] if splits == 1 else jnp.sum(partials, axis=0))[:M]
-  if norm:
-    out = out * lax.rsqrt(jnp.sum(outs[1], axis=0)[:M, None] / K + norm_eps)
   starts = [sum(widths[:i]) for i in range(len(widths))]
   return tuple(out[:, a:a + n] for a, n in zip(starts, widths))
 
@@ -317,14 +273,9 @@ def weight_matmul(x, values, scales=None, offsets=None, layer=None, *, fmt: str,
 
 
 def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *, fmt: str,
-                            group_size: int | None, norm_weight=None, norm_eps: float = 1e-6):
-  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision); with `norm_weight`,
-  RMSNorm(x) * norm_weight[layer] in float32 is the input."""
+                            group_size: int | None):
+  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision)."""
   K = x.shape[1]
-  if norm_weight is not None:
-    nw = (norm_weight[layer] if norm_weight.ndim == 2 else norm_weight).astype(jnp.float32)
-    xf = x.astype(jnp.float32)
-    x = xf * lax.rsqrt(jnp.mean(xf * xf, axis=1, keepdims=True) + norm_eps) * nw
   if values.ndim == 3:
     values, scales, offsets = (None if a is None else a[layer] for a in (values, scales, offsets))
   if fmt == "plain":

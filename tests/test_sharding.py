@@ -327,8 +327,8 @@ def test_tensor_parallel_layers_run_the_weight_kernel_per_shard(monkeypatch):
     launches = []
     monkeypatch.setattr(ops, "_choose", lambda impl, spec, x, w, stacked=False: real_choose(
         "pallas" if stacked and ops.whole_arrays() else impl, spec, x, w, stacked=stacked))
-    monkeypatch.setattr(ops, "_pallas_matmuls", lambda x, products, layer, norm=None: launches.append(
-        [tuple(w.shape) for _, w in products]) or real_launch(x, products, layer, norm))
+    monkeypatch.setattr(ops, "_pallas_matmuls", lambda x, products, layer: launches.append(
+        [tuple(w.shape) for _, w in products]) or real_launch(x, products, layer))
     mesh = sh.make_mesh(data=2, tensor=4)
     params = sh.shard_params(params1, CFG, mesh)
     first, second, _ = _steps(params, CFG)

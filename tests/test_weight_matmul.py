@@ -114,59 +114,6 @@ def test_several_weights_in_one_launch(interpret, fmt, group):
         assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
 
 
-@pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("fmt,group,M,K", [("plain", None, 1, 4096), ("plain", None, 6, 512), ("int4", 64, 3, 1024),
-                                           ("int8", None, 17, 512), ("fp8", None, 2, 768)])
-def test_fused_rms_norm_input(interpret, fmt, group, M, K):
-    """norm_weight: the products take RMSNorm(x) * norm_weight[layer] (float64 reference), over several
-    splits of K (each split sums its share of x^2) and several weights in one launch."""
-    rng = np.random.default_rng(13)
-    L, layer, eps = 3, 2, 1e-5
-    x = jnp.asarray(3 * rng.standard_normal((M, K)), jnp.bfloat16)
-    norm = jnp.asarray(1 + 0.3 * rng.standard_normal((L, K)), jnp.bfloat16)
-    weights = [_case_weight(rng, K, n, fmt, group, fmt == "int4", L) for n in (256, 128)]
-    outs = wm.weight_matmuls(x, tuple(weights), jnp.int32(layer), fmt=fmt, group_size=group, norm_weight=norm,
-                             norm_eps=eps, interpret=interpret)
-    x64 = np.asarray(x, np.float64)
-    xn = x64 / np.sqrt(np.mean(x64 ** 2, axis=1, keepdims=True) + eps) * np.asarray(norm[layer], np.float64)
-    for (values, scales, offsets), out in zip(weights, outs):
-        if fmt == "plain":
-            w64 = np.asarray(values[layer], np.float64)
-        else:
-            w64 = _np_weight(values[layer], scales[layer], None if offsets is None else offsets[layer], fmt, group)
-        ref = xn @ w64
-        err = np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref)
-        assert err < 5e-3, err  # the normalised input is rounded to bf16 for the dot, as the model rounds it
-    with pytest.raises(ValueError, match="norm weight"):
-        wm.weight_matmuls(x, tuple(weights), jnp.int32(layer), fmt=fmt, group_size=group, norm_weight=norm[:, :16],
-                          interpret=interpret)
-
-
-@pytest.mark.parametrize("interpret", MODES)
-def test_ops_matmuls_fuse_the_block_norm(interpret, monkeypatch):
-    """ops.matmuls(norm=(LayerOf(norms), eps)) on a layer's gate/up: one launch with the norm fused, equal
-    to rms_norm then one product each; without the kernel the norm is computed first (same result)."""
-    rng = np.random.default_rng(17)
-    L, i, D, F = 3, 1, 256, 512
-    x = jnp.asarray(2 * rng.standard_normal((2, 1, D)), jnp.bfloat16)
-    norms = jnp.asarray(1 + 0.2 * rng.standard_normal((L, D)), jnp.bfloat16)
-    ws = [jnp.asarray(rng.standard_normal((L, D, F)) / 16, jnp.bfloat16) for _ in range(2)]
-    idx = jnp.int32(i)
-    launches = []
-    real = ops._pallas_matmuls
-    monkeypatch.setattr(ops, "_pallas_matmuls", lambda x, products, layer, norm=None: launches.append(
-        (len(products), norm is not None)) or real(x, products, layer, norm))
-    products = [("btd,df->btf", ops.LayerOf(w, idx)) for w in ws]
-    ref = [np.asarray(ops.matmul("btd,df->btf", ops.rms_norm(x, norms[i], 1e-5), w[i], jnp.float32, impl="xla"),
-                      np.float64) for w in ws]
-    for impl, want in (("pallas", [(2, True)]), ("xla", [])):
-        launches.clear()
-        outs = ops.matmuls(x, *products, norm=(ops.LayerOf(norms, idx), 1e-5), out_dtype=jnp.float32, impl=impl)
-        assert launches == want, impl
-        for out, r in zip(outs, ref):
-            assert np.linalg.norm(np.asarray(out, np.float64) - r) / np.linalg.norm(r) < 5e-3, impl
-
-
 def test_supports_and_bad_inputs():
     assert not wm.supports(129, 1024, 128, "int8", None)  # more rows than decode
     assert not wm.supports(1, 1024, 128, "plain", 32)  # plain weights have no groups
