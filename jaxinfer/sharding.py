@@ -11,8 +11,9 @@ degree, a vocabulary the tensor degree does not divide.
 From there: `param_shardings` / `cache_shardings` give the `NamedSharding` of every leaf, `init_params` /
 `init_cache` create arrays already sharded (jit with `out_shardings`: no device ever holds the whole
 tree), `shard_params` / `shard_cache` place existing trees. The mesh never enters the model config or the
-model code: sharded arrays flow through the ordinary jitted functions and XLA's SPMD partitioner inserts
-the collectives (Megatron pattern: one all-reduce after the attention output and one after the MLP).
+model code: sharded arrays flow through the ordinary jitted functions; with a tensor axis the layers run
+per shard (`tensor_parallel.py`: Megatron pattern, one all-reduce after the attention output and one after
+the MLP), elsewhere XLA's SPMD partitioner inserts the collectives.
 
 Axes are `Auto` (compiler-propagated), not JAX's newer default `Explicit`, so that the model's einsums
 need no per-op output shardings. This file knows nothing of checkpoints or kernels.
