@@ -40,13 +40,31 @@ def _tensor_mesh():
     return mesh
 
 
-def applies(config: ModelConfig) -> bool:
+def applies(config: ModelConfig, params) -> bool:
     """The layers can run per shard over the context mesh's `tensor` axis (see the module docstring)."""
     mesh = _tensor_mesh()
     if mesh is None or mesh.shape.get("pipeline", 1) > 1:
         return False
     t = mesh.shape[AXIS]
-    return config.num_heads % t == 0 and config.num_kv_heads % t == 0 and config.ffn_dim % t == 0
+    divides = config.num_heads % t == 0 and config.num_kv_heads % t == 0 and config.ffn_dim % t == 0
+    return divides and _whole_groups(params, config, mesh)
+
+
+def _whole_groups(params, config: ModelConfig, mesh) -> bool:
+    """Each shard of a group-quantized layer weight holds whole groups: where the codes' group axis is
+    split, the scales' is too (the rules replicate scales whose group count the degree does not divide,
+    and a shard with part of a group cannot dequantize it; XLA's partitioner handles that case)."""
+    from . import sharding as sh
+    from .quant.qarray import QArray
+
+    shardings = sh.tree_shardings(params, config, mesh)["layers"]
+    for name, w in params["layers"].items():
+        if isinstance(w, QArray) and w.group_size is not None:
+            axis = w.group_axis % w.ndim
+            split = lambda s: (tuple(s.spec) + (None,) * w.ndim)[axis]
+            if split(shardings[name].values) != split(shardings[name].scales):
+                return False
+    return True
 
 
 def row_parallel(eq: str, x, w):

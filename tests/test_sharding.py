@@ -280,6 +280,25 @@ def test_quantized_params_shard_by_their_logical_axes():
     assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5
 
 
+@needs_devices
+def test_quantized_tensor_parallel_equals_one_device():
+    """Quantized layers per shard (tensor=4 x data=2) give one device's logits; int4 groups that a shard
+    would cut in half (the rules replicate those scales) keep XLA's partitioner, with the same result."""
+    from jaxinfer import quant, tensor_parallel
+
+    params1 = jax.device_put(random_params(CFG), jax.devices()[0])
+    mesh = sh.make_mesh(data=2, tensor=4)
+    for recipe, per_shard in (("int8", True), (quant.Recipe("int4", 16, zero_point=True), True),
+                              (quant.Recipe("int4", 64, matrices=("w_down",)), False)):
+        q1 = quant.quantize(params1, recipe)
+        first1, second1, _ = _steps(q1, CFG)
+        qs = sh.shard_params(q1, CFG, mesh)
+        with jax.set_mesh(mesh):
+            assert tensor_parallel.applies(CFG, qs) == per_shard, recipe
+        first, second, _ = _steps(qs, CFG)
+        assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (recipe, _rel(first, first1))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels per shard
 
@@ -337,10 +356,11 @@ def test_tensor_parallel_layers_run_the_weight_kernel_per_shard(monkeypatch):
     qkv = [(L, D, 2, H), (L, D, 1, H), (L, D, 1, H)]  # 8 query and 4 kv heads over 4 shards
     assert launches == [qkv, [(L, 2, H, D)], [(L, D, F // 4)] * 2, [(L, F // 4, D)]] * 2, launches
     with jax.set_mesh(mesh):
-        assert tensor_parallel.applies(CFG)
-        assert not tensor_parallel.applies(CFG.replace(num_kv_heads=2))  # kv heads replicated on tensor=4
+        assert tensor_parallel.applies(CFG, params)
+        kv2 = CFG.replace(num_kv_heads=2)  # kv heads replicated on tensor=4
+        assert not tensor_parallel.applies(kv2, ji.abstract_params(kv2))
     with jax.set_mesh(sh.make_mesh(pipeline=2, tensor=4)):
-        assert not tensor_parallel.applies(CFG)
+        assert not tensor_parallel.applies(CFG, params)
     monkeypatch.setattr(tensor_parallel, "ENABLED", False)
     launches.clear()
     jax.clear_caches()
