@@ -177,6 +177,54 @@ def bench_decode(batch, max_len, *, ragged, num_heads=32, num_kv=8, head_dim=128
   return rows
 
 
+def bench_decode_stacked(batch, length, max_len, *, configs=(None,), layers=32, num_heads=32, num_kv=8,
+                         head_dim=128, reps=7) -> list[dict[str, Any]]:
+  """The decode step's attention as the model calls it: a stacked `[L, B, S, K, H]` cache read in place
+  (`layer=`), one call per layer chained through q (so every call reads its own layer from HBM, as a
+  decode step does, not an L2-resident copy); every sequence `length` long. Time per call."""
+  k1, k2, k3 = jax.random.split(jax.random.key(batch), 3)
+  q = jax.random.normal(k1, (batch, num_heads, head_dim), jnp.bfloat16)
+  k = jax.random.normal(k2, (layers, batch, max_len, num_kv, head_dim), jnp.bfloat16)
+  v = jax.random.normal(k3, (layers, batch, max_len, num_kv, head_dim), jnp.bfloat16)
+  lengths = jnp.full((batch,), length, jnp.int32)
+  kv_bytes = batch * length * num_kv * head_dim * 2 * 2
+  case = f"decode stacked L{layers} B{batch} length {length} of {max_len} N{num_heads} K{num_kv} H{head_dim} bf16"
+  rows = []
+  for config in configs:
+    @jax.jit
+    def chain(q, k, v, config=config):
+      for i in range(layers):
+        q = decode_attention(q, k, v, lengths=lengths, layer=jnp.int32(i), **(config or {})).astype(q.dtype)
+      return q
+
+    def run():
+      chain(q, k, v).block_until_ready()
+      times = []
+      for _ in range(reps):
+        t0 = time.perf_counter()
+        chain(q, k, v).block_until_ready()
+        times.append(time.perf_counter() - t0)
+      return statistics.median(times) / layers
+
+    seconds, error = _try(run)
+    rows.append(dict(kind="decode", case=case, impl="pallas", config=config, error=error,
+                     time_us=None if seconds is None else seconds * 1e6,
+                     tb_s=None if seconds is None else kv_bytes / seconds / 1e12))
+  return rows
+
+
+def stacked_decode_jobs():
+  """The model's decode attention at llama-3-8b shapes (context 1024 and 4096, batch 1-32) over splits and
+  block sizes, to choose `default_num_splits` for small grids."""
+  jobs = []
+  for batch, length, max_len in ((1, 1040, 1152), (8, 1040, 1152), (32, 1040, 1152), (1, 4112, 4224)):
+    blocks = -(-length // 128)
+    splits = sorted({1, 2, 4, 8, blocks // 2 or 1, blocks} | ({16, 33} if blocks > 16 else set()))
+    configs = [None] + [dict(num_splits=s) for s in splits] + [dict(num_splits=s, block_k=64) for s in (4, 8, 16)]
+    jobs.append(functools.partial(bench_decode_stacked, batch, length, max_len, configs=configs))
+  return jobs
+
+
 # --------------------------------------------------------------------------------------------
 # Sweeps (used to choose the defaults) and the default suite
 
@@ -215,7 +263,7 @@ def decode_sweep():
 
 
 def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
-                          quick: bool = False) -> list[dict[str, Any]]:
+                          quick: bool = False, stacked: bool = False) -> list[dict[str, Any]]:
   """Times the kernels (defaults, or sweeps) and the cuDNN / XLA baselines on the current GPU."""
   if jax.default_backend() != "gpu":
     raise RuntimeError("kernel benchmarks need a GPU (jax.default_backend() == 'gpu')")
@@ -223,7 +271,9 @@ def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
   ceilings = measure_ceilings()
   rows: list[dict[str, Any]] = [dict(kind="ceiling", case="device", impl="xla", config=None,
                                      error=None, **ceilings)]
-  if sweep:
+  if stacked:
+    jobs = stacked_decode_jobs()
+  elif sweep:
     dense, paged, splits = decode_sweep()
     jobs = [functools.partial(bench_prefill, **kw, baselines=kw["head_dim"] == 128)
             for kw in prefill_sweeps()]
@@ -303,8 +353,10 @@ def main():
   parser.add_argument("--out", default=os.environ.get("OUT", "."))
   parser.add_argument("--sweep", action="store_true", help="block-size sweeps (slow)")
   parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--stacked", action="store_true",
+                      help="only the model's decode attention (stacked cache) over splits and block sizes")
   args = parser.parse_args()
-  rows = run_kernel_benchmarks(args.out, sweep=args.sweep, quick=args.quick)
+  rows = run_kernel_benchmarks(args.out, sweep=args.sweep, quick=args.quick, stacked=args.stacked)
   print(format_table(rows))
   best: dict[tuple[str, str], dict[str, Any]] = {}
   for r in rows:
