@@ -11,6 +11,8 @@ model's decode step with and without it, every number against the copy bandwidth
   products sharing one input in one launch (`weight_matmuls`).
 - `maxrows`: the decode step at batch 96 and 128 with `ops.KERNEL_MAX_ROWS` 64 (dot on the copied slice) and 128.
 - `kvq`: the decode step (`auto`) at batch 16 and 64, context 4096, over a bf16, int8 and fp8 KV cache.
+- `splits`: the decode step (`auto`) at batch 1-32, context 1k and 4k, with the decode attention's
+  minimum split length (`pallas_kernels.common.MIN_BLOCKS_PER_SPLIT`) 4 and 1.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -113,16 +115,16 @@ def main(argv=None) -> int:
     def over_budget():
         return time.time() - t_start > args.budget
 
-    def decode_rows(part, fields, knobs=None, **spec):
+    def decode_rows(part, fields, knobs=None, module=ops, **spec):
         """The library's decode step (`jaxinfer.bench`) for `spec` (BenchSpec fields beyond the preset),
-        with `ops` module switches `knobs` set while it is traced; one row per case, or the error."""
+        with `module` (default `ops`) switches `knobs` set while it is traced; one row per case, or the error."""
         from jaxinfer.bench import BenchSpec, run_bench
         from jaxinfer.config import ModelConfig
 
-        saved = {k: getattr(ops, k) for k in knobs or {}}
+        saved = {k: getattr(module, k) for k in knobs or {}}
         jax.clear_caches()  # the switches are read when a step is traced
         for k, v in (knobs or {}).items():
-            setattr(ops, k, v)
+            setattr(module, k, v)
         spec = {"contexts": (args.context,), "phases": ("decode",), **spec}
         try:
             bench = BenchSpec(config=ModelConfig.from_preset(args.preset), name=args.preset, dtype="bfloat16",
@@ -139,7 +141,16 @@ def main(argv=None) -> int:
             add({"part": part, **fields, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         finally:
             for k, v in saved.items():
-                setattr(ops, k, v)
+                setattr(module, k, v)
+
+    if "splits" in parts:  # decode attention: the old minimum of 4 key blocks per split vs 1
+        from pallas_kernels import common
+
+        for min_blocks in (4, 1):
+            if not over_budget():
+                decode_rows("splits", {"min_blocks_per_split": min_blocks}, {"MIN_BLOCKS_PER_SPLIT": min_blocks},
+                            module=common, impl="auto", batches=(1, 8, 32), contexts=(1024, 4096),
+                            phases=("decode",), profile_batches=(1,))
 
     if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
         for max_rows in (64, 128):

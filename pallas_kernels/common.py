@@ -30,10 +30,12 @@ M_INIT = -1e30
 LOG2E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # Triton dots need every dimension >= 16
 # Splits are chosen so that batch * kv_heads * splits reaches about this many programs (two waves
-# of a 132-SM H100/H200), but no split gets fewer than MIN_BLOCKS_PER_SPLIT key blocks of the cache:
-# short loops pay the pipeline prologue and a larger combine (see pallas_kernels/NOTES.md).
+# of a 132-SM H100/H200), but no split gets fewer than MIN_BLOCKS_PER_SPLIT key blocks of the cache.
+# 1: in the model (stacked cache, one layer per call, H200) a split of one 128-key block won at batch 1:
+# context 1k 10.0 us per call with 9 splits vs 25.2 us with the 2 that a minimum of 4 blocks gave, 4k 17.6
+# vs 22.5 us; the minimum only binds for short caches (see pallas_kernels/NOTES.md).
 TARGET_PROGRAMS = 264
-MIN_BLOCKS_PER_SPLIT = 4
+MIN_BLOCKS_PER_SPLIT = 1
 
 
 def next_pow2(x: int) -> int:
