@@ -139,7 +139,7 @@ def forward(params, cache, tokens, lengths=None, *, config: ModelConfig, impl: s
     lengths, positions, valid, kv_lengths, rope = step_inputs(cache, tokens, lengths, config)
     layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
     x = tensor_parallel.embed(params, tokens, config)  # [B, T, D]
-    if tensor_parallel.applies(config, params):  # the layers per shard, so that kernels run on each shard
+    if tensor_parallel.applies(config, params, cache):  # the layers per shard, so that kernels run on each shard
         x, cache = tensor_parallel.decoder_layers(
             params, x, cache, layer_ids, rope, positions, valid, kv_lengths, config=config, impl=impl
         )

@@ -9,10 +9,11 @@ one device, and the Megatron pattern is written out: q/k/v and gate/up are colum
 communication), the attention output and the MLP down product are row-parallel and their partial sums
 are added over `tensor` with one `psum` each (`row_parallel`, in float32).
 
-`model.forward` comes here when `applies(config)`: a context mesh (`generate` sets the parameters' mesh)
+`model.forward` comes here when `applies(...)`: a context mesh (`generate` sets the parameters' mesh)
 with `tensor` larger than one, no pipeline, and a tensor degree dividing the query heads, kv heads and
-ffn width, which is how the default sharding rules split the layers. Anything else (kv heads fewer than
-the degree, a pipeline) keeps XLA's partitioner. The embedding lookup runs per shard under any mesh
+ffn width, which is how the default sharding rules split the layers. Anything else keeps XLA's
+partitioner: kv heads fewer than the degree, a pipeline, a group-quantized weight whose shards would cut
+a group, a paged cache whose rows `data` splits (its page pool is shared by all rows). The embedding lookup runs per shard under any mesh
 with a `tensor` axis (`embed`; the pipeline's too); the output head stays with XLA, split on the
 vocabulary. `ENABLED = False` turns both off (for comparisons).
 """
@@ -40,11 +41,15 @@ def _tensor_mesh():
     return mesh
 
 
-def applies(config: ModelConfig, params) -> bool:
+def applies(config: ModelConfig, params, cache=None) -> bool:
     """The layers can run per shard over the context mesh's `tensor` axis (see the module docstring)."""
+    from .cache import PagedKVCache
+
     mesh = _tensor_mesh()
     if mesh is None or mesh.shape.get("pipeline", 1) > 1:
         return False
+    if isinstance(cache, PagedKVCache) and _rows_spec(mesh, cache.block_table.shape[0])[0] is not None:
+        return False  # the page pool is shared by all rows: data shards would each keep a diverging copy
     t = mesh.shape[AXIS]
     divides = config.num_heads % t == 0 and config.num_kv_heads % t == 0 and config.ffn_dim % t == 0
     return divides and _whole_groups(params, config, mesh)
@@ -78,10 +83,10 @@ def row_parallel(eq: str, x, w):
 
 
 def embed(params, tokens, config: ModelConfig):
-    """`ops.embed(params["embed"], tokens)`; under a mesh with a `tensor` axis, per shard: each device looks up the tokens of its slice of
-    the vocabulary (zeros elsewhere) and one `psum` over `tensor` assembles the rows. Under XLA's
-    partitioner the lookup of a vocab-split table all-gathered the whole table every step (1 GB for
-    llama-3-8b: 1.95 ms of a 5.5 ms TP2 step on an H200)."""
+    """`ops.embed(params["embed"], tokens)`; under a mesh with a `tensor` axis, per shard: each device
+    looks up the tokens of its slice of the vocabulary (zeros elsewhere) and one `psum` over `tensor`
+    assembles the rows. Under XLA's partitioner the lookup of a vocab-split table all-gathered the whole
+    table every step (1 GB for llama-3-8b: 1.95 ms of a 5.5 ms TP2 step on an H200)."""
     from . import sharding as sh
 
     mesh = _tensor_mesh()

@@ -299,6 +299,40 @@ def test_quantized_tensor_parallel_equals_one_device():
         assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (recipe, _rel(first, first1))
 
 
+@needs_devices
+def test_paged_cache_tensor_parallel_equals_one_device():
+    """A paged cache with tensor=2 runs the layers per shard; with data=4 x tensor=2 the rows are split on
+    data, the shared page pool is not, so XLA's partitioner keeps the replicas equal. Both give one
+    device's logits."""
+    from jaxinfer import tensor_parallel
+
+    params1 = jax.device_put(random_params(CFG2), jax.devices()[0])
+
+    def run(params, mesh):
+        B = len(PROMPTS)
+        cache = ji.init_paged_cache(CFG2, B, num_pages=B * 16, page_size=8, max_pages_per_seq=16, dtype=jnp.float32)
+        alloc = ji.PageAllocator(B * 16)
+        for i, p in enumerate(PROMPTS):
+            cache = alloc.reserve(cache, i, len(p) + 1)
+        if mesh is not None:
+            cache = sh.shard_cache(cache, CFG2, mesh)
+            with jax.set_mesh(mesh):
+                assert tensor_parallel.applies(CFG2, params, cache) == (mesh.shape["data"] == 1)
+        tokens = np.zeros((B, max(map(len, PROMPTS))), np.int32)
+        for i, p in enumerate(PROMPTS):
+            tokens[i, : len(p)] = p
+        lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+        first, cache = ji.prefill(params, cache, tokens, lengths, config=CFG2, impl="auto")
+        second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=CFG2, impl="auto")
+        return np.asarray(first), np.asarray(second)
+
+    ref = run(params1, None)
+    for data in (1, 4):
+        mesh = sh.make_mesh(data=data, tensor=2, devices=jax.devices()[: 2 * data])
+        first, second = run(sh.shard_params(params1, CFG2, mesh), mesh)
+        assert _rel(first, ref[0]) < 1e-5 and _rel(second, ref[1]) < 1e-5, data
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels per shard
 
