@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from . import ops
 from .cache import DenseView, PagedView, QuantDenseView
+from .sharding import data_axis
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
 MASK_VALUE = -1e30  # large finite negative: a fully masked row never turns into NaN
@@ -96,11 +97,10 @@ def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):
         view = DenseView(view.k, view.v)  # shards see their slice of the layer, not the stack
     B, N = q.shape[0], q.shape[2]
     K = view.k.shape[2] if isinstance(view, DenseView) else view.k_pages.shape[2]
-    d = mesh.shape["data"] if "data" in free else 1
     t = mesh.shape["tensor"] if "tensor" in free else 1
     if N % t or (K % t and t % K):
         return kernel(q, view, q_positions, kv_lengths, sliding_window)  # unreachable with the rules' checks
-    data = "data" if d > 1 and B % d == 0 else None
+    data = data_axis(mesh, B) if "data" in free else None
     tensor = "tensor" if t > 1 else None
     kv = tensor if K % t == 0 else None  # else replicated: t // K shards share each kv head
     P = jax.sharding.PartitionSpec

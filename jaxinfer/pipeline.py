@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from . import model, tensor_parallel
 from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig
+from .sharding import data_axis
 
 AXIS = "pipeline"
 
@@ -55,9 +56,8 @@ def forward(
     if config.num_layers % p:
         raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
     B, T = tokens.shape
-    d = mesh.shape.get("data", 1)
-    data = "data" if d > 1 and B % d == 0 else None  # else the batch stays whole on every data shard
-    local_b = B // d if data else B
+    data = data_axis(mesh, B)  # None: the batch stays whole on every data shard
+    local_b = B // mesh.shape["data"] if data else B
     M = microbatches or default_microbatches(local_b, T, p)
     if local_b % M:
         raise ValueError(f"batch {B} ({local_b} rows per data shard) is not divisible into {M} micro-batches")

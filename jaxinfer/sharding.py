@@ -311,6 +311,13 @@ def cache_shardings(config: ModelConfig, mesh: Mesh, rules=None, *, batch: int |
     return KVCache(k=kv, v=kv, lengths=lengths)
 
 
+def data_axis(mesh, batch: int) -> str | None:
+    """"data" when the mesh's `data` axis is larger than one and divides `batch` (each data shard runs its
+    own rows), else None (every data shard runs the whole batch). Used where a `shard_map` places rows."""
+    d = mesh.shape.get("data", 1)
+    return "data" if d > 1 and batch % d == 0 else None
+
+
 def batch_sharding(mesh: Mesh, rules=None, ndim: int = 1) -> NamedSharding:
     """Sharding of a per-sequence input (`tokens [B, T]`, `lengths [B]`): batch on its mesh axes."""
     return NamedSharding(mesh, _rules(rules).spec(("batch",) + (None,) * (ndim - 1)))

@@ -27,7 +27,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import ops
+from . import sharding as sh
+from .cache import PagedKVCache, QuantKVCache
 from .config import ModelConfig
+from .quant.qarray import QArray
 
 AXIS = "tensor"
 ENABLED = True
@@ -43,12 +46,10 @@ def _tensor_mesh():
 
 def applies(config: ModelConfig, params, cache=None) -> bool:
     """The layers can run per shard over the context mesh's `tensor` axis (see the module docstring)."""
-    from .cache import PagedKVCache
-
     mesh = _tensor_mesh()
     if mesh is None or mesh.shape.get("pipeline", 1) > 1:
         return False
-    if isinstance(cache, PagedKVCache) and _rows_spec(mesh, cache.block_table.shape[0])[0] is not None:
+    if isinstance(cache, PagedKVCache) and sh.data_axis(mesh, cache.block_table.shape[0]) is not None:
         return False  # the page pool is shared by all rows: data shards would each keep a diverging copy
     t = mesh.shape[AXIS]
     divides = config.num_heads % t == 0 and config.num_kv_heads % t == 0 and config.ffn_dim % t == 0
@@ -59,9 +60,6 @@ def _whole_groups(params, config: ModelConfig, mesh) -> bool:
     """Each shard of a group-quantized layer weight holds whole groups: where the codes' group axis is
     split, the scales' is too (the rules replicate scales whose group count the degree does not divide,
     and a shard with part of a group cannot dequantize it; XLA's partitioner handles that case)."""
-    from . import sharding as sh
-    from .quant.qarray import QArray
-
     shardings = sh.tree_shardings(params, config, mesh)["layers"]
     for name, w in params["layers"].items():
         if isinstance(w, QArray) and w.group_size is not None:
@@ -87,14 +85,11 @@ def embed(params, tokens, config: ModelConfig):
     looks up the tokens of its slice of the vocabulary (zeros elsewhere) and one `psum` over `tensor`
     assembles the rows. Under XLA's partitioner the lookup of a vocab-split table all-gathered the whole
     table every step (1 GB for llama-3-8b: 1.95 ms of a 5.5 ms TP2 step on an H200)."""
-    from . import sharding as sh
-
     mesh = _tensor_mesh()
     if mesh is None:
         return ops.embed(params["embed"], tokens)
-    rows = _rows_spec(mesh, tokens.shape[0])
-    rules = dataclasses.replace(sh.DEFAULT_RULES, batch=rows[0])
-    table_spec = jax.tree.map(lambda s: s.spec, sh.tree_shardings(params, config, mesh, rules)["embed"])
+    rows, rules = _region(mesh, tokens.shape[0])
+    table_spec = _specs(sh.tree_shardings(params, config, mesh, rules)["embed"])
 
     def body(table, tokens):
         n = table.shape[0]  # this shard's vocabulary rows (all of them when the vocab is replicated)
@@ -109,27 +104,28 @@ def embed(params, tokens, config: ModelConfig):
                          axis_names=set(mesh.axis_names), check_vma=False)(params["embed"], tokens)
 
 
-def _rows_spec(mesh, batch: int) -> P:
-    """The spec of per-sequence arrays: batch on `data` when it divides the batch, else every data shard
-    runs the whole batch."""
-    d = mesh.shape.get("data", 1)
-    return P("data" if d > 1 and batch % d == 0 else None)
+def _region(mesh, batch: int):
+    """(rows, rules) of a per-shard region: the spec of per-sequence arrays (batch on `data` where it
+    divides the batch) and the default sharding rules with the batch placed so."""
+    rows = P(sh.data_axis(mesh, batch))
+    return rows, dataclasses.replace(sh.DEFAULT_RULES, batch=rows[0])
+
+
+def _specs(shardings):
+    """`PartitionSpec`s of a tree of `NamedSharding`s (shard_map's in/out specs)."""
+    return jax.tree.map(lambda s: s.spec, shardings)
 
 
 def decoder_layers(params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
     """`model.decoder_layers` on `params["layers"]`, run per shard over the context mesh (`applies`)."""
-    from . import model
-    from . import sharding as sh
-    from .cache import PagedKVCache, QuantKVCache
+    from . import model  # (model imports this module)
 
     mesh = jax.sharding.get_abstract_mesh()
     t = mesh.shape[AXIS]
-    rows = _rows_spec(mesh, x.shape[0])
-    rules = dataclasses.replace(sh.DEFAULT_RULES, batch=rows[0])
-    spec = lambda tree: jax.tree.map(lambda s: s.spec, tree)
-    layer_specs = spec(sh.tree_shardings(params, config, mesh, rules)["layers"])
+    rows, rules = _region(mesh, x.shape[0])
+    layer_specs = _specs(sh.tree_shardings(params, config, mesh, rules)["layers"])
     paged = isinstance(cache, PagedKVCache)
-    cache_specs = spec(sh.cache_shardings(config, mesh, rules, paged=paged, quantized=isinstance(cache, QuantKVCache)))
+    cache_specs = _specs(sh.cache_shardings(config, mesh, rules, paged=paged, quantized=isinstance(cache, QuantKVCache)))
     local = config.replace(num_heads=config.num_heads // t, num_kv_heads=config.num_kv_heads // t,
                            ffn_dim=config.ffn_dim // t)
 
