@@ -22,7 +22,6 @@ script on a CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import statistics
@@ -43,6 +42,7 @@ import numpy as np  # noqa: E402
 import jaxinfer as ji  # noqa: E402
 from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
+from jaxinfer.bench import switched  # noqa: E402
 from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
@@ -61,21 +61,6 @@ def _median_time(run, samples: int) -> tuple[float, list[float]]:
         jax.block_until_ready(work())
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
-
-
-@contextlib.contextmanager
-def _switched(module, values: dict):
-    """Module attributes set to `values` for the block, restored after (and compiled programs dropped)."""
-    saved = {k: getattr(module, k) for k in values}
-    jax.clear_caches()
-    try:
-        for k, v in values.items():
-            setattr(module, k, v)
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(module, k, v)
-        jax.clear_caches()
 
 
 def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -248,7 +233,7 @@ def main(argv=None) -> None:
                 def tp_case(t=t, switches=switches):
                     params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:
-                        with _switched(tensor_parallel, switches):
+                        with switched(tensor_parallel, switches):
                             r = decode_tokens_per_s(params, cfg, **decode_kw)
                             if args.profile:
                                 r["profile"] = profile_decode_step(params, cfg, context=args.context, impl=args.impl, dtype=dtype)

@@ -118,18 +118,16 @@ def main(argv=None) -> int:
     def decode_rows(part, fields, knobs=None, module=ops, **spec):
         """The library's decode step (`jaxinfer.bench`) for `spec` (BenchSpec fields beyond the preset),
         with `module` (default `ops`) switches `knobs` set while it is traced; one row per case, or the error."""
-        from jaxinfer.bench import BenchSpec, run_bench
+        from jaxinfer.bench import BenchSpec, run_bench, switched
         from jaxinfer.config import ModelConfig
 
-        saved = {k: getattr(module, k) for k in knobs or {}}
-        jax.clear_caches()  # the switches are read when a step is traced
-        for k, v in (knobs or {}).items():
-            setattr(module, k, v)
         spec = {"contexts": (args.context,), "phases": ("decode",), **spec}
         try:
             bench = BenchSpec(config=ModelConfig.from_preset(args.preset), name=args.preset, dtype="bfloat16",
                               steps=16, samples=3, **spec)
-            for m in run_bench(bench, ceilings=ceilings, progress=False).results:
+            with switched(module, knobs or {}):
+                results = run_bench(bench, ceilings=ceilings, progress=False).results
+            for m in results:
                 row = {"part": part, **fields, "phase": m.phase, "batch": m.batch, "context": m.length,
                        "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)}
                 prof = m.extras.get("breakdown")
@@ -139,9 +137,6 @@ def main(argv=None) -> int:
                 add(row)
         except Exception as e:  # one failing case must not lose the others
             add({"part": part, **fields, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        finally:
-            for k, v in saved.items():
-                setattr(module, k, v)
 
     if "splits" in parts:  # decode attention: the old minimum of 4 key blocks per split vs 1
         from pallas_kernels import common

@@ -11,7 +11,7 @@ import pytest
 
 from jaxinfer.bench import costs
 from jaxinfer.bench.ceilings import Ceilings, datasheet_for, measure_ceilings
-from jaxinfer.bench.measure import Timing, time_calls
+from jaxinfer.bench.measure import Timing, switched, time_calls
 from jaxinfer.bench.profile import hlo_op_names
 from jaxinfer.bench.runner import evaluate
 from jaxinfer.cache import init_cache
@@ -115,6 +115,23 @@ def test_time_calls_takes_median_and_rewinds():
                         before_sample=lambda: seen.append(1))
     assert len(timing.samples) == 4 and len(seen) == 4 and timing.calls == 3
     assert min(timing.samples) <= timing.median <= max(timing.samples) and timing.median > 0
+
+
+def test_switched_sets_module_knobs_for_the_block_and_restores_them():
+    """A traced function reads the switch: inside the block it is retraced with the new value, after it the
+    old value is back (also when the block raises)."""
+    import types
+
+    knobs = types.SimpleNamespace(SCALE=2.0)
+    f = jax.jit(lambda x: x * knobs.SCALE)
+    assert float(f(1.0)) == 2.0
+    with switched(knobs, {"SCALE": 5.0}):
+        assert knobs.SCALE == 5.0 and float(f(1.0)) == 5.0
+    assert knobs.SCALE == 2.0 and float(f(1.0)) == 2.0
+    with pytest.raises(RuntimeError):
+        with switched(knobs, {"SCALE": 7.0}):
+            raise RuntimeError("a failing case")
+    assert knobs.SCALE == 2.0
 
 
 def test_measured_ceilings_are_positive_and_pick_the_best_copy():

@@ -7,6 +7,7 @@ finished work. Knows nothing of models.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -53,3 +54,20 @@ def time_calls(call: Callable[[], Any], *, calls: int = 5, samples: int = 5, war
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t0) / calls)
     return Timing(median=statistics.median(times), samples=tuple(times), calls=calls)
+
+
+@contextlib.contextmanager
+def switched(module, values: dict):
+    """`module`'s attributes set to `values` for the block and restored after: the switches a function
+    reads when it is traced (paths, block sizes), compared within one process. Compiled programs are
+    dropped on entry and exit, so each state traces its own."""
+    saved = {k: getattr(module, k) for k in values}
+    jax.clear_caches()
+    try:
+        for k, v in values.items():
+            setattr(module, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+        jax.clear_caches()

@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from .. import ops
-    from ..bench import runner
+    from ..bench import runner, switched
     from ..config import ModelConfig
     from . import quantize
 
@@ -115,29 +115,23 @@ def main(argv=None) -> int:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
             return
-        # Module knobs are read when a step is traced: clear jit caches so each case traces its own path.
-        jax.clear_caches()
-        ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = kernel_rows
-        wm._WARPS = warps or 4
-        ops.FP8_OUT_NARROW = fp8_narrow
         t0 = time.time()
         try:
             params = tree(recipe)
             s = spec(None if recipe == "bf16" else recipe, impl)
-            if phase == "prefill":
-                timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
-            else:
-                timing, seconds, _, _ = runner._time_decode(params, s, "decode", batch, length)
+            # Module knobs are read when a step is traced: each case traces its own path.
+            with switched(ops, {"QUANT_KERNEL_MIN_ROWS": kernel_rows[0], "KERNEL_MAX_ROWS": kernel_rows[1],
+                                "FP8_OUT_NARROW": fp8_narrow}), switched(wm, {"_WARPS": warps or 4}):
+                if phase == "prefill":
+                    timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
+                else:
+                    timing, seconds, _, _ = runner._time_decode(params, s, "decode", batch, length)
             row = {"case": label, "recipe": recipe, "phase": phase, "batch": batch, "length": length, "impl": impl,
                    "ms": round(seconds * 1e3, 3), "tokens_per_s": round(batch * (length if phase == "prefill" else 1)
                                                                         / seconds, 1),
                    "spread": round(timing.spread, 3), "wall_s": round(time.time() - t0, 1)}
         except Exception as e:  # one failing case must not lose the others
             row = {"case": label, "error": f"{type(e).__name__}: {str(e)[:400]}", "wall_s": round(time.time() - t0, 1)}
-        finally:
-            ops.QUANT_KERNEL_MIN_ROWS, ops.KERNEL_MAX_ROWS = 1, 128
-            wm._WARPS = 4
-            ops.FP8_OUT_NARROW = True
         report["results"].append(row)
         print(row, flush=True)
         save()
