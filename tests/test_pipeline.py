@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from multidevice import needs_devices, rerun_with_devices
-from test_sharding import PROMPTS, _rel, _same_spec, _steps, random_params
+from test_sharding import PROMPTS, _rel, _same_spec, _steps, paged_cache, padded, random_params
 
 import jaxinfer as ji
 from jaxinfer import pipeline
@@ -83,10 +83,7 @@ def test_pipeline4_microbatches_flow_stage_to_stage(microbatches):
     params = sh.shard_params(ref["params"], CFG, mesh)
     assert {s.data.shape[0] for s in params["layers"]["w_down"].addressable_shards} == {1}
     B, T = len(PROMPTS), 16
-    tokens = np.zeros((B, T), np.int32)
-    for i, p in enumerate(PROMPTS):
-        tokens[i, : len(p)] = p
-    lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+    tokens, lengths = padded(PROMPTS, T)
 
     @jax.jit
     def prefill(params, cache, tokens, lengths):
@@ -109,17 +106,9 @@ def test_pipeline_with_paged_cache_equals_dense_one_device():
     ref = _reference()
     mesh = sh.make_mesh(pipeline=4, tensor=2)
     params = sh.shard_params(ref["params"], CFG, mesh)
-    B, page = len(PROMPTS), 8
-    cache = ji.init_paged_cache(CFG, B, num_pages=B * 16, page_size=page, max_pages_per_seq=16, dtype=jnp.float32)
-    alloc = ji.PageAllocator(B * 16)
-    for i, p in enumerate(PROMPTS):
-        cache = alloc.reserve(cache, i, len(p) + 1)
-    cache = sh.shard_cache(cache, CFG, mesh)
+    cache = sh.shard_cache(paged_cache(CFG, PROMPTS), CFG, mesh)
     assert _same_spec(cache.k_pages.sharding.spec, jax.sharding.PartitionSpec("pipeline", None, None, "tensor", None))
-    tokens = np.zeros((B, max(map(len, PROMPTS))), np.int32)
-    for i, p in enumerate(PROMPTS):
-        tokens[i, : len(p)] = p
-    lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+    tokens, lengths = padded(PROMPTS)
     first, cache = ji.prefill(params, cache, tokens, lengths, config=CFG, impl="auto")
     second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=CFG, impl="auto")
     assert _rel(first, ref["first"]) < 1e-5 and _rel(second, ref["second"]) < 1e-5

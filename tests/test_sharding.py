@@ -174,15 +174,29 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def padded(prompts, width=None):
+    """Right-padded tokens `[B, width or the longest]` and lengths `[B]` of token-id prompts."""
+    tokens = np.zeros((len(prompts), width or max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def paged_cache(cfg, prompts, page_size=8):
+    """An empty float32 paged cache (16 pages per row) with pages reserved for each prompt and one more token."""
+    B = len(prompts)
+    cache = ji.init_paged_cache(cfg, B, num_pages=B * 16, page_size=page_size, max_pages_per_seq=16, dtype=jnp.float32)
+    alloc = ji.PageAllocator(B * 16)
+    for i, p in enumerate(prompts):
+        cache = alloc.reserve(cache, i, len(p) + 1)
+    return cache
+
+
 def _steps(params, cfg, prompts=PROMPTS, cache_dtype=jnp.float32):
     """Prefill the prompts, then one decode step; logits of both and the final cache (the shapes
     `generate` uses, so its prefill is the same compiled program)."""
-    B, T = len(prompts), max(map(len, prompts))
-    tokens = np.zeros((B, T), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    cache = sh.init_cache_on(sh.mesh_of(params), cfg, B, 128, cache_dtype)
+    tokens, lengths = padded(prompts)
+    cache = sh.init_cache_on(sh.mesh_of(params), cfg, len(prompts), 128, cache_dtype)
     first, cache = ji.prefill(params, cache, tokens, lengths, config=cfg, impl="auto")
     second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=cfg, impl="auto")
     return np.asarray(first), np.asarray(second), cache
@@ -309,19 +323,12 @@ def test_paged_cache_tensor_parallel_equals_one_device():
     params1 = jax.device_put(random_params(CFG2), jax.devices()[0])
 
     def run(params, mesh):
-        B = len(PROMPTS)
-        cache = ji.init_paged_cache(CFG2, B, num_pages=B * 16, page_size=8, max_pages_per_seq=16, dtype=jnp.float32)
-        alloc = ji.PageAllocator(B * 16)
-        for i, p in enumerate(PROMPTS):
-            cache = alloc.reserve(cache, i, len(p) + 1)
+        cache = paged_cache(CFG2, PROMPTS)
         if mesh is not None:
             cache = sh.shard_cache(cache, CFG2, mesh)
             with jax.set_mesh(mesh):
                 assert tensor_parallel.applies(CFG2, params, cache) == (mesh.shape["data"] == 1)
-        tokens = np.zeros((B, max(map(len, PROMPTS))), np.int32)
-        for i, p in enumerate(PROMPTS):
-            tokens[i, : len(p)] = p
-        lengths = np.asarray([len(p) for p in PROMPTS], np.int32)
+        tokens, lengths = padded(PROMPTS)
         first, cache = ji.prefill(params, cache, tokens, lengths, config=CFG2, impl="auto")
         second, cache = ji.decode_step(params, cache, jnp.argmax(first, -1), config=CFG2, impl="auto")
         return np.asarray(first), np.asarray(second)
