@@ -64,10 +64,7 @@ def _quantized_kernel_applies(impl, q, view) -> bool:
     cache's own view (stacked, read in place), and no mesh axis to split it over (XLA partitions there)."""
     if impl not in ("pallas", "auto") or jax.default_backend() != "gpu" or q.shape[1] != 1 or view.layer is None:
         return False
-    if not ops.whole_arrays():
-        return False
-    H = q.shape[-1]
-    return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16)
+    return ops.whole_arrays() and _pallas_query_ok(q)
 
 
 def _pallas_quantized_decode(q, view, kv_lengths, sliding_window):
@@ -124,11 +121,16 @@ def per_shard(kernel, q, view, q_positions, kv_lengths, sliding_window):
     )(q, view, q_positions, kv_lengths)
 
 
-def _pallas_supports(q, view) -> bool:
-    """Head dims the kernels take (powers of two, 16..256) and half-precision inputs of one dtype."""
+def _pallas_query_ok(q) -> bool:
+    """Head dims the kernels take (powers of two, 16..256) and a half-precision query."""
     H = q.shape[-1]
+    return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _pallas_supports(q, view) -> bool:
+    """`_pallas_query_ok`, and keys/values in the query's dtype."""
     k = view.k if isinstance(view, DenseView) else view.k_pages
-    return 16 <= H <= 256 and H & (H - 1) == 0 and q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+    return _pallas_query_ok(q) and k.dtype == q.dtype
 
 
 def _cudnn_supports(q) -> bool:
