@@ -42,6 +42,9 @@ MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dom
 _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
 _WARPS = 4
+# Formats whose one-row products run as multiply-adds on the CUDA cores rather than a dot (H200, batch-1
+# llama-3-8b decode: fp8 3.70 vs 4.31 ms; int8 4.78 vs 4.36 and int4 5.72 vs 5.51 lose: pallas_kernels/NOTES.md)
+ONE_ROW_FMA = ("fp8",)
 _STAGES = 3
 
 
@@ -96,12 +99,89 @@ def supports(rows: int, k: int, n: int, fmt: str, group: int | None) -> bool:
   return plan(k, n, fmt, group, rows) is not None
 
 
+def _uses_cuda_cores(rows: int, fmt: str) -> bool:
+  """Whether a product runs as multiply-adds on the CUDA cores (`_stream_one_row`) instead of a dot."""
+  return rows == 1 and fmt in ONE_ROW_FMA
+
+
+def _codes_dtype(fmt: str, x_dtype):
+  """The dot's operand dtype: float16 for fp8 codes with 16-bit activations (e4m3 converts to float16 in
+  hardware, and a bf16 x is exact in float16 over the activations' range), else the activations' dtype."""
+  return jnp.float16 if fmt == "fp8" and x_dtype in (jnp.bfloat16, jnp.float16) else x_dtype
+
+
+def _code_operand(w, cdt):
+  """int8 / fp8 codes [rows, bn] as the dot's operand (exact)."""
+  return w.astype(cdt) if w.dtype == jnp.float8_e4m3fn else w.astype(jnp.float32).astype(cdt)
+
+
+def _int4_operands(packed, cdt, *, symmetric: bool):
+  """Both nibbles of packed int4 codes [g/2, bn] as dot operands (exact): u - 8 when symmetric, else u."""
+  zero = 8 if symmetric else 0
+  return (((packed & 0x0F).astype(jnp.float32) - zero).astype(cdt),
+          ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))
+
+
+def _codes_f32(u, zero: int):
+  """Unsigned integer codes u (uint8) minus `zero` as float32, exactly, without a conversion instruction:
+  u set into the mantissa of 2^23 (float bits 0x4B000000 | u) minus 2^23 + zero."""
+  return lax.bitcast_convert_type(u.astype(jnp.uint32) | 0x4B000000, jnp.float32) - float(2**23 + zero)
+
+
+def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
+  """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
+  become float32 in registers (`f32-bits`: no conversion instruction) and are multiplied by x into a
+  [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its operand
+  through shared memory after the decode, which held every format near bf16's time (BENCHMARKS.md)."""
+  f32 = jnp.float32
+  x_cols0 = split * n_steps * step
+
+  def load_x(start, width):  # [width, 1] float32 of x's only row
+    return x_ref[0, pl.ds(x_cols0 + start, width)].astype(f32)[:, None]
+
+  groups_per_split = n_steps if group is not None else 0
+
+  def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
+    return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(f32)
+
+  def body(i, carry):
+    acc, offs = carry
+    if fmt == "int4":
+      half = group // 2
+      packed = v_ref[layer, pl.ds(split * n_steps * half + i * half, half), cols]  # [g/2, bn] uint8
+      zero = 8 if m_ref is None else 0
+      x_lo, x_hi = load_x(i * group, half), load_x(i * group + half, half)
+      part = _codes_f32(packed & 0x0F, zero) * x_lo + _codes_f32(packed >> 4, zero) * x_hi  # [g/2, bn]
+      acc = acc + part * group_rows(s_ref, i)
+      if m_ref is not None:
+        offs = offs + (jnp.sum(x_lo) + jnp.sum(x_hi)) * group_rows(m_ref, i)
+      return acc, offs
+    w = v_ref[layer, pl.ds(split * n_steps * step + i * step, step), cols]  # [step, bn]
+    if fmt == "int8":
+      w = _codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128)  # (q + 128) - 128
+    else:
+      w = w.astype(f32)
+    part = w * load_x(i * step, step)
+    if group is not None:
+      part = part * group_rows(s_ref, i)
+    return acc + part, offs
+
+  rows = group // 2 if fmt == "int4" else step
+  _, bn = o_ref.shape
+  acc, offs = lax.fori_loop(0, n_steps, body, (jnp.zeros((rows, bn), f32), jnp.zeros((1, bn), f32)))
+  out = jnp.sum(acc, axis=0, keepdims=True) + offs  # [1, bn]
+  if s_ref is not None and group is None:
+    out = out * s_ref[layer, pl.ds(0, 1), cols].astype(f32)  # per column
+  o_ref[...] = out
+
+
 def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
   x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). (Program ids are read by
   the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
+  cdt = _codes_dtype(fmt, dt)  # the dot's operand dtype
   m = x_ref.shape[0]
   x_cols0 = split * n_steps * step
 
@@ -121,13 +201,10 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
     if fmt == "int4":
       half = group // 2
       packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
-      lo = (packed & 0x0F).astype(jnp.float32)
-      hi = (packed >> 4).astype(jnp.float32)
-      if m_ref is None:
-        lo, hi = lo - 8.0, hi - 8.0
+      lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None)
       x_lo = load_x(i * group, half)  # [Mp, g/2]
       x_hi = load_x(i * group + half, half)
-      part = pltriton.dot(x_lo, lo.astype(dt)) + pltriton.dot(x_hi, hi.astype(dt))  # [Mp, bn] f32
+      part = pltriton.dot(x_lo.astype(cdt), lo) + pltriton.dot(x_hi.astype(cdt), hi)  # [Mp, bn] f32
       part = part * group_rows(s_ref, i)
       if m_ref is not None:
         xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
@@ -136,8 +213,8 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
       return acc + part
     w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
     if fmt != "plain":
-      w = w.astype(jnp.float32).astype(dt)
-    part = pltriton.dot(load_x(i * step, step), w)
+      w = _code_operand(w, cdt)
+    part = pltriton.dot(load_x(i * step, step).astype(cdt), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
     return acc + part
@@ -164,11 +241,12 @@ def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
     m_ref = refs[k + 1 + has_s] if has_m else None
     k += 1 + has_s + has_m
     cols = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
+    stream_fn = _stream_one_row if o_ref.shape[0] == 1 else _stream  # one output row: see _uses_cuda_cores
     if len(parts) == 1:
-      _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
+      stream_fn(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
     else:
       pl.when((j >= first) & (j < end))(
-          functools.partial(_stream, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
+          functools.partial(stream_fn, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
 
 
 def _stacked(a, ndim: int):
@@ -240,7 +318,7 @@ def weight_matmuls(
   ks = K // splits
   if K % splits or ks % stp or any(n % bn for n in widths):
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
-  mp = max(MIN_DOT_ROWS, next_pow2(M))
+  mp = 1 if _uses_cuda_cores(M, fmt) else max(MIN_DOT_ROWS, next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
   for (v, sc, off), n in zip(weights, widths):

@@ -14,6 +14,7 @@ import pytest
 
 from jaxinfer import ops
 from jaxinfer import quant as Q
+from jaxinfer.bench import switched
 from pallas_kernels import weight_matmul as wm
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -49,6 +50,7 @@ CASES = [  # (M, K, N, fmt, group, zero_point, layers): layers > 1 reads the las
     (5, 512, 192, "int4", 32, False, 3),
     (16, 256, 256, "int4", 128, True, 1),
     (1, 1024, 256, "int8", None, False, 2),
+    (1, 768, 64, "fp8", None, False, 1),  # one row of fp8: multiply-adds on the CUDA cores, no dot
     (33, 512, 128, "int8", 64, False, 1),
     (3, 768, 64, "fp8", None, False, 1),  # K = 3 * 256: three splits of a power of two
     (1, 1024, 384, "plain", None, False, 3),
@@ -112,6 +114,27 @@ def test_several_weights_in_one_launch(interpret, fmt, group):
         ref = np.asarray(x, np.float64) @ w64
         assert out.shape == ref.shape
         assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+
+
+ONE_ROW = [("int8", None, False), ("int8", 64, False), ("int4", 32, False), ("int4", 64, True), ("fp8", None, False)]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("fmt,group,zp", ONE_ROW, ids=[f"{c[0]}-g{c[1]}-zp{int(c[2])}" for c in ONE_ROW])
+@pytest.mark.parametrize("fma", [True, False], ids=["cuda-cores", "dot"])
+def test_one_row_on_cuda_cores_and_as_a_dot(interpret, fmt, group, zp, fma):
+    """One row of x runs either as multiply-adds on the CUDA cores (codes made float32 from their bits) or
+    as a 16-row dot, per format (`wm.ONE_ROW_FMA`); both ways are exact up to float32 accumulation."""
+    rng = np.random.default_rng(11)
+    K, N = 512, 128
+    x = jnp.asarray(rng.standard_normal((1, K)) * 4, jnp.bfloat16)
+    values, scales, offsets = _case_weight(rng, K, N, fmt, group, zp, 2)
+    with switched(wm, {"ONE_ROW_FMA": (fmt,) if fma else ()}):  # traced afresh, restored after
+        out = wm.weight_matmul(x, values, scales, offsets, jnp.int32(1), fmt=fmt, group_size=group,
+                               interpret=interpret)
+    w64 = _np_weight(values[1], scales[1], None if offsets is None else offsets[1], fmt, group)
+    ref = np.asarray(x, np.float64) @ w64
+    assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
 
 
 def test_supports_and_bad_inputs():

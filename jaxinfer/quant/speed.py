@@ -110,7 +110,8 @@ def main(argv=None) -> int:
 
     from pallas_kernels import weight_matmul as wm
 
-    def case(label, recipe, phase, batch, length, kernel_rows=(1, 128), impl="xla", warps=None, fp8_narrow=True):
+    def case(label, recipe, phase, batch, length, kernel_rows=(1, 128), impl="xla", warps=None, fp8_narrow=True,
+             kernel=None):
         if time.time() - t_start > args.budget:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
             s = spec(None if recipe == "bf16" else recipe, impl)
             # Module knobs are read when a step is traced: each case traces its own path.
             with switched(ops, {"QUANT_KERNEL_MIN_ROWS": kernel_rows[0], "KERNEL_MAX_ROWS": kernel_rows[1],
-                                "FP8_OUT_NARROW": fp8_narrow}), switched(wm, {"_WARPS": warps or 4}):
+                                "FP8_OUT_NARROW": fp8_narrow}), switched(wm, {"_WARPS": warps or 4, **(kernel or {})}):
                 if phase == "prefill":
                     timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
                 else:
@@ -138,20 +139,20 @@ def main(argv=None) -> int:
 
     int4 = args.int4
     ctx = args.context
-    case("decode b1 bf16", "bf16", "decode", 1, ctx)
-    case("decode b1 int8 (kernel)", "int8", "decode", 1, ctx)
-    case(f"decode b1 {int4} (kernel)", int4, "decode", 1, ctx)
-    case("decode b1 fp8 (kernel)", "fp8", "decode", 1, ctx)
-    case("decode b16 bf16 [attn pallas]", "bf16", "decode", 16, ctx, impl="pallas")
-    case(f"decode b16 {int4} (kernel) [attn pallas]", int4, "decode", 16, ctx, impl="pallas")
-    case("decode b16 int8 (kernel) [attn pallas]", "int8", "decode", 16, ctx, impl="pallas")
+    case("decode b1 bf16", "bf16", "decode", 1, ctx, impl="auto")
+    for recipe in ("int8", int4, "fp8"):
+        case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
+        fmt = "int4" if recipe.startswith("int4") else recipe  # the other way of a one-row product
+        other, label = ((), "dot") if fmt in wm.ONE_ROW_FMA else ((fmt,), "CUDA-core multiply-adds")
+        case(f"decode b1 {recipe} (kernel, {label})", recipe, "decode", 1, ctx, impl="auto", kernel={"ONE_ROW_FMA": other})
+    case("decode b16 bf16", "bf16", "decode", 16, ctx, impl="auto")
+    case(f"decode b16 {int4} (kernel)", int4, "decode", 16, ctx, impl="auto")
+    case("decode b16 int8 (kernel)", "int8", "decode", 16, ctx, impl="auto")
     case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
     case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
-    case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx)
-    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128))
-    case("decode b1 int8 (gemv)", "int8", "decode", 1, ctx, kernel_rows=(2, 128))
-    case(f"decode b16 {int4} (kernel, 8 warps) [attn pallas]", int4, "decode", 16, ctx, impl="pallas", warps=8)
-    case(f"decode b16 {int4} (xla dequant+dot) [attn pallas]", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="pallas")
+    case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx, impl="auto")
+    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128), impl="auto")
+    case(f"decode b16 {int4} (xla dequant+dot)", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="auto")
 
     base = {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"] if r.get("recipe") == "bf16" and "ms" in r}
     print(f"\n{report['device']}")
