@@ -13,6 +13,10 @@ model's decode step with and without it, every number against the copy bandwidth
 - `kvq`: the decode step (`auto`) at batch 16 and 64, context 4096, over a bf16, int8 and fp8 KV cache.
 - `splits`: the decode step (`auto`) at batch 1-32, context 1k and 4k, with the decode attention's
   minimum split length (`pallas_kernels.common.MIN_BLOCKS_PER_SPLIT`) 4 and 1.
+- `codes`: gate+up and down in int8 / int4 (g128, offsets) / fp8 at one row: the dot (`wm.ONE_ROW_FMA` off)
+  against multiply-adds on the CUDA cores, default blocks and a few step / warp choices.
+- `unroll`: the decode step (`auto`, batch 1-32, context 1k) with 1, 2, 4 and all 32 layers per iteration of
+  the layer scan (`model.LAYER_UNROLL`).
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -36,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxinfer import ops  # noqa: E402
-from jaxinfer.bench import measure_ceilings  # noqa: E402
+from jaxinfer.bench import measure_ceilings, switched  # noqa: E402
 from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from pallas_kernels import weight_matmul as wm  # noqa: E402
 
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     def decode_rows(part, fields, knobs=None, module=ops, **spec):
         """The library's decode step (`jaxinfer.bench`) for `spec` (BenchSpec fields beyond the preset),
         with `module` (default `ops`) switches `knobs` set while it is traced; one row per case, or the error."""
-        from jaxinfer.bench import BenchSpec, run_bench, switched
+        from jaxinfer.bench import BenchSpec, run_bench
         from jaxinfer.config import ModelConfig
 
         spec = {"contexts": (args.context,), "phases": ("decode",), **spec}
@@ -132,6 +136,8 @@ def main(argv=None) -> int:
                        "ms": round(m.ms, 3), "mbu": round(m.mbu, 3)}
                 prof = m.extras.get("breakdown")
                 if prof:  # device time per op of one call (per-step: one step; fused: steps_per_call)
+                    tag = "_".join(f"{k}{v}" for k, v in fields.items())
+                    (out / f"{part}_{tag}_{m.phase}_b{m.batch}_hlo.txt").write_text(prof.get("hlo_text", ""))
                     row["profile"] = {"device_us_per_call": prof.get("device_us_per_call"),
                                       "steps_per_call": prof.get("steps_per_call"), "ops": prof.get("ops", [])[:25]}
                 add(row)
@@ -146,6 +152,15 @@ def main(argv=None) -> int:
                 decode_rows("splits", {"min_blocks_per_split": min_blocks}, {"MIN_BLOCKS_PER_SPLIT": min_blocks},
                             module=common, impl="auto", batches=(1, 8, 32), contexts=(1024, 4096),
                             phases=("decode",), profile_batches=(1,))
+
+    if "unroll" in parts:  # layers per iteration of the layer scan (the loop's own kernels per layer)
+        from jaxinfer import model
+
+        for unroll in (1, 2, 4, 32):
+            if not over_budget():
+                decode_rows("unroll", {"layer_unroll": unroll}, {"LAYER_UNROLL": unroll}, module=model, impl="auto",
+                            batches=(1, 8, 32), contexts=(1024,), phases=("decode", "decode_fused"),
+                            profile_batches=(1,))
 
     if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
         for max_rows in (64, 128):
@@ -166,7 +181,7 @@ def main(argv=None) -> int:
                             batches=batches, phases=("decode", "decode_fused"),
                             profile_batches=(1,) if impl == "auto" else ())
 
-    if {"sweep", "rows", "qsweep"} & set(parts):  # stacked weights for the product timings only
+    if {"sweep", "rows", "qsweep", "codes"} & set(parts):  # stacked weights for the product timings only
         key = jax.random.key(0)
         stacks = {name: jax.random.normal(key, (LAYERS, k, n), jnp.bfloat16) for name, (k, n) in SHAPES.items()}
         # a second copy for a part repeated in a fused product (k and v, gate and up): distinct bytes to read
@@ -216,23 +231,52 @@ def main(argv=None) -> int:
                     product_row("sweep", name, 1, label, product)
             sweep(name, 1)
 
-    if "qsweep" in parts:  # quantized formats: block sweeps on gate+up and down, 1 and 16 rows
+    QFORMATS = {"int8": ("int8", None, False), "int4": ("int4", 128, True), "fp8": ("fp8", None, False)}
+
+    def quantized_products(fmt_name):
+        """(name, stacked quantized weights, bytes per layer, K, N) for gate+up and down in `fmt_name`."""
         from jaxinfer.quant import quantize_array
 
-        formats = {"int8": ("int8", None, False), "int4": ("int4", 128, True)}
-        for fmt_name, (fmt, group, zp) in formats.items():
-            qs = {}
-            for name in ("gate", "down"):
-                for key, src in ((name, stacks[name]), (name + "2", again.get(name))):
-                    if src is not None:
-                        q = quantize_array(src.astype(jnp.float32), fmt, (1,), group, zero_point=zp)
-                        n = SHAPES[name][1]
-                        qs[key] = (q.values, q.scales.reshape(LAYERS, -1, n), q.offsets)
-            for name, parts_ in (("gateup", ("gate", "gate2")), ("down", ("down",))):
-                ws = tuple(qs[p] for p in parts_)
-                nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
-                k = SHAPES["gate" if name == "gateup" else "down"][0]
-                n = sum(SHAPES["gate" if name == "gateup" else "down"][1] for _ in parts_)
+        fmt, group, zp = QFORMATS[fmt_name]
+        qs = {}
+        for name in ("gate", "down"):
+            for key, src in ((name, stacks[name]), (name + "2", again.get(name))):
+                if src is not None:
+                    q = quantize_array(src.astype(jnp.float32), fmt, (1,), group, zero_point=zp)
+                    qs[key] = (q.values, q.scales.reshape(LAYERS, -1, SHAPES[name][1]), q.offsets)
+        for name, parts_ in (("gateup", ("gate", "gate2")), ("down", ("down",))):
+            ws = tuple(qs[p] for p in parts_)
+            nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
+            base = "gate" if name == "gateup" else "down"
+            yield name, ws, nbytes, SHAPES[base][0], SHAPES[base][1] * len(parts_)
+
+    if "codes" in parts:  # one row: the dot vs multiply-adds on the CUDA cores (wm.ONE_ROW_FMA), default blocks
+        for fmt_name in ("int8", "int4", "fp8"):
+            fmt, group, _ = QFORMATS[fmt_name]
+            fma = {"ONE_ROW_FMA": (fmt,)}
+            variants = {"dot": ({"ONE_ROW_FMA": ()}, {}), "fma": (fma, {}), "fma w8": (fma, {"num_warps": 8})}
+            if group is None:
+                variants.update({"fma step32": (fma, {"step": 32}), "fma step64": (fma, {"step": 64})})
+            for name, ws, nbytes, k, n in quantized_products(fmt_name):
+                x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+                for label, (switches, opts) in variants.items():
+                    if over_budget():
+                        continue
+                    prod = lambda x, w, i, o=opts: wm.weight_matmuls(x, w, i, fmt=fmt, group_size=group, **o)[0]  # noqa: E731
+                    row = {"part": "codes", "weight": f"{name}-{fmt_name}", "rows": 1, "variant": label}
+                    try:
+                        with switched(wm, switches):
+                            wall, dev = chain_seconds(prod, x, ws)
+                        t = dev or wall
+                        add({**row, "us": round(t * 1e6, 2), "wall_us": round(wall * 1e6, 2),
+                             "tb_s": round(nbytes / t / 1e12, 3), "of_copy": round(nbytes / t / copy, 3)})
+                    except Exception as e:
+                        add({**row, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+
+    if "qsweep" in parts:  # quantized formats: block sweeps on gate+up and down, 1 and 16 rows
+        for fmt_name in ("int8", "int4"):
+            fmt, group, _ = QFORMATS[fmt_name]
+            for name, ws, nbytes, k, n in quantized_products(fmt_name):
                 for M in (1, 16):
                     bn0, s0, _ = wm.plan(k, n, fmt, group, M)
                     seen = set()
@@ -280,8 +324,10 @@ def main(argv=None) -> int:
     for (w, M, v), r in sorted(best.items()):
         print(f"{w:5s} M={M:<4d} {r['variant']:34s} {r['us']:9.2f} us {r['tb_s']:6.3f} TB/s {r['of_copy']:.3f}")
     for r in report["rows"]:
-        if r["part"] == "step":
-            print(r)
+        if r["part"] == "codes" and "us" in r:
+            print(f"{r['weight']:12s} M={r['rows']:<3d} {r['variant']:10s} {r['us']:9.2f} us {r['tb_s']:6.3f} TB/s {r['of_copy']:.3f}")
+        elif r["part"] in ("step", "unroll"):
+            print({k: v for k, v in r.items() if k != "profile"})
     return 0
 
 
