@@ -180,6 +180,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per sample")
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
+    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which of the three ways to time")
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
@@ -229,7 +230,8 @@ def main(argv=None) -> None:
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
                         "_nosum": {"row_parallel": lambda eq, x, w: ops.matmul(eq, x, w)}}
-            for suffix, switches in variants.items():
+            chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
+            for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
                 def tp_case(t=t, switches=switches):
                     params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:

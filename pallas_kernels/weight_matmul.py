@@ -21,7 +21,9 @@ dequantizes it in registers (int4: two half-group dots per group, sharing the lo
 accumulates x @ W in float32 with the group scale applied to each group's partial product (and the offset
 times the group's sum of x). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
 combines: few rows mean few columns of programs, so K is split to fill the GPU. The Triton dot takes a
-power of two >= 16 rows: x's missing rows load as zeros (masked), never as a padded copy.
+power of two >= 16 rows: x's missing rows load as zeros (masked), never as a padded copy. fp8 codes enter
+the dot as float16 (converted in hardware; x too); a single row of x with fp8 codes skips the dot for
+multiply-adds on the CUDA cores (`ONE_ROW_FMA`, measured per format in pallas_kernels/NOTES.md).
 """
 from __future__ import annotations
 
