@@ -8,9 +8,11 @@ Parts (default: all that fit the device count n):
          `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
          Each degree three ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
          (`_partitioner`), and per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
-         what the 2 all-reduces per layer cost).
+         what the 2 all-reduces per layer cost); `--tp-variants` picks among the three.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given.
+- `tp-processes` (alone, with `--tp-processes n`): batch-1 decode with tensor=n and one process per GPU
+         (`jax.distributed`), to compare with the one-process numbers of a `tp` run just before.
 - `disagg`: prefill on the first n/2 GPUs (tensor=n/2), the cache moved to the last n/2, decode there:
          `disagg.transfer_cost` (bytes, seconds, GB/s) and the phase times of one `disagg.generate`.
 Every timing is a median of `--samples` runs after a warm-up (which compiles). <out>/multi_gpu.json is
@@ -168,6 +170,56 @@ def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Tensor parallelism with one process per GPU (jax.distributed): no in-process rendezvous per collective
+
+
+def tp_in_processes(args) -> dict:
+    """Starts `args.tp_processes` copies of this script, process i on GPU i, joined by
+    `jax.distributed.initialize`; they time batch-1 decode with tensor=n and process 0 writes the result."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    n = args.tp_processes
+    common = ["--tp-processes", str(n), "--coordinator", f"127.0.0.1:{port}", "--out", str(args.out),
+              "--preset", args.preset, "--impl", args.impl, "--context", str(args.context),
+              "--steps", str(args.steps), "--samples", str(args.samples)]
+    logs = [open(args.out / f"tp_process{i}.log", "w") for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--tp-process-id", str(i), *common], stdout=logs[i],
+                              stderr=subprocess.STDOUT, cwd=ROOT) for i in range(n)]
+    try:
+        codes = [p.wait(timeout=args.tp_process_timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for log in logs:
+            log.close()
+    result = args.out / "tp_processes.json"
+    if any(codes) or not result.exists():
+        raise RuntimeError(f"tp processes exited with {codes}; logs in {args.out}/tp_process*.log")
+    return json.loads(result.read_text())
+
+
+def tp_process(args) -> None:
+    """One process of `tp_in_processes`."""
+    on_cpu = jax.config.jax_platforms == "cpu"
+    if on_cpu:  # the script's CPU check: gloo collectives, one CPU device per process
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.tp_processes,
+                               process_id=args.tp_process_id, initialization_timeout=120,
+                               local_device_ids=None if on_cpu else [args.tp_process_id])
+    cfg = ji.ModelConfig.from_preset(args.preset)
+    params = sh.init_params(cfg, sh.make_mesh(tensor=jax.device_count()), dtype=jnp.bfloat16)
+    r = decode_tokens_per_s(params, cfg, batch=1, context=args.context, steps=args.steps, impl=args.impl,
+                            samples=args.samples, dtype=jnp.bfloat16)
+    r.update(processes=jax.process_count(), devices=[d.device_kind for d in jax.devices()])
+    if jax.process_index() == 0:
+        (args.out / "tp_processes.json").write_text(json.dumps(r))
+    jax.distributed.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
@@ -185,8 +237,19 @@ def main(argv=None) -> None:
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
     ap.add_argument("--disagg-batch", type=int, default=8)
+    ap.add_argument("--tp-processes", type=int, default=0,
+                    help="with --parts tp-processes: time tensor=N with one process per GPU (alone in its run)")
+    ap.add_argument("--tp-process-timeout", type=int, default=400)
+    ap.add_argument("--tp-process-id", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--coordinator", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tp_process_id is not None:
+        return tp_process(args)
+    if args.parts == "tp-processes":  # before this process takes any GPU memory
+        r = tp_in_processes(args)
+        print(json.dumps({f"decode_b1_tp{args.tp_processes}_processes": r}))
+        return
 
     devices = jax.devices()
     n = len(devices)
