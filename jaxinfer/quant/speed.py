@@ -28,7 +28,11 @@ Run 3's bf16 baseline is itself 1.2-2.5x faster than before (the kernel removed 
 so the quantized formats gained in milliseconds but lost in ratio: through the kernel they are limited by
 dequantizing each tile before the dot, not by bytes (pallas_kernels/NOTES.md). With `impl="auto"` in the
 same session (run S2-6): bf16 4.951, int8 4.369 (1.13x), fp8 4.898 (1.01x), int4 5.539 (0.89x) ms.
-None of the speed targets is met; quality is (tests/test_quant_quality.py).
+Run 4 (session 4, `impl="auto"` throughout, raw benchmarks/results/2026-11-26-h200-s4/): fp8 codes now enter the
+dot as float16 and a single row of fp8 runs as CUDA-core multiply-adds (`weight_matmul.ONE_ROW_FMA`): batch 1
+bf16 4.802, int8 4.358 (1.10x), int4 5.505 (0.87x), fp8 **3.698 (1.30x)**; batch 16 int8 1.13x, int4 0.89x;
+prefill 4096 fp8 1.46-1.50x. The same multiply-adds for int8 / int4 were slower (4.779 / 5.722).
+None of the decode speed targets is met; quality is (tests/test_quant_quality.py).
 """
 
 from __future__ import annotations
