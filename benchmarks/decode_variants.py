@@ -11,7 +11,7 @@ private choices (monkeypatched while tracing a fresh jit):
 - `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
   batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
 - `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
-`--grid` instead times the library's own per-step and fused loops (batch 1 and 128) with one-query
+`--only-steps 1:einsum:reduce ...` times just those steps. `--grid` instead times the library's own per-step and fused loops (batch 1 and 128) with one-query
 attention as `reduce` or `einsum` and two split-K targets. `--sweep-partials P...` instead times
 `weights[gemv@P]` for each split-K target P (ops.GEMV_PARTIALS), then the whole batch-1 step,
 einsum/einsum against gemv@best/reduce.
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
                     help="only sweep ops.GEMV_PARTIALS on the weight products, then time the step at the best")
     ap.add_argument("--grid", action="store_true",
                     help="only time the library's per-step and fused decode under attention x split-K choices")
+    ap.add_argument("--only-steps", nargs="*", default=None, metavar="B:WEIGHTS:ATTENTION",
+                    help="only time these whole steps, e.g. 1:einsum:reduce 1:gemv:reduce")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,12 @@ def main(argv=None) -> int:
                 print(f"{rows[-1]['variant']:44s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
             (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
                                                            "variants": rows}, indent=1, default=str))
+        return 0
+
+    if args.only_steps is not None:
+        for item in args.only_steps:
+            batch, w_mode, a_mode = item.split(":")
+            time_step(int(batch), w_mode, a_mode)
         return 0
 
     if args.sweep_partials:

@@ -44,10 +44,10 @@ MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dom
 _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
 _WARPS = 4
+_STAGES = 3
 # Formats whose one-row products run as multiply-adds on the CUDA cores rather than a dot (H200, batch-1
 # llama-3-8b decode: fp8 3.70 vs 4.31 ms; int8 4.78 vs 4.36 and int4 5.72 vs 5.51 lose: pallas_kernels/NOTES.md)
 ONE_ROW_FMA = ("fp8",)
-_STAGES = 3
 
 
 def _block_n(n: int, rows: int = 1) -> int | None:
@@ -132,9 +132,9 @@ def _codes_f32(u, zero: int):
 
 def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
   """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
-  become float32 in registers (`f32-bits`: no conversion instruction) and are multiplied by x into a
-  [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its operand
-  through shared memory after the decode, which held every format near bf16's time (BENCHMARKS.md)."""
+  become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
+  by x into a [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its
+  operand through shared memory after the decode, which held every format near bf16's time (NOTES.md)."""
   f32 = jnp.float32
   x_cols0 = split * n_steps * step
 
