@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/gpu_suite.py --out $OUT
 
-1. `pytest -m gpu` in a subprocess (before this process touches the GPU), log to <out>/pytest.log.
+1. `pytest -m gpu` in child processes (before this process touches the GPU; up to `--test-jobs` test files at
+   once), log to <out>/pytest.log.
 2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the library's default
    (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-128 rows): a
    2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
@@ -30,21 +31,51 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def run_gpu_tests(out: Path, timeout: int, paths=("tests",)) -> dict:
-    """`pytest -m gpu` on the GPU in a child process; returns its counts and exit code."""
-    env = dict(os.environ, JAX_PLATFORMS="cuda", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", "-rfE", *(str(ROOT / p) for p in paths)]
-    t0 = time.time()
+SERIAL_TEST_FILES = ("test_bench.py",)  # measures the card's ceilings: runs after the others, alone
+
+
+def _pytest(args: list[str], env: dict, timeout: float) -> tuple[str, int]:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", *args]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        log, code = proc.stdout + proc.stderr, proc.returncode
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=max(1.0, timeout))
+        return proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
-        log, code = f"{e.stdout or ''}{e.stderr or ''}\nTIMED OUT after {timeout} s", -1
-    (out / "pytest.log").write_text(log)
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", log)}
-    failed = [line for line in log.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return {"exit_code": code, "counts": counts, "failed": failed[:20], "seconds": round(time.time() - t0, 1)}
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        return f"{out}{err}\nTIMED OUT after {timeout:.0f} s", -1
+
+
+def run_gpu_tests(out: Path, timeout: int, paths=("tests",), jobs: int = 4, platform: str = "cuda") -> dict:
+    """`pytest -m gpu` on the GPU in child processes, before this process touches the GPU: one collection
+    pass finds the files with GPU tests, then up to `jobs` files run at once (sharing the GPU, memory not
+    preallocated: the native tests are compile-bound), `SERIAL_TEST_FILES` alone after them. Logs go to
+    <out>/pytest.log (all files, in order). Returns the summed counts and the worst exit code."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = dict(os.environ, JAX_PLATFORMS=platform, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.time()
+    deadline = t0 + timeout
+    listing, _ = _pytest(["-m", "gpu", "--collect-only", *(str(ROOT / p) for p in paths)], env, timeout)
+    files = sorted({line.split("::")[0] for line in listing.splitlines() if "::" in line})
+    parallel = [f for f in files if Path(f).name not in SERIAL_TEST_FILES]
+    serial = [f for f in files if Path(f).name in SERIAL_TEST_FILES]
+    run_file = lambda f: (f, *_pytest(["-m", "gpu", "-rfE", f], env, deadline - time.time()))  # noqa: E731
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(run_file, parallel))
+    results += [run_file(f) for f in serial]
+    log = "".join(f"===== {f} (exit {code})\n{text}\n" for f, text, code in results)
+    (out / "pytest.log").write_text(f"collected GPU tests in {len(files)} files\n{listing}\n{log}")
+    counts: dict = {}
+    for _, text, _ in results:
+        tail = text.strip().splitlines()[-1:] or [""]
+        for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)", tail[0]):
+            counts[k] = counts.get(k, 0) + int(n)
+    failed = [line for _, text, _ in results for line in text.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    codes = [code for _, _, code in results]
+    worst = next((c for c in codes if c not in (0, 5)), 0 if codes else 5)  # 5: no tests collected
+    return {"exit_code": worst, "counts": counts, "files": len(files), "failed": failed[:20],
+            "seconds": round(time.time() - t0, 1)}
 
 
 def standard_spec(args):
@@ -143,6 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--tests-timeout", type=int, default=240)
     p.add_argument("--tests", nargs="+", default=["tests"], help="test paths for `pytest -m gpu`")
+    p.add_argument("--test-jobs", type=int, default=4, help="test files run at once on the GPU")
+    p.add_argument("--tests-platform", default="cuda", help=argparse.SUPPRESS)  # cpu: a dry run of the runner
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -150,7 +183,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     summary: dict = {}
     if not args.skip_tests:
-        summary["tests"] = run_gpu_tests(out, args.tests_timeout, args.tests)
+        summary["tests"] = run_gpu_tests(out, args.tests_timeout, args.tests, args.test_jobs, args.tests_platform)
         print(f"gpu tests: {summary['tests']}", flush=True)
 
     if args.gemv_partials is not None:
