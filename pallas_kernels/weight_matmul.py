@@ -108,7 +108,8 @@ def _uses_cuda_cores(rows: int, fmt: str) -> bool:
 
 def _codes_dtype(fmt: str, x_dtype):
   """The dot's operand dtype: float16 for fp8 codes with 16-bit activations (e4m3 converts to float16 in
-  hardware, and a bf16 x is exact in float16 over the activations' range), else the activations' dtype."""
+  hardware; a bf16 x is exact in float16 between 6e-5 and 65504 in magnitude, the range decoder activations
+  stay in: beyond it x would round to zero or overflow), else the activations' dtype."""
   return jnp.float16 if fmt == "fp8" and x_dtype in (jnp.bfloat16, jnp.float16) else x_dtype
 
 
