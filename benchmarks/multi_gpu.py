@@ -10,7 +10,8 @@ Parts (default: all that fit the device count n):
          (`_partitioner`), and per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
          what the 2 all-reduces per layer cost); `--tp-variants` picks among the three.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
-         prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given.
+         prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given; decode
+         also with micro-batches of different steps in flight (`pipeline.decode_loop`, `_inflight_m<M>`).
 - `tp-processes` (alone, with `--tp-processes n`): batch-1 decode with tensor=n and one process per GPU
          (`jax.distributed`), to compare with the one-process numbers of a `tp` run just before.
 - `disagg`: prefill on the first n/2 GPUs (tensor=n/2), the cache moved to the last n/2, decode there:
@@ -142,9 +143,16 @@ def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     return tok, cache
 
 
-def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, samples, dtype, phases=("prefill", "decode")):
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
+def _inflight_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
+    return pipeline.decode_loop(params, cache, tok, steps, config=cfg, impl=impl, microbatches=microbatches, mesh=mesh)
+
+
+def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, samples, dtype, phases=("prefill", "decode"),
+               inflight=False):
     """Prefill tokens/s (batch x context) and decode tokens/s (batch x steps) on one GPU (mesh None)
-    or through the pipeline with `microbatches`."""
+    or through the pipeline with `microbatches`; `inflight`: decode with `pipeline.decode_loop` (micro-batches
+    of different steps in flight) instead of one pipelined forward per step."""
     tokens = _prompt(batch, context, cfg.vocab_size)
     max_len = bucket(context + steps + 1, 128)
     new_cache = lambda: sh.init_cache_on(mesh, cfg, batch, max_len, dtype)
@@ -157,7 +165,7 @@ def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, 
     def run_decode():
         logits, cache = _prefill_fn(params, new_cache(), tokens, **kw)
         tok = jax.block_until_ready(jnp.argmax(logits, -1).astype(jnp.int32))
-        return lambda: _decode_loop(params, cache, tok, steps=steps, **kw)
+        return lambda: (_inflight_loop if inflight else _decode_loop)(params, cache, tok, steps=steps, **kw)
 
     out = {"microbatches": microbatches}
     if "prefill" in phases:
@@ -236,6 +244,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
+    ap.add_argument("--pp-inflight-microbatches", default="4,8",
+                    help="pp: decode with micro-batches of different steps in flight (pipeline.decode_loop), M >= n")
     ap.add_argument("--disagg-batch", type=int, default=8)
     ap.add_argument("--tp-processes", type=int, default=0,
                     help="with --parts tp-processes: time tensor=N with one process per GPU (alone in its run)")
@@ -331,6 +341,12 @@ def main(argv=None) -> None:
             for ph in phases:
                 if name in results and base and f"{ph}_tokens_per_s" in base:
                     results[name][f"{ph}_speedup"] = results[name][f"{ph}_tokens_per_s"] / base[f"{ph}_tokens_per_s"]
+        for m in [int(m) for m in args.pp_inflight_microbatches.split(",") if m] if pp_params is not None else ():
+            name = f"throughput_b{args.pp_batch}_pp{n}_inflight_m{m}"
+            case(name, lambda m=m: throughput(pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=("decode",),
+                                              inflight=True, **pp_kw))
+            if name in results and base and "decode_tokens_per_s" in base:
+                results[name]["decode_speedup"] = results[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         del pp_params
 
     if "disagg" in parts and n >= 2:

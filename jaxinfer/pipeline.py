@@ -16,7 +16,8 @@ needs no reshape: micro-batch m uses rows of the block table.
 
 `model.forward` comes here by itself under a context mesh whose `pipeline` axis is larger than one
 (`generate`, `prefill` and `decode_step` set the parameters' mesh), with `default_microbatches`; call
-`forward` directly to choose M. Knows nothing of checkpoints, sampling or kernels.
+`forward` directly to choose M. `decode_loop` is greedy decoding that keeps micro-batches of different
+steps in flight (no fill and drain per step). Knows nothing of checkpoints, sampling or kernels.
 """
 
 from __future__ import annotations
@@ -125,3 +126,76 @@ def forward(
     cache = cache.replace(**dict(zip(names, kv)), lengths=kv_lengths)
     logits = model.output_logits(params, h, config)
     return (logits[:, 0] if last_only else logits), cache
+
+
+def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl: str = "xla",
+                microbatches: int | None = None, mesh=None):
+    """Greedy decoding of `steps` tokens through the pipeline with micro-batches of different steps in
+    flight: `forward` fills and drains the pipeline on every step, so during decode each stage re-reads its
+    weights M + p - 1 times per step while doing one micro-batch's work each time; here the last stage's
+    head turns micro-batch m's activations into its next token and passes it round to stage 0, which starts
+    m's next step on the following tick, so after the first p - 1 ticks every stage works on every tick.
+
+    `tokens [B]` is each sequence's next input token (the argmax of prefill's logits); returns the tokens
+    generated `[B, steps]` (token k is the argmax after feeding token k - 1) and the cache with the `steps`
+    fed tokens written. M (default p) micro-batches, M >= p. A pipeline-only mesh and a dense cache.
+    """
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.axis_names:
+        raise ValueError("pipeline.decode_loop needs a mesh with a 'pipeline' axis (pass mesh= or use jax.set_mesh)")
+    if any(mesh.shape[a] > 1 for a in mesh.axis_names if a != AXIS) or type(cache) is not KVCache:
+        raise NotImplementedError("pipeline.decode_loop runs on a pipeline-only mesh with a dense cache; use forward")
+    p = mesh.shape[AXIS]
+    if config.num_layers % p:
+        raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
+    (B,) = tokens.shape
+    M = microbatches or p
+    if M < p or B % M:
+        raise ValueError(f"decode_loop needs at least {p} micro-batches (one per stage) dividing the batch {B}, got {M}")
+    mb, work = B // M, steps * M  # rows per micro-batch; (micro-batch, step) items per stage
+    head = {k: params[k] for k in ("embed", "final_norm", "lm_head") if k in params}
+
+    def stage(layer_params, head, k, v, lengths, tokens):
+        s = jax.lax.axis_index(AXIS)
+        n_local = k.shape[0]
+        kv = tuple(a.reshape(n_local * M, mb, *a.shape[2:]) for a in (k, v))  # layer l of micro-batch m: l * M + m
+        ids = jnp.arange(n_local, dtype=jnp.int32) * M
+        perm = [(i, (i + 1) % p) for i in range(p)]
+
+        def tick(carry, t):
+            state, arrived, feed, lengths, kv, out = carry
+            # the token the last stage made at tick t - 1 is for micro-batch (t - p) mod M's next step
+            slot = jnp.maximum(t - p, 0) % M
+            feed = feed.at[slot].set(jnp.where(t >= p, arrived, feed[slot]))
+            j = jnp.clip(t - s, 0, work - 1)  # this stage's item: micro-batch j mod M, step j // M
+            active = (t - s >= 0) & (t - s < work)
+            m, step = j % M, j // M
+            x = jnp.take(head["embed"], feed[m], axis=0)[:, None, :]  # stage 0's input
+            h = jnp.where(s == 0, x, state)
+            pos = lengths[m][:, None]  # [mb, 1]
+            kv_len = lengths[m] + active.astype(jnp.int32)
+            h, sub = model.decoder_layers(
+                layer_params, h, KVCache(*kv, lengths[m]), ids + m, model.rope_tables(config, pos), pos,
+                jnp.broadcast_to(active, (mb, 1)), kv_len, config=config, impl=impl,
+            )
+            kv, lengths = (sub.k, sub.v), lengths.at[m].set(kv_len)
+            token = jax.lax.cond(  # only the last stage reads the head
+                s == p - 1, lambda h: jnp.argmax(model.output_logits(head, h, config)[:, 0], -1).astype(jnp.int32),
+                lambda h: jnp.zeros((mb,), jnp.int32), h)
+            out = out.at[step, m].set(jnp.where(active & (s == p - 1), token, out[step, m]))
+            state, arrived = jax.lax.ppermute((h, token), AXIS, perm)
+            return (state, arrived, feed, lengths, kv, out), None
+
+        init = (jnp.zeros((mb, 1, config.dim), head["embed"].dtype), jnp.zeros((mb,), jnp.int32),
+                tokens.reshape(M, mb), lengths.reshape(M, mb), kv, jnp.zeros((steps, M, mb), jnp.int32))
+        (_, _, _, lengths, kv, out), _ = jax.lax.scan(tick, init, jnp.arange(work + p - 1, dtype=jnp.int32))
+        k, v = (a.reshape(n_local, B, *a.shape[2:]) for a in kv)
+        return out[None], k, v, lengths.reshape(1, B)
+
+    layer_spec = jax.tree.map(lambda _: P(AXIS), params["layers"])
+    out, k, v, lengths = jax.shard_map(
+        stage, mesh=mesh, in_specs=(layer_spec, jax.tree.map(lambda _: P(), head), P(AXIS), P(AXIS), P(), P()),
+        out_specs=(P(AXIS), P(AXIS), P(AXIS), P(AXIS)), axis_names=set(mesh.axis_names), check_vma=False,
+    )(params["layers"], head, cache.k, cache.v, cache.lengths, tokens.astype(jnp.int32))
+    new = out[p - 1].transpose(1, 2, 0).reshape(B, steps)  # [steps, M, mb] -> [B, steps]
+    return new, cache.replace(k=k, v=v, lengths=lengths[0])

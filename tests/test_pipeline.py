@@ -115,6 +115,30 @@ def test_pipeline_with_paged_cache_equals_dense_one_device():
 
 
 @needs_devices
+@pytest.mark.parametrize("stages,microbatches", [(4, 4), (2, 4)])
+def test_decode_loop_keeps_microbatches_in_flight(stages, microbatches):
+    """pipeline.decode_loop (micro-batches of different steps in flight, each new token passed from the last
+    stage back to the first) generates one device's greedy tokens and leaves the same cache."""
+    ref, steps = _reference(), 5
+    tokens, lengths = padded(PROMPTS)
+    cache = sh.init_cache_on(None, CFG, len(PROMPTS), 128, jnp.float32)
+    logits, cache = ji.prefill(ref["params"], cache, tokens, lengths, config=CFG, impl="auto")
+    first = jnp.argmax(logits, -1).astype(jnp.int32)
+    mesh = sh.make_mesh(pipeline=stages, devices=jax.devices()[:stages])
+    staged = sh.shard_cache(jax.tree.map(jnp.copy, cache), CFG, mesh)
+    want, tok = [], first
+    for _ in range(steps):  # one device, one decode step at a time
+        step_logits, cache = ji.decode_step(ref["params"], cache, tok, config=CFG, impl="auto")
+        tok = jnp.argmax(step_logits, -1).astype(jnp.int32)
+        want.append(np.asarray(tok))
+    loop = jax.jit(lambda p, c, t: pipeline.decode_loop(p, c, t, steps, config=CFG, microbatches=microbatches, mesh=mesh))
+    got, staged = loop(sh.shard_params(ref["params"], CFG, mesh), staged, np.asarray(first))
+    np.testing.assert_array_equal(np.asarray(got), np.stack(want, axis=1))
+    np.testing.assert_array_equal(np.asarray(staged.lengths), np.asarray(cache.lengths))
+    assert _rel(staged.k, cache.k) < 1e-5 and _rel(staged.v, cache.v) < 1e-5
+
+
+@needs_devices
 def test_pipeline_bad_inputs():
     mesh = sh.make_mesh(pipeline=8)
     with pytest.raises(ValueError, match="pipeline degree 8 .* does not divide num_layers=4"):
@@ -126,3 +150,10 @@ def test_pipeline_bad_inputs():
         pipeline.forward(params, cache, jnp.ones((4, 1), jnp.int32), config=CFG, microbatches=3, mesh=mesh)
     with pytest.raises(ValueError, match="needs a mesh with a 'pipeline' axis"):
         pipeline.forward(params, cache, jnp.ones((4, 1), jnp.int32), config=CFG)
+    with pytest.raises(NotImplementedError, match="pipeline-only mesh"):
+        pipeline.decode_loop(params, cache, jnp.ones((4,), jnp.int32), 2, config=CFG, mesh=mesh)
+    mesh = sh.make_mesh(pipeline=4, devices=jax.devices()[:4])
+    params = sh.shard_params(random_params(CFG), CFG, mesh)
+    cache = sh.init_cache(CFG, 4, 16, mesh, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="at least 4 micro-batches"):
+        pipeline.decode_loop(params, cache, jnp.ones((4,), jnp.int32), 2, config=CFG, microbatches=2, mesh=mesh)
