@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from . import model, tensor_parallel
+from . import model, ops, tensor_parallel
 from .cache import KVCache, PagedKVCache, QuantKVCache
 from .config import ModelConfig
 from .sharding import data_axis
@@ -170,7 +170,7 @@ def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl:
             j = jnp.clip(t - s, 0, work - 1)  # this stage's item: micro-batch j mod M, step j // M
             active = (t - s >= 0) & (t - s < work)
             m, step = j % M, j // M
-            x = jnp.take(head["embed"], feed[m], axis=0)[:, None, :]  # stage 0's input
+            x = ops.embed(head["embed"], feed[m])[:, None, :]  # stage 0's input
             h = jnp.where(s == 0, x, state)
             pos = lengths[m][:, None]  # [mb, 1]
             kv_len = lengths[m] + active.astype(jnp.int32)
@@ -186,8 +186,10 @@ def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl:
             state, arrived = jax.lax.ppermute((h, token), AXIS, perm)
             return (state, arrived, feed, lengths, kv, out), None
 
-        init = (jnp.zeros((mb, 1, config.dim), head["embed"].dtype), jnp.zeros((mb,), jnp.int32),
-                tokens.reshape(M, mb), lengths.reshape(M, mb), kv, jnp.zeros((steps, M, mb), jnp.int32))
+        feed = tokens.reshape(M, mb)  # the token each micro-batch feeds next (stage 0 reads it)
+        state = ops.embed(head["embed"], feed[0])[:, None, :]  # any [mb, 1, D] value: idle stages ignore it
+        init = (state, jnp.zeros((mb,), jnp.int32), feed, lengths.reshape(M, mb), kv,
+                jnp.zeros((steps, M, mb), jnp.int32))
         (_, _, _, lengths, kv, out), _ = jax.lax.scan(tick, init, jnp.arange(work + p - 1, dtype=jnp.int32))
         k, v = (a.reshape(n_local, B, *a.shape[2:]) for a in kv)
         return out[None], k, v, lengths.reshape(1, B)
