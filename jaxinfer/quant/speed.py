@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from .. import ops
     from ..bench import runner, switched
     from ..config import ModelConfig
-    from . import quantize
+    from . import get_recipe, quantize
 
     dev = jax.devices()[0]
     report["device"] = f"{dev.device_kind} ({jax.__version__})"
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     case("decode b1 bf16", "bf16", "decode", 1, ctx, impl="auto")
     for recipe in ("int8", int4, "fp8"):
         case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
-        fmt = "int4" if recipe.startswith("int4") else recipe  # the other way of a one-row product
+        fmt = get_recipe(recipe).format  # the other way of a one-row product
         other, label = ((), "dot") if fmt in wm.ONE_ROW_FMA else ((fmt,), "CUDA-core multiply-adds")
         case(f"decode b1 {recipe} (kernel, {label})", recipe, "decode", 1, ctx, impl="auto", kernel={"ONE_ROW_FMA": other})
     case("decode b16 bf16", "bf16", "decode", 16, ctx, impl="auto")
