@@ -40,6 +40,29 @@ def default_microbatches(batch: int, tokens: int, stages: int) -> int:
     return max(m for m in range(1, min(batch, stages) + 1) if batch % m == 0)
 
 
+def _stages(mesh, config: ModelConfig, caller: str):
+    """(mesh, pipeline degree p): `mesh`, or the context mesh, checked to have a `pipeline` axis whose
+    degree divides the layers."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.axis_names:
+        raise ValueError(f"pipeline.{caller} needs a mesh with a 'pipeline' axis (pass mesh= or use jax.set_mesh)")
+    p = mesh.shape[AXIS]
+    if config.num_layers % p:
+        raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
+    return mesh, p
+
+
+def _by_microbatch(a, M: int):
+    """A stage's dense cache array `[L/p, b, ...]` as `[L/p * M, b/M, ...]` (a free reshape): micro-batch m
+    of local layer l is layer l * M + m, which the model's layer scan writes in place."""
+    return a.reshape(a.shape[0] * M, a.shape[1] // M, *a.shape[2:])
+
+
+def _by_layer(a, n_local: int):
+    """`_by_microbatch` undone: `[L/p * M, b/M, ...]` back to `[L/p, b, ...]`."""
+    return a.reshape(n_local, -1, *a.shape[2:])
+
+
 def forward(
     params, cache, tokens, lengths=None, *, config: ModelConfig, impl: str = "xla", last_only: bool = False,
     microbatches: int | None = None, mesh=None,
@@ -50,12 +73,7 @@ def forward(
     manual over `pipeline` and `data`); `microbatches` (default `default_microbatches`) counts the
     micro-batches of one data shard.
     """
-    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if mesh.empty or AXIS not in mesh.axis_names:
-        raise ValueError("pipeline.forward needs a mesh with a 'pipeline' axis (pass mesh= or use jax.set_mesh)")
-    p = mesh.shape[AXIS]
-    if config.num_layers % p:
-        raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
+    mesh, p = _stages(mesh, config, "forward")
     B, T = tokens.shape
     data = data_axis(mesh, B)  # None: the batch stays whole on every data shard
     local_b = B // mesh.shape["data"] if data else B
@@ -81,8 +99,8 @@ def forward(
         n_local = jax.tree.leaves(layer_params)[0].shape[0]
         mb = rows[0].shape[0] // M  # rows of one micro-batch on this data shard
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
-        if not paged:  # [L/p, b, ...] -> [L/p * M, mb, ...]: micro-batch m of local layer l is layer l * M + m
-            kv = tuple(a.reshape(n_local * M, mb, *a.shape[2:]) for a in kv)
+        if not paged:
+            kv = tuple(_by_microbatch(a, M) for a in kv)
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
 
@@ -110,7 +128,7 @@ def forward(
 
         (_, kv, outs), _ = jax.lax.scan(tick, (state, kv, outs), jnp.arange(M + p - 1, dtype=jnp.int32))
         if not paged:
-            kv = tuple(a.reshape(n_local, M * mb, *a.shape[2:]) for a in kv)
+            kv = tuple(_by_layer(a, n_local) for a in kv)
         return outs.reshape(1, M * mb, out_t, -1), kv
 
     # Manual over pipeline, data (when it splits the batch) and every size-1 axis, so that a stage of a
@@ -140,14 +158,9 @@ def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl:
     generated `[B, steps]` (token k is the argmax after feeding token k - 1) and the cache with the `steps`
     fed tokens written. M (default p) micro-batches, M >= p. A pipeline-only mesh and a dense cache.
     """
-    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if mesh.empty or AXIS not in mesh.axis_names:
-        raise ValueError("pipeline.decode_loop needs a mesh with a 'pipeline' axis (pass mesh= or use jax.set_mesh)")
+    mesh, p = _stages(mesh, config, "decode_loop")
     if any(mesh.shape[a] > 1 for a in mesh.axis_names if a != AXIS) or type(cache) is not KVCache:
         raise NotImplementedError("pipeline.decode_loop runs on a pipeline-only mesh with a dense cache; use forward")
-    p = mesh.shape[AXIS]
-    if config.num_layers % p:
-        raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
     (B,) = tokens.shape
     M = microbatches or p
     if M < p or B % M:
@@ -158,7 +171,7 @@ def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl:
     def stage(layer_params, head, k, v, lengths, tokens):
         s = jax.lax.axis_index(AXIS)
         n_local = k.shape[0]
-        kv = tuple(a.reshape(n_local * M, mb, *a.shape[2:]) for a in (k, v))  # layer l of micro-batch m: l * M + m
+        kv = tuple(_by_microbatch(a, M) for a in (k, v))
         ids = jnp.arange(n_local, dtype=jnp.int32) * M
         perm = [(i, (i + 1) % p) for i in range(p)]
 
@@ -191,7 +204,7 @@ def decode_loop(params, cache, tokens, steps: int, *, config: ModelConfig, impl:
         init = (state, jnp.zeros((mb,), jnp.int32), feed, lengths.reshape(M, mb), kv,
                 jnp.zeros((steps, M, mb), jnp.int32))
         (_, _, _, lengths, kv, out), _ = jax.lax.scan(tick, init, jnp.arange(work + p - 1, dtype=jnp.int32))
-        k, v = (a.reshape(n_local, B, *a.shape[2:]) for a in kv)
+        k, v = (_by_layer(a, n_local) for a in kv)
         return out[None], k, v, lengths.reshape(1, B)
 
     layer_spec = jax.tree.map(lambda _: P(AXIS), params["layers"])
