@@ -131,6 +131,12 @@ def _codes_f32(u, zero: int):
   return lax.bitcast_convert_type(u.astype(jnp.uint32) | 0x4B000000, jnp.float32) - float(2**23 + zero)
 
 
+def _param_row(ref, layer, row, cols):
+  """[1, bn] float32: row `row` of a layer's scales or offsets (a group's, or the per-column row 0), at
+  this program's columns."""
+  return ref[layer, pl.ds(row, 1), cols].astype(jnp.float32)
+
+
 def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
   """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
   become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
@@ -142,10 +148,8 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   def load_x(start, width):  # [width, 1] float32 of x's only row
     return x_ref[0, pl.ds(x_cols0 + start, width)].astype(f32)[:, None]
 
-  groups_per_split = n_steps if group is not None else 0
-
   def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
-    return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(f32)
+    return _param_row(ref, layer, split * n_steps + i, cols)
 
   def body(i, carry):
     acc, offs = carry
@@ -174,7 +178,7 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   acc, offs = lax.fori_loop(0, n_steps, body, (jnp.zeros((rows, bn), f32), jnp.zeros((1, bn), f32)))
   out = jnp.sum(acc, axis=0, keepdims=True) + offs  # [1, bn]
   if s_ref is not None and group is None:
-    out = out * s_ref[layer, pl.ds(0, 1), cols].astype(f32)  # per column
+    out = out * _param_row(s_ref, layer, 0, cols)  # per column
   o_ref[...] = out
 
 
@@ -195,10 +199,9 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
     rows = lax.broadcasted_iota(jnp.int32, (mp, width), 0)
     return pltriton.load(idx, mask=rows < m, other=0)
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
-  groups_per_split = n_steps if group is not None else 0
 
   def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
-    return ref[layer, pl.ds(split * groups_per_split + i, 1), cols].astype(jnp.float32)
+    return _param_row(ref, layer, split * n_steps + i, cols)
 
   def body(i, acc):
     if fmt == "int4":
@@ -224,7 +227,7 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
 
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((mp, bn), jnp.float32))
   if s_ref is not None and group is None:
-    acc = acc * s_ref[layer, pl.ds(0, 1), cols].astype(jnp.float32)  # [1, bn] per column
+    acc = acc * _param_row(s_ref, layer, 0, cols)  # per column
   o_ref[...] = acc
 
 
