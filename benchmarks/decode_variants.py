@@ -11,6 +11,9 @@ private choices (monkeypatched while tracing a fresh jit):
 - `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
   batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
 - `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
+A `:contract-last` suffix runs a variant on `weight_layout.contract_last(params)` (contraction trailing:
+`gemv` becomes a row reduction); `:unstacked` (weights only) on a Python list of per-layer weights.
+`--weights-only gemv gemv:contract-last ...` times just those weight variants.
 `--only-steps 1:einsum:reduce ...` times just those steps. `--grid` instead times the library's own per-step and fused loops (batch 1 and 128) with one-query
 attention as `reduce` or `einsum` and two split-K targets. `--sweep-partials P...` instead times
 `weights[gemv@P]` for each split-K target P (ops.GEMV_PARTIALS), then the whole batch-1 step,
@@ -41,16 +44,19 @@ from jaxinfer.bench.runner import build_params, random_cache  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.model import forward, rms_norm  # noqa: E402
 from jaxinfer.sampling import Sampling, sample, sequence_keys  # noqa: E402
+from jaxinfer.weight_layout import contract_last  # noqa: E402
 
 gen = importlib.import_module("jaxinfer.generate")
 
 
 def einsum_mm(eq, x, w, out_dtype=None):
+    eq, w = ops._stored_order(eq, w)  # a contract-last weight: the equation for its stored order
     out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return out.astype(out_dtype or x.dtype)
 
 
 def gemv_mm(eq, x, w, out_dtype=None):
+    eq, w = ops._stored_order(eq, w)
     return ops.gemv(eq, x, w).astype(out_dtype or x.dtype)
 
 
@@ -74,6 +80,20 @@ def weights_scan(mm, config):
     @jax.jit
     def run(params, x):
         x, _ = jax.lax.scan(lambda x, p: (layer_products(mm, p, x, eps), None), x, params["layers"])
+        logits = mm("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], jnp.float32)
+        return x, logits
+
+    return run
+
+
+def weights_unstacked(mm, config):
+    """The same products over a Python list of per-layer weights: no slicing of a stacked array at all."""
+    eps = config.norm_eps
+
+    @jax.jit
+    def run(params, x):
+        for p in params["layer_list"]:
+            x = layer_products(mm, p, x, eps)
         logits = mm("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], jnp.float32)
         return x, logits
 
@@ -114,8 +134,10 @@ def main(argv=None) -> int:
                     help="only sweep ops.GEMV_PARTIALS on the weight products, then time the step at the best")
     ap.add_argument("--grid", action="store_true",
                     help="only time the library's per-step and fused decode under attention x split-K choices")
-    ap.add_argument("--only-steps", nargs="*", default=None, metavar="B:WEIGHTS:ATTENTION",
-                    help="only time these whole steps, e.g. 1:einsum:reduce 1:gemv:reduce")
+    ap.add_argument("--weights-only", nargs="*", default=None, metavar="MODE[:contract-last][:unstacked]",
+                    help="only time the weight products alone, e.g. gemv gemv:contract-last einsum:unstacked")
+    ap.add_argument("--only-steps", nargs="*", default=None, metavar="B:WEIGHTS:ATTENTION[:contract-last]",
+                    help="only time these whole steps, e.g. 1:einsum:reduce 1:gemv:reduce 1:gemv:reduce:contract-last")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,13 +158,14 @@ def main(argv=None) -> int:
         (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
                                                        "variants": rows}, indent=1, default=str))
 
-    def time_step(batch, w_mode, a_mode, partials=None):
+    def time_step(batch, w_mode, a_mode, partials=None, layout="stored"):
         step_fn = jax.jit(functools.partial(forward, config=config, impl="xla"), donate_argnums=1)
+        p = with_layout(layout)
         state = {"cache": random_cache(config, batch, args.context + args.steps, args.context, jnp.bfloat16),
                  "tok": jnp.ones((batch,), jnp.int32)}
 
         def step():
-            logits, state["cache"] = step_fn(params, state["cache"], state["tok"][:, None])
+            logits, state["cache"] = step_fn(p, state["cache"], state["tok"][:, None])
             state["tok"] = jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
             return state["tok"]
 
@@ -153,22 +176,39 @@ def main(argv=None) -> int:
             jax.block_until_ready(step())  # trace and compile under the forced choices
         t = time_calls(step, calls=args.steps, samples=5, warmup=1, before_sample=rewind)
         cost = costs.decode_cost(config, batch, args.context + args.steps / 2, jnp.bfloat16)
-        tag = f"@{partials}" if partials else ""
+        tag = (f"@{partials}" if partials else "") + ("" if layout == "stored" else f",{layout}")
         record(f"step[B{batch},{w_mode}{tag},{a_mode}]", t, cost.bytes)
 
-    def time_weights(mode, partials=None):
-        fn = weights_scan(einsum_mm if mode == "einsum" else gemv_mm, config)
+    def with_layout(layout):
+        if layout not in layouts:
+            layouts[layout] = params if layout == "stored" else jax.block_until_ready(contract_last(params))
+        return layouts[layout]
+
+    def time_weights(mode, partials=None, layout="stored", unstacked=False):
+        fn = (weights_unstacked if unstacked else weights_scan)(einsum_mm if mode == "einsum" else gemv_mm, config)
+        p = with_layout(layout)
+        if unstacked:
+            p = {**p, "layer_list": [jax.tree.map(lambda a: a[i], p["layers"]) for i in range(config.num_layers)]}
         st = {"x": jax.random.normal(jax.random.key(0), (1, 1, config.dim), jnp.bfloat16)}
 
         def call():
-            st["x"], logits = fn(params, st["x"])
+            st["x"], logits = fn(p, st["x"])
             return logits
 
         with choices(mode, partials=partials):
             jax.block_until_ready(call())
-        name = f"weights[{mode}{'@' + str(partials) if partials else ''}]"
-        record(name, time_calls(call, calls=args.steps, samples=5, warmup=1), weights)
+        tags = ("@" + str(partials) if partials else "") + ("" if layout == "stored" else f":{layout}") + (
+            ":unstacked" if unstacked else "")
+        record(f"weights[{mode}{tags}]", time_calls(call, calls=args.steps, samples=5, warmup=1), weights)
         return rows[-1]["ms"]
+
+    layouts = {}
+    if args.weights_only is not None:
+        for item in args.weights_only:
+            mode, *opts = item.split(":")
+            time_weights(mode, layout="contract-last" if "contract-last" in opts else "stored",
+                         unstacked="unstacked" in opts)
+        return 0
 
     if args.grid:
         # The library's own jitted loops (per-step and fused) under each choice; caches cleared between
@@ -192,8 +232,8 @@ def main(argv=None) -> int:
 
     if args.only_steps is not None:
         for item in args.only_steps:
-            batch, w_mode, a_mode = item.split(":")
-            time_step(int(batch), w_mode, a_mode)
+            batch, w_mode, a_mode, *layout = item.split(":")
+            time_step(int(batch), w_mode, a_mode, layout=layout[0] if layout else "stored")
         return 0
 
     if args.sweep_partials:

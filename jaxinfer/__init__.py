@@ -19,11 +19,14 @@ from .quant import QArray, Recipe, load_quantized, quantize, save_quantized
 from .params import abstract_params, init_params, param_axes, param_specs
 from .sampling import Sampling, sample
 from .sharding import ShardingRules, cache_shardings, make_mesh, param_shardings, shard_cache, shard_params
+from .weight_layout import ContractLast, contract_last
 
 __all__ = [
     "abstract_params",
     "cache_shardings",
     "chat",
+    "contract_last",
+    "ContractLast",
     "check_fits",
     "decode_step",
     "disagg",

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
+from .weight_layout import ContractLast
 
 MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
 FP8_MIN_ROWS = 256  # below this many rows (tokens), native fp8 loses to streaming the weight (decode)
@@ -63,13 +64,14 @@ class LayerOf:
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype).
 
-    `w` is a plain array, a `QArray`, or either as `LayerOf` (one layer of a stacked weight). `impl`
-    forces a path (tests, benchmarks); a forced path that does not apply here falls back to `xla`
-    (`gemv` for one row of a plain weight).
+    `w` is a plain array, a `QArray`, a `ContractLast`, or any of them as `LayerOf` (one layer of a stacked
+    weight). `impl` forces a path (tests, benchmarks); a forced path that does not apply here falls back to
+    `xla` (`gemv` for one row of a plain weight).
     """
     out_dtype = out_dtype or x.dtype
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
+    eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
             one = w.shape_view()
@@ -79,7 +81,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
-        w = w.w
+        eq, w = _stored_order(eq, w.w)
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w, stacked=False)
     if path == "pallas":
@@ -109,6 +111,21 @@ def embed(table, tokens):
 
 # --------------------------------------------------------------------------------------------------------
 # Equation bookkeeping
+
+
+def _stored_order(eq: str, w):
+    """A `ContractLast` weight (or one layer of one) as its stored array, with `eq` rewritten for that
+    order (`btd,dnh->btnh` -> `btd,nhd->btnh`); any other weight unchanged."""
+    inner = w.stacked if isinstance(w, LayerOf) else w
+    if not isinstance(inner, ContractLast):
+        return eq, w
+    lhs, out = eq.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    ndim = inner.ndim - (1 if isinstance(w, LayerOf) else 0)  # a layer of a stacked weight has one axis fewer
+    if len(ws) != ndim or ndim < inner.contracted + inner.kept:
+        raise ValueError(f"matmul equation {eq!r} does not fit the weight {inner!r}")
+    eq = f"{xs},{inner.stored_letters(ws)}->{out}"
+    return eq, (LayerOf(inner.values, w.index) if isinstance(w, LayerOf) else inner.values)
 
 
 class _Spec:
@@ -383,6 +400,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     kernel launch when the kernel path takes every product and they share K, the weight format and the
     layer; otherwise one `matmul` each. Returns a tuple in order."""
     out_dtype = out_dtype or x.dtype
+    products = [_stored_order(eq, w) for eq, w in products]
     plan = []
     for eq, w in products:
         stacked = isinstance(w, LayerOf)

@@ -9,6 +9,7 @@ which the sharding rules map onto a mesh. Knows nothing about checkpoints or ker
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -116,3 +117,34 @@ def count_params(params) -> int:
 
 def param_bytes(params) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Logical axes by tree path (for transforms that select leaves by path: quantization, weight layouts)
+
+
+@functools.lru_cache(maxsize=None)
+def axes_by_path() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Every leaf path the model can have -> its logical axes, from `param_specs` (all options on)."""
+    full = ModelConfig(vocab_size=8, dim=8, ffn_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+                       qkv_bias=True, qk_norm=True)
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(full), is_leaf=is_spec)[0]
+    return {path_names(p): s.axes for p, s in flat}
+
+
+def path_names(path) -> tuple[str, ...]:
+    """A jax key path as plain names, e.g. `("layers", "q")`."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def contracted_axes(path: tuple[str, ...], axes: tuple[str | None, ...]) -> tuple[int, ...]:
+    """The axes a leaf's matmuls contract, as negative numbers, from its logical axes.
+
+    Output-side leaves (last axis `embed`: o, w_down) contract every non-`layers` axis but the last;
+    input-side ones contract `embed`. The embedding table is scaled per row (per vocab entry): that is
+    the contraction of the tied head (`btd,vd->btv`) and keeps a gathered row self-contained.
+    """
+    n = len(axes)
+    if path == ("embed",) or axes[-1] != "embed":
+        return (axes.index("embed") - n,)
+    return tuple(i - n for i, a in enumerate(axes[:-1]) if a != "layers")

@@ -15,7 +15,7 @@ from ..cache import KV_CACHE_NAMES
 from ..config import ModelConfig, list_presets
 from ..memory import check_fits
 from .report import markdown, roofline_png, write_json
-from .runner import DTYPES, PHASES, BenchSpec, run_bench
+from .runner import DTYPES, PHASES, WEIGHT_LAYOUTS, BenchSpec, run_bench
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter and cache dtype")
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
     p.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
+    p.add_argument("--weight-layout", default="stored", choices=WEIGHT_LAYOUTS,
+                   help="contract-last: matrices transposed for XLA's one-row products (no Pallas weight kernel)")
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache for decode")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (a sweep)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prefill prompt lengths")
@@ -54,6 +56,7 @@ def spec_from_args(args) -> BenchSpec:
         phases=tuple(args.phases), steps=args.steps, samples=args.samples, gpu_hour_price=args.gpu_hour_price,
         seed=args.seed, profile_batches=tuple(args.profile_batch),
         kv_dtype=KV_CACHE_NAMES.get(getattr(args, "kv_cache", None)),
+        weight_layout=getattr(args, "weight_layout", "stored"),
     )
 
 

@@ -30,12 +30,14 @@ from ..cache import KVCache, QuantKVCache, init_cache, is_quantized_kv, quantize
 from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
+from ..weight_layout import contract_last
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .measure import Timing, time_calls
 from .profile import kernel_breakdown
 
 PHASES = ("prefill", "decode", "decode_fused")
+WEIGHT_LAYOUTS = ("stored", "contract-last")
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16,
           "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -63,6 +65,7 @@ class BenchSpec:
     seed: int = 0
     profile_batches: tuple[int, ...] = ()  # decode batches to trace kernel by kernel
     kv_dtype: str | None = None  # decode cache dtype: None = `dtype`; "int8" / "float8_e4m3fn" quantized
+    weight_layout: str = "stored"  # "contract-last": `weight_layout.contract_last` (XLA's row-reduction layout)
 
     def __post_init__(self):
         bad = [p for p in self.phases if p not in PHASES]
@@ -70,6 +73,8 @@ class BenchSpec:
             raise ValueError(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(f"unknown weight layout {self.weight_layout!r}; choose from {', '.join(WEIGHT_LAYOUTS)}")
         if min(self.batches) < 1 or min(self.prompt_lens) < 1 or min(self.contexts) < 0 or self.steps < 2:
             raise ValueError("batches and prompt lengths must be >= 1, contexts >= 0, steps >= 2")
 
@@ -157,8 +162,9 @@ def evaluate(phase: str, batch: int, length: int, timing: Timing, seconds: float
     )
 
 
-def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = None):
-    """Random weights (normal, never zeros) drawn on the device in `dtype`, then quantized if asked."""
+def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = None, layout: str = "stored"):
+    """Random weights (normal, never zeros) drawn on the device in `dtype`, then quantized or laid out
+    contraction-last (`layout`) if asked."""
     key = jax.random.key(seed, impl="rbg")  # compiles in a fraction of threefry's time
     params = jax.jit(init_params, static_argnums=(0, 2))(config, key, dtype)
     if quant is not None:
@@ -167,6 +173,8 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
         except ImportError as e:
             raise ValueError(f"quantization recipe {quant!r} asked for, but jaxinfer.quant is not available") from e
         params = quantize(params, quant)
+    if layout == "contract-last":
+        params = contract_last(params)
     return params
 
 
@@ -290,7 +298,7 @@ def run_bench(spec: BenchSpec, ceilings: Ceilings | None = None, progress: bool 
               on_result=None) -> BenchReport:
     """Measure every case of `spec` (ceilings first unless given); `on_result(m)` sees each as it lands."""
     ceilings = ceilings or measure_ceilings(dtype=spec.jnp_dtype)
-    params = build_params(spec.config, spec.jnp_dtype, spec.seed, spec.quant)
+    params = build_params(spec.config, spec.jnp_dtype, spec.seed, spec.quant, spec.weight_layout)
     cases = spec.cases()
     results = []
     bar = _progress(cases, progress)

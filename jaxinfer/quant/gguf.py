@@ -24,9 +24,8 @@ import numpy as np
 import jax.numpy as jnp
 
 from ..config import ModelConfig
-from ..params import param_specs
+from ..params import axes_by_path, contracted_axes, param_specs
 from .qarray import QArray
-from .recipe import _axes_by_path, reduce_axes_for
 
 BLOCK = 32
 _KEEP_LEAVES = {"q", "k", "v", "o", "w_gate", "w_up", "w_down", "embed", "lm_head"}
@@ -98,8 +97,8 @@ def _pack(codes: np.ndarray, axis: int) -> np.ndarray:
 
 def _to_qarray(parts: list[_Blocks], path, stacked: bool) -> QArray:
     """Per-layer (or single) `_Blocks` already in our layout -> one QArray (stacked on axis 0)."""
-    axes = _axes_by_path()[path]
-    reduce = reduce_axes_for(path, axes)
+    axes = axes_by_path()[path]
+    reduce = contracted_axes(path, axes)
     g = reduce[-1]
     join = (lambda xs: np.stack(xs)) if stacked else (lambda xs: xs[0])
     sample = lambda s: np.take(s, np.arange(0, s.shape[g], BLOCK), axis=g)  # one scale per group
@@ -184,7 +183,7 @@ def assemble_gguf_quantized(reader, hf_config: dict, config: ModelConfig, dtype,
         """One encoding throughout, and 32-blocks that do not straddle our group axis (e.g. o's heads)."""
         if not (all(isinstance(p, _Blocks) for p in parts) and _same_encoding(parts)):
             return False
-        g = reduce_axes_for(path, _axes_by_path()[path])[-1]
+        g = contracted_axes(path, axes_by_path()[path])[-1]
         return parts[0].codes.shape[g] % BLOCK == 0
 
     def build(parts, path, stacked):

@@ -5,8 +5,8 @@ stacked `layers` subtree by leaf name (exact tree-path components, never name su
 `lm_head` and the `embed` table as switches. Layers are stacked on one axis and run by one `lax.scan`,
 so a matrix is quantized in every layer or in none. Named presets cover the common cases.
 
-`quantize` selects leaves by tree path, reads each leaf's logical axes from `params.param_specs` (the one
-table of them) to find the axes its matmuls contract, and returns a new tree where the selected leaves are
+`quantize` selects leaves by tree path, reads each leaf's logical axes and the axes its matmuls contract from
+`params.axes_by_path` / `params.contracted_axes`, and returns a new tree where the selected leaves are
 `QArray`s. Abstract trees (`jax.ShapeDtypeStruct` leaves) give abstract `QArray`s of the real shapes, so
 loading, sharding and memory planning see the quantized tree without computing anything.
 """
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import ModelConfig
-from ..params import LAYER_MATRICES, is_spec, param_specs
+from ..params import LAYER_MATRICES, axes_by_path, contracted_axes, path_names
+from ..weight_layout import is_contract_last
 from .qarray import FORMATS, QArray, check_group, default_scale_dtype, is_qarray, normalize_axes, quantize_array
 
 PER_LAYER_ABOVE = 1 << 26  # elements: stacked leaves larger than this are quantized layer by layer
@@ -88,36 +88,6 @@ def get_recipe(recipe: str | Recipe) -> Recipe:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Logical axes by tree path
-
-
-@functools.lru_cache(maxsize=None)
-def _axes_by_path() -> dict[tuple[str, ...], tuple[str | None, ...]]:
-    """Every leaf path the model can have -> its logical axes, from `param_specs` (all options on)."""
-    full = ModelConfig(vocab_size=8, dim=8, ffn_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-                       qkv_bias=True, qk_norm=True)
-    flat = jax.tree_util.tree_flatten_with_path(param_specs(full), is_leaf=is_spec)[0]
-    return {path_names(p): s.axes for p, s in flat}
-
-
-def path_names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def reduce_axes_for(path: tuple[str, ...], axes: tuple[str | None, ...]) -> tuple[int, ...]:
-    """The axes a leaf's matmuls contract, as negative numbers, from its logical axes.
-
-    Output-side leaves (last axis `embed`: o, w_down) contract every non-`layers` axis but the last;
-    input-side ones contract `embed`. The embedding table is scaled per row (per vocab entry): that is
-    the contraction of the tied head (`btd,vd->btv`) and keeps a gathered row self-contained.
-    """
-    n = len(axes)
-    if path == ("embed",) or axes[-1] != "embed":
-        return (axes.index("embed") - n,)
-    return tuple(i - n for i, a in enumerate(axes[:-1]) if a != "layers")
-
-
-# --------------------------------------------------------------------------------------------------------
 # quantize
 
 
@@ -142,10 +112,14 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
     the model does not have.
     """
     recipe = get_recipe(recipe)
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(
+        params, is_leaf=lambda x: is_qarray(x) or is_contract_last(x))
     if any(is_qarray(leaf) for _, leaf in leaves_with_paths):
         raise ValueError("the parameter tree is already quantized; quantize the float tree instead")
-    table = _axes_by_path()
+    if any(is_contract_last(leaf) for _, leaf in leaves_with_paths):
+        raise ValueError("the parameter tree is in the contract-last layout; quantize the tree as stored "
+                         "(quantized matrices take the fused kernel, which reads them in that order)")
+    table = axes_by_path()
     paths = [path_names(p) for p, _ in leaves_with_paths]
     present = set(paths)
     targets = {p for p in selected_paths(params, recipe) if p in present}
@@ -161,7 +135,7 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
         axes = table[path]
         if len(leaf.shape) != len(axes):
             raise ValueError(f"leaf {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
-        reduce = reduce_axes_for(path, axes)
+        reduce = contracted_axes(path, axes)
         check_group(leaf.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
         imp = _importance_for(importance, path, leaf.shape, reduce, axes)
         out.append(_quantize_leaf(leaf, recipe, reduce, axes, imp))

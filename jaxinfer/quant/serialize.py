@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig, RopeScaling
+from ..params import path_names
 from .qarray import QArray, is_qarray
-from .recipe import Recipe, path_names
+from .recipe import Recipe
 
 METADATA_KEY = "jaxinfer.params"
 FORMAT_VERSION = 1

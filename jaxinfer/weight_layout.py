@@ -1,0 +1,118 @@
+"""`contract_last(params)`: the weight matrices stored with their contracted axes last, for XLA's products.
+
+The library's matrices are stored input-axes first (`q [L, D, N, H]`, `w_down [L, F, D]`, `lm_head
+[D, V]`), the layout the Pallas weight kernel streams. Without that kernel (`ops.PLAIN_KERNEL` off, a
+platform or shape it does not take) a one-row product is XLA's multiply + reduce over the weight
+(`ops.gemv`), and the stored order decides which reduction that is: contracted axes first make a column
+reduction, which streamed llama-3-8b's layer weights at 0.59 of copy bandwidth on an H200; contracted axes
+last make a row reduction over contiguous memory, 0.85 (`benchmarks/decode_variants.py --weights-only`,
+BENCHMARKS.md). `contract_last` is a parameter transform like `quantize`: it wraps each matrix in a
+`ContractLast` leaf holding the transposed array, and `ops.matmul` rewrites the product's equation for the
+stored order, so `model.py` never sees the difference. The Pallas weight kernel does not take this layout:
+matrices in it always run on XLA's paths.
+
+Knows nothing about models beyond the parameter table (`params.axes_by_path`, `params.contracted_axes`).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import struct
+
+from .params import LAYER_MATRICES, axes_by_path, contracted_axes, path_names
+from .quant.qarray import QArray
+
+
+@struct.dataclass
+class ContractLast:
+    """A weight whose logical axes `[..., in..., out...]` are stored as `[..., out..., in...]`.
+
+    `contracted` and `kept` count the trailing logical axes that a product contracts and keeps; leading
+    axes (the stacked `layers` axis) stay in place, so a slice of a layer is still a `ContractLast`.
+    """
+
+    values: jax.Array
+    contracted: int = struct.field(pytree_node=False, default=1)
+    kept: int = struct.field(pytree_node=False, default=1)
+    logical_axes: tuple[str | None, ...] | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape (the weight's shape before the transform)."""
+        s = tuple(self.values.shape)
+        lead, kept = s[: len(s) - self.kept - self.contracted], s[len(s) - self.kept - self.contracted : len(s) - self.contracted]
+        return lead + s[len(s) - self.contracted :] + kept
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    def stored_letters(self, letters: str) -> str:
+        """The einsum letters of the stored array, given the logical ones (trailing axes: in..., out...)."""
+        n = self.contracted + self.kept
+        lead, inner = letters[: len(letters) - n], letters[len(letters) - n :]
+        return lead + inner[self.contracted :] + inner[: self.contracted]
+
+    def axis_names(self) -> "ContractLast":
+        """The logical axis names of the stored values (for sharding rules), as a `ContractLast` of a tuple."""
+        names = self.logical_axes or (None,) * self.ndim
+        names = tuple(names[len(names) - self.ndim :])
+        return self.replace(values=tuple(self.stored_letters(list(names))))  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"ContractLast(shape={self.shape}, stored={tuple(self.values.shape)}, contracted={self.contracted})"
+
+
+def is_contract_last(x) -> bool:
+    return isinstance(x, ContractLast)
+
+
+def contract_last(params):
+    """Return the parameter tree with every weight matrix (the layers' q, k, v, o, w_gate, w_up, w_down
+    and an untied `lm_head`) as a `ContractLast`. Works on concrete and abstract (`ShapeDtypeStruct`) trees.
+
+    Errors: a tree already in this layout, a quantized matrix (its fused kernel reads the codes as stored),
+    a matrix whose shape does not fit its logical axes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_contract_last(x) or isinstance(x, QArray))
+    if any(is_contract_last(leaf) for _, leaf in leaves):
+        raise ValueError("the parameter tree is already in the contract-last layout")
+    table = axes_by_path()
+    out = []
+    for key_path, leaf in leaves:
+        path = path_names(key_path)
+        if not _is_matrix(path):
+            out.append(leaf)
+            continue
+        name = "/".join(path)
+        if isinstance(leaf, QArray):
+            raise ValueError(f"{name} is quantized ({leaf.fmt}); the contract-last layout is for float weights "
+                             f"(quantized matrices take the fused kernel, which reads the codes as stored)")
+        axes = table[path]
+        if len(leaf.shape) != len(axes):
+            raise ValueError(f"{name} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
+        contracted = contracted_axes(path, axes)
+        n = len(axes)
+        first = n + contracted[0]  # contracted axes lead the matrix part, after any `layers` axis
+        if list(contracted) != list(range(contracted[0], contracted[0] + len(contracted))) or first != (1 if axes[0] == "layers" else 0):
+            raise ValueError(f"{name}: contracted axes {contracted} are not the leading matrix axes of {axes}")
+        kept = n - first - len(contracted)
+        order = list(range(first)) + list(range(first + len(contracted), n)) + list(range(first, first + len(contracted)))
+        out.append(ContractLast(values=_transpose(leaf, order), contracted=len(contracted), kept=kept,
+                                logical_axes=axes))
+    return treedef.unflatten(out)
+
+
+def _is_matrix(path: tuple[str, ...]) -> bool:
+    return path == ("lm_head",) or (len(path) == 2 and path[0] == "layers" and path[1] in LAYER_MATRICES)
+
+
+def _transpose(leaf, order):
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in order), leaf.dtype, sharding=None)
+    return jax.jit(lambda a: a.transpose(order))(leaf) if not isinstance(leaf, np.ndarray) else leaf.transpose(order)
