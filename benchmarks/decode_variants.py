@@ -7,7 +7,9 @@ ms/step and MBU against the copy bandwidth measured in the same process. Variant
 private choices (monkeypatched while tracing a fresh jit):
 - `step[B,weights,attention]`: the whole step, weight products as `einsum` (dot), `gemv1` (multiply +
   reduce over the weight as stored, the first version), `gemv` (2-D view + split-K, the current one);
-  attention as `einsum` or `reduce` (the current one for one query);
+  attention as `einsum` or `reduce` (the current one for one query), or `reduce` with the value sum as
+  a dot (`reduce-pvdot`), one column reduction per query head of a group (`reduce-pvgroups`) or bf16
+  products (`reduce-pvbf16`);
 - `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
   batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
 - `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
@@ -100,11 +102,38 @@ def weights_unstacked(mm, config):
     return run
 
 
+def _one_query_with(pv):
+    """`attention._decode_attention` with the value sum `pv(e [B,S,K,G], v [B,S,K,H]) -> [B,K,G,H]` swapped."""
+
+    def decode_attention(q, k, v, q_positions, kv_lengths, sliding_window):
+        B, _, N, H = q.shape
+        S, K = k.shape[1], k.shape[2]
+        qg = q.reshape(B, 1, K, N // K, H).astype(jnp.float32)
+        scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (1.0 / H**0.5)
+        kpos = jnp.arange(S)[None, :]
+        mask = (kpos <= q_positions[:, :1]) & (kpos < kv_lengths[:, None])
+        scores = jnp.where(mask[:, :, None, None], scores, attn.MASK_VALUE)
+        e = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
+        out = pv(e, v) / jnp.sum(e, axis=1)[..., None]
+        return out.reshape(B, 1, N, H).astype(q.dtype)
+
+    return decode_attention
+
+
+# Ways to form the value sum of one-query attention (`--only-steps 1:gemv:reduce-pvdot`, ...).
+PV_VARIANTS = {
+    "reduce-pvdot": lambda e, v: jnp.einsum("bskg,bskh->bkgh", e.astype(v.dtype), v, preferred_element_type=jnp.float32),
+    "reduce-pvgroups": lambda e, v: jnp.stack(
+        [jnp.sum(e[..., g, None] * v.astype(jnp.float32), axis=1) for g in range(e.shape[-1])], axis=2),
+    "reduce-pvbf16": lambda e, v: jnp.sum((e.astype(v.dtype)[..., None] * v[:, :, :, None, :]).astype(jnp.float32), axis=1),
+}
+
+
 @contextlib.contextmanager
 def choices(weights: str, attention: str = "reduce", partials: int | None = None):
     """Force the weight-product and one-query attention paths while a fresh jit traces. `weights`:
     `kernel` (the Pallas weight kernel, the default on a GPU), `einsum`, `gemv1`, `gemv-nosplit`, `gemv`."""
-    saved = ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query
+    saved = ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._decode_attention
     ops.PLAIN_KERNEL = weights == "kernel"
     if partials is not None:
         ops.GEMV_PARTIALS = partials
@@ -118,10 +147,13 @@ def choices(weights: str, attention: str = "reduce", partials: int | None = None
         attn._one_query = lambda B, T: False
     elif attention == "reduce":
         attn._one_query = lambda B, T: T == 1
+    elif attention in PV_VARIANTS:
+        attn._one_query = lambda B, T: T == 1
+        attn._decode_attention = _one_query_with(PV_VARIANTS[attention])
     try:
         yield
     finally:
-        ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query = saved
+        ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._decode_attention = saved
 
 
 def main(argv=None) -> int:
@@ -134,6 +166,9 @@ def main(argv=None) -> int:
                     help="only sweep ops.GEMV_PARTIALS on the weight products, then time the step at the best")
     ap.add_argument("--grid", action="store_true",
                     help="only time the library's per-step and fused decode under attention x split-K choices")
+    ap.add_argument("--loops", nargs="*", default=None, metavar="B:ATTENTION[:contract-last]",
+                    help="only time the library's per-step and fused loops with XLA weight products, e.g. 1:einsum:contract-last")
+    ap.add_argument("--hlo", action="store_true", help="--only-steps: also write each step's compiled HLO")
     ap.add_argument("--weights-only", nargs="*", default=None, metavar="MODE[:contract-last][:unstacked]",
                     help="only time the weight products alone, e.g. gemv gemv:contract-last einsum:unstacked")
     ap.add_argument("--only-steps", nargs="*", default=None, metavar="B:WEIGHTS:ATTENTION[:contract-last]",
@@ -174,6 +209,9 @@ def main(argv=None) -> int:
 
         with choices(w_mode, a_mode, partials):
             jax.block_until_ready(step())  # trace and compile under the forced choices
+            if args.hlo:  # the compiled program, to name the fusions a profile lists
+                text = step_fn.lower(p, state["cache"], state["tok"][:, None]).compile().as_text()
+                (out / f"hlo_B{batch}_{w_mode}_{a_mode}_{layout}.txt").write_text(text)
         t = time_calls(step, calls=args.steps, samples=5, warmup=1, before_sample=rewind)
         cost = costs.decode_cost(config, batch, args.context + args.steps / 2, jnp.bfloat16)
         tag = (f"@{partials}" if partials else "") + ("" if layout == "stored" else f",{layout}")
@@ -226,6 +264,26 @@ def main(argv=None) -> int:
                 rows.append({"variant": f"{m.phase}[B{m.batch},attn={a_mode},P={partials}]", "ms": m.ms,
                              "mbu": m.mbu, "spread": m.timing.spread})
                 print(f"{rows[-1]['variant']:44s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
+            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
+                                                           "variants": rows}, indent=1, default=str))
+        return 0
+
+    if args.loops is not None:
+        # The library's own per-step and fused loops (`run_bench`) under each attention choice, XLA weights.
+        from jaxinfer.bench import BenchSpec, run_bench
+
+        for item in args.loops:
+            batch, a_mode, *layout = item.split(":")
+            layout = layout[0] if layout else "stored"
+            jax.clear_caches()
+            spec = BenchSpec(config=config, name=args.preset, batches=(int(batch),), contexts=(args.context,),
+                             phases=("decode", "decode_fused"), steps=args.steps, samples=3, weight_layout=layout)
+            with choices("gemv", a_mode):
+                report = run_bench(spec, ceilings=ceilings, progress=False)
+            for m in report.results:
+                rows.append({"variant": f"{m.phase}[B{batch},attn={a_mode},{layout}]", "ms": m.ms, "mbu": m.mbu,
+                             "spread": m.timing.spread})
+                print(f"{rows[-1]['variant']:48s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
             (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
                                                            "variants": rows}, indent=1, default=str))
         return 0

@@ -230,14 +230,19 @@ def quantized_attention(q, view: QuantDenseView, q_positions, kv_lengths, *, sli
     return out.reshape(B, T, N, H).astype(q.dtype)
 
 
+REDUCE_MIN_BATCH = 2  # below this, the dot path is as fast or faster (H200, BENCHMARKS.md session 5)
 REDUCE_MAX_BATCH = 8  # above this, the dot path wins inside the fused loop (H200, BENCHMARKS.md)
 
 
 def _one_query(B: int, T: int) -> bool:
     """Take `_decode_attention` for decode at small batch. Measured on an H200, llama-3-8b, context 1024:
-    at batch 1 it wins in both loops; at batch 128 it wins per-step (35 vs 46 ms) but loses in the fused
-    loop (35 vs 27 ms), where XLA lays the cache out for the dot once per call, not once per step."""
-    return T == 1 and B <= REDUCE_MAX_BATCH
+    at batch 128 it wins per-step (35 vs 46 ms) but loses in the fused loop (35 vs 27 ms), where XLA lays
+    the cache out for the dot once per call, not once per step; at batch 8 it wins per-step (13.08 vs 13.81
+    ms) and loses fused (13.13 vs 12.87). At batch 1 the dot is as fast with the stored weights or the
+    weight kernel (6.40 vs 6.45, 4.99 vs 4.95 ms per step) and faster with contract-last weights (4.77 vs
+    5.11 ms): XLA materialises the reduce path's float32 value products [S, N, H] (~10 us a layer), while a
+    one-row cache slice is small enough for the dot's copy."""
+    return T == 1 and REDUCE_MIN_BATCH <= B <= REDUCE_MAX_BATCH
 
 
 def _decode_attention(q, k, v, q_positions, kv_lengths, sliding_window):
