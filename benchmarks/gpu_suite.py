@@ -8,7 +8,8 @@
    (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-128 rows): a
    2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
-   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt).
+   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then batch-1 decode on the
+   plain XLA path (XLA attention, `weight_layout.contract_last` weights), traced op by op, into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -100,44 +101,60 @@ def run_benchmarks(args, out: Path, summary: dict):
 
     spec = standard_spec(args)
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
+    # The plain XLA path (no Pallas anywhere): XLA attention, matrices stored contraction-last for XLA's
+    # one-row products (issue 4's batch-1 criterion), with its own op-by-op trace.
+    xla_spec = dataclasses.replace(spec, impl="xla", weight_layout="contract-last", batches=(1,),
+                                   profile_batches=(1,) if spec.profile_batches else ())
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
     ceilings = measure_ceilings()
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s ({ceilings.copy_by_method}), "
           f"matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s on {ceilings.device}", flush=True)
-    results = []
+    results, xla_results = [], []
     partial = BenchReport(spec=spec, ceilings=ceilings, results=results, meta=run_metadata())
+    xla_partial = BenchReport(spec=xla_spec, ceilings=ceilings, results=xla_results, meta=partial.meta)
 
-    def save(m=None):
+    def save(m=None, into=results):
         if m is not None:
-            results.append(m)
-            print(f"  {m.phase} B={m.batch} n={m.length}: {m.ms:.3f} ms, MBU {m.mbu:.3f}, MFU {m.mfu:.3f}", flush=True)
-        (out / "bench.json").write_text(json.dumps(to_json(partial), indent=1, default=str))
+            into.append(m)
+            tag = " (XLA path)" if into is xla_results else ""
+            print(f"  {m.phase} B={m.batch} n={m.length}{tag}: {m.ms:.3f} ms, MBU {m.mbu:.3f}, MFU {m.mfu:.3f}", flush=True)
+        doc = to_json(partial)
+        if xla_results:
+            doc["xla_path"] = to_json(xla_partial)
+        (out / "bench.json").write_text(json.dumps(doc, indent=1, default=str))
 
     for s in (prefill_spec, spec):
         run_bench(s, ceilings=ceilings, progress=not args.no_progress, on_result=save)
-    for m in results:
+    if not args.skip_xla_path:
+        run_bench(xla_spec, ceilings=ceilings, progress=not args.no_progress,
+                  on_result=lambda m: save(m, into=xla_results))
+    for m in results + xla_results:
         hlo = m.extras.get("breakdown", {}).pop("hlo_text", None)
-        if hlo and m.phase == "decode" and m.batch == 1:
+        if hlo and m.phase == "decode" and m.batch == 1 and m in results:
             (out / "decode_b1_hlo.txt").write_text(hlo)
     save()
     roofline_png(partial, out / "roofline.png")
     table = markdown(partial)
+    if xla_results:
+        table += "\n\nThe plain XLA path (attention `xla`, weights `contract_last`, no Pallas):\n\n" + markdown(xla_partial)
     (out / "summary.md").write_text(table + "\n")
-    summary["bench"] = [{k: m.as_dict()[k] for k in ("phase", "batch", "length", "ms", "tokens_per_s", "mbu", "mfu",
-                                                       "measured_over_predicted")} for m in results]
+    keys = ("phase", "batch", "length", "ms", "tokens_per_s", "mbu", "mfu", "measured_over_predicted")
+    summary["bench"] = [{k: m.as_dict()[k] for k in keys} for m in results]
+    if xla_results:
+        summary["xla_path"] = [{k: m.as_dict()[k] for k in keys} for m in xla_results]
     summary["ceilings"] = {"copy_tb_s": ceilings.copy_bytes_per_s / 1e12, "copy_method": ceilings.copy_method,
                            "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12, "device": ceilings.device}
-    return partial, table
+    return partial, xla_partial, table
 
 
-def print_breakdowns(report):
+def print_breakdowns(report, label=""):
     for m in report.results:
         bd = m.extras.get("breakdown")
         if not bd or not bd.get("ops"):
             continue
         per = bd.get("steps_per_call", 1)
-        print(f"\n{m.phase} B={m.batch}: device busy {bd['device_us_per_call'] / per:.0f} us/step of "
+        print(f"\n{label}{m.phase} B={m.batch}: device busy {bd['device_us_per_call'] / per:.0f} us/step of "
               f"{m.seconds * 1e6:.0f} us/step measured")
         for r in bd["ops"][:14]:
             print(f"  {r['us_per_call'] / per:9.1f} us {r['fraction']:6.1%} x{r['launches_per_call'] / per:5.1f} "
@@ -172,6 +189,7 @@ def main(argv=None) -> int:
                    help="override jaxinfer.ops.GEMV_PARTIALS (split-K target of one-row products) for this run")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--skip-xla-path", action="store_true", help="no batch-1 run of the plain XLA path")
     p.add_argument("--tests-timeout", type=int, default=240)
     p.add_argument("--tests", nargs="+", default=["tests"], help="test paths for `pytest -m gpu`")
     p.add_argument("--test-jobs", type=int, default=4, help="test files run at once on the GPU")
@@ -191,9 +209,9 @@ def main(argv=None) -> int:
 
         ops.GEMV_PARTIALS = args.gemv_partials
         summary["gemv_partials"] = args.gemv_partials
-    report, table = None, ""
+    report, xla_report, table = None, None, ""
     try:
-        report, table = run_benchmarks(args, out, summary)
+        report, xla_report, table = run_benchmarks(args, out, summary)
     except Exception as e:  # noqa: BLE001 - still print what we have and the JSON line
         summary["bench_error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -203,6 +221,7 @@ def main(argv=None) -> int:
     if report is not None:
         summary["meta"] = report.meta
         print_breakdowns(report)
+        print_breakdowns(xla_report, "plain XLA path, ")
     print("\n" + table)
     print(json.dumps(summary, default=str))
     tests_ok = summary.get("tests", {}).get("exit_code", 0) in (0, 5)  # 5: no GPU tests collected

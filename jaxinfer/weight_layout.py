@@ -7,9 +7,9 @@ platform or shape it does not take) a one-row product is XLA's multiply + reduce
 reduction, which streamed llama-3-8b's layer weights at 0.59 of copy bandwidth on an H200; contracted axes
 last make a row reduction over contiguous memory, 0.85 (`benchmarks/decode_variants.py --weights-only`,
 BENCHMARKS.md). `contract_last` is a parameter transform like `quantize`: it wraps each matrix in a
-`ContractLast` leaf holding the transposed array, and `ops.matmul` rewrites the product's equation for the
-stored order, so `model.py` never sees the difference. The Pallas weight kernel does not take this layout:
-matrices in it always run on XLA's paths.
+`ContractLast` leaf holding the transposed array (or, quantized after the transform, a `QArray` of it), and
+`ops.matmul` rewrites the product's equation for the stored order, so `model.py` never sees the difference.
+The Pallas weight kernel does not take this layout: matrices in it always run on XLA's paths.
 
 Knows nothing about models beyond the parameter table (`params.axes_by_path`, `params.contracted_axes`).
 """
@@ -59,7 +59,10 @@ class ContractLast:
         return lead + inner[self.contracted :] + inner[: self.contracted]
 
     def axis_names(self) -> "ContractLast":
-        """The logical axis names of the stored values (for sharding rules), as a `ContractLast` of a tuple."""
+        """The logical axis names of the stored values (for sharding rules), as a `ContractLast` of a tuple
+        (of a `QArray` of tuples when the stored values are quantized)."""
+        if isinstance(self.values, QArray):
+            return self.replace(values=self.values.axis_names())
         names = self.logical_axes or (None,) * self.ndim
         names = tuple(names[len(names) - self.ndim :])
         return self.replace(values=tuple(self.stored_letters(list(names))))  # type: ignore[arg-type]
@@ -76,8 +79,9 @@ def contract_last(params):
     """Return the parameter tree with every weight matrix (the layers' q, k, v, o, w_gate, w_up, w_down
     and an untied `lm_head`) as a `ContractLast`. Works on concrete and abstract (`ShapeDtypeStruct`) trees.
 
-    Errors: a tree already in this layout, a quantized matrix (its fused kernel reads the codes as stored),
-    a matrix whose shape does not fit its logical axes.
+    Quantize after this transform (`quantize(contract_last(params), recipe)`): the codes are then stored
+    in this order too, groups along the trailing contracted axis. Errors: a tree already in this layout, a
+    quantized matrix, a matrix whose shape does not fit its logical axes.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_contract_last(x) or isinstance(x, QArray))
     if any(is_contract_last(leaf) for _, leaf in leaves):
@@ -91,8 +95,8 @@ def contract_last(params):
             continue
         name = "/".join(path)
         if isinstance(leaf, QArray):
-            raise ValueError(f"{name} is quantized ({leaf.fmt}); the contract-last layout is for float weights "
-                             f"(quantized matrices take the fused kernel, which reads the codes as stored)")
+            raise ValueError(f"{name} is quantized ({leaf.fmt}); apply contract_last to the float tree, then "
+                             f"quantize (the codes are laid out when they are made)")
         axes = table[path]
         if len(leaf.shape) != len(axes):
             raise ValueError(f"{name} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")

@@ -23,7 +23,8 @@ def markdown(report: BenchReport) -> str:
     """Header lines (card, ceilings) and one table row per case."""
     c, m, s = report.ceilings, report.meta, report.spec
     lines = [
-        f"**{s.name}** {s.dtype}{' ' + s.quant if s.quant else ''}, attention `{s.impl}` on {m['device']} "
+        f"**{s.name}** {s.dtype}{' ' + s.quant if s.quant else ''}, attention `{s.impl}`"
+        f"{'' if s.weight_layout == 'stored' else f', weights `{s.weight_layout}`'} on {m['device']} "
         f"(jax {m['jax']}, commit {m.get('commit') or '?'}, {m['date']})",
         f"ceilings measured in this run: copy {c.copy_bytes_per_s / 1e12:.3f} TB/s ({c.copy_method}), "
         f"bf16 matmul {c.matmul_flops_per_s / 1e12:.1f} TFLOP/s ({c.matmul_n}^3)",

@@ -167,14 +167,14 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
     contraction-last (`layout`) if asked."""
     key = jax.random.key(seed, impl="rbg")  # compiles in a fraction of threefry's time
     params = jax.jit(init_params, static_argnums=(0, 2))(config, key, dtype)
+    if layout == "contract-last":  # before quantizing: the codes are laid out when they are made
+        params = contract_last(params)
     if quant is not None:
         try:
             from ..quant import quantize  # the quantization work provides this
         except ImportError as e:
             raise ValueError(f"quantization recipe {quant!r} asked for, but jaxinfer.quant is not available") from e
         params = quantize(params, quant)
-    if layout == "contract-last":
-        params = contract_last(params)
     return params
 
 

@@ -116,9 +116,8 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
         params, is_leaf=lambda x: is_qarray(x) or is_contract_last(x))
     if any(is_qarray(leaf) for _, leaf in leaves_with_paths):
         raise ValueError("the parameter tree is already quantized; quantize the float tree instead")
-    if any(is_contract_last(leaf) for _, leaf in leaves_with_paths):
-        raise ValueError("the parameter tree is in the contract-last layout; quantize the tree as stored "
-                         "(quantized matrices take the fused kernel, which reads them in that order)")
+    if importance is not None and any(is_contract_last(leaf) for _, leaf in leaves_with_paths):
+        raise ValueError("calibrated quantization (importance) takes the tree as stored, not a contract-last tree")
     table = axes_by_path()
     paths = [path_names(p) for p, _ in leaves_with_paths]
     present = set(paths)
@@ -135,6 +134,13 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
         axes = table[path]
         if len(leaf.shape) != len(axes):
             raise ValueError(f"leaf {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
+        if is_contract_last(leaf):  # codes in the stored order: the contracted axes trail, groups along the last
+            stored_axes = leaf.stored_letters(list(axes))
+            reduce = tuple(range(-leaf.contracted, 0))
+            check_group(leaf.values.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size,
+                        "/".join(path))
+            out.append(leaf.replace(values=_quantize_leaf(leaf.values, recipe, reduce, stored_axes)))
+            continue
         reduce = contracted_axes(path, axes)
         check_group(leaf.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
         imp = _importance_for(importance, path, leaf.shape, reduce, axes)

@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--contract-last", action="store_true",
+                   help="instead: batch-1 decode on the XLA path with contract-last trees (bf16 and each format)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,7 @@ def main(argv=None) -> int:
     from .. import ops
     from ..bench import runner, switched
     from ..config import ModelConfig
+    from ..weight_layout import contract_last
     from . import get_recipe, quantize
 
     dev = jax.devices()[0]
@@ -103,9 +106,15 @@ def main(argv=None) -> int:
     jax.block_until_ready(trees["bf16"])
 
     def tree(name):
+        """`bf16`, a recipe, or `cl:<either>` (quantized after `contract_last`)."""
         if name not in trees:
             t0 = time.time()
-            trees[name] = jax.block_until_ready(quantize(trees["bf16"], name))
+            if name == "cl:bf16":
+                trees[name] = jax.block_until_ready(contract_last(trees["bf16"]))
+            elif name.startswith("cl:"):
+                trees[name] = jax.block_until_ready(quantize(tree("cl:bf16"), name[3:]))
+            else:
+                trees[name] = jax.block_until_ready(quantize(trees["bf16"], name))
             report.setdefault("quantize_s", {})[name] = round(time.time() - t0, 1)
         return trees[name]
 
@@ -123,7 +132,8 @@ def main(argv=None) -> int:
         t0 = time.time()
         try:
             params = tree(recipe)
-            s = spec(None if recipe == "bf16" else recipe, impl)
+            plain = recipe.removeprefix("cl:")
+            s = spec(None if plain == "bf16" else plain, impl)
             # Module knobs are read when a step is traced: each case traces its own path.
             with switched(ops, {"QUANT_KERNEL_MIN_ROWS": kernel_rows[0], "KERNEL_MAX_ROWS": kernel_rows[1],
                                 "FP8_OUT_NARROW": fp8_narrow}), switched(wm, {"_WARPS": warps or 4, **(kernel or {})}):
@@ -144,21 +154,28 @@ def main(argv=None) -> int:
     int4 = args.int4
     ctx = args.context
     case("decode b1 bf16", "bf16", "decode", 1, ctx, impl="auto")
-    for recipe in ("int8", int4, "fp8"):
-        case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
-        fmt = get_recipe(recipe).format  # the other way of a one-row product
-        other, label = ((), "dot") if fmt in wm.ONE_ROW_FMA else ((fmt,), "CUDA-core multiply-adds")
-        case(f"decode b1 {recipe} (kernel, {label})", recipe, "decode", 1, ctx, impl="auto", kernel={"ONE_ROW_FMA": other})
-    case("decode b16 bf16", "bf16", "decode", 16, ctx, impl="auto")
-    case(f"decode b16 {int4} (kernel)", int4, "decode", 16, ctx, impl="auto")
-    case("decode b16 int8 (kernel)", "int8", "decode", 16, ctx, impl="auto")
-    case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
-    case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
-    case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx, impl="auto")
-    case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128), impl="auto")
-    case(f"decode b16 {int4} (xla dequant+dot)", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="auto")
+    if args.contract_last:  # XLA's row reductions over contract-last trees; ratios against their bf16 (impl xla)
+        for recipe in ("bf16", "int8", int4, "int4-g64", "fp8"):
+            case(f"decode b1 {recipe} (xla, contract-last)", f"cl:{recipe}", "decode", 1, ctx, impl="xla")
+        for recipe in ("bf16", "int8", int4):
+            case(f"decode b16 {recipe} (xla, contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="xla")
+    else:  # the Pallas kernel paths and their variants
+        for recipe in ("int8", int4, "fp8"):
+            case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
+            fmt = get_recipe(recipe).format  # the other way of a one-row product
+            other, label = ((), "dot") if fmt in wm.ONE_ROW_FMA else ((fmt,), "CUDA-core multiply-adds")
+            case(f"decode b1 {recipe} (kernel, {label})", recipe, "decode", 1, ctx, impl="auto", kernel={"ONE_ROW_FMA": other})
+        case("decode b16 bf16", "bf16", "decode", 16, ctx, impl="auto")
+        case(f"decode b16 {int4} (kernel)", int4, "decode", 16, ctx, impl="auto")
+        case("decode b16 int8 (kernel)", "int8", "decode", 16, ctx, impl="auto")
+        case(f"prefill {args.prefill} bf16 (cudnn)", "bf16", "prefill", 1, args.prefill, impl="cudnn")
+        case(f"prefill {args.prefill} fp8 (cudnn)", "fp8", "prefill", 1, args.prefill, impl="cudnn")
+        case("decode b1 int4-g64 (kernel)", "int4-g64", "decode", 1, ctx, impl="auto")
+        case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128), impl="auto")
+        case(f"decode b16 {int4} (xla dequant+dot)", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="auto")
 
-    base = {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"] if r.get("recipe") == "bf16" and "ms" in r}
+    base = {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"]
+            if r.get("recipe") in ("bf16", "cl:bf16") and "ms" in r}
     print(f"\n{report['device']}")
     for r in report["results"]:
         if "ms" in r:
