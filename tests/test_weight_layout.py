@@ -43,7 +43,7 @@ def test_stored_arrays_are_the_transposes():
 
 
 def _logits(params, config, tokens, cache_len=16):
-    cache = ji.init_cache(config, tokens.shape[0], cache_len, jnp.float32)
+    cache = ji.init_cache(config, tokens.shape[0], cache_len, params["embed"].dtype)
     logits, cache = ji.forward(params, cache, tokens, config=config)
     step, _ = ji.forward(params, cache, tokens[:, -1:], config=config)  # one more token: one-row products at B=1
     return np.asarray(logits, np.float64), np.asarray(step, np.float64)
@@ -118,3 +118,19 @@ def test_bench_takes_the_layout():
         BenchSpec(config=CONFIG, weight_layout="rows")
     params = build_params(CONFIG, jnp.float32, layout="contract-last")
     assert isinstance(params["layers"]["w_down"], ji.ContractLast) and isinstance(params["lm_head"], ji.ContractLast)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recipe", [None, "int8"])
+def test_contract_last_on_the_gpu(recipe):
+    """On the GPU the contract-last tree runs XLA's row reductions (the stored tree the Pallas weight
+    kernel): same greedy logits within bf16 rounding, batch 1 (one-row products) and 4."""
+    config = CONFIG.replace(dim=256, ffn_dim=512, head_dim=64)
+    params = ji.init_params(config, jax.random.key(3, impl="rbg"), jnp.bfloat16)
+    last = ji.contract_last(params)
+    if recipe:
+        params, last = Q.quantize(params, recipe), Q.quantize(last, recipe)
+    for batch in (1, 4):
+        tokens = jnp.asarray(np.random.default_rng(batch).integers(0, config.vocab_size, (batch, 6)))
+        for a, b in zip(_logits(params, config, tokens), _logits(last, config, tokens)):
+            assert np.abs(a - b).max() < 0.03 * np.abs(a).max(), (batch, np.abs(a - b).max())
