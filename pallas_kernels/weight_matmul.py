@@ -137,11 +137,13 @@ def _param_row(ref, layer, row, cols):
   return ref[layer, pl.ds(row, 1), cols].astype(jnp.float32)
 
 
-def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
+def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps,
+                    transposed=False):
   """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
   become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
   by x into a [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its
   operand through shared memory after the decode, which held every format near bf16's time (NOTES.md)."""
+  assert not transposed, "transposed weights are plain: they take the dot"
   f32 = jnp.float32
   x_cols0 = split * n_steps * step
 
@@ -182,10 +184,11 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   o_ref[...] = out
 
 
-def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps):
+def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps, transposed):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
-  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). (Program ids are read by
-  the caller: interpret mode does not see them inside a `pl.when` branch.)"""
+  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). `transposed`: plain W
+  stored [N, K] (contraction last), its tiles [bn, step] taken into the dot transposed. (Program ids are
+  read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
   cdt = _codes_dtype(fmt, dt)  # the dot's operand dtype
@@ -217,6 +220,9 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
               + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
         part = part + xs * group_rows(m_ref, i)
       return acc + part
+    if transposed:  # [bn, step] of a plain [N, K] weight
+      w = v_ref[layer, cols, pl.ds(split * rows_per_split + i * step, step)]
+      return acc + pltriton.dot(load_x(i * step, step), w, trans_b=True)
     w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
     if fmt != "plain":
       w = _code_operand(w, cdt)
@@ -260,13 +266,17 @@ def _stacked(a, ndim: int):
   return a if a is None or a.ndim == ndim + 1 else a[None]
 
 
-def _check_part(x, fmt, g, values, scales, offsets):
+def _check_part(x, fmt, g, values, scales, offsets, transposed=False):
   """One weight's arrays, with their layer axis, after checking them against x and the format."""
   M, K = x.shape
   values = _stacked(values, 2)
-  N = values.shape[-1]
-  if values.ndim != 3 or values.shape[1] != (K // 2 if fmt == "int4" else K):
-    raise ValueError(f"{fmt} values of shape {values.shape} do not match x of shape {x.shape}")
+  N = values.shape[1 if transposed else -1]
+  if transposed and fmt != "plain":
+    raise ValueError(f"transposed ([N, K]) weights are plain only, not {fmt}")
+  k_axis = 2 if transposed else 1
+  if values.ndim != 3 or values.shape[k_axis] != (K // 2 if fmt == "int4" else K):
+    raise ValueError(f"{fmt} values of shape {values.shape} do not match x of shape {x.shape}"
+                     f"{' (transposed: [L, N, K])' if transposed else ''}")
   if fmt == "plain":
     if scales is not None or offsets is not None or g is not None:
       raise ValueError("plain weights take no scales, offsets or group size")
@@ -285,7 +295,7 @@ def _check_part(x, fmt, g, values, scales, offsets):
   return values, scales, offsets
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_n", "num_splits", "step",
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "transposed", "block_n", "num_splits", "step",
                                              "num_warps", "num_stages", "interpret"))
 def weight_matmuls(
     x: jax.Array,  # [M, K] bf16 / f16 / f32
@@ -294,6 +304,7 @@ def weight_matmuls(
     *,
     fmt: str,
     group_size: int | None,
+    transposed: bool = False,  # plain weights stored [(L,) N, K] (contraction last)
     block_n: int | None = None,
     num_splits: int | None = None,
     step: int | None = None,
@@ -309,8 +320,8 @@ def weight_matmuls(
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
   if not weights:
     raise ValueError("weight_matmuls needs at least one weight")
-  weights = [_check_part(x, fmt, g, *w) for w in weights]
-  widths = [w[0].shape[-1] for w in weights]
+  weights = [_check_part(x, fmt, g, *w, transposed=transposed) for w in weights]
+  widths = [w[0].shape[1 if transposed else -1] for w in weights]
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   bn, splits, stp = plan(K, sum(widths), fmt, g, M)
@@ -332,7 +343,7 @@ def weight_matmuls(
     first += n // bn
     arrays += [a for a in (v, sc, off) if a is not None]
   kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
-                             n_steps=ks // stp)
+                             n_steps=ks // stp, transposed=transposed)
   partials = pl.pallas_call(
       kernel,
       grid=(first, splits),
@@ -350,18 +361,22 @@ def weight_matmuls(
 
 def weight_matmul(x, values, scales=None, offsets=None, layer=None, *, fmt: str, group_size: int | None,
                   **options) -> jax.Array:
-  """x [M, K] @ dequantize(W[layer]) -> [M, N] float32, W given by `values` [(L,) K(/2), N], `scales`
-  [(L,) K/g or 1, N] (None for plain), `offsets` (int4 asymmetric only). `options`: block_n,
+  """x [M, K] @ dequantize(W[layer]) -> [M, N] float32, W given by `values` [(L,) K(/2), N] (plain with
+  `transposed=True`: [(L,) N, K]), `scales` [(L,) K/g or 1, N] (None for plain), `offsets` (int4
+  asymmetric only). `options`: transposed, block_n,
   num_splits, step, num_warps, num_stages (tuning), interpret (None: unless the backend is a GPU)."""
   return weight_matmuls(x, ((values, scales, offsets),), layer, fmt=fmt, group_size=group_size, **options)[0]
 
 
 def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *, fmt: str,
-                            group_size: int | None):
-  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision)."""
+                            group_size: int | None, transposed: bool = False):
+  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision). `transposed`: plain
+  values [(L,) N, K]."""
   K = x.shape[1]
   if values.ndim == 3:
     values, scales, offsets = (None if a is None else a[layer] for a in (values, scales, offsets))
+  if transposed:
+    values = values.T
   if fmt == "plain":
     return jnp.dot(x.astype(jnp.float32), values.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   if fmt == "int4":

@@ -116,6 +116,27 @@ def test_several_weights_in_one_launch(interpret, fmt, group):
         assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("M", [1, 7, 100])
+def test_transposed_plain_weights(interpret, M):
+    """Plain weights stored [L, N, K] (contraction last, `weight_layout.contract_last`): each tile enters
+    the dot transposed; several widths in one launch, one layer of a stacked weight."""
+    rng = np.random.default_rng(M)
+    K, L = 512, 3
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    weights = [(jnp.asarray(rng.standard_normal((L, n, K)), jnp.bfloat16), None, None) for n in (256, 64, 64)]
+    outs = wm.weight_matmuls(x, tuple(weights), jnp.int32(2), fmt="plain", group_size=None, transposed=True,
+                             interpret=interpret)
+    for (values, _, _), out in zip(weights, outs):
+        ref = np.asarray(x, np.float64) @ np.asarray(values[2], np.float64).T
+        assert out.shape == ref.shape
+        assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+    jref = wm.weight_matmul_reference(x, *weights[0], jnp.int32(2), fmt="plain", group_size=None, transposed=True)
+    np.testing.assert_allclose(np.asarray(jref), np.asarray(outs[0]), rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="do not match x"):
+        wm.weight_matmul(x, weights[0][0], fmt="plain", group_size=None, interpret=interpret)  # [N, K] as [K, N]
+
+
 ONE_ROW = [("int8", None, False), ("int8", 64, False), ("int4", 32, False), ("int4", 64, True), ("fp8", None, False)]
 
 
@@ -212,6 +233,19 @@ def test_ops_matmuls_share_one_launch(interpret, monkeypatch):
     for (eq, w), out in zip(zip(eqs, ws), outs):
         ref = np.einsum(eq, np.asarray(x, np.float64), np.asarray(w[i], np.float64))
         assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+    # The same weights contract-last: one launch of the transposed kernel, the same products; on the GPU
+    # (`auto`) a single row stays on XLA's row reduction instead.
+    from jaxinfer.weight_layout import contract_last
+
+    last = contract_last({"layers": {"q": ws[0], "k": ws[1], "v": ws[2]}})["layers"]
+    launches.clear()
+    products = [(eq, ops.LayerOf(last[n], idx)) for eq, n in zip(eqs, ("q", "k", "v"))]
+    again = ops.matmuls(x, *products, out_dtype=jnp.float32, impl="pallas")
+    assert launches == [3]
+    for a, b in zip(outs, again):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)
+    one_row = ops._parse("btd,nhd->btnh", x[:1], last["q"].values[0])
+    assert ops._choose("auto", one_row, x[:1], last["q"].values[0], stacked=True) == "gemv"
     launches.clear()
     q8 = Q.quantize_array(ws[1].astype(jnp.float32), "int8", (1,), None)
     mixed = [products[0], (eqs[1], ops.LayerOf(q8, idx))]
