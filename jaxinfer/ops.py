@@ -9,7 +9,8 @@ cannot take the stacked form slice it first (`LayerOf.take`), as a reduction fus
 
 Paths (all compute the same math, float32 accumulation):
 - `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
-  as `LayerOf` and quantized ones in any form; not under a mesh with automatically partitioned axes
+  as `LayerOf` (contraction-last ones, `weight_layout.ContractLast`, from 2 rows: one row is faster as
+  XLA's row reduction) and quantized ones in any form; not under a mesh with automatically partitioned axes
   (a kernel cannot see its shard there; `tensor_parallel` runs the layers per shard instead);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
