@@ -44,8 +44,8 @@ class ContractLast:
     def shape(self) -> tuple[int, ...]:
         """The logical shape (the weight's shape before the transform)."""
         s = tuple(self.values.shape)
-        lead, kept = s[: len(s) - self.kept - self.contracted], s[len(s) - self.kept - self.contracted : len(s) - self.contracted]
-        return lead + s[len(s) - self.contracted :] + kept
+        first, last = len(s) - self.kept - self.contracted, len(s) - self.contracted
+        return s[:first] + s[last:] + s[first:last]  # leading axes, contracted, kept
 
     @property
     def dtype(self):

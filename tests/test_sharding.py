@@ -295,6 +295,25 @@ def test_quantized_params_shard_by_their_logical_axes():
 
 
 @needs_devices
+def test_contract_last_params_shard_and_run_per_shard():
+    """`contract_last` leaves shard by their stored order's logical axes (q stored [L, N, H, D]: heads on
+    tensor) and tensor=4 x data=2 gives one device's logits for the same contract-last tree."""
+    from jaxinfer import tensor_parallel
+
+    params1 = ji.contract_last(jax.device_put(random_params(CFG), jax.devices()[0]))
+    first1, second1, _ = _steps(params1, CFG)
+    mesh = sh.make_mesh(data=2, tensor=4)
+    params = sh.shard_params(params1, CFG, mesh)
+    q = params["layers"]["q"].values  # [L, N, H, D]
+    assert _same_spec(q.sharding.spec, P("pipeline", "tensor", None, None)), q.sharding.spec
+    assert {s.data.shape for s in q.addressable_shards} == {(CFG.num_layers, CFG.num_heads // 4, 16, 64)}
+    with jax.set_mesh(mesh):
+        assert tensor_parallel.applies(CFG, params)
+    first, second, _ = _steps(params, CFG)
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
+
+
+@needs_devices
 def test_quantized_tensor_parallel_equals_one_device():
     """Quantized layers per shard (tensor=4 x data=2) give one device's logits; int4 groups that a shard
     would cut in half (the rules replicate those scales) keep XLA's partitioner, with the same result."""
