@@ -241,6 +241,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
     ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which of the three ways to time")
+    ap.add_argument("--weight-layout", default="stored", choices=("stored", "contract-last"),
+                    help="contract-last: every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
@@ -291,6 +293,9 @@ def main(argv=None) -> None:
     T0 = time.time()
     one = sh.make_mesh(devices=devices[:1])
     base_params = sh.init_params(cfg, one, dtype=dtype)  # one copy on GPU 0; every other layout is placed from it
+    if args.weight_layout == "contract-last":
+        base_params = ji.contract_last(base_params)
+    report["weight_layout"] = args.weight_layout
     jax.block_until_ready(base_params)
 
     decode_kw = dict(batch=1, context=args.context, steps=args.steps, impl=args.impl, samples=args.samples, dtype=dtype)
