@@ -8,8 +8,9 @@
    (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-128 rows): a
    2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
-   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then batch-1 decode on the
-   plain XLA path (XLA attention, `weight_layout.contract_last` weights), traced op by op, into the same files.
+   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then the batch-1 `VARIANTS`
+   (`--variants`): the plain XLA path (XLA attention, `weight_layout.contract_last` weights, traced op by op)
+   and contraction-last weights with the default attention, into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -91,6 +92,17 @@ def standard_spec(args):
     )
 
 
+# Batch-1 variants timed after the standard set, each against the same ceilings: name -> (title, spec changes).
+VARIANTS = {
+    # The plain XLA path (no Pallas anywhere): issue 4's batch-1 criterion, with its own op-by-op trace.
+    "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
+                 dict(impl="xla", weight_layout="contract-last")),
+    # The library's fastest batch-1 configuration: contraction-last weights (XLA's row reduction for one
+    # row), the default attention.
+    "contract_last": ("Contraction-last weights, default attention", dict(weight_layout="contract-last")),
+}
+
+
 def run_benchmarks(args, out: Path, summary: dict):
     import dataclasses
 
@@ -101,51 +113,54 @@ def run_benchmarks(args, out: Path, summary: dict):
 
     spec = standard_spec(args)
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
-    # The plain XLA path (no Pallas anywhere): XLA attention, matrices stored contraction-last for XLA's
-    # one-row products (issue 4's batch-1 criterion), with its own op-by-op trace.
-    xla_spec = dataclasses.replace(spec, impl="xla", weight_layout="contract-last", batches=(1,),
-                                   profile_batches=(1,) if spec.profile_batches else ())
+    variant_specs = {
+        name: dataclasses.replace(spec, batches=(1,), **changes,
+                                  profile_batches=(1,) if spec.profile_batches and name == "xla_path" else ())
+        for name, (_, changes) in VARIANTS.items() if name in args.variants}
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
     ceilings = measure_ceilings()
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s ({ceilings.copy_by_method}), "
           f"matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s on {ceilings.device}", flush=True)
-    results, xla_results = [], []
+    results = []
     partial = BenchReport(spec=spec, ceilings=ceilings, results=results, meta=run_metadata())
-    xla_partial = BenchReport(spec=xla_spec, ceilings=ceilings, results=xla_results, meta=partial.meta)
+    variants = {name: BenchReport(spec=v, ceilings=ceilings, results=[], meta=partial.meta)
+                for name, v in variant_specs.items()}
 
-    def save(m=None, into=results):
+    def save(m=None, into=None):
         if m is not None:
-            into.append(m)
-            tag = " (XLA path)" if into is xla_results else ""
+            (results if into is None else variants[into].results).append(m)
+            tag = "" if into is None else f" ({into})"
             print(f"  {m.phase} B={m.batch} n={m.length}{tag}: {m.ms:.3f} ms, MBU {m.mbu:.3f}, MFU {m.mfu:.3f}", flush=True)
         doc = to_json(partial)
-        if xla_results:
-            doc["xla_path"] = to_json(xla_partial)
+        doc.update({name: to_json(r) for name, r in variants.items() if r.results})
         (out / "bench.json").write_text(json.dumps(doc, indent=1, default=str))
 
     for s in (prefill_spec, spec):
         run_bench(s, ceilings=ceilings, progress=not args.no_progress, on_result=save)
-    if not args.skip_xla_path:
-        run_bench(xla_spec, ceilings=ceilings, progress=not args.no_progress,
-                  on_result=lambda m: save(m, into=xla_results))
-    for m in results + xla_results:
+    for name, v in variant_specs.items():
+        run_bench(v, ceilings=ceilings, progress=not args.no_progress, on_result=lambda m, name=name: save(m, into=name))
+    for m in results:
         hlo = m.extras.get("breakdown", {}).pop("hlo_text", None)
-        if hlo and m.phase == "decode" and m.batch == 1 and m in results:
+        if hlo and m.phase == "decode" and m.batch == 1:
             (out / "decode_b1_hlo.txt").write_text(hlo)
+    for r in variants.values():
+        for m in r.results:
+            m.extras.get("breakdown", {}).pop("hlo_text", None)
     save()
     roofline_png(partial, out / "roofline.png")
     table = markdown(partial)
-    if xla_results:
-        table += "\n\nThe plain XLA path (attention `xla`, weights `contract_last`, no Pallas):\n\n" + markdown(xla_partial)
+    for name, r in variants.items():
+        if r.results:
+            table += f"\n\n{VARIANTS[name][0]}:\n\n" + markdown(r)
     (out / "summary.md").write_text(table + "\n")
     keys = ("phase", "batch", "length", "ms", "tokens_per_s", "mbu", "mfu", "measured_over_predicted")
     summary["bench"] = [{k: m.as_dict()[k] for k in keys} for m in results]
-    if xla_results:
-        summary["xla_path"] = [{k: m.as_dict()[k] for k in keys} for m in xla_results]
+    for name, r in variants.items():
+        summary[name] = [{k: m.as_dict()[k] for k in keys} for m in r.results]
     summary["ceilings"] = {"copy_tb_s": ceilings.copy_bytes_per_s / 1e12, "copy_method": ceilings.copy_method,
                            "matmul_tflop_s": ceilings.matmul_flops_per_s / 1e12, "device": ceilings.device}
-    return partial, xla_partial, table
+    return partial, variants, table
 
 
 def print_breakdowns(report, label=""):
@@ -189,7 +204,8 @@ def main(argv=None) -> int:
                    help="override jaxinfer.ops.GEMV_PARTIALS (split-K target of one-row products) for this run")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
-    p.add_argument("--skip-xla-path", action="store_true", help="no batch-1 run of the plain XLA path")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="batch-1 variants timed after the standard set (none: pass the flag alone)")
     p.add_argument("--tests-timeout", type=int, default=240)
     p.add_argument("--tests", nargs="+", default=["tests"], help="test paths for `pytest -m gpu`")
     p.add_argument("--test-jobs", type=int, default=4, help="test files run at once on the GPU")
@@ -209,9 +225,9 @@ def main(argv=None) -> int:
 
         ops.GEMV_PARTIALS = args.gemv_partials
         summary["gemv_partials"] = args.gemv_partials
-    report, xla_report, table = None, None, ""
+    report, variants, table = None, {}, ""
     try:
-        report, xla_report, table = run_benchmarks(args, out, summary)
+        report, variants, table = run_benchmarks(args, out, summary)
     except Exception as e:  # noqa: BLE001 - still print what we have and the JSON line
         summary["bench_error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -221,7 +237,8 @@ def main(argv=None) -> int:
     if report is not None:
         summary["meta"] = report.meta
         print_breakdowns(report)
-        print_breakdowns(xla_report, "plain XLA path, ")
+        for name, r in variants.items():
+            print_breakdowns(r, f"{name}, ")
     print("\n" + table)
     print(json.dumps(summary, default=str))
     tests_ok = summary.get("tests", {}).get("exit_code", 0) in (0, 5)  # 5: no GPU tests collected
