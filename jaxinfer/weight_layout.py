@@ -20,6 +20,7 @@ Knows nothing about models beyond the parameter table (`params.axes_by_path`, `p
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -57,9 +58,7 @@ class ContractLast:
 
     def stored_letters(self, letters: str) -> str:
         """The einsum letters of the stored array, given the logical ones (trailing axes: in..., out...)."""
-        n = self.contracted + self.kept
-        lead, inner = letters[: len(letters) - n], letters[len(letters) - n :]
-        return lead + inner[self.contracted :] + inner[: self.contracted]
+        return _in_stored_order(letters, self.contracted, self.kept)
 
     def axis_names(self) -> "ContractLast":
         """The logical axis names of the stored values (for sharding rules), as a `ContractLast` of a tuple
@@ -104,15 +103,19 @@ def contract_last(params):
         if len(leaf.shape) != len(axes):
             raise ValueError(f"{name} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
         contracted = contracted_axes(path, axes)
-        n = len(axes)
-        first = n + contracted[0]  # contracted axes lead the matrix part, after any `layers` axis
-        if list(contracted) != list(range(contracted[0], contracted[0] + len(contracted))) or first != (1 if axes[0] == "layers" else 0):
+        n, c, lead = len(axes), len(contracted), 1 if axes[0] == "layers" else 0
+        if contracted != tuple(range(lead - n, lead - n + c)):  # the matrix part's leading axes
             raise ValueError(f"{name}: contracted axes {contracted} are not the leading matrix axes of {axes}")
-        kept = n - first - len(contracted)
-        order = list(range(first)) + list(range(first + len(contracted), n)) + list(range(first, first + len(contracted)))
-        out.append(ContractLast(values=_transpose(leaf, order), contracted=len(contracted), kept=kept,
-                                logical_axes=axes))
+        order = _in_stored_order(list(range(n)), c, n - lead - c)
+        out.append(ContractLast(values=_transpose(leaf, order), contracted=c, kept=n - lead - c, logical_axes=axes))
     return treedef.unflatten(out)
+
+
+def _in_stored_order(seq, contracted: int, kept: int):
+    """`seq` (axis letters, names or numbers) with its trailing `contracted` + `kept` items reordered from
+    (in..., out...) to (out..., in...); leading items stay."""
+    first = len(seq) - contracted - kept
+    return seq[:first] + seq[first + contracted :] + seq[first : first + contracted]
 
 
 def _is_matrix(path: tuple[str, ...]) -> bool:
@@ -122,4 +125,4 @@ def _is_matrix(path: tuple[str, ...]) -> bool:
 def _transpose(leaf, order):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in order), leaf.dtype, sharding=None)
-    return jax.jit(lambda a: a.transpose(order))(leaf) if not isinstance(leaf, np.ndarray) else leaf.transpose(order)
+    return np.transpose(leaf, order) if isinstance(leaf, np.ndarray) else jnp.transpose(leaf, order)

@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
     p.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
     p.add_argument("--weight-layout", default="stored", choices=WEIGHT_LAYOUTS,
-                   help="contract-last: matrices transposed for XLA's one-row products (no Pallas weight kernel)")
+                   help="contract-last: matrices stored contraction-last (`contract_last`): XLA's row reduction "
+                        "for one row, the weight kernel's transposed tiles for more")
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache for decode")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (a sweep)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prefill prompt lengths")

@@ -135,16 +135,13 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
         if len(leaf.shape) != len(axes):
             raise ValueError(f"leaf {'/'.join(path)} has shape {tuple(leaf.shape)}, expected {len(axes)} axes {axes}")
         if is_contract_last(leaf):  # codes in the stored order: the contracted axes trail, groups along the last
-            stored_axes = leaf.stored_letters(list(axes))
-            reduce = tuple(range(-leaf.contracted, 0))
-            check_group(leaf.values.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size,
-                        "/".join(path))
-            out.append(leaf.replace(values=_quantize_leaf(leaf.values, recipe, reduce, stored_axes)))
-            continue
-        reduce = contracted_axes(path, axes)
-        check_group(leaf.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
-        imp = _importance_for(importance, path, leaf.shape, reduce, axes)
-        out.append(_quantize_leaf(leaf, recipe, reduce, axes, imp))
+            array, reduce, names = leaf.values, tuple(range(-leaf.contracted, 0)), leaf.stored_letters(list(axes))
+        else:
+            array, reduce, names = leaf, contracted_axes(path, axes), axes
+        check_group(array.shape, normalize_axes(reduce, len(axes)), recipe.format, recipe.group_size, "/".join(path))
+        imp = _importance_for(importance, path, array.shape, reduce, names)  # (None for contract-last trees)
+        q = _quantize_leaf(array, recipe, reduce, names, imp)
+        out.append(leaf.replace(values=q) if is_contract_last(leaf) else q)
     return treedef.unflatten(out)
 
 
