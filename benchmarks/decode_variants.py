@@ -9,7 +9,8 @@ private choices (monkeypatched while tracing a fresh jit):
   reduce over the weight as stored, the first version), `gemv` (2-D view + split-K, the current one);
   attention as `einsum` or `reduce` (the current one for one query), or `reduce` with the value sum as
   a dot (`reduce-pvdot`), one column reduction per query head of a group (`reduce-pvgroups`) or bf16
-  products (`reduce-pvbf16`);
+  products (`reduce-pvbf16`) (run S5-6 timed these with the softmax divided after the sum; they now
+  replace `attention._value_sum` and get the normalised probabilities);
 - `weights[...]`: the seven weight products per layer and the head alone (no attention, no cache),
   batch 1, layers run with `lax.scan` over the stacked weights; `gemv-nosplit` is `gemv` without split-K;
 - `sample[B]` vs `argmax[B]`: the sampler on [B, vocab] logits with greedy settings, as traced values.
@@ -76,56 +77,31 @@ def layer_products(mm, p, x, eps):
     return x + mm("btf,fd->btd", jax.nn.silu(g) * u, p["w_down"])
 
 
-def weights_scan(mm, config):
+def weight_products(mm, config, unstacked=False):
+    """The layers' products with `lax.scan` over the stacked weights, or (`unstacked`) over a Python list
+    of per-layer weights `params["layer_list"]` (no slicing of a stacked array at all), then the head."""
     eps = config.norm_eps
 
     @jax.jit
     def run(params, x):
-        x, _ = jax.lax.scan(lambda x, p: (layer_products(mm, p, x, eps), None), x, params["layers"])
+        if unstacked:
+            for p in params["layer_list"]:
+                x = layer_products(mm, p, x, eps)
+        else:
+            x, _ = jax.lax.scan(lambda x, p: (layer_products(mm, p, x, eps), None), x, params["layers"])
         logits = mm("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], jnp.float32)
         return x, logits
 
     return run
 
 
-def weights_unstacked(mm, config):
-    """The same products over a Python list of per-layer weights: no slicing of a stacked array at all."""
-    eps = config.norm_eps
-
-    @jax.jit
-    def run(params, x):
-        for p in params["layer_list"]:
-            x = layer_products(mm, p, x, eps)
-        logits = mm("btd,dv->btv", rms_norm(x, params["final_norm"], eps), params["lm_head"], jnp.float32)
-        return x, logits
-
-    return run
-
-
-def _one_query_with(pv):
-    """`attention._decode_attention` with the value sum `pv(e [B,S,K,G], v [B,S,K,H]) -> [B,K,G,H]` swapped."""
-
-    def decode_attention(q, k, v, q_positions, kv_lengths, sliding_window):
-        B, _, N, H = q.shape
-        S, K = k.shape[1], k.shape[2]
-        qg = q.reshape(B, 1, K, N // K, H).astype(jnp.float32)
-        scores = jnp.sum(qg * k[:, :, :, None, :].astype(jnp.float32), axis=-1) * (1.0 / H**0.5)
-        kpos = jnp.arange(S)[None, :]
-        mask = (kpos <= q_positions[:, :1]) & (kpos < kv_lengths[:, None])
-        scores = jnp.where(mask[:, :, None, None], scores, attn.MASK_VALUE)
-        e = jnp.exp(scores - jnp.max(scores, axis=1, keepdims=True))
-        out = pv(e, v) / jnp.sum(e, axis=1)[..., None]
-        return out.reshape(B, 1, N, H).astype(q.dtype)
-
-    return decode_attention
-
-
-# Ways to form the value sum of one-query attention (`--only-steps 1:gemv:reduce-pvdot`, ...).
+# Ways to form the value sum of one-query attention, in place of `attention._value_sum(probs, v)`
+# (`--only-steps 1:gemv:reduce-pvdot`, ...).
 PV_VARIANTS = {
-    "reduce-pvdot": lambda e, v: jnp.einsum("bskg,bskh->bkgh", e.astype(v.dtype), v, preferred_element_type=jnp.float32),
-    "reduce-pvgroups": lambda e, v: jnp.stack(
-        [jnp.sum(e[..., g, None] * v.astype(jnp.float32), axis=1) for g in range(e.shape[-1])], axis=2),
-    "reduce-pvbf16": lambda e, v: jnp.sum((e.astype(v.dtype)[..., None] * v[:, :, :, None, :]).astype(jnp.float32), axis=1),
+    "reduce-pvdot": lambda p, v: jnp.einsum("bskg,bskh->bkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32),
+    "reduce-pvgroups": lambda p, v: jnp.stack(
+        [jnp.sum(p[..., g, None] * v.astype(jnp.float32), axis=1) for g in range(p.shape[-1])], axis=2),
+    "reduce-pvbf16": lambda p, v: jnp.sum((p.astype(v.dtype)[..., None] * v[:, :, :, None, :]).astype(jnp.float32), axis=1),
 }
 
 
@@ -133,7 +109,7 @@ PV_VARIANTS = {
 def choices(weights: str, attention: str = "reduce", partials: int | None = None):
     """Force the weight-product and one-query attention paths while a fresh jit traces. `weights`:
     `kernel` (the Pallas weight kernel, the default on a GPU), `einsum`, `gemv1`, `gemv-nosplit`, `gemv`."""
-    saved = ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._decode_attention
+    saved = ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._value_sum
     ops.PLAIN_KERNEL = weights == "kernel"
     if partials is not None:
         ops.GEMV_PARTIALS = partials
@@ -149,11 +125,11 @@ def choices(weights: str, attention: str = "reduce", partials: int | None = None
         attn._one_query = lambda B, T: T == 1
     elif attention in PV_VARIANTS:
         attn._one_query = lambda B, T: T == 1
-        attn._decode_attention = _one_query_with(PV_VARIANTS[attention])
+        attn._value_sum = PV_VARIANTS[attention]
     try:
         yield
     finally:
-        ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._decode_attention = saved
+        ops.gemv, ops.GEMV_PARTIALS, ops.PLAIN_KERNEL, attn._one_query, attn._value_sum = saved
 
 
 def main(argv=None) -> int:
@@ -190,8 +166,25 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name:34s} {row['ms']:8.3f} ms  MBU {row['mbu']:.3f}  {row['gb_s']:7.1f} GB/s  "
               f"spread {row['spread']:.3f} {note}", flush=True)
+        save_rows()
+
+    def save_rows():
         (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
                                                        "variants": rows}, indent=1, default=str))
+
+    def time_loops(spec, label, a_mode, partials=None):
+        """The library's own jitted loops (per-step and fused) of `spec` under the forced choices; caches
+        cleared first so every program is traced again with the patched functions."""
+        from jaxinfer.bench import run_bench
+
+        jax.clear_caches()
+        with choices("gemv", a_mode, partials):
+            report = run_bench(spec, ceilings=ceilings, progress=False)
+        for m in report.results:
+            rows.append({"variant": f"{m.phase}[B{m.batch},{label}]", "ms": m.ms, "mbu": m.mbu,
+                         "spread": m.timing.spread})
+            print(f"{rows[-1]['variant']:48s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
+        save_rows()
 
     def time_step(batch, w_mode, a_mode, partials=None, layout="stored"):
         step_fn = jax.jit(functools.partial(forward, config=config, impl="xla"), donate_argnums=1)
@@ -223,7 +216,7 @@ def main(argv=None) -> int:
         return layouts[layout]
 
     def time_weights(mode, partials=None, layout="stored", unstacked=False):
-        fn = (weights_unstacked if unstacked else weights_scan)(einsum_mm if mode == "einsum" else gemv_mm, config)
+        fn = weight_products(einsum_mm if mode == "einsum" else gemv_mm, config, unstacked)
         p = with_layout(layout)
         if unstacked:
             p = {**p, "layer_list": [jax.tree.map(lambda a: a[i], p["layers"]) for i in range(config.num_layers)]}
@@ -248,44 +241,19 @@ def main(argv=None) -> int:
                          unstacked="unstacked" in opts)
         return 0
 
-    if args.grid:
-        # The library's own jitted loops (per-step and fused) under each choice; caches cleared between
-        # choices so every program is traced again with the patched functions.
-        from jaxinfer.bench import BenchSpec, run_bench
+    if args.grid or args.loops is not None:  # the library's loops with XLA weight products
+        from jaxinfer.bench import BenchSpec
 
-        grid = (("reduce", 1 << 17, (1, 128)), ("einsum", 1 << 17, (1, 128)), ("reduce", 1 << 14, (1,)))
-        for a_mode, partials, batches in grid:
-            jax.clear_caches()
-            spec = BenchSpec(config=config, name=args.preset, batches=batches, contexts=(args.context,),
-                             phases=("decode", "decode_fused"), steps=args.steps, samples=3)
-            with choices("gemv", a_mode, partials):
-                report = run_bench(spec, ceilings=ceilings, progress=False)
-            for m in report.results:
-                rows.append({"variant": f"{m.phase}[B{m.batch},attn={a_mode},P={partials}]", "ms": m.ms,
-                             "mbu": m.mbu, "spread": m.timing.spread})
-                print(f"{rows[-1]['variant']:44s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
-            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
-                                                           "variants": rows}, indent=1, default=str))
-        return 0
-
-    if args.loops is not None:
-        # The library's own per-step and fused loops (`run_bench`) under each attention choice, XLA weights.
-        from jaxinfer.bench import BenchSpec, run_bench
-
-        for item in args.loops:
+        loop_spec = functools.partial(BenchSpec, config=config, name=args.preset, contexts=(args.context,),
+                                      phases=("decode", "decode_fused"), steps=args.steps, samples=3)
+        if args.grid:  # attention x split-K choices
+            grid = (("reduce", 1 << 17, (1, 128)), ("einsum", 1 << 17, (1, 128)), ("reduce", 1 << 14, (1,)))
+            for a_mode, partials, batches in grid:
+                time_loops(loop_spec(batches=batches), f"attn={a_mode},P={partials}", a_mode, partials)
+        for item in args.loops or ():
             batch, a_mode, *layout = item.split(":")
             layout = layout[0] if layout else "stored"
-            jax.clear_caches()
-            spec = BenchSpec(config=config, name=args.preset, batches=(int(batch),), contexts=(args.context,),
-                             phases=("decode", "decode_fused"), steps=args.steps, samples=3, weight_layout=layout)
-            with choices("gemv", a_mode):
-                report = run_bench(spec, ceilings=ceilings, progress=False)
-            for m in report.results:
-                rows.append({"variant": f"{m.phase}[B{batch},attn={a_mode},{layout}]", "ms": m.ms, "mbu": m.mbu,
-                             "spread": m.timing.spread})
-                print(f"{rows[-1]['variant']:48s} {m.ms:8.3f} ms  MBU {m.mbu:.3f}", flush=True)
-            (out / "variants.json").write_text(json.dumps({"device": ceilings.device, "ceilings": ceilings.as_dict(),
-                                                           "variants": rows}, indent=1, default=str))
+            time_loops(loop_spec(batches=(int(batch),), weight_layout=layout), f"attn={a_mode},{layout}", a_mode)
         return 0
 
     if args.only_steps is not None:

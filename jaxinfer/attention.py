@@ -263,8 +263,12 @@ def _decode_attention(q, k, v, q_positions, kv_lengths, sliding_window):
         mask = mask & (qpos - kpos < sliding_window)
     scores = jnp.where(mask[:, :, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)  # [B, K, G, H]
-    return out.reshape(B, 1, N, H).astype(q.dtype)
+    return _value_sum(probs, v).reshape(B, 1, N, H).astype(q.dtype)
+
+
+def _value_sum(probs, v):
+    """sum_s probs[b, s, k, g] * v[b, s, k, h] -> float32 `[B, K, G, H]`, a reduction reading v in place."""
+    return jnp.sum(probs[..., None] * v[:, :, :, None, :].astype(jnp.float32), axis=1)
 
 
 def gather_pages(view: PagedView) -> DenseView:
