@@ -96,10 +96,11 @@ def standard_spec(args):
 VARIANTS = {
     # The plain XLA path (no Pallas anywhere): issue 4's batch-1 criterion, with its own op-by-op trace.
     "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
-                 dict(impl="xla", weight_layout="contract-last")),
+                 dict(impl="xla", weight_layout="contract-last", profile_batches=(1,))),
     # The library's fastest batch-1 configuration: contraction-last weights (XLA's row reduction for one
     # row), the default attention.
-    "contract_last": ("Contraction-last weights, default attention", dict(weight_layout="contract-last")),
+    "contract_last": ("Contraction-last weights, default attention",
+                      dict(weight_layout="contract-last", profile_batches=())),
 }
 
 
@@ -113,9 +114,8 @@ def run_benchmarks(args, out: Path, summary: dict):
 
     spec = standard_spec(args)
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
-    variant_specs = {
-        name: dataclasses.replace(spec, batches=(1,), **changes,
-                                  profile_batches=(1,) if spec.profile_batches and name == "xla_path" else ())
+    variant_specs = {  # (traced op by op only where the standard set is)
+        name: dataclasses.replace(spec, batches=(1,), **{**changes, **({} if spec.profile_batches else {"profile_batches": ()})})
         for name, (_, changes) in VARIANTS.items() if name in args.variants}
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
