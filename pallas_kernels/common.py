@@ -13,6 +13,7 @@ values, and trace to the ops the kernels traced before they were shared.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -177,8 +178,11 @@ def store_partials(o_ref, m_ref, l_ref, carry):
   pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=ok)
 
 
-def combine_splits(o, m, l, out_dtype):
-  """Merges per-split partials: o [B, K, splits, G, H], m and l [B, K, splits, G] -> [B, K*G, H]."""
+def combine_splits_reference(o, m, l, out_dtype):
+  """Merges per-split partials: o [B, K, splits, G, H], m and l [B, K, splits, G] -> [B, K*G, H].
+
+  Plain jnp (XLA turns it into 2-3 small launches); combine_splits is the one-launch kernel.
+  """
   m_max = m.max(axis=2, keepdims=True)
   w = jnp.exp2(m - m_max)  # empty splits (m == M_INIT, l == 0) weigh nothing
   l_sum = (l * w).sum(axis=2)  # [B, K, G]
@@ -188,10 +192,92 @@ def combine_splits(o, m, l, out_dtype):
   return out.reshape(batch, kv_heads * group, head_dim).astype(out_dtype)
 
 
+# Most float32 elements of one [splits, G, H] chunk of o the combine holds at once: 64 registers a
+# thread at 4 warps, so B=1 (33 splits) needs few loop steps and nothing spills.
+_COMBINE_TILE = 8192
+_COMBINE_WARPS = 4
+
+
+def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
+  """One (batch, kv head): o [splits, G, H], m and l [splits, G] -> out [G, H].
+
+  Tiles are padded to powers of two (G to `rows`, splits to multiples of `chunk`); padded entries
+  load as empty splits (m = M_INIT, l = o = 0), which weigh nothing. m_max comes from all splits at
+  once (a [splits, G] tile is small), then o is summed `chunk` splits at a time.
+  """
+  splits, group, head_dim = o_ref.shape
+  rows = next_pow2(group)
+  g_ok = jnp.arange(rows) < group
+  g_pad = rows != group
+
+  def load(ref, start, size, other):
+    # [size, rows(, H)] of splits [start, start + size); masked only where the tile overhangs.
+    idx = (pl.ds(start, size), pl.ds(0, rows)) + (slice(None),) * (len(ref.shape) - 2)
+    # a traced start is a multiple of `size` below `splits`
+    fits = start + size <= splits if isinstance(start, int) else splits % size == 0
+    if fits and not g_pad:
+      return ref[idx]
+    ok = ((start + jnp.arange(size)) < splits)[:, None] & g_ok[None, :]
+    if len(ref.shape) == 3:
+      ok = ok[:, :, None]
+    return pltriton.load(ref.at[idx], mask=ok, other=other)
+
+  m_max = load(m_ref, 0, next_pow2(splits), M_INIT).max(axis=0)  # [rows]
+
+  def add_chunk(start, carry):
+    acc, l_sum = carry
+    w = jnp.exp2(load(m_ref, start, chunk, M_INIT) - m_max[None, :])  # [chunk, rows]
+    l_sum = l_sum + (load(l_ref, start, chunk, 0.0) * w).sum(axis=0)
+    acc = acc + (load(o_ref, start, chunk, 0.0) * w[:, :, None]).sum(axis=0)
+    return acc, l_sum
+
+  carry = (jnp.zeros((rows, head_dim), jnp.float32), jnp.zeros((rows,), jnp.float32))
+  num_chunks = pl.cdiv(splits, chunk)
+  if num_chunks == 1:
+    acc, l_sum = add_chunk(0, carry)
+  else:
+    acc, l_sum = lax.fori_loop(0, num_chunks, lambda c, cr: add_chunk(c * chunk, cr), carry)
+  out = (acc / jnp.where(l_sum > 0, l_sum, 1.0)[:, None]).astype(out_ref.dtype)  # no key -> zeros
+  if g_pad:
+    pltriton.store(out_ref.at[pl.ds(0, rows), :], out, mask=g_ok[:, None])
+  else:
+    out_ref[...] = out
+
+
+def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
+  """combine_splits_reference as one pallas_call over grid (B, K): one launch instead of XLA's 2-3.
+
+  Also used for one split (then it is o / l), so every decode call is exactly two launches.
+  interpret=None interprets unless the default backend is a GPU.
+  """
+  batch, kv_heads, splits, group, head_dim = o.shape
+  if m.shape != o.shape[:4] or l.shape != o.shape[:4]:
+    raise ValueError(f"m and l must be {o.shape[:4]}, got {m.shape} and {l.shape}")
+  if not is_pow2(head_dim):
+    raise ValueError(f"head dim H must be a power of two, got {head_dim}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  fit = max(1, _COMBINE_TILE // (next_pow2(group) * head_dim))  # splits a chunk may hold
+  chunk = min(next_pow2(splits), 1 << (fit.bit_length() - 1))
+  part = lambda *tail: pl.BlockSpec((None, None) + tail, lambda b, h: (b, h) + (0,) * len(tail))  # noqa: E731
+  out = pl.pallas_call(
+      functools.partial(_combine_kernel, chunk=chunk),
+      grid=(batch, kv_heads),
+      in_specs=[part(splits, group, head_dim), part(splits, group), part(splits, group)],
+      out_specs=part(group, head_dim),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
+      compiler_params=pltriton.CompilerParams(num_warps=_COMBINE_WARPS, num_stages=1),
+      interpret=interpret,
+      name="combine_splits",
+  )(o.astype(jnp.float32), m.astype(jnp.float32), l.astype(jnp.float32))
+  return out.reshape(batch, kv_heads * group, head_dim)  # free: G heads of a kv head are adjacent
+
+
 def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,
                         group: int, head_dim: int, out_dtype, num_warps: int, num_stages: int,
                         interpret: bool, name: str):
-  """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine.
+  """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine
+  kernel: two launches per call.
 
   The kernel's outputs are one split's unnormalised partial: o [G, H], m [G], l [G] (float32, as
   store_partials writes them). Returns a function of the kernel's inputs giving [B, K*G, H].
@@ -218,7 +304,7 @@ def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_
 
   def run(*args):
     o, m, l = call(*args)
-    return combine_splits(o, m, l, out_dtype)
+    return combine_splits(o, m, l, out_dtype, interpret=interpret)
 
   return run
 

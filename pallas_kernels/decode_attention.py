@@ -9,7 +9,7 @@ program reads a contiguous share of one sequence's valid key blocks for one kv h
 heads of that kv head as rows of one tile (padded to 16 rows for the Triton dot), so each K/V byte is
 read once and batch 1 still fills the GPU. Blocks at or beyond the sequence's length are never read.
 K/V are read in place through strided views: no transposed copies. Each split writes an unnormalised
-partial (acc, m, l); a small jnp reduction combines the splits.
+partial (acc, m, l); a second small kernel (`common.combine_splits`) merges the splits.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from pallas_kernels.weight_matmul import weight_matmul, weight_matmuls
 from pallas_kernels import (decode_attention, decode_attention_reference, flash_attention,
                             flash_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
+from pallas_kernels.common import M_INIT, combine_splits, combine_splits_reference
 
 ON_GPU = jax.default_backend() == "gpu"
 MODES = [
@@ -296,7 +297,7 @@ class TestDecodeAttention:
     while len(jaxpr.eqns) == 1 and "jaxpr" in jaxpr.eqns[0].params:  # unwrap the jit
       inner = jaxpr.eqns[0].params["jaxpr"]
       jaxpr = getattr(inner, "jaxpr", inner)
-    [call] = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]
+    call, _combine = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]  # two launches
     assert call.invars[-2] is jaxpr.invars[1] and call.invars[-1] is jaxpr.invars[2]
 
   def test_reference_matches_numpy(self):
@@ -426,6 +427,57 @@ class TestPagedDecodeAttention:
                              lengths=jnp.ones((2,), jnp.int32), interpret=True)
 
 
+class TestCombineSplits:
+  """The one-launch merge of split-K partials against the same math in float64 numpy."""
+
+  # G and splits off powers of two pad the tiles; H=256 makes chunks smaller than the splits, so the
+  # kernel loops over chunks (the last one overhanging for 5 and 3 splits).
+  CASES = ([pytest.param(g, s, 64, id=f"g{g}-s{s}") for g in (1, 4, 6, 8) for s in (1, 3, 16)]
+           + [pytest.param(6, 5, 256, id="g6-s5-h256-chunked"),
+              pytest.param(8, 16, 256, id="g8-s16-h256-chunked"),
+              pytest.param(16, 3, 256, id="g16-s3-h256-chunked")])
+  TOL = {jnp.float32: 1e-6, jnp.bfloat16: 5e-3}  # bf16: rounding of the output only
+
+  @staticmethod
+  def _partials(rng, batch, kv_heads, splits, group, head_dim):
+    """Random (o, m, l) as a decode kernel writes them; about a third of the splits are empty and
+    every split of the last (b, k) is."""
+    shape = (batch, kv_heads, splits, group)
+    m = rng.uniform(-30.0, 30.0, shape)  # base-2 maxima far apart: the weights matter
+    l = rng.uniform(1.0, 20.0, shape)  # a split's max key contributes exp2(0) = 1
+    o = rng.standard_normal(shape + (head_dim,)) * l[..., None]
+    empty = rng.random(shape[:3]) < 0.3
+    empty[-1, -1] = True
+    m[empty], l[empty], o[empty] = M_INIT, 0.0, 0.0
+    return o.astype(np.float32), m.astype(np.float32), l.astype(np.float32)
+
+  @staticmethod
+  def _np_combine(o, m, l):
+    o, m, l = (np.asarray(x, np.float64) for x in (o, m, l))
+    w = np.exp2(m - m.max(axis=2, keepdims=True))
+    l_sum = (l * w).sum(axis=2)
+    out = (o * w[..., None]).sum(axis=2) / np.where(l_sum > 0, l_sum, 1.0)[..., None]
+    batch, kv_heads, group, head_dim = out.shape
+    return out.reshape(batch, kv_heads * group, head_dim)
+
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+  @pytest.mark.parametrize("group,splits,head_dim", CASES)
+  def test_matches_reference(self, interpret, dtype, group, splits, head_dim):
+    batch, kv_heads = 2, 3
+    o, m, l = self._partials(_rng(), batch, kv_heads, splits, group, head_dim)
+    want = self._np_combine(o, m, l)
+    _poison((batch, kv_heads * group, head_dim), dtype)
+    out = combine_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), dtype, interpret=interpret)
+    assert out.shape == want.shape and out.dtype == dtype
+    out = np.asarray(out, np.float32)
+    assert not np.isnan(out).any(), "NaN in output (unwritten or bad masking)"
+    assert _rel_err(out, want) < self.TOL[dtype]
+    assert np.all(out[-1, -group:] == 0.0)  # the (b, k) with no valid key
+    ref = combine_splits_reference(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), dtype)
+    assert _rel_err(ref, want) < self.TOL[dtype]
+
+
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
 def test_kernels_lower_to_triton_on_the_cpu():
   """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU."""
@@ -471,6 +523,14 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (functools.partial(weight_matmul, fmt="int8", group_size=None, interpret=False),
        (sds((128, 512), bf16), sds((512, 256), jnp.int8), sds((1, 256), jnp.float32)), {}),
   ]
+  f32 = jnp.float32
+  combine = functools.partial(combine_splits, out_dtype=bf16, interpret=False)
+  cases += [  # padded G and splits, chunk loop with an overhanging last chunk
+      (combine, (sds((1, 8, 33, 6, 128), f32), sds((1, 8, 33, 6), f32), sds((1, 8, 33, 6), f32)), {}),
+      (combine, (sds((2, 2, 3, 16, 256), f32), sds((2, 2, 3, 16), f32), sds((2, 2, 3, 16), f32)), {}),
+  ]
   for fn, args, kwargs in cases:
     text = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+    if getattr(fn, "func", fn) in (decode_attention, paged_decode_attention):
+      assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # split-K kernel + combine
