@@ -17,6 +17,11 @@ model's decode step with and without it, every number against the copy bandwidth
   against multiply-adds on the CUDA cores, default blocks and a few step / warp choices.
 - `unroll`: the decode step (`auto`, batch 1-32, context 1k) with 1, 2, 4 and all 32 layers per iteration of
   the layer scan (`model.LAYER_UNROLL`).
+- `row`: the fused one-row kernel (`pallas_kernels/row_matmul.py`) on contraction-last `[L, N, K]` stacks:
+  q/k/v (+ the norm), gate/up with SwiGLU (+ the norm), o and down with the residual add, each against
+  XLA's row reductions (`ops.gemv`) doing the same work unfused; block sweeps; then the decode step at
+  batch 1 with contraction-last weights, `ops.ROW_KERNEL` on and off, and the stored layout.
+- `rowq`: the same kernel on quantized gate+up and down stacks (int8, int4-g128 with offsets, fp8), swept.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -89,6 +94,121 @@ XLA_PRODUCTS = {
                                          preferred_element_type=jnp.float32),
     "gemv": lambda x, w, i: ops.gemv("mk,kn->mn", x, jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False)),
 }
+
+
+ROW_GROUPS = {  # name: (K, widths, epilogue, norm); the weights of one layer, stored [N, K]
+    "qkv": (4096, (4096, 1024, 1024), "none", True),
+    "gateup": (4096, (14336, 14336), "swiglu", True),
+    "o": (4096, (4096,), "residual", False),
+    "down": (14336, (4096,), "residual", False),
+}
+
+
+# (block_n, block_k, warps, stages) tried beside the default; the first sweep (bn 4-16, bk 256-1024, 4/8 warps,
+# 1 stage) found bn 4 bk 1024 4 warps best in every group
+ROW_SWEEP = [(bn, bk, w, st) for bn in (2, 4) for bk in (1024, 2048, 4096) for w in (4, 8) for st in (1, 3)
+             if (bn, bk, w, st) != (4, 1024, 4, 1)]
+
+
+def row_part(args, add, over_budget, decode_rows, copy):
+    """`--parts row`: the fused one-row kernel against XLA's unfused row reductions, then the decode step."""
+    from pallas_kernels import row_matmul as rm
+
+    for layout, row_kernel in (("contract-last", True), ("contract-last", False), ("stored", True)):
+        if not over_budget():
+            decode_rows("rowstep", {"layout": layout, "row_kernel": row_kernel}, {"ROW_KERNEL": row_kernel}, impl="auto",
+                        weight_layout=layout, batches=(1,), phases=("decode", "decode_fused"), profile_batches=(1,))
+
+    def unfused(epilogue, norm):  # what the model runs without the kernel: XLA's row reductions + glue
+        def product(x, ws, i, g=None, res=None):
+            if norm:
+                x = ops.rms_norm(x, g[i], 1e-5)
+            outs = [ops.gemv("mk,nk->mn", x, jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False)).astype(x.dtype)
+                    for w in ws]
+            if epilogue == "swiglu":
+                return [jax.nn.silu(outs[0]) * outs[1]]
+            if epilogue == "residual":
+                return [res + outs[0]]
+            return outs
+        return product
+
+    def fused(epilogue, norm, **cfg):
+        def product(x, ws, i, g=None, res=None):
+            return rm.row_matmuls(x, ws, jnp.int32(i), norm_weight=g if norm else None, eps=1e-5, epilogue=epilogue,
+                                  residual=res if epilogue == "residual" else None, **cfg)
+        return product
+
+    key = jax.random.key(3)
+    for name, (k, widths, epilogue, norm) in ROW_GROUPS.items():
+        ws = tuple(jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.bfloat16) for j, n in enumerate(widths))
+        g = 1 + 0.1 * jax.random.normal(jax.random.fold_in(key, 9), (LAYERS, k), jnp.bfloat16)
+        res = jax.random.normal(jax.random.fold_in(key, 10), (1, widths[0]), jnp.bfloat16)
+        x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+        nbytes = sum(n * k * 2 for n in widths)
+
+        def chained(product):  # one output feeding the chain; the others kept alive by a one-element add
+            def one(x, ws, i):
+                outs = product(x, ws, i, g, res)
+                y = outs[0]
+                for o in outs[1:]:
+                    y = y.at[:, :1].add(o[:, :1])
+                return y
+            return one
+
+        variants = {"xla unfused": unfused(epilogue, norm), "kernel": fused(epilogue, norm)}
+        for bn, bk, warps, stages in ROW_SWEEP:
+            if k % bk == 0:
+                variants[f"kernel bn{bn} bk{bk} w{warps} st{stages}"] = fused(
+                    epilogue, norm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        for label, product in variants.items():
+            if over_budget():
+                return
+            row = {"part": "row", "weight": name, "rows": 1, "variant": label}
+            try:
+                wall, dev = chain_seconds(chained(product), x, ws)
+                t = dev or wall
+                add({**row, "us": round(t * 1e6, 2), "wall_us": round(wall * 1e6, 2),
+                     "tb_s": round(nbytes / t / 1e12, 3), "of_copy": round(nbytes / t / copy, 3)})
+            except Exception as e:
+                add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+
+
+ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 4)]  # (block_n, block_k,
+# warps) beside the default (4, 4096, 4); a first sweep (run S6-3) also had bn 2-8 x bk 512-4096 x 4/8 warps
+
+
+def row_quant_part(add, over_budget, copy):
+    """`--parts rowq`: the fused row kernel on quantized contraction-last gate+up (SwiGLU) and down (residual)
+    stacks: int8 per row, int4 in groups of 128 with offsets, fp8 per row; a block sweep each."""
+    from jaxinfer.quant import quantize_array
+    from pallas_kernels import row_matmul as rm
+
+    key = jax.random.key(4)
+    for fmt, group, zp in (("int8", None, False), ("int4", 128, True), ("fp8", None, False)):
+        for name in ("gateup", "down"):
+            k, widths, epilogue, _ = ROW_GROUPS[name]
+            qs = [quantize_array(jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.float32), fmt, (-1,),
+                                 group, zero_point=zp) for j, n in enumerate(widths)]
+            ws = tuple((q.values, q.scales, q.offsets) for q in qs)
+            nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
+            x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
+            res = jnp.zeros((1, widths[0]), jnp.bfloat16)
+            for cfg in [None] + ROWQ_SWEEP:
+                if over_budget():
+                    return
+                opts = {} if cfg is None else dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2])
+                label = "default" if cfg is None else f"bn{cfg[0]} bk{cfg[1]} w{cfg[2]}"
+                prod = lambda x, w, i, o=opts: rm.row_matmuls(  # noqa: E731
+                    x, w, jnp.int32(i), fmt=fmt, group_size=group, epilogue=epilogue,
+                    residual=res if epilogue == "residual" else None, **o)[0]
+                row = {"part": "rowq", "weight": f"{name}-{fmt}", "rows": 1, "variant": label}
+                try:
+                    wall, dev = chain_seconds(prod, x, ws)
+                    t = dev or wall
+                    add({**row, "us": round(t * 1e6, 2), "tb_s": round(nbytes / t / 1e12, 3),
+                         "of_copy": round(nbytes / t / copy, 3)})
+                except Exception as e:
+                    add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
 def main(argv=None) -> int:
@@ -174,6 +294,11 @@ def main(argv=None) -> int:
         for kv in (None, "int8", "float8_e4m3fn"):
             if not over_budget():
                 decode_rows("kvq", {"kv": kv or "bf16"}, impl="auto", kv_dtype=kv, batches=(16, 64), contexts=(4096,))
+
+    if "row" in parts:
+        row_part(args, add, over_budget, decode_rows, copy)
+    if "rowq" in parts:
+        row_quant_part(add, over_budget, copy)
 
     if "step" in parts:
         for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),
@@ -325,6 +450,12 @@ def main(argv=None) -> int:
                 best[k] = r
     for (w, M, v), r in sorted(best.items()):
         print(f"{w:5s} M={M:<4d} {r['variant']:34s} {r['us']:9.2f} us {r['tb_s']:6.3f} TB/s {r['of_copy']:.3f}")
+    for r in report["rows"]:
+        if r["part"] in ("row", "rowq") and "us" in r:
+            print(f"row {r['weight']:7s} {r['variant']:26s} {r['us']:9.2f} us {r['tb_s']:6.3f} TB/s {r['of_copy']:.3f}")
+        if r["part"] == "rowstep" and "ms" in r:
+            print(f"step {r['layout']:13s} row_kernel={r['row_kernel']!s:5s} {r['phase']:12s} b{r['batch']} "
+                  f"{r['ms']:.3f} ms MBU {r['mbu']:.3f}")
     for r in report["rows"]:
         if r["part"] == "codes" and "us" in r:
             print(f"{r['weight']:12s} M={r['rows']:<3d} {r['variant']:10s} {r['us']:9.2f} us {r['tb_s']:6.3f} TB/s {r['of_copy']:.3f}")

@@ -21,11 +21,7 @@ from .params import LAYER_MATRICES
 LAYER_UNROLL = 4
 
 
-def rms_norm(x, weight, eps):
-    """RMSNorm computed in float32, scaled by `weight` after casting back (as Llama does)."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+rms_norm = ops.rms_norm  # RMSNorm in float32, scaled by the weight after casting back (as Llama does)
 
 
 def rope_tables(config: ModelConfig, positions):
@@ -46,8 +42,11 @@ def apply_rope(x, cos, sin):
 
 
 def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
-    """Self-attention of one layer on normalised `x [B, T, D]`; writes this step's k/v into the cache."""
-    q, k, v = ops.matmuls(x, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
+    """`x + attention(norm(x))` for one layer on the residual stream `x [B, T, D]`; writes this step's k/v
+    into the cache. The norm and the residual add are handed to `ops` (`Normed`, `residual=`), which fuse
+    them into the products where a kernel can."""
+    xn = ops.Normed(x, p["attn_norm"], config.norm_eps)
+    q, k, v = ops.matmuls(xn, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if config.qk_norm:
@@ -58,13 +57,14 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
     out = attention.attend(
         q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
     )
-    return tensor_parallel.row_parallel("btnh,nhd->btd", out, p["o"]), cache
+    return tensor_parallel.row_parallel("btnh,nhd->btd", out, p["o"], residual=x), cache
 
 
-def mlp_block(p, x):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
-    gate, up = ops.matmuls(x, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
-    return tensor_parallel.row_parallel("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+def mlp_block(p, x, config: ModelConfig):
+    """`x + down(silu(gate(norm(x))) * up(norm(x)))`: the SwiGLU MLP on the residual stream `x`."""
+    h = ops.swiglu(ops.Normed(x, p["mlp_norm"], config.norm_eps), ("btd,df->btf", p["w_gate"]),
+                   ("btd,df->btf", p["w_up"]))
+    return tensor_parallel.row_parallel("btf,fd->btd", h, p["w_down"], residual=x)
 
 
 def step_inputs(cache, tokens, lengths, config: ModelConfig):
@@ -82,10 +82,10 @@ def step_inputs(cache, tokens, lengths, config: ModelConfig):
 
 
 def layer_view(layer_params, i):
-    """Layer `i` of the stacked `layer_params`: weight matrices as `ops.LayerOf` (kernels read the layer
-    in place; other paths slice it), norms and biases sliced."""
+    """Layer `i` of the stacked `layer_params`: weight matrices and norm weights as `ops.LayerOf` (kernels
+    read the layer in place; other paths slice it), biases sliced."""
     views = {name: ops.LayerOf(a, i) for name, a in layer_params.items()}
-    return {name: v if name in LAYER_MATRICES else v.take() for name, v in views.items()}
+    return {name: v if name in LAYER_MATRICES or name.endswith("norm") else v.take() for name, v in views.items()}
 
 
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
@@ -99,13 +99,8 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
         x, cache = carry
         i, layer = xs
         p = layer_view(layer_params, i)
-        h, cache = attention_block(
-            p, rms_norm(x, p["attn_norm"], config.norm_eps), cache, layer, rope, positions, valid, kv_lengths,
-            config, impl,
-        )
-        x = x + h
-        x = x + mlp_block(p, rms_norm(x, p["mlp_norm"], config.norm_eps))
-        return (x, cache), None
+        x, cache = attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config, impl)
+        return (mlp_block(p, x, config), cache), None
 
     local = jnp.arange(layer_ids.shape[0], dtype=jnp.int32)
     (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (local, layer_ids), unroll=LAYER_UNROLL)

@@ -8,10 +8,14 @@ kernel (`pallas_kernels.weight_matmul`) instead indexes the layer itself and str
 cannot take the stacked form slice it first (`LayerOf.take`), as a reduction fusion reads a slice in place.
 
 Paths (all compute the same math, float32 accumulation):
+- `row`: one row of x times a plain contraction-last layer weight (`weight_layout.ContractLast` as
+  `LayerOf`) on the GPU: `pallas_kernels.row_matmul`, which also takes the input's RMSNorm (`Normed`) and
+  a residual add (`matmul(residual=)`) or the SwiGLU gate (`swiglu`) into the same launch, so a batch-1
+  layer runs a few fused kernels instead of a product plus a handful of tiny XLA kernels each;
 - `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
-  as `LayerOf` (contraction-last ones, `weight_layout.ContractLast`, from 2 rows: one row is faster as
-  XLA's row reduction) and quantized ones in any form; not under a mesh with automatically partitioned axes
-  (a kernel cannot see its shard there; `tensor_parallel` runs the layers per shard instead);
+  as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form; not under a mesh with
+  automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel` runs the layers
+  per shard instead);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
@@ -42,6 +46,10 @@ KERNEL_MIN_ROWS = 1  # GPU products with [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] rows
 KERNEL_MAX_ROWS = 128
 QUANT_KERNEL_MIN_ROWS = 1
 PLAIN_KERNEL = True  # plain stacked weights take the kernel (False: the XLA paths, for comparisons)
+ROW_KERNEL = True  # one row of contraction-last layer weights may take the fused row kernel (False: never)
+# Formats that take it under `auto`. Not plain bf16: XLA's row reduction streams it faster (H200 llama-3-8b
+# batch 1: 4.449 ms with XLA vs 4.574 with the kernel and its fusions, BENCHMARKS.md).
+ROW_FORMATS = ("int8", "int4", "fp8")
 
 
 @dataclass(frozen=True)
@@ -62,16 +70,60 @@ class LayerOf:
         return jax.eval_shape(lambda s: jax.tree.map(lambda a: a[0], s), self.stacked)
 
 
-def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto"):
-    """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype).
+def rms_norm(x, weight, eps):
+    """RMSNorm computed in float32, scaled by `weight` (an array or `LayerOf`) after casting back (as Llama
+    does)."""
+    weight = weight.take() if isinstance(weight, LayerOf) else weight
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
 
-    `w` is a plain array, a `QArray`, a `ContractLast`, or any of them as `LayerOf` (one layer of a stacked
-    weight). `impl` forces a path (tests, benchmarks); a forced path that does not apply here falls back to
-    `xla` (`gemv` for one row of a plain weight).
+
+@dataclass(frozen=True)
+class Normed:
+    """`rms_norm(x, weight, eps)` not yet computed: a product taking it as its input may fuse the norm into
+    its kernel (the `row` path); every other path computes it first (`value`)."""
+
+    x: jax.Array
+    weight: Any  # [D] array or LayerOf of a stacked [L, D] one
+    eps: float
+
+    def value(self):
+        return rms_norm(self.x, self.weight, self.eps)
+
+    @property
+    def shape(self):
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+
+def _value(x):
+    return x.value() if isinstance(x, Normed) else x
+
+
+def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None):
+    """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
+    with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path).
+
+    `x` is an array or `Normed`; `w` a plain array, a `QArray`, a `ContractLast`, or any of them as
+    `LayerOf` (one layer of a stacked weight). `impl` forces a path (tests, benchmarks); a forced path that
+    does not apply here falls back to `xla` (`gemv` for one row of a plain weight).
     """
-    out_dtype = out_dtype or x.dtype
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
+    row = _row_plan(impl, x, [_stored_order(eq, w)], residual=residual)
+    if row is not None:
+        return row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
+    x = _value(x)
+    out = _matmul(eq, x, w, out_dtype or x.dtype, impl)
+    return out if residual is None else residual + out.astype(residual.dtype)
+
+
+def _matmul(eq: str, x, w, out_dtype, impl: str):
+    """`matmul` of an array x on every path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -416,9 +468,13 @@ def _pallas_matmuls(x, products, layer):
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
     kernel launch when the kernel path takes every product and they share K, the weight format and the
-    layer; otherwise one `matmul` each. Returns a tuple in order."""
-    out_dtype = out_dtype or x.dtype
+    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order."""
     products = [_stored_order(eq, w) for eq, w in products]
+    row = _row_plan(impl, x, products)
+    if row is not None:
+        return row(epilogue="none", out_dtype=out_dtype)
+    x = _value(x)
+    out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:
         stacked = isinstance(w, LayerOf)
@@ -435,10 +491,104 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
         p[0].k == plan[0][0].k and (p[2] is plan[0][2]) and _format(p[3]) == _format(plan[0][3])
         and _contraction_last(p[0]) == _contraction_last(plan[0][0]) for p in plan)
     if len(products) < 2 or not same:
-        return tuple(matmul(eq, x, w, out_dtype, impl=impl) for eq, w in products)
+        return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
     outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
 
 
 def _format(w) -> tuple:
     return (w.fmt, w.group_size, w.offsets is not None) if isinstance(w, QArray) else ("plain", w.dtype)
+
+
+def swiglu(x, gate, up, *, impl: str = "auto"):
+    """`silu(x @ gate) * (x @ up)` in x's dtype for two `(eq, w)` products of one input (the MLP's first
+    half); one launch writing only the gated product on the `row` path. `x` may be `Normed`."""
+    row = _row_plan(impl, x, [_stored_order(*gate), _stored_order(*up)], swiglu=True)
+    if row is not None:
+        return row(epilogue="swiglu", out_dtype=None)[0]
+    g, u = matmuls(x, gate, up, impl=impl)
+    return jax.nn.silu(g) * u
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fused one-row path (GPU batch-1 decode, contraction-last layer weights)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
+    """A function running `products` (already in stored order) as one `row_matmul` launch, or None when
+    the `row` path does not take them. It takes: one row of x in bf16/f16; every weight a contraction-last
+    layer (`LayerOf`, one shared layer index), plain in x's dtype or quantized along its contracted axes,
+    one format for all; whole arrays; the kernel's tiling; and under `auto` a GPU and a format in
+    `ROW_FORMATS` (`impl="pallas"` forces it, in interpret mode off the GPU). A `Normed` x fuses its norm
+    when its weight is a layer of the same index."""
+    if impl not in ("auto", "pallas") or not ROW_KERNEL:
+        return None
+    if impl == "auto" and not _on_gpu():
+        return None
+    xv = x.x if isinstance(x, Normed) else x
+    if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():
+        return None
+    flats, index, spec0, fmt = [], None, None, None
+    for eq, w in products:
+        if not isinstance(w, LayerOf) or isinstance(w.stacked, Observed) or (index is not None and w.index is not index):
+            return None
+        index, view = w.index, w.shape_view()
+        if isinstance(view, QArray):
+            if view.offsets is not None and view.fmt != "int4":
+                return None
+        elif view.dtype != xv.dtype:
+            return None
+        spec = _parse(eq, xv, view)
+        c = len(spec.contracted)
+        if spec.rows != 1 or not _contraction_last(spec) or spec.x[-c:] != spec.contracted:
+            return None
+        if isinstance(view, QArray) and set(spec.reduce_letters) != set(spec.contracted):
+            return None
+        if (spec0 is not None and spec.k != spec0.k) or (fmt is not None and _format(view) != fmt):
+            return None
+        spec0, fmt = spec0 or spec, fmt or _format(view)
+        flats.append(_row_args(spec, w.stacked) + (c,))
+    from pallas_kernels import row_matmul as rm
+
+    kind, group = ("plain", None) if fmt[0] == "plain" else fmt[:2]
+    widths = [f[0][0].shape[1] for f in flats]
+    if impl == "auto" and kind not in ROW_FORMATS:
+        return None
+    if not rm.supports(spec0.k, widths, kind, group) or (swiglu and widths[0] != widths[1]):
+        return None
+    if residual is not None and (residual.shape != xv.shape[:-flats[0][2]] + flats[0][1]):
+        return None
+    norm = None
+    if isinstance(x, Normed):
+        nw = x.weight
+        if isinstance(nw, LayerOf) and nw.index is index and not isinstance(nw.stacked, (QArray, Observed)):
+            norm = nw.stacked
+        else:
+            xv = x.value()
+    lead = xv.shape[:-flats[0][2]]
+
+    def run(*, epilogue, out_dtype):
+        outs = rm.row_matmuls(
+            xv.reshape(1, spec0.k), tuple(f[0] for f in flats), index, fmt=kind, group_size=group, norm_weight=norm,
+            eps=x.eps if norm is not None else 1e-6, epilogue=epilogue,
+            residual=None if residual is None else residual.reshape(1, -1),
+            out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
+        return tuple(o.reshape(*lead, *f[1]) for o, f in zip(outs, flats))
+
+    return run
+
+
+def _row_args(spec: _Spec, w):
+    """((values, scales, offsets) flattened to [L, N, K(/2)] / [L, N, K/g or 1], free-axes shape) of a
+    stacked contraction-last weight (array or QArray)."""
+    c = len(spec.contracted)
+    values = w.values if isinstance(w, QArray) else w
+    free = values.shape[1:-c]
+    flat = lambda a: None if a is None else a.reshape(a.shape[0], math.prod(free), -1)  # noqa: E731
+    if isinstance(w, QArray):
+        return (flat(w.values), flat(w.scales), flat(w.offsets)), free
+    return (flat(w), None, None), free

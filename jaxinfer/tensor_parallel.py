@@ -70,14 +70,16 @@ def _whole_groups(params, config: ModelConfig, mesh) -> bool:
     return True
 
 
-def row_parallel(eq: str, x, w):
-    """`ops.matmul(eq, x, w)` for a weight whose contraction is split on `tensor` (attention output, MLP
-    down). Inside the per-shard layers each device's product is a float32 partial sum, added over the
-    shards with one `psum` before rounding to x's dtype; elsewhere XLA's partitioner inserts the sum."""
+def row_parallel(eq: str, x, w, residual=None):
+    """`ops.matmul(eq, x, w, residual=residual)` for a weight whose contraction is split on `tensor`
+    (attention output, MLP down). Inside the per-shard layers each device's product is a float32 partial
+    sum, added over the shards with one `psum` before rounding to x's dtype (then the residual); elsewhere
+    XLA's partitioner inserts the sum."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
-        return ops.matmul(eq, x, w)
-    return jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS).astype(x.dtype)
+        return ops.matmul(eq, x, w, residual=residual)
+    out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS).astype(x.dtype)
+    return out if residual is None else residual + out.astype(residual.dtype)
 
 
 def embed(params, tokens, config: ModelConfig):

@@ -154,6 +154,13 @@ def split_block_range(length, window: int | None, block_k: int, split, num_split
   return lo, jnp.maximum(hi, lo)
 
 
+def codes_f32(u, zero: int):
+  """Unsigned integer codes u (uint8) minus `zero` as float32, exactly, without a conversion instruction
+  (int-to-float conversions run at a fraction of the FMA rate): u set into the mantissa of 2^23 (float bits
+  0x4B000000 | u) minus 2^23 + zero."""
+  return lax.bitcast_convert_type(u.astype(jnp.uint32) | 0x4B000000, jnp.float32) - float(2**23 + zero)
+
+
 def load_q_tile(q_ref, rows: int):
   """Loads the [G, H] query block as a [rows, H] tile, rows >= 16 padded with zeros."""
   group = q_ref.shape[0]

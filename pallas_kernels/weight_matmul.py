@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import MIN_DOT_ROWS, is_pow2, next_pow2
+from pallas_kernels.common import MIN_DOT_ROWS, codes_f32, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 MAX_ROWS = 128
@@ -125,12 +125,6 @@ def _int4_operands(packed, cdt, *, symmetric: bool):
           ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))
 
 
-def _codes_f32(u, zero: int):
-  """Unsigned integer codes u (uint8) minus `zero` as float32, exactly, without a conversion instruction:
-  u set into the mantissa of 2^23 (float bits 0x4B000000 | u) minus 2^23 + zero."""
-  return lax.bitcast_convert_type(u.astype(jnp.uint32) | 0x4B000000, jnp.float32) - float(2**23 + zero)
-
-
 def _param_row(ref, layer, row, cols):
   """[1, bn] float32: row `row` of a layer's scales or offsets (a group's, or the per-column row 0), at
   this program's columns."""
@@ -160,14 +154,14 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
       packed = v_ref[layer, pl.ds(split * n_steps * half + i * half, half), cols]  # [g/2, bn] uint8
       zero = 8 if m_ref is None else 0
       x_lo, x_hi = load_x(i * group, half), load_x(i * group + half, half)
-      part = _codes_f32(packed & 0x0F, zero) * x_lo + _codes_f32(packed >> 4, zero) * x_hi  # [g/2, bn]
+      part = codes_f32(packed & 0x0F, zero) * x_lo + codes_f32(packed >> 4, zero) * x_hi  # [g/2, bn]
       acc = acc + part * group_rows(s_ref, i)
       if m_ref is not None:
         offs = offs + (jnp.sum(x_lo) + jnp.sum(x_hi)) * group_rows(m_ref, i)
       return acc, offs
     w = v_ref[layer, pl.ds(split * n_steps * step + i * step, step), cols]  # [step, bn]
     if fmt == "int8":
-      w = _codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128)  # (q + 128) - 128
+      w = codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128)  # (q + 128) - 128
     else:
       w = w.astype(f32)
     part = w * load_x(i * step, step)

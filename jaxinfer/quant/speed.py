@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--contract-last", action="store_true",
-                   help="instead: batch-1 decode on the XLA path with contract-last trees (bf16 and each format)")
+                   help="instead: batch-1 decode with contract-last trees (bf16: XLA's row reduction; quantized: the "
+                        "fused row kernel) against the stored trees on the Pallas weight kernel")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     from pallas_kernels import weight_matmul as wm
 
     def case(label, recipe, phase, batch, length, kernel_rows=(1, 128), impl="xla", warps=None, fp8_narrow=True,
-             kernel=None):
+             kernel=None, ops_knobs=None):
         if time.time() - t_start > args.budget:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
             s = spec(None if plain == "bf16" else plain, impl)
             # Module knobs are read when a step is traced: each case traces its own path.
             with switched(ops, {"QUANT_KERNEL_MIN_ROWS": kernel_rows[0], "KERNEL_MAX_ROWS": kernel_rows[1],
-                                "FP8_OUT_NARROW": fp8_narrow}), switched(wm, {"_WARPS": warps or 4, **(kernel or {})}):
+                                "FP8_OUT_NARROW": fp8_narrow, **(ops_knobs or {})}), switched(wm, {"_WARPS": warps or 4, **(kernel or {})}):
                 if phase == "prefill":
                     timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
                 else:
@@ -154,11 +155,14 @@ def main(argv=None) -> int:
     int4 = args.int4
     ctx = args.context
     case("decode b1 bf16", "bf16", "decode", 1, ctx, impl="auto")
-    if args.contract_last:  # XLA's row reductions over contract-last trees; ratios against their bf16 (impl xla)
-        for recipe in ("bf16", "int8", int4, "int4-g64", "fp8"):
-            case(f"decode b1 {recipe} (xla, contract-last)", f"cl:{recipe}", "decode", 1, ctx, impl="xla")
-        for recipe in ("bf16", "int8", int4):
-            case(f"decode b16 {recipe} (xla, contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="xla")
+    if args.contract_last:  # quantized after `contract_last`: one row takes the fused row kernel (ops.ROW_FORMATS)
+        case("decode b1 bf16 (contract-last)", "cl:bf16", "decode", 1, ctx, impl="auto")
+        for recipe in ("int8", int4, "int4-g64", "fp8"):
+            case(f"decode b1 {recipe} (contract-last)", f"cl:{recipe}", "decode", 1, ctx, impl="auto")
+        for recipe in ("int8", int4, "fp8"):
+            case(f"decode b1 {recipe} (kernel, stored)", recipe, "decode", 1, ctx, impl="auto")
+        case("decode b1 int8 (contract-last, XLA row reductions)", "cl:int8", "decode", 1, ctx, impl="auto",
+             ops_knobs={"ROW_KERNEL": False})
     else:  # the Pallas kernel paths and their variants
         for recipe in ("int8", int4, "fp8"):
             case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
@@ -174,16 +178,16 @@ def main(argv=None) -> int:
         case(f"decode b1 {int4} (gemv)", int4, "decode", 1, ctx, kernel_rows=(2, 128), impl="auto")
         case(f"decode b16 {int4} (xla dequant+dot)", int4, "decode", 16, ctx, kernel_rows=(2, 0), impl="auto")
 
-    base = {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"]
-            if r.get("recipe") in ("bf16", "cl:bf16") and "ms" in r}
+    bases = {name: {(r["phase"], r["batch"], r["impl"]): r["ms"] for r in report["results"]
+                    if r.get("recipe") == name and "ms" in r} for name in ("bf16", "cl:bf16")}
     print(f"\n{report['device']}")
     for r in report["results"]:
         if "ms" in r:
-            ratio = base.get((r["phase"], r["batch"], r["impl"]))
-            speed = f"{ratio / r['ms']:.2f}x bf16" if ratio else ""
-            print(f"{r['case']:34s} {r['ms']:9.3f} ms {r['tokens_per_s']:10.1f} tok/s  {speed}")
+            key = (r["phase"], r["batch"], r["impl"])
+            speed = "  ".join(f"{b[key] / r['ms']:.2f}x {name}" for name, b in bases.items() if key in b)
+            print(f"{r['case']:52s} {r['ms']:9.3f} ms {r['tokens_per_s']:10.1f} tok/s  {speed}")
         else:
-            print(f"{r['case']:34s} {r.get('error')}")
+            print(f"{r['case']:52s} {r.get('error')}")
     report["total_s"] = round(time.time() - t_start, 1)
     save()
     print(json.dumps({"device": report["device"], "results": [{k: r.get(k) for k in ("case", "ms", "error")}

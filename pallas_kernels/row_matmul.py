@@ -1,0 +1,356 @@
+"""One-row products with weights stored contraction-last, `[(L,) N, K]`, plain or quantized, fused with the
+small work around them: the input's RMSNorm before, a residual add or the SwiGLU gate after. Pallas
+(Triton lowering), plus a plain-jnp reference. Knows nothing about models or `QArray`s: arrays and static
+values.
+
+Why: a batch-1 decode step streams every weight once, and quantized codes only pay off if they stream as
+fast as bf16 does. With the contraction axis last every output row's codes are contiguous, so a program
+can turn a tile of codes into float32 in registers and multiply-add it with x on the CUDA cores, with no
+dot (one row needs none; the dot path dequantized and relaid every tile, which capped int8 / int4 near
+half of the copy bandwidth: pallas_kernels/NOTES.md). The small jobs around the product need only the row
+of x a program reads anyway (the norm) or its own outputs (the epilogues), so they ride along for free.
+
+Weight formats (K split into groups of `g` along the contraction; per-channel: one scale per row):
+  plain: values bf16/f16 [N, K] (x's dtype); no scales
+  int8:  values int8 [N, K];          w = q * s       (s [N, K/g] grouped, or [N, 1] per row)
+  fp8:   values float8_e4m3fn [N, K]; w = q * s
+  int4:  values uint8 [N, K/2]; within each group byte j holds element j (low nibble) and j + g/2 (high
+         nibble); w = (u - 8) * s, or u * s + m with offsets m [N, K/g].
+
+The grid runs over blocks of `block_n` output rows. Internally K is viewed as chunks of `g` elements
+(grouped formats) or `block_k` (others), each split into `sub` = 2 (int4: low and high nibbles) or 1
+halves: codes as [L, N, chunks, width], x as [chunks, sub, width]. A program loops over `gc` chunks at a
+time, accumulating scaled float32 products in a `[block_n, gc, width]` tile (and the offsets times the
+group sums of x), reduced once at the end. Parts sharing x (q/k/v) run in one launch, a static branch per
+part; with `epilogue="swiglu"` one program reads the same rows of both parts (gate, up) and writes only
+silu(gate) * up. Rounding follows the unfused model: the normalised row is rounded to x's dtype before the
+norm weight, products to their dtype before an epilogue.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import codes_f32, is_pow2
+
+FORMATS = ("plain", "int8", "fp8", "int4")
+EPILOGUES = ("none", "residual", "swiglu")
+_BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 columns: BENCHMARKS.md)
+_BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
+_WARPS = 4
+_STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two <= cap dividing n."""
+  b = 1
+  while b * 2 <= cap and n % (b * 2) == 0:
+    b *= 2
+  return b
+
+
+def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: int | None = None,
+         block_k: int | None = None) -> tuple[int, int, int] | None:
+  """(block_n, chunk, chunks per step) tiling every part's N and K with powers of two, or None.
+
+  chunk: K elements per scale group (grouped formats) or per step (others)."""
+  if fmt not in FORMATS or not widths or any(n < 1 for n in widths):
+    return None
+  bn = block_n or min(_pow2_divisor(n, _BLOCK_N) for n in widths)
+  bk = block_k or _BLOCK_K
+  if not is_pow2(bn) or any(n % bn for n in widths) or not is_pow2(bk):
+    return None
+  if group is None:
+    if fmt == "int4":
+      return None
+    chunk = block_k or _pow2_divisor(k, _BLOCK_K)
+    if chunk < 16 or k % chunk:
+      return None
+    return bn, chunk, 1
+  if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
+    return None
+  return bn, group, _pow2_divisor(k // group, max(1, bk // group))
+
+
+def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bool:
+  """Whether `row_matmuls` handles these static shapes (callers fall back to XLA otherwise)."""
+  return plan(k, widths, fmt, group) is not None
+
+
+def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
+            block_n: int, gc: int, product_dtype):
+  """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
+
+  refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
+  quantized) scales [L, N, chunks or 1] and (if offsets) offsets [L, N, chunks], (residual [1, N] if
+  residual), then the outputs [1, N_i] (one output for swiglu)."""
+  f32 = jnp.float32
+  refs = list(refs)
+  norm_ref = refs.pop(0) if norm else None
+  quantized = fmt != "plain"
+  n_parts = 2 if epilogue == "swiglu" else len(parts)
+  w_refs = []
+  for _ in range(n_parts):
+    v = refs.pop(0)
+    s = refs.pop(0) if quantized else None
+    m = refs.pop(0) if offsets else None
+    w_refs.append((v, s, m))
+  res_ref = refs.pop(0) if epilogue == "residual" else None
+  o_refs = refs
+  layer = layer_ref[0]
+  j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
+  chunks, sub, width = x_ref.shape
+  n_steps = chunks // gc
+  dt = x_ref.dtype
+
+  inv_rms = None
+  if norm:
+    def squares(c, acc):
+      for h in range(sub):
+        xc = x_ref[pl.ds(c * gc, gc), h, :].astype(f32)
+        acc = acc + xc * xc
+      return acc
+    ss = lax.fori_loop(0, n_steps, squares, jnp.zeros((gc, width), f32))
+    inv_rms = lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
+
+  def x_chunks(c):  # per half: [gc, width] float32 of the (normalised) row
+    out = []
+    for h in range(sub):
+      xc = x_ref[pl.ds(c * gc, gc), h, :]
+      if norm:
+        g = norm_ref[layer, pl.ds(c * gc, gc), h, :]
+        xn = (xc.astype(f32) * inv_rms).astype(dt)
+        xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
+      out.append(xc.astype(f32))
+    return out
+
+  def product_tile(v_ref, s_ref, m_ref, rows, c, xs):
+    """[block_n, gc, width] scaled products of this step, and [block_n, gc] offset terms (or None)."""
+    steps = pl.ds(c * gc, gc)
+    w = v_ref[layer, rows, steps, :]
+    if fmt == "int4":
+      zero = 0 if m_ref is not None else 8
+      t = codes_f32(w & 0x0F, zero) * xs[0][None] + codes_f32(w >> 4, zero) * xs[1][None]
+    elif fmt == "int8":  # q + 128 as uint8, then minus 128
+      t = codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128) * xs[0][None]
+    else:
+      t = w.astype(f32) * xs[0][None]
+    off = None
+    if grouped:
+      t = t * s_ref[layer, rows, steps].astype(f32)[:, :, None]
+      if m_ref is not None:
+        xsum = sum(jnp.sum(x, axis=1) for x in xs)  # [gc]
+        off = m_ref[layer, rows, steps].astype(f32) * xsum[None, :]
+    return t, off
+
+  def stream(w_list, first):  # float32 [block_n] products of each part in w_list at this program's rows
+    rows = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
+
+    def body(c, carry):
+      xs = x_chunks(c)
+      new = []
+      for (acc, offs), (v_ref, s_ref, m_ref) in zip(carry, w_list):
+        t, off = product_tile(v_ref, s_ref, m_ref, rows, c, xs)
+        new.append((acc + t, offs if off is None else offs + off))
+      return tuple(new)
+
+    zero = (jnp.zeros((block_n, gc, width), f32), jnp.zeros((block_n, gc), f32))
+    carry = lax.fori_loop(0, n_steps, body, tuple(zero for _ in w_list))
+    outs = []
+    for (acc, offs), (_, s_ref, m_ref) in zip(carry, w_list):
+      out = jnp.sum(jnp.sum(acc, axis=2), axis=1)
+      if m_ref is not None:
+        out = out + jnp.sum(offs, axis=1)
+      if quantized and not grouped:  # one scale per row
+        out = out * jnp.sum(s_ref[layer, rows, pl.ds(0, 1)].astype(f32), axis=1)
+      outs.append(out)
+    return outs, rows
+
+  if epilogue == "swiglu":
+    (g, u), rows = stream(w_refs, 0)
+    o_ref = o_refs[0]
+    g, u = g.astype(product_dtype).astype(f32), u.astype(product_dtype).astype(f32)
+    silu = (g * jax.nn.sigmoid(g)).astype(o_ref.dtype).astype(f32)
+    o_ref[0, rows] = (silu * u).astype(o_ref.dtype)
+    return
+
+  def part(w, o_ref, first):
+    (acc,), rows = stream([w], first)
+    out = acc.astype(product_dtype)
+    if res_ref is not None:
+      out = (out.astype(f32) + res_ref[0, rows].astype(f32)).astype(o_ref.dtype)
+    o_ref[0, rows] = out
+
+  if len(parts) == 1:
+    part(w_refs[0], o_refs[0], 0)
+    return
+  for (first, end), w, o_ref in zip(parts, w_refs, o_refs):
+    pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
+
+
+def _stacked(a, ndim: int = 2):
+  return a if a is None or a.ndim == ndim + 1 else a[None]
+
+
+def _check_part(K, dt, fmt, group, values, scales, offsets, layers):
+  values, scales, offsets = _stacked(values), _stacked(scales), _stacked(offsets)
+  kv = K // 2 if fmt == "int4" else K
+  codes = {"plain": (dt,), "int8": (jnp.int8,), "fp8": (jnp.float8_e4m3fn,), "int4": (jnp.uint8,)}[fmt]
+  if values.ndim != 3 or values.shape[2] != kv or values.dtype not in codes:
+    raise ValueError(f"{fmt} values must be [(L,) N, {kv}] of {jnp.dtype(codes[0]).name}, got {values.shape} "
+                     f"{values.dtype}")
+  if layers is not None and values.shape[0] != layers:
+    raise ValueError(f"every part needs the same layer count, got {values.shape[0]} and {layers}")
+  N = values.shape[1]
+  if fmt == "plain":
+    if scales is not None or offsets is not None:
+      raise ValueError("plain weights take no scales or offsets")
+  else:
+    want = (values.shape[0], N, K // group if group else 1)
+    if scales is None or scales.shape != want:
+      raise ValueError(f"scales must have shape {want}, got {None if scales is None else scales.shape}")
+  if offsets is not None and (fmt != "int4" or offsets.shape != scales.shape):
+    raise ValueError("offsets are for int4 only and must have the scales' shape")
+  return values, scales, offsets
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "eps", "epilogue", "out_dtype", "block_n",
+                                             "block_k", "num_warps", "num_stages", "interpret"))
+def row_matmuls(
+    x: jax.Array,  # [1, K] bf16 / f16 / f32
+    weights: tuple,  # per part (values, scales, offsets) as in the module docstring, each with a leading layer axis or not
+    layer: jax.Array | int | None = None,  # which layer of stacked weights (int32 scalar)
+    *,
+    fmt: str = "plain",
+    group_size: int | None = None,
+    norm_weight: jax.Array | None = None,  # [(L,) K]: x is RMS-normalised and scaled by it first
+    eps: float = 1e-6,
+    epilogue: str = "none",  # "residual": + residual [1, N]; "swiglu": silu(part 0) * part 1
+    residual: jax.Array | None = None,
+    out_dtype=None,  # the products' dtype, default x's (a residual sum is in the residual's dtype)
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> tuple:  # per part [1, N_i] (swiglu: one [1, N])
+  """x @ dequantize(W_i[layer]).T for one row x and weights stored [N_i, K], with the fused prologue and
+  epilogue."""
+  if x.ndim != 2 or x.shape[0] != 1:
+    raise ValueError(f"row_matmuls takes one row x [1, K], got shape {x.shape}")
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+  if epilogue not in EPILOGUES:
+    raise ValueError(f"unknown epilogue {epilogue!r}; choose one of {', '.join(EPILOGUES)}")
+  if not weights:
+    raise ValueError("row_matmuls needs at least one weight")
+  K = x.shape[1]
+  weights = [w if isinstance(w, tuple) else (w, None, None) for w in weights]
+  checked, layers = [], None
+  for w in weights:
+    checked.append(_check_part(K, x.dtype, fmt, group_size, *w, layers))
+    layers = checked[-1][0].shape[0]
+  widths = [v.shape[1] for v, _, _ in checked]
+  if epilogue == "swiglu" and (len(checked) != 2 or widths[0] != widths[1]):
+    raise ValueError(f"swiglu takes two weights of equal width (gate, up), got widths {widths}")
+  if epilogue == "residual":
+    if len(checked) != 1 or residual is None or residual.shape != (1, widths[0]):
+      raise ValueError(f"a residual epilogue takes one weight and a residual [1, N], got {len(checked)} weights, "
+                       f"residual {None if residual is None else residual.shape}")
+  elif residual is not None:
+    raise ValueError("a residual is only taken with epilogue='residual'")
+  if norm_weight is not None:
+    norm_weight = _stacked(norm_weight, 1)
+    if norm_weight.shape[1] != K:
+      raise ValueError(f"norm_weight must be [(L,) {K}], got {norm_weight.shape}")
+  offsets = checked[0][2] is not None
+  if any((m is not None) != offsets for _, _, m in checked):
+    raise ValueError("either every part has offsets or none")
+  tiles = plan(K, widths, fmt, group_size, block_n, block_k)
+  if tiles is None:
+    raise ValueError(f"block_n={block_n}, block_k={block_k} do not tile K={K}, N={widths} ({fmt}, group "
+                     f"{group_size}) with powers of two")
+  bn, chunk, gc = tiles
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  product_dtype = jnp.dtype(out_dtype or x.dtype)
+  out_dtype = residual.dtype if epilogue == "residual" else product_dtype
+
+  sub = 2 if fmt == "int4" else 1
+  chunks, width = K // chunk, chunk // sub
+  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, chunks, sub, width)]
+  for v, s, m in checked:
+    L, N = v.shape[:2]
+    arrays.append(v.reshape(L, N, chunks, width))
+    arrays += [a for a in (s, m) if a is not None]
+  if epilogue == "residual":
+    arrays.append(residual)
+  out_widths = widths[:1] if epilogue == "swiglu" else widths
+  parts, first = [], 0
+  for n in out_widths:
+    parts.append((first, first + n // bn))
+    first += n // bn
+  kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
+                             norm=norm_weight is not None, eps=float(eps), epilogue=epilogue, block_n=bn, gc=gc,
+                             product_dtype=product_dtype)
+  layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+  outs = pl.pallas_call(
+      kernel,
+      grid=(first,),
+      in_specs=[pl.no_block_spec] * (2 + len(arrays)),
+      out_specs=[pl.no_block_spec] * len(out_widths),
+      out_shape=[jax.ShapeDtypeStruct((1, n), out_dtype) for n in out_widths],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
+      interpret=interpret,
+      name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else ""),
+  )(layer, x.reshape(chunks, sub, width), *arrays)
+  return tuple(outs)
+
+
+def dequantize_rows(values, scales=None, offsets=None, *, fmt: str, group_size: int | None):
+  """float32 W [N, K] of one layer's (values, scales, offsets) in this module's formats (for references)."""
+  f32 = jnp.float32
+  if fmt == "plain":
+    return values.astype(f32)
+  N = values.shape[0]
+  if fmt == "int4":
+    h = group_size // 2
+    p = values.reshape(N, -1, h)
+    codes = jnp.concatenate([p & 0x0F, p >> 4], axis=2).astype(f32)  # [N, K/g, g]
+    if offsets is None:
+      codes = codes - 8.0
+  else:
+    codes = values.astype(f32).reshape(N, -1, group_size or values.shape[1])
+  w = codes * scales.astype(f32)[:, :, None]
+  if offsets is not None:
+    w = w + offsets.astype(f32)[:, :, None]
+  return w.reshape(N, -1)
+
+
+def row_matmuls_reference(x, weights, layer=None, *, fmt="plain", group_size=None, norm_weight=None, eps=1e-6,
+                          epilogue="none", residual=None, out_dtype=None):
+  """The same in plain jnp: float32 products at HIGHEST precision, rounded where the kernel rounds."""
+  f32 = jnp.float32
+  dt = x.dtype
+  weights = [w if isinstance(w, tuple) else (w, None, None) for w in weights]
+  pick = lambda a: None if a is None else (a[0 if layer is None else layer] if a.ndim == 3 else a)  # noqa: E731
+  if norm_weight is not None:
+    g = norm_weight[0 if layer is None else layer] if norm_weight.ndim == 2 else norm_weight
+    xf = x.astype(f32)
+    xn = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dt)
+    x = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
+  prods = [jnp.dot(x.astype(f32), dequantize_rows(*map(pick, w), fmt=fmt, group_size=group_size).T,
+                   precision=lax.Precision.HIGHEST) for w in weights]
+  out_dtype = jnp.dtype(out_dtype or dt)
+  rnd = lambda a: a.astype(out_dtype).astype(f32)  # noqa: E731
+  if epilogue == "swiglu":
+    g, u = rnd(prods[0]), rnd(prods[1])
+    return ((rnd(g * jax.nn.sigmoid(g)) * u).astype(out_dtype),)
+  if epilogue == "residual":
+    return ((rnd(prods[0]) + residual.astype(f32)).astype(residual.dtype),)
+  return tuple(p.astype(out_dtype) for p in prods)

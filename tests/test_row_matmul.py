@@ -1,0 +1,229 @@
+"""The fused one-row kernel (`pallas_kernels.row_matmul`) in interpret mode, and the model's use of it.
+
+The kernel must equal a float64 product for every fusion it offers (several parts in one launch, the
+input's RMSNorm, the residual add, the SwiGLU gate), read the right layer of a stacked weight, reject bad
+input by name, and lower to Triton for the model's shapes; the model on contraction-last weights must
+give the logits of the unfused path with the row kernel in every layer.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer as ji
+from jaxinfer import ops
+from jaxinfer import quant as Q
+from jaxinfer.quant.qarray import dequantize, quantize_array
+from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
+
+F64 = np.float64
+QUANT = [("int8", None, False), ("int8", 32, False), ("fp8", None, False), ("int4", 32, False), ("int4", 64, True)]
+
+
+def _norm64(x, g, eps):
+    x = x.astype(F64)
+    return g.astype(F64) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, F64), np.asarray(want, F64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("widths", [(64,), (64, 16, 16), (48, 8)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_parts_and_norm_equal_float64(widths, norm):
+    rng = np.random.default_rng(len(widths) + norm)
+    L, K = 3, 128
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    ws = [rng.standard_normal((L, n, K)).astype(np.float32) for n in widths]
+    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
+    layer = 2
+    outs = row_matmuls(jnp.asarray(x), tuple(map(jnp.asarray, ws)), jnp.int32(layer), block_k=32,
+                       norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, interpret=True)
+    xin = _norm64(x, g[layer], 1e-5) if norm else x.astype(F64)
+    for out, w, n in zip(outs, ws, widths):
+        assert out.shape == (1, n) and out.dtype == jnp.float32
+        assert _rel(out, xin @ w[layer].astype(F64).T) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_residual_and_swiglu(dtype):
+    rng = np.random.default_rng(7)
+    L, K, N = 2, 256, 32
+    x = jnp.asarray(rng.standard_normal((1, K)), dtype)
+    gate, up = (jnp.asarray(rng.standard_normal((L, N, K)) / 16, dtype) for _ in range(2))
+    down = jnp.asarray(rng.standard_normal((L, K, N)) / 8, dtype)
+    res = jnp.asarray(rng.standard_normal((1, K)), dtype)
+    g = jnp.asarray(1 + 0.2 * rng.standard_normal((L, K)), dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    (h,) = row_matmuls(x, (gate, up), jnp.int32(1), norm_weight=g, epilogue="swiglu", interpret=True)
+    (ref_h,) = row_matmuls_reference(x, (gate, up), 1, norm_weight=g, epilogue="swiglu")
+    xin = _norm64(np.asarray(x, np.float32), np.asarray(g[1], np.float32), 1e-6)
+    gp = xin @ np.asarray(gate[1], F64).T
+    want_h = gp / (1 + np.exp(-gp)) * (xin @ np.asarray(up[1], F64).T)
+    assert h.shape == (1, N) and h.dtype == dtype
+    assert _rel(h, want_h) < tol and _rel(h, ref_h) < tol / 4
+    (y,) = row_matmuls(h, (down,), jnp.int32(0), epilogue="residual", residual=res, interpret=True)
+    want_y = np.asarray(res, F64) + np.asarray(h, F64) @ np.asarray(down[0], F64).T
+    assert y.dtype == dtype and _rel(y, want_y) < tol
+
+
+def _quantized(w, fmt, group, zero_point):
+    """(values, scales, offsets) of `w [L, N, K]` made by the library's quantizer (contraction last), and
+    its float64 dequantization by the library (independent of the kernel module)."""
+    q = quantize_array(jnp.asarray(w), fmt, (-1,), group, zero_point=zero_point)
+    return (q.values, q.scales, q.offsets), np.asarray(dequantize(q, jnp.float32), F64)
+
+
+@pytest.mark.parametrize("fmt,group,zero_point", QUANT, ids=[f"{f}-g{g}{'-offsets' if z else ''}" for f, g, z in QUANT])
+@pytest.mark.parametrize("norm", [False, True])
+def test_quantized_parts_equal_float64(fmt, group, zero_point, norm):
+    """q/k/v-like parts of every format in one launch against the float64 product with the dequantized
+    weights; the norm fused in."""
+    rng = np.random.default_rng(3)
+    L, K, widths = 2, 256, (32, 8, 8)
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
+    parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), fmt, group, zero_point) for n in widths]
+    outs = row_matmuls(jnp.asarray(x), tuple(p[0] for p in parts), jnp.int32(1), fmt=fmt, group_size=group,
+                       norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, block_k=64, interpret=True)
+    xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
+    for out, (_, w64) in zip(outs, parts):
+        assert _rel(out, xin @ w64[1].T) < 1e-5
+
+
+@pytest.mark.parametrize("fmt,group,zero_point", QUANT[1:4:2], ids=["int8-g32", "int4-g32"])
+def test_quantized_swiglu_and_residual(fmt, group, zero_point):
+    rng = np.random.default_rng(4)
+    L, K, N = 2, 128, 64
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    (gq, g64), (uq, u64) = (_quantized(rng.standard_normal((L, N, K)).astype(np.float32), fmt, group, zero_point)
+                            for _ in range(2))
+    (h,) = row_matmuls(jnp.asarray(x), (gq, uq), jnp.int32(0), fmt=fmt, group_size=group, epilogue="swiglu",
+                       interpret=True)
+    gp, up = x.astype(F64) @ g64[0].T, x.astype(F64) @ u64[0].T
+    assert _rel(h, gp / (1 + np.exp(-gp)) * up) < 1e-5
+    dq, d64 = _quantized(rng.standard_normal((L, K, N)).astype(np.float32), fmt, group, zero_point)
+    res = rng.standard_normal((1, K)).astype(np.float32)
+    (y,) = row_matmuls(h, (dq,), jnp.int32(1), fmt=fmt, group_size=group, epilogue="residual",
+                       residual=jnp.asarray(res), interpret=True)
+    assert _rel(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
+
+
+def test_bad_inputs_are_named():
+    x = jnp.ones((1, 64), jnp.float32)
+    w = jnp.ones((2, 16, 64), jnp.float32)
+    call = functools.partial(row_matmuls, interpret=True)
+    with pytest.raises(ValueError, match="one row"):
+        call(jnp.ones((2, 64)), (w,))
+    with pytest.raises(ValueError, match="unknown epilogue"):
+        call(x, (w,), epilogue="gelu")
+    with pytest.raises(ValueError, match="two weights of equal width"):
+        call(x, (w, w[:, :8]), epilogue="swiglu")
+    with pytest.raises(ValueError, match="residual"):
+        call(x, (w,), epilogue="residual", residual=jnp.ones((1, 8)))
+    with pytest.raises(ValueError, match="plain values must be .* of float32"):
+        call(x, (w.astype(jnp.bfloat16),))
+    with pytest.raises(ValueError, match="unknown format"):
+        call(x, (w,), fmt="int2")
+    with pytest.raises(ValueError, match="scales must have shape"):
+        call(x, ((w.astype(jnp.int8), jnp.ones((2, 16, 2)), None),), fmt="int8")
+    with pytest.raises(ValueError, match="offsets are for int4"):
+        call(x, ((w.astype(jnp.int8), jnp.ones((2, 16, 1)), jnp.ones((2, 16, 1))),), fmt="int8")
+    with pytest.raises(ValueError, match="norm_weight"):
+        call(x, (w,), norm_weight=jnp.ones((2, 32)))
+    with pytest.raises(ValueError, match="do not tile"):
+        call(x, (w,), block_k=48)
+
+
+def test_lowers_to_triton_for_the_model_shapes():
+    """The Triton lowering (no GPU needed on jaxlib 0.10) of llama-3-8b's fused calls."""
+    if not hasattr(jax.jit(lambda a: a).trace(1.0), "lower"):
+        pytest.skip("no traced lowering in this jax")
+    sds, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
+    cases = [
+        ((sds((1, 4096), bf16), (sds((4, 4096, 4096), bf16), sds((4, 1024, 4096), bf16), sds((4, 1024, 4096), bf16))),
+         "none", dict(norm_weight=sds((4, 4096), bf16))),
+        ((sds((1, 4096), bf16), (sds((4, 14336, 4096), bf16), sds((4, 14336, 4096), bf16))),
+         "swiglu", dict(norm_weight=sds((4, 4096), bf16))),
+        ((sds((1, 14336), bf16), (sds((4, 4096, 14336), bf16),)), "residual", dict(residual=sds((1, 4096), bf16))),
+    ]
+    f32, f16 = jnp.float32, jnp.float16
+    for fmt, group, w in (("int8", None, (sds((4, 2048, 4096), jnp.int8), sds((4, 2048, 1), f32), None)),
+                          ("fp8", None, (sds((4, 2048, 4096), jnp.float8_e4m3fn), sds((4, 2048, 1), f32), None)),
+                          ("int4", 128, (sds((4, 2048, 2048), jnp.uint8), sds((4, 2048, 32), f16), sds((4, 2048, 32), f16)))):
+        cases.append(((sds((1, 4096), bf16), (w, w)), ("swiglu", fmt, group), dict(norm_weight=sds((4, 4096), bf16))))
+    for args, epilogue, kwargs in cases:
+        epilogue, fmt, group = epilogue if isinstance(epilogue, tuple) else (epilogue, "plain", None)
+        fn = functools.partial(row_matmuls, interpret=False, epilogue=epilogue, fmt=fmt, group_size=group)
+        try:
+            text = jax.jit(fn).trace(*args, layer=sds((), i32), **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+        except Exception as e:  # newer jaxlib compiles Triton while lowering and needs a GPU
+            pytest.skip(f"Triton lowering needs a GPU here: {type(e).__name__}")
+        assert "triton" in text
+
+
+def _pallas_calls(jaxpr, out=None):
+    """Names of the pallas_calls in a jaxpr, nested ones (scan body, jit) included, in program order."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+            out.append(str(getattr(name, "name", name)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _pallas_calls(inner, out)
+    return out
+
+
+CONFIG = ji.ModelConfig(vocab_size=96, dim=64, ffn_dim=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
+
+
+@pytest.mark.parametrize("recipe", [None, "int8", Q.Recipe("int4", 32, zero_point=True)], ids=["bf16", "int8", "int4-g32"])
+def test_model_runs_the_fused_layers(monkeypatch, recipe):
+    """One-row decode on contraction-last weights (bf16 or quantized after the transform): with the row
+    path on (interpret mode standing in for the GPU) every layer runs three fused calls (norm + q/k/v, norm
+    + SwiGLU, and o and down with their residual adds), and the logits equal the unfused XLA path's
+    within bf16 rounding."""
+    params = ji.contract_last(ji.init_params(CONFIG, jax.random.key(5, impl="rbg"), jnp.bfloat16))
+    fmt = "plain"
+    if recipe is not None:
+        params = Q.quantize(params, recipe)
+        fmt = Q.get_recipe(recipe).format
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, 6)))
+    cache = ji.init_cache(CONFIG, 1, 16, jnp.bfloat16)
+    _, cache = ji.forward(params, cache, tokens, config=CONFIG)
+    want, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
+    monkeypatch.setattr(ops, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ROW_FORMATS", (fmt,))
+    jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
+    kernels = [n for n in _pallas_calls(jaxpr.jaxpr) if n.startswith("row_matmul")]
+    assert kernels == [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")], kernels
+    got, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
+    got, want = np.asarray(got, F64), np.asarray(want, F64)
+    assert np.abs(got - want).max() < 0.02 * np.abs(want).max(), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,group,zero_point", [("plain", None, False)] + QUANT)
+def test_native_kernel_equals_the_reference(fmt, group, zero_point):
+    """Compiled for the GPU: llama-like shapes (q/k/v widths, K 1024) with the norm, bf16 activations,
+    against the jnp reference that rounds where the kernel rounds."""
+    rng = np.random.default_rng(11)
+    L, K, widths = 2, 1024, (512, 128, 128)
+    x = jnp.asarray(rng.standard_normal((1, K)), jnp.bfloat16)
+    g = jnp.asarray(1 + 0.1 * rng.standard_normal((L, K)), jnp.bfloat16)
+    ws = [rng.standard_normal((L, n, K)).astype(np.float32) / 32 for n in widths]
+    parts = tuple(jnp.asarray(w, jnp.bfloat16) if fmt == "plain" else _quantized(w, fmt, group, zero_point)[0]
+                  for w in ws)
+    got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, interpret=False)
+    want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-2
