@@ -9,8 +9,9 @@
    2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
    summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then the batch-1 `VARIANTS`
-   (`--variants`): the plain XLA path (XLA attention, `weight_layout.contract_last` weights, traced op by op)
-   and contraction-last weights with the default attention, into the same files.
+   (`--variants`): the plain XLA path (XLA attention, `weight_layout.contract_last` weights, traced op by op),
+   contraction-last weights with the default attention, and int8 / fp8 / int4 (groups of 128 with offsets)
+   quantized after `contract_last`, into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -101,6 +102,10 @@ VARIANTS = {
     # row), the default attention.
     "contract_last": ("Contraction-last weights, default attention",
                       dict(weight_layout="contract-last", profile_batches=())),
+    # Quantized after `contract_last`: one row takes the fused row kernel (`pallas_kernels/row_matmul.py`).
+    **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
+                                                 dict(quant=q, weight_layout="contract-last", profile_batches=()))
+       for q in ("int8", "fp8", "int4")},
 }
 
 
