@@ -8,10 +8,11 @@ kernel (`pallas_kernels.weight_matmul`) instead indexes the layer itself and str
 cannot take the stacked form slice it first (`LayerOf.take`), as a reduction fusion reads a slice in place.
 
 Paths (all compute the same math, float32 accumulation):
-- `row`: one row of x times a plain contraction-last layer weight (`weight_layout.ContractLast` as
-  `LayerOf`) on the GPU: `pallas_kernels.row_matmul`, which also takes the input's RMSNorm (`Normed`) and
-  a residual add (`matmul(residual=)`) or the SwiGLU gate (`swiglu`) into the same launch, so a batch-1
-  layer runs a few fused kernels instead of a product plus a handful of tiny XLA kernels each;
+- `row`: one row of x times a quantized contraction-last layer weight (`quantize(contract_last(...))`,
+  as `LayerOf`) on the GPU: `pallas_kernels.row_matmul`, codes turned into float32 in registers with no
+  dot, and the input's RMSNorm (`Normed`) and a residual add (`matmul(residual=)`) or the SwiGLU gate
+  (`swiglu`) in the same launch. Plain bf16 takes it only when forced (`impl="pallas"`): XLA's row
+  reduction streams it faster (`ROW_FORMATS`);
 - `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
   as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form; not under a mesh with
   automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel` runs the layers
