@@ -92,14 +92,6 @@ class Normed:
     def value(self):
         return rms_norm(self.x, self.weight, self.eps)
 
-    @property
-    def shape(self):
-        return self.x.shape
-
-    @property
-    def dtype(self):
-        return self.x.dtype
-
 
 def _value(x):
     return x.value() if isinstance(x, Normed) else x
