@@ -31,6 +31,9 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF: keep Q8_0/Q4_0/Q4_1/Q4_K weights quantized (run at the stored size)")
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache (default: model dtype)")
+    p.add_argument("--weight-layout", default="stored", choices=["stored", "contract-last"],
+                   help="contract-last: matrices stored contraction-last (`contract_last`, before --quant): one-row "
+                        "decode takes XLA's row reduction (bf16) or the fused row kernel (quantized, GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +68,14 @@ def _load(args):
     t0 = time.perf_counter()
     if args.calibrate and not args.quant:
         raise ValueError("--calibrate needs --quant (it weighs the quantization error)")
+    if args.weight_layout == "contract-last" and (args.calibrate or args.keep_quantized):
+        raise ValueError("--weight-layout contract-last takes float weights: not with --calibrate or --keep-quantized")
     model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True,
                  keep_quantized=args.keep_quantized)
+    if args.weight_layout == "contract-last":
+        from .weight_layout import contract_last
+
+        model = model.replace(params=contract_last(model.params))
     if args.quant:
         from .quant import activation_stats, quantize
 
@@ -75,6 +84,7 @@ def _load(args):
     how = [args.quant] if args.quant else []
     how += ["calibrated"] if args.calibrate else []
     how += ["kept quantized"] if args.keep_quantized else []
+    how += ["contraction-last"] if args.weight_layout == "contract-last" else []
     print(f"loaded {model.name}{' (' + ', '.join(how) + ')' if how else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     return model
