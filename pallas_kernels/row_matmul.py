@@ -9,6 +9,8 @@ can turn a tile of codes into float32 in registers and multiply-add it with x on
 dot (one row needs none; the dot path dequantized and relaid every tile, which capped int8 / int4 near
 half of the copy bandwidth: pallas_kernels/NOTES.md). The small jobs around the product need only the row
 of x a program reads anyway (the norm) or its own outputs (the epilogues), so they ride along for free.
+Plain bf16 weights work too, but XLA's row reduction reads them ~10 % faster than this kernel (H200), so
+`jaxinfer.ops` sends only quantized weights here (benchmarks/BENCHMARKS.md, session 6).
 
 Weight formats (K split into groups of `g` along the contraction; per-channel: one scale per row):
   plain: values bf16/f16 [N, K] (x's dtype); no scales
