@@ -161,6 +161,27 @@ def codes_f32(u, zero: int):
   return lax.bitcast_convert_type(u.astype(jnp.uint32) | 0x4B000000, jnp.float32) - float(2**23 + zero)
 
 
+def dequantize_codes(values, scales=None, offsets=None, *, fmt: str, group_size: int | None):
+  """float32 W [N, K] of one layer's codes stored contraction-last (values [N, K(/2)], scales / offsets
+  [N, K/g or 1]; int4 packed GGUF-style within each group along K), for the kernels' references."""
+  f32 = jnp.float32
+  if fmt == "plain":
+    return values.astype(f32)
+  N = values.shape[0]
+  if fmt == "int4":
+    h = group_size // 2
+    p = values.reshape(N, -1, h)
+    codes = jnp.concatenate([p & 0x0F, p >> 4], axis=2).astype(f32)  # [N, K/g, g]
+    if offsets is None:
+      codes = codes - 8.0
+  else:
+    codes = values.astype(f32).reshape(N, -1, group_size or values.shape[1])
+  w = codes * scales.astype(f32)[:, :, None]
+  if offsets is not None:
+    w = w + offsets.astype(f32)[:, :, None]
+  return w.reshape(N, -1)
+
+
 def load_q_tile(q_ref, rows: int):
   """Loads the [G, H] query block as a [rows, H] tile, rows >= 16 padded with zeros."""
   group = q_ref.shape[0]

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import codes_f32, is_pow2
+from pallas_kernels.common import codes_f32, dequantize_codes, is_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
@@ -314,26 +314,6 @@ def row_matmuls(
   return tuple(outs)
 
 
-def dequantize_rows(values, scales=None, offsets=None, *, fmt: str, group_size: int | None):
-  """float32 W [N, K] of one layer's (values, scales, offsets) in this module's formats (for references)."""
-  f32 = jnp.float32
-  if fmt == "plain":
-    return values.astype(f32)
-  N = values.shape[0]
-  if fmt == "int4":
-    h = group_size // 2
-    p = values.reshape(N, -1, h)
-    codes = jnp.concatenate([p & 0x0F, p >> 4], axis=2).astype(f32)  # [N, K/g, g]
-    if offsets is None:
-      codes = codes - 8.0
-  else:
-    codes = values.astype(f32).reshape(N, -1, group_size or values.shape[1])
-  w = codes * scales.astype(f32)[:, :, None]
-  if offsets is not None:
-    w = w + offsets.astype(f32)[:, :, None]
-  return w.reshape(N, -1)
-
-
 def row_matmuls_reference(x, weights, layer=None, *, fmt="plain", group_size=None, norm_weight=None, eps=1e-6,
                           epilogue="none", residual=None, out_dtype=None):
   """The same in plain jnp: float32 products at HIGHEST precision, rounded where the kernel rounds."""
@@ -346,7 +326,7 @@ def row_matmuls_reference(x, weights, layer=None, *, fmt="plain", group_size=Non
     xf = x.astype(f32)
     xn = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dt)
     x = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
-  prods = [jnp.dot(x.astype(f32), dequantize_rows(*map(pick, w), fmt=fmt, group_size=group_size).T,
+  prods = [jnp.dot(x.astype(f32), dequantize_codes(*map(pick, w), fmt=fmt, group_size=group_size).T,
                    precision=lax.Precision.HIGHEST) for w in weights]
   out_dtype = jnp.dtype(out_dtype or dt)
   rnd = lambda a: a.astype(out_dtype).astype(f32)  # noqa: E731

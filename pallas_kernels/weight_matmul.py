@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import MIN_DOT_ROWS, codes_f32, is_pow2, next_pow2
+from pallas_kernels.common import MIN_DOT_ROWS, codes_f32, dequantize_codes, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 MAX_ROWS = 128
@@ -366,23 +366,9 @@ def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *,
                             group_size: int | None, transposed: bool = False):
   """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision). `transposed`: plain
   values [(L,) N, K]."""
-  K = x.shape[1]
   if values.ndim == 3:
     values, scales, offsets = (None if a is None else a[layer] for a in (values, scales, offsets))
-  if transposed:
-    values = values.T
-  if fmt == "plain":
-    return jnp.dot(x.astype(jnp.float32), values.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-  if fmt == "int4":
-    g = group_size
-    p = values.reshape(K // g, g // 2, -1)
-    codes = jnp.concatenate([p & 0x0F, p >> 4], axis=1).astype(jnp.float32)  # [K/g, g, N]
-    if offsets is None:
-      codes = codes - 8.0
-  else:
-    codes = values.astype(jnp.float32).reshape(K // (group_size or K), group_size or K, -1)
-  w = codes * scales.astype(jnp.float32)[:, None, :]
-  if offsets is not None:
-    w = w + offsets.astype(jnp.float32)[:, None, :]
-  w = w.reshape(K, -1)
+  t = lambda a: None if a is None else a.T  # noqa: E731  [K, N] -> the [N, K] of dequantize_codes
+  rows = values if transposed else values.T
+  w = dequantize_codes(rows, t(scales), t(offsets), fmt=fmt, group_size=group_size).T
   return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
