@@ -422,22 +422,24 @@ def _kernel_supports(spec: _Spec, x, w) -> bool:
 
 
 def _flat_kernel_args(spec: _Spec, w, layer):
-    """((values, scales, offsets) flattened to [(L,) K(/2), N], fmt, group, free-axes shape) of w, an
-    array or QArray with a leading layer axis when `layer` is given."""
+    """((values, scales, offsets) flattened, fmt, group, free-axes shape) of w, an array or QArray with a
+    leading layer axis when `layer` is given: contracted axes leading as [(L,) K(/2), N] (scales [(L,)
+    K/g or 1, N]); contraction-last weights as [(L,) N, K(/2)] (scales [(L,) N, K/g or 1])."""
     c = len(spec.contracted)
     quantized = isinstance(w, QArray)
-    lead = () if layer is None else ((w.values if quantized else w).shape[0],)
-    if not quantized and _contraction_last(spec):  # plain [(L,) N..., K...] -> [(L,) N, K]
-        free = w.shape[len(lead):-c]
-        return (w.reshape(*lead, math.prod(free), -1), None, None), "plain", None, free
-    free = (w.values if quantized else w).shape[len(lead) + c:]
-    N = math.prod(free)
-    # Contracted axes lead and groups run within the last contracted axis, so the flattened rows keep
-    # their group order (a group never crosses the boundary of a leading axis).
-    flat = lambda a: None if a is None else a.reshape(*lead, -1, N)
+    values = w.values if quantized else w
+    lead = () if layer is None else (values.shape[0],)
+    # Groups run within the last contracted axis, so flattened contracted axes keep their group order (a
+    # group never crosses the boundary of an outer contracted axis).
+    if _contraction_last(spec):  # [(L,) N..., K...] -> [(L,) N, K]
+        free = values.shape[len(lead):-c]
+        flat = lambda a: None if a is None else a.reshape(*lead, math.prod(free), -1)  # noqa: E731
+    else:  # [(L,) K..., N...] -> [(L,) K, N]
+        free = values.shape[len(lead) + c:]
+        flat = lambda a: None if a is None else a.reshape(*lead, -1, math.prod(free))  # noqa: E731
     if quantized:
-        return (flat(w.values), flat(w.scales), flat(w.offsets)), w.fmt, w.group_size, free
-    return (flat(w), None, None), "plain", None, free
+        return (flat(values), flat(w.scales), flat(w.offsets)), w.fmt, w.group_size, free
+    return (flat(values), None, None), "plain", None, free
 
 
 def _pallas_matmul(spec: _Spec, x, w, layer=None):
@@ -544,16 +546,17 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         if (spec0 is not None and spec.k != spec0.k) or (fmt is not None and _format(view) != fmt):
             return None
         spec0, fmt = spec0 or spec, fmt or _format(view)
-        flats.append(_row_args(spec, w.stacked) + (c,))
+        flats.append(_flat_kernel_args(spec, w.stacked, index))
     from pallas_kernels import row_matmul as rm
 
-    kind, group = ("plain", None) if fmt[0] == "plain" else fmt[:2]
+    _, kind, group, free = flats[0]
+    c = len(spec0.contracted)
     widths = [f[0][0].shape[1] for f in flats]
     if impl == "auto" and kind not in ROW_FORMATS:
         return None
     if not rm.supports(spec0.k, widths, kind, group) or (swiglu and widths[0] != widths[1]):
         return None
-    if residual is not None and (residual.shape != xv.shape[:-flats[0][2]] + flats[0][1]):
+    if residual is not None and residual.shape != xv.shape[:-c] + free:
         return None
     norm = None
     if isinstance(x, Normed):
@@ -562,7 +565,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
             norm = nw.stacked
         else:
             xv = x.value()
-    lead = xv.shape[:-flats[0][2]]
+    lead = xv.shape[:-c]
 
     def run(*, epilogue, out_dtype):
         outs = rm.row_matmuls(
@@ -570,18 +573,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
             eps=x.eps if norm is not None else 1e-6, epilogue=epilogue,
             residual=None if residual is None else residual.reshape(1, -1),
             out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")
-        return tuple(o.reshape(*lead, *f[1]) for o, f in zip(outs, flats))
+        return tuple(o.reshape(*lead, *f[3]) for o, f in zip(outs, flats))
 
     return run
 
-
-def _row_args(spec: _Spec, w):
-    """((values, scales, offsets) flattened to [L, N, K(/2)] / [L, N, K/g or 1], free-axes shape) of a
-    stacked contraction-last weight (array or QArray)."""
-    c = len(spec.contracted)
-    values = w.values if isinstance(w, QArray) else w
-    free = values.shape[1:-c]
-    flat = lambda a: None if a is None else a.reshape(a.shape[0], math.prod(free), -1)  # noqa: E731
-    if isinstance(w, QArray):
-        return (flat(w.values), flat(w.scales), flat(w.offsets)), free
-    return (flat(w), None, None), free
