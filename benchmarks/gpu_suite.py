@@ -11,7 +11,8 @@
    summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then the batch-1 `VARIANTS`
    (`--variants`): the plain XLA path (XLA attention, `weight_layout.contract_last` weights, traced op by op),
    contraction-last weights with the default attention, and int8 / fp8 / int4 (groups of 128 with offsets)
-   quantized after `contract_last`, into the same files.
+   quantized after `contract_last`, and the default / contraction-last steps with the rotation and cache write
+   as XLA ops (the `rope_write` kernel switched off), into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -20,6 +21,7 @@ on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weig
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -93,7 +95,8 @@ def standard_spec(args):
     )
 
 
-# Batch-1 variants timed after the standard set, each against the same ceilings: name -> (title, spec changes).
+# Batch-1 variants timed after the standard set, each against the same ceilings: name -> (title, spec changes[,
+# library switches "module.NAME": value set while the variant runs]).
 VARIANTS = {
     # The plain XLA path (no Pallas anywhere): issue 4's batch-1 criterion, with its own op-by-op trace.
     "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
@@ -106,7 +109,38 @@ VARIANTS = {
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
+    # The decode step with the rotation and the cache write as XLA ops (the fused `rope_write` kernel off).
+    "unfused_rope_write": ("Default path, rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
+                           dict(profile_batches=(1,)), {"attention.ROPE_WRITE_KERNEL": False}),
+    "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
+                                         dict(weight_layout="contract-last", profile_batches=()),
+                                         {"attention.ROPE_WRITE_KERNEL": False}),
 }
+
+
+@contextlib.contextmanager
+def switched(flags: dict):
+    """Set library switches ("module.NAME" under jaxinfer) for a variant, restore them after; jit caches are
+    cleared on both sides so that every trace sees the switches of its own variant."""
+    import importlib
+
+    import jax
+
+    old = {}
+    for path, value in flags.items():
+        module, name = path.rsplit(".", 1)
+        mod = importlib.import_module(f"jaxinfer.{module}")
+        old[(mod, name)] = getattr(mod, name)
+        setattr(mod, name, value)
+    if flags:
+        jax.clear_caches()
+    try:
+        yield
+    finally:
+        for (mod, name), value in old.items():
+            setattr(mod, name, value)
+        if flags:
+            jax.clear_caches()
 
 
 def run_benchmarks(args, out: Path, summary: dict):
@@ -121,7 +155,7 @@ def run_benchmarks(args, out: Path, summary: dict):
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
     variant_specs = {  # (traced op by op only where the standard set is)
         name: dataclasses.replace(spec, batches=(1,), **{**changes, **({} if spec.profile_batches else {"profile_batches": ()})})
-        for name, (_, changes) in VARIANTS.items() if name in args.variants}
+        for name, (_, changes, *_) in VARIANTS.items() if name in args.variants}
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
     ceilings = measure_ceilings()
@@ -144,7 +178,8 @@ def run_benchmarks(args, out: Path, summary: dict):
     for s in (prefill_spec, spec):
         run_bench(s, ceilings=ceilings, progress=not args.no_progress, on_result=save)
     for name, v in variant_specs.items():
-        run_bench(v, ceilings=ceilings, progress=not args.no_progress, on_result=lambda m, name=name: save(m, into=name))
+        with switched(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {}):
+            run_bench(v, ceilings=ceilings, progress=not args.no_progress, on_result=lambda m, name=name: save(m, into=name))
     for m in results:
         hlo = m.extras.get("breakdown", {}).pop("hlo_text", None)
         if hlo and m.phase == "decode" and m.batch == 1:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from . import ops
-from .cache import DenseView, PagedView, QuantDenseView
+from .cache import DenseView, KVCache, PagedView, QuantDenseView
+from .rope import apply_rope
 from .sharding import data_axis
 
 IMPLS = ("xla", "pallas", "cudnn", "auto")
@@ -41,6 +42,33 @@ def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla")
     if isinstance(view, PagedView):
         view = gather_pages(view)
     return xla_attention(q, view.k, view.v, q_positions, kv_lengths, sliding_window=sliding_window)
+
+
+ROPE_WRITE_KERNEL = True  # decode on a GPU rotates and writes in one launch (False: the XLA ops, for comparisons)
+
+
+def rotate_and_write(q, k, v, rope, cache, layer, positions, valid, *, impl="xla"):
+    """(q rotated, cache with k rotated and v written at `positions [B, T]` where `valid`) for q `[B, T, N, H]`,
+    k and v `[B, T, K, H]`, rope = (cos, sin) `[B, T, H]`.
+
+    One token per sequence over a dense cache in q's dtype, on a GPU with `impl` auto or pallas and whole
+    arrays (no automatic partitioning), takes one Pallas launch (`pallas_kernels.rope_write`) instead of the
+    rotations and the scatter as XLA kernels (~6 per layer at batch 1). Everything else, the same math in XLA."""
+    from pallas_kernels import rope_write
+
+    B, T, N, H = q.shape
+    kernel = (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops._on_gpu() and T == 1
+              and isinstance(cache, KVCache) and cache.k.dtype == q.dtype == k.dtype == v.dtype
+              and q.dtype in (jnp.bfloat16, jnp.float16) and rope_write.supports(N, k.shape[2], H)
+              and ops.whole_arrays())
+    if not kernel:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, cache.write(layer, k, v, positions, valid)
+    cos, sin = (t[:, 0] for t in rope)
+    at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
+    q, k_cache, v_cache = rope_write.rope_write(q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, layer=layer,
+                                                positions=at)
+    return q[:, None], cache.replace(k=k_cache, v=v_cache)
 
 
 def _resolve(impl, q, view) -> str:

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from . import attention, ops, tensor_parallel
-from .config import ModelConfig, rope_inv_freq
+from .config import ModelConfig
 from .params import LAYER_MATRICES
+from .rope import rope_tables
 
 # Layers per iteration of the layer scan (`lax.scan(unroll=)`): fewer loop-control kernels (counter, slot
 # slice, carry copy) per layer. H200 llama-3-8b decode, context 1k, batch 1/8/32: 4.805/5.078/6.270 ms with 1,
@@ -22,23 +23,6 @@ LAYER_UNROLL = 4
 
 
 rms_norm = ops.rms_norm  # RMSNorm in float32, scaled by the weight after casting back (as Llama does)
-
-
-def rope_tables(config: ModelConfig, positions):
-    """cos, sin `[B, T, H]` for integer `positions [B, T]` (half-split layout: pairs (i, i + H/2))."""
-    inv_freq = jnp.asarray(rope_inv_freq(config), jnp.float32)  # [H/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x, cos, sin):
-    """Rotate `x [B, T, heads, H]`; computed in float32."""
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-    return out.astype(x.dtype)
 
 
 def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
@@ -52,8 +36,7 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
     if config.qk_norm:
         q = rms_norm(q, p["q_norm"], config.norm_eps)
         k = rms_norm(k, p["k_norm"], config.norm_eps)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    cache = cache.write(layer, k, v, positions, valid)
+    q, cache = attention.rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attention.attend(
         q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
     )
