@@ -102,9 +102,9 @@ VARIANTS = {
     "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
                  dict(impl="xla", weight_layout="contract-last", profile_batches=(1,))),
     # The library's fastest batch-1 configuration: contraction-last weights (XLA's row reduction for one
-    # row), the default attention.
+    # row), the default attention; traced op by op.
     "contract_last": ("Contraction-last weights, default attention",
-                      dict(weight_layout="contract-last", profile_batches=())),
+                      dict(weight_layout="contract-last", profile_batches=(1,))),
     # Quantized after `contract_last`: one row takes the fused row kernel (`pallas_kernels/row_matmul.py`).
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
