@@ -115,18 +115,13 @@ VARIANTS = {
     "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
                                          dict(weight_layout="contract-last", profile_batches=()),
                                          {"attention.ROPE_WRITE_KERNEL": False}),
-    # The quantized row kernel reading codes byte by byte (before 32-bit words).
-    **{f"{q}_contract_last_bytes": (f"{q} after `contract_last`, the row kernel reading codes byte by byte",
-                                    dict(quant=q, weight_layout="contract-last", profile_batches=()),
-                                    {"pallas_kernels.row_matmul.WORD_CODES": False})
-       for q in ("int8", "int4")},
 }
 
 
 @contextlib.contextmanager
 def switched(flags: dict):
-    """Set library switches ("module.NAME" under jaxinfer, or "pallas_kernels.module.NAME") for a variant,
-    restore them after; jit caches are cleared on both sides so that every trace sees its variant's switches."""
+    """Set library switches ("module.NAME" under jaxinfer) for a variant, restore them after; jit caches are
+    cleared on both sides so that every trace sees the switches of its own variant."""
     import importlib
 
     import jax
@@ -134,7 +129,7 @@ def switched(flags: dict):
     old = {}
     for path, value in flags.items():
         module, name = path.rsplit(".", 1)
-        mod = importlib.import_module(module if module.startswith("pallas_kernels.") else f"jaxinfer.{module}")
+        mod = importlib.import_module(f"jaxinfer.{module}")
         old[(mod, name)] = getattr(mod, name)
         setattr(mod, name, value)
     if flags:

@@ -173,9 +173,8 @@ def row_part(args, add, over_budget, decode_rows, copy):
                 add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 4), (8, 2048, 4), (8, 1024, 4)]
-# (block_n, block_k, warps) beside the default (4, 4096, 4), each with the codes read as 32-bit words (the
-# default) and (int8 / int4, default blocks) byte by byte; a first sweep (run S6-3) had bn 2-8 x bk 512-4096 x 4/8 warps
+ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 4)]  # (block_n, block_k,
+# warps) beside the default (4, 4096, 4); a first sweep (run S6-3) also had bn 2-8 x bk 512-4096 x 4/8 warps
 
 
 def row_quant_part(add, over_budget, copy):
@@ -194,15 +193,11 @@ def row_quant_part(add, over_budget, copy):
             nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
             x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
             res = jnp.zeros((1, widths[0]), jnp.bfloat16)
-            configs = [None] + (["bytes"] if fmt != "fp8" else []) + ROWQ_SWEEP
-            for cfg in configs:
+            for cfg in [None] + ROWQ_SWEEP:
                 if over_budget():
                     return
-                if cfg == "bytes":
-                    opts, label = dict(words=False), "default, codes byte by byte"
-                else:
-                    opts = {} if cfg is None else dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2])
-                    label = "default" if cfg is None else f"bn{cfg[0]} bk{cfg[1]} w{cfg[2]}"
+                opts = {} if cfg is None else dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2])
+                label = "default" if cfg is None else f"bn{cfg[0]} bk{cfg[1]} w{cfg[2]}"
                 prod = lambda x, w, i, o=opts: rm.row_matmuls(  # noqa: E731
                     x, w, jnp.int32(i), fmt=fmt, group_size=group, epilogue=epilogue,
                     residual=res if epilogue == "residual" else None, **o)[0]

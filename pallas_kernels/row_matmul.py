@@ -46,7 +46,6 @@ _BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 c
 _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
 _WARPS = 4
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
-WORD_CODES = True  # int8 / int4 codes read as 32-bit words where the chunk allows (False: byte by byte)
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -86,7 +85,7 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype, words: bool):
+            block_n: int, gc: int, product_dtype):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
@@ -107,52 +106,36 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   o_refs = refs
   layer = layer_ref[0]
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
-  chunks, sub = x_ref.shape[:2]
-  lanes = x_ref.shape[3] if words else 1  # codes per 32-bit word and nibble half: 4 (x as [chunks, sub, width/4, 4])
+  chunks, sub, width = x_ref.shape
   n_steps = chunks // gc
   dt = x_ref.dtype
-  size = chunks * sub * x_ref.shape[2] * lanes
-  x_at = (lambda at, h, b: x_ref[at, h, :, b]) if words else (lambda at, h, b: x_ref[at, h, :])  # noqa: E731
 
   inv_rms = None
   if norm:
     def squares(c, acc):
       for h in range(sub):
-        for b in range(lanes):
-          xc = x_at(pl.ds(c * gc, gc), h, b).astype(f32)
-          acc = acc + xc * xc
+        xc = x_ref[pl.ds(c * gc, gc), h, :].astype(f32)
+        acc = acc + xc * xc
       return acc
-    ss = lax.fori_loop(0, n_steps, squares, jnp.zeros((gc, x_ref.shape[2]), f32))
-    inv_rms = lax.rsqrt(jnp.sum(ss) / size + eps)
+    ss = lax.fori_loop(0, n_steps, squares, jnp.zeros((gc, width), f32))
+    inv_rms = lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
 
-  def x_chunks(c):  # per half (and word lane): [gc, width(/4)] float32 of the (normalised) row
+  def x_chunks(c):  # per half: [gc, width] float32 of the (normalised) row
     out = []
     for h in range(sub):
-      for b in range(lanes):
-        xc = x_at(pl.ds(c * gc, gc), h, b)
-        if norm:
-          g = norm_ref[layer, pl.ds(c * gc, gc), h, :, b] if words else norm_ref[layer, pl.ds(c * gc, gc), h, :]
-          xn = (xc.astype(f32) * inv_rms).astype(dt)
-          xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
-        out.append(xc.astype(f32))
+      xc = x_ref[pl.ds(c * gc, gc), h, :]
+      if norm:
+        g = norm_ref[layer, pl.ds(c * gc, gc), h, :]
+        xn = (xc.astype(f32) * inv_rms).astype(dt)
+        xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
+      out.append(xc.astype(f32))
     return out
 
   def product_tile(v_ref, s_ref, m_ref, rows, c, xs):
     """[block_n, gc, width] scaled products of this step, and [block_n, gc] offset terms (or None)."""
     steps = pl.ds(c * gc, gc)
     w = v_ref[layer, rows, steps, :]
-    if words:  # 32-bit words of 4 int8 codes (8 int4 codes): each code shifted into the mantissa of 2^23
-      if fmt == "int8":
-        w = w ^ jnp.uint32(0x80808080)  # q + 128, four at once
-      bits, zero = (8, 128) if fmt == "int8" else (4, 0 if m_ref is not None else 8)
-      t = None
-      for h in range(sub):  # int4: h = 0 low nibbles (element j), 1 high nibbles (element j + g/2)
-        for b in range(lanes):
-          shift = 8 * b + 4 * h
-          u = (w >> jnp.uint32(shift) if shift else w) & jnp.uint32((1 << bits) - 1)
-          term = codes_f32(u, zero) * xs[h * lanes + b][None]
-          t = term if t is None else t + term
-    elif fmt == "int4":
+    if fmt == "int4":
       zero = 0 if m_ref is not None else 8
       t = codes_f32(w & 0x0F, zero) * xs[0][None] + codes_f32(w >> 4, zero) * xs[1][None]
     elif fmt == "int8":  # q + 128 as uint8, then minus 128
@@ -178,7 +161,7 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
         new.append((acc + t, offs if off is None else offs + off))
       return tuple(new)
 
-    zero = (jnp.zeros((block_n, gc, x_ref.shape[2]), f32), jnp.zeros((block_n, gc), f32))
+    zero = (jnp.zeros((block_n, gc, width), f32), jnp.zeros((block_n, gc), f32))
     carry = lax.fori_loop(0, n_steps, body, tuple(zero for _ in w_list))
     outs = []
     for (acc, offs), (_, s_ref, m_ref) in zip(carry, w_list):
@@ -239,7 +222,7 @@ def _check_part(K, dt, fmt, group, values, scales, offsets, layers):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "eps", "epilogue", "out_dtype", "block_n",
-                                             "block_k", "num_warps", "num_stages", "words", "interpret"))
+                                             "block_k", "num_warps", "num_stages", "interpret"))
 def row_matmuls(
     x: jax.Array,  # [1, K] bf16 / f16 / f32
     weights: tuple,  # per part (values, scales, offsets) as in the module docstring, each with a leading layer axis or not
@@ -256,7 +239,6 @@ def row_matmuls(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    words: bool | None = None,  # int8 / int4 codes read as 32-bit words (None: where the chunk allows)
     interpret: bool | None = None,
 ) -> tuple:  # per part [1, N_i] (swiglu: one [1, N])
   """x @ dequantize(W_i[layer]).T for one row x and weights stored [N_i, K], with the fused prologue and
@@ -303,18 +285,10 @@ def row_matmuls(
 
   sub = 2 if fmt == "int4" else 1
   chunks, width = K // chunk, chunk // sub
-  if words is None:
-    words = WORD_CODES and fmt in ("int8", "int4") and width % 4 == 0
-  elif words and (fmt not in ("int8", "int4") or width % 4):
-    raise ValueError(f"words=True needs int8 / int4 codes in chunks of a multiple of 4 bytes, got {fmt}, {width}")
-  x_shape = (chunks, sub, width // 4, 4) if words else (chunks, sub, width)
-  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, *x_shape)]
+  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, chunks, sub, width)]
   for v, s, m in checked:
     L, N = v.shape[:2]
-    if words:  # free: the same bytes as [L, N, chunks, width / 4] uint32 (little-endian: byte b is bits 8b..8b+7)
-      arrays.append(lax.bitcast_convert_type(v.reshape(L, N, chunks, width // 4, 4), jnp.uint32))
-    else:
-      arrays.append(v.reshape(L, N, chunks, width))
+    arrays.append(v.reshape(L, N, chunks, width))
     arrays += [a for a in (s, m) if a is not None]
   if epilogue == "residual":
     arrays.append(residual)
@@ -325,7 +299,7 @@ def row_matmuls(
     first += n // bn
   kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
                              norm=norm_weight is not None, eps=float(eps), epilogue=epilogue, block_n=bn, gc=gc,
-                             product_dtype=product_dtype, words=words)
+                             product_dtype=product_dtype)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   outs = pl.pallas_call(
       kernel,
@@ -336,7 +310,7 @@ def row_matmuls(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else ""),
-  )(layer, x.reshape(x_shape), *arrays)
+  )(layer, x.reshape(chunks, sub, width), *arrays)
   return tuple(outs)
 
 
