@@ -253,10 +253,11 @@ def paged_jobs():
   """Paged (page 16) against dense decode over the paged kernel's keys per step and pipelining depth, at
   batches that need splits (16) and batches that fill the GPU without them (32-128): issue 5 asks paged
   within 10 % of dense at page 16."""
-  paged = [None, dict(pages_per_block=8, num_stages=2), dict(pages_per_block=4, num_stages=3)]
+  paged = [None, dict(pages_per_block=8, num_stages=2), dict(pages_per_block=4, num_stages=3),
+           dict(pages_per_block=8, num_stages=3), dict(pages_per_block=16, num_stages=2)]
   dense = [None, dict(block_k=64, num_stages=3)]
-  cases = [(16, 8192, True), (32, 4096, False), (64, 4096, False), (128, 2048, False)]
-  return [functools.partial(bench_decode, b, s, ragged=r, configs=dense, paged_configs=paged, baselines=b in (16, 64))
+  cases = [(1, 8192, False), (16, 8192, True), (32, 4096, False), (64, 4096, False), (128, 2048, False)]
+  return [functools.partial(bench_decode, b, s, ragged=r, configs=dense, paged_configs=paged, baselines=b in (1, 16, 64))
           for b, s, r in cases]
 
 
