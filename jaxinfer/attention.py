@@ -57,7 +57,7 @@ def rotate_and_write(q, k, v, rope, cache, layer, positions, valid, *, impl="xla
     from pallas_kernels import rope_write
 
     B, T, N, H = q.shape
-    kernel = (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops._on_gpu() and T == 1
+    kernel = (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops.on_gpu() and T == 1
               and isinstance(cache, KVCache) and cache.k.dtype == q.dtype == k.dtype == v.dtype
               and q.dtype in (jnp.bfloat16, jnp.float16) and rope_write.supports(N, k.shape[2], H)
               and ops.whole_arrays())

@@ -509,7 +509,9 @@ def swiglu(x, gate, up, *, impl: str = "auto"):
 # Fused one-row path (GPU batch-1 decode, contraction-last layer weights)
 
 
-def _on_gpu() -> bool:
+def on_gpu() -> bool:
+    """Whether kernels that exist only for the GPU apply (the fused row path here, `attention.rotate_and_write`).
+    Tests patch it to run those paths in interpret mode on the CPU."""
     return jax.default_backend() == "gpu"
 
 
@@ -522,7 +524,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     when its weight is a layer of the same index."""
     if impl not in ("auto", "pallas") or not ROW_KERNEL:
         return None
-    if impl == "auto" and not _on_gpu():
+    if impl == "auto" and not on_gpu():
         return None
     xv = x.x if isinstance(x, Normed) else x
     if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():

@@ -132,7 +132,7 @@ def test_model_decode_step_uses_one_launch_per_layer(monkeypatch):
     step = functools.partial(ji.forward, config=CONFIG, impl="auto")
     lengths = jnp.asarray([1, 0], jnp.int32)
     want_logits, want_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
-    monkeypatch.setattr(ops, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
     step = functools.partial(ji.forward, config=CONFIG, impl="auto")  # a new function: traced afresh
     jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
     assert _pallas_calls(jaxpr.jaxpr) == ["rope_write"]  # inside the layer scan's body: once per layer

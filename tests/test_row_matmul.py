@@ -200,7 +200,7 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     cache = ji.init_cache(CONFIG, 1, 16, jnp.bfloat16)
     _, cache = ji.forward(params, cache, tokens, config=CONFIG)
     want, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
-    monkeypatch.setattr(ops, "_on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops, "ROW_FORMATS", (fmt,))
     jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     kernels = [n for n in _pallas_calls(jaxpr.jaxpr) if n.startswith("row_matmul")]
