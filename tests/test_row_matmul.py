@@ -17,6 +17,7 @@ import jaxinfer as ji
 from jaxinfer import ops
 from jaxinfer import quant as Q
 from jaxinfer.quant.qarray import dequantize, quantize_array
+from kernel_tools import cuda_lowering, pallas_call_names
 from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
 
 F64 = np.float64
@@ -142,8 +143,6 @@ def test_bad_inputs_are_named():
 
 def test_lowers_to_triton_for_the_model_shapes():
     """The Triton lowering (no GPU needed on jaxlib 0.10) of llama-3-8b's fused calls."""
-    if not hasattr(jax.jit(lambda a: a).trace(1.0), "lower"):
-        pytest.skip("no traced lowering in this jax")
     sds, bf16, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
     cases = [
         ((sds((1, 4096), bf16), (sds((4, 4096, 4096), bf16), sds((4, 1024, 4096), bf16), sds((4, 1024, 4096), bf16))),
@@ -160,26 +159,7 @@ def test_lowers_to_triton_for_the_model_shapes():
     for args, epilogue, kwargs in cases:
         epilogue, fmt, group = epilogue if isinstance(epilogue, tuple) else (epilogue, "plain", None)
         fn = functools.partial(row_matmuls, interpret=False, epilogue=epilogue, fmt=fmt, group_size=group)
-        try:
-            text = jax.jit(fn).trace(*args, layer=sds((), i32), **kwargs).lower(lowering_platforms=("cuda",)).as_text()
-        except Exception as e:  # newer jaxlib compiles Triton while lowering and needs a GPU
-            pytest.skip(f"Triton lowering needs a GPU here: {type(e).__name__}")
-        assert "triton" in text
-
-
-def _pallas_calls(jaxpr, out=None):
-    """Names of the pallas_calls in a jaxpr, nested ones (scan body, jit) included, in program order."""
-    out = [] if out is None else out
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            name = eqn.params.get("name_and_src_info") or eqn.params.get("name")
-            out.append(str(getattr(name, "name", name)))
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (list, tuple)) else [value]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _pallas_calls(inner, out)
-    return out
+        assert "triton" in cuda_lowering(fn, *args, layer=sds((), i32), **kwargs)
 
 
 CONFIG = ji.ModelConfig(vocab_size=96, dim=64, ffn_dim=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
@@ -203,7 +183,7 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops, "ROW_FORMATS", (fmt,))
     jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
-    kernels = [n for n in _pallas_calls(jaxpr.jaxpr) if n.startswith("row_matmul")]
+    kernels = [n for n in pallas_call_names(jaxpr.jaxpr) if n.startswith("row_matmul")]
     assert kernels == [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")], kernels
     got, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     got, want = np.asarray(got, F64), np.asarray(want, F64)

@@ -1,0 +1,35 @@
+"""Helpers the kernel tests share: lowering a kernel call for CUDA on a machine without a GPU, and listing
+the pallas_calls a traced program makes."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+
+def cuda_lowering(fn, *args, **kwargs) -> str:
+    """The lowered text of `jax.jit(fn)` for CUDA, with its Pallas kernels lowered to Triton. This catches
+    Triton lowering errors (tile sizes, dtypes) on the CPU; jaxlib newer than 0.10.2 compiles Triton while
+    lowering, which needs a GPU, so the calling test skips there (the native GPU tests compile for real)."""
+    try:
+        from jax._src.lib import version as jaxlib_version
+    except ImportError:  # pragma: no cover
+        jaxlib_version = (0, 0, 0)
+    if jaxlib_version > (0, 10, 2):
+        pytest.skip("newer jaxlib compiles Triton while lowering, which needs a GPU")
+    return jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def pallas_call_names(jaxpr, out=None) -> list[str]:
+    """Names of the pallas_calls in a jaxpr, nested ones (scan body, jit) included, in program order."""
+    out = [] if out is None else out
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            name = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+            out.append(str(getattr(name, "name", name)))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    pallas_call_names(inner, out)
+    return out
