@@ -22,6 +22,9 @@ model's decode step with and without it, every number against the copy bandwidth
   XLA's row reductions (`ops.gemv`) doing the same work unfused; block sweeps; then the decode step at
   batch 1 with contraction-last weights, `ops.ROW_KERNEL` on and off, and the stored layout.
 - `rowq`: the same kernel on quantized gate+up and down stacks (int8, int4-g128 with offsets, fp8), swept.
+- `ptx`: int8 / int4 codes decoded by inline PTX or by jnp (`pallas_kernels/code_decode.py`) in the row
+  kernel's quantized gate+up and down, then the batch-1 decode step in bf16 / int8 / int4 / fp8; `--tag`
+  labels the rows (to compare two copies of the code in one run), `--ptx-variants` picks variants.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -30,6 +33,8 @@ device time per product (kernels only, the chaining slice included), `wall_us` t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import itertools
 import json
 import statistics
@@ -177,14 +182,47 @@ ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 
 # warps) beside the default (4, 4096, 4); a first sweep (run S6-3) also had bn 2-8 x bk 512-4096 x 4/8 warps
 
 
-def row_quant_part(add, over_budget, copy):
+PTX_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's default
+    "ptx": {},
+    "jnp": {"pallas_kernels.code_decode": {"INLINE_PTX": False}},
+}
+
+
+@contextlib.contextmanager
+def switched_all(switches: dict):
+    """`switched` for several modules at once ({module path: {name: value}})."""
+    with contextlib.ExitStack() as stack:
+        for module, values in switches.items():
+            stack.enter_context(switched(importlib.import_module(module), values))
+        yield
+
+
+def ptx_part(add, over_budget, decode_rows, copy, tag, variants):
+    """`--parts ptx`: int8 / int4 codes decoded by inline PTX (`code_decode`) or by the jnp spelling of the
+    same bit trick (PTX_VARIANTS): the row kernel's quantized gate+up and down (a few block
+    choices), then the batch-1 decode step over contraction-last weights in bf16, int8, int4 and fp8."""
+    for label in variants:
+        with switched_all(PTX_VARIANTS[label]):
+            row_quant_part(add, over_budget, copy, formats=("int8", "int4"), sweep=[(8, 2048, 4), (4, 1024, 4)],
+                           fields={"code": label, "tag": tag})
+    for quant in (None, "int8", "int4", "fp8"):
+        for label in variants if quant in ("int8", "int4") else variants[:1]:
+            if not over_budget():
+                with switched_all(PTX_VARIANTS[label]):
+                    decode_rows("ptx_step", {"quant": quant or "bf16", "code": label, "tag": tag}, impl="auto",
+                                quant=quant, weight_layout="contract-last", batches=(1,), phases=("decode",),
+                                profile_batches=())
+
+
+def row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=None, fields=None):
     """`--parts rowq`: the fused row kernel on quantized contraction-last gate+up (SwiGLU) and down (residual)
     stacks: int8 per row, int4 in groups of 128 with offsets, fp8 per row; a block sweep each."""
+    sweep = ROWQ_SWEEP if sweep is None else sweep
     from jaxinfer.quant import quantize_array
     from pallas_kernels import row_matmul as rm
 
     key = jax.random.key(4)
-    for fmt, group, zp in (("int8", None, False), ("int4", 128, True), ("fp8", None, False)):
+    for fmt, group, zp in (c for c in (("int8", None, False), ("int4", 128, True), ("fp8", None, False)) if c[0] in formats):
         for name in ("gateup", "down"):
             k, widths, epilogue, _ = ROW_GROUPS[name]
             qs = [quantize_array(jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.float32), fmt, (-1,),
@@ -193,7 +231,7 @@ def row_quant_part(add, over_budget, copy):
             nbytes = sum(a.nbytes for w in ws for a in w if a is not None) // LAYERS
             x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
             res = jnp.zeros((1, widths[0]), jnp.bfloat16)
-            for cfg in [None] + ROWQ_SWEEP:
+            for cfg in [None] + sweep:
                 if over_budget():
                     return
                 opts = {} if cfg is None else dict(block_n=cfg[0], block_k=cfg[1], num_warps=cfg[2])
@@ -201,7 +239,7 @@ def row_quant_part(add, over_budget, copy):
                 prod = lambda x, w, i, o=opts: rm.row_matmuls(  # noqa: E731
                     x, w, jnp.int32(i), fmt=fmt, group_size=group, epilogue=epilogue,
                     residual=res if epilogue == "residual" else None, **o)[0]
-                row = {"part": "rowq", "weight": f"{name}-{fmt}", "rows": 1, "variant": label}
+                row = {"part": "rowq", "weight": f"{name}-{fmt}", "rows": 1, "variant": label, **(fields or {})}
                 try:
                     wall, dev = chain_seconds(prod, x, ws)
                     t = dev or wall
@@ -218,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="llama-3-8b")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; no new row starts after this")
+    ap.add_argument("--tag", default="", help="a label on every `ptx` row (to tell two copies of the code apart)")
+    ap.add_argument("--ptx-variants", default=",".join(PTX_VARIANTS), help="`ptx`: which of PTX_VARIANTS")
     ap.add_argument("--hlo", action="store_true", help="also write each profiled decode step's compiled HLO")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -299,6 +339,8 @@ def main(argv=None) -> int:
         row_part(args, add, over_budget, decode_rows, copy)
     if "rowq" in parts:
         row_quant_part(add, over_budget, copy)
+    if "ptx" in parts:
+        ptx_part(add, over_budget, decode_rows, copy, args.tag, args.ptx_variants.split(","))
 
     if "step" in parts:
         for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),

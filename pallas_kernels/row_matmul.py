@@ -22,8 +22,11 @@ Weight formats (K split into groups of `g` along the contraction; per-channel: o
 The grid runs over blocks of `block_n` output rows. Internally K is viewed as chunks of `g` elements
 (grouped formats) or `block_k` (others), each split into `sub` = 2 (int4: low and high nibbles) or 1
 halves: codes as [L, N, chunks, width], x as [chunks, sub, width]. A program loops over `gc` chunks at a
-time, accumulating scaled float32 products in a `[block_n, gc, width]` tile (and the offsets times the
-group sums of x), reduced once at the end. Parts sharing x (q/k/v) run in one launch, a static branch per
+time and, within a step, over its rows one at a time, so every thread holds the same columns of each row
+and the (normalised) x of a step is read and converted once for all of them. Codes are decoded exactly in
+registers (`code_decode`: inline PTX on the GPU). Ungrouped formats accumulate float32 products per row
+and reduce at the end; grouped ones reduce each group first, scale it once, and gather the group sums of
+all rows into one tile, reduced once. Parts sharing x (q/k/v) run in one launch, a static branch per
 part; with `epilogue="swiglu"` one program reads the same rows of both parts (gate, up) and writes only
 silu(gate) * up. Rounding follows the unfused model: the normalised row is rounded to x's dtype before the
 norm weight, products to their dtype before an epilogue.
@@ -38,7 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import codes_f32, dequantize_codes, is_pow2
+from pallas_kernels import code_decode
+from pallas_kernels.code_decode import int4_codes_f32, int8_codes_f32
+from pallas_kernels.common import dequantize_codes, is_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
@@ -85,7 +90,7 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype):
+            block_n: int, gc: int, product_dtype, native: bool):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
@@ -131,43 +136,51 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       out.append(xc.astype(f32))
     return out
 
-  def product_tile(v_ref, s_ref, m_ref, rows, c, xs):
-    """[block_n, gc, width] scaled products of this step, and [block_n, gc] offset terms (or None)."""
+  def product_tile(v_ref, s_ref, m_ref, row, c, xs):
+    """[gc, width] scaled products of one output row at this step, and its [gc] offset terms (or None)."""
     steps = pl.ds(c * gc, gc)
-    w = v_ref[layer, rows, steps, :]
+    w = v_ref[layer, row, steps, :]
     if fmt == "int4":
-      zero = 0 if m_ref is not None else 8
-      t = codes_f32(w & 0x0F, zero) * xs[0][None] + codes_f32(w >> 4, zero) * xs[1][None]
-    elif fmt == "int8":  # q + 128 as uint8, then minus 128
-      t = codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128) * xs[0][None]
+      lo, hi = int4_codes_f32(w, 0 if m_ref is not None else 8, native)
+      products = [lo * xs[0], hi * xs[1]]
+    elif fmt == "int8":
+      products = [int8_codes_f32(w, native) * xs[0]]
     else:
-      t = w.astype(f32) * xs[0][None]
+      products = [w.astype(f32) * xs[0]]
     off = None
-    if grouped:
-      t = t * s_ref[layer, rows, steps].astype(f32)[:, :, None]
-      if m_ref is not None:
-        xsum = sum(jnp.sum(x, axis=1) for x in xs)  # [gc]
-        off = m_ref[layer, rows, steps].astype(f32) * xsum[None, :]
+    if not grouped:
+      return products[0], off
+    # a group's sum first, then its scale: one multiply per group, and the sums' adds fuse with the products
+    t = sum(jnp.sum(p, axis=1) for p in products) * s_ref[layer, row, steps].astype(f32)
+    if m_ref is not None:
+      off = m_ref[layer, row, steps].astype(f32) * sum(jnp.sum(x, axis=1) for x in xs)
     return t, off
 
   def stream(w_list, first):  # float32 [block_n] products of each part in w_list at this program's rows
-    rows = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
+    """One row at a time within a step: each thread then holds the same columns of every row, so the row
+    of x (and its norm) is loaded and converted once per step, not once per row."""
+    row0 = pl.multiple_of((j - first) * block_n, block_n)
+    rows = pl.ds(row0, block_n)
 
-    def body(c, carry):
+    def tiles(c):  # per part, per row: (products, offset terms)
       xs = x_chunks(c)
-      new = []
-      for (acc, offs), (v_ref, s_ref, m_ref) in zip(carry, w_list):
-        t, off = product_tile(v_ref, s_ref, m_ref, rows, c, xs)
-        new.append((acc + t, offs if off is None else offs + off))
-      return tuple(new)
+      return tuple(tuple(product_tile(v_ref, s_ref, m_ref, row0 + r, c, xs) for r in range(block_n))
+                   for v_ref, s_ref, m_ref in w_list)
 
-    zero = (jnp.zeros((block_n, gc, width), f32), jnp.zeros((block_n, gc), f32))
-    carry = lax.fori_loop(0, n_steps, body, tuple(zero for _ in w_list))
+    # The first step starts the sums (no zeros to add: the final reduction's adds then fuse with the products)
+    carry = lax.fori_loop(1, n_steps, lambda c, acc: jax.tree.map(jnp.add, acc, tiles(c)), tiles(0))
+    which = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
     outs = []
-    for (acc, offs), (_, s_ref, m_ref) in zip(carry, w_list):
-      out = jnp.sum(jnp.sum(acc, axis=2), axis=1)
-      if m_ref is not None:
-        out = out + jnp.sum(offs, axis=1)
+    for per_row, (_, s_ref, m_ref) in zip(carry, w_list):
+      if grouped:  # [gc] group sums per row: gathered into one [block_n, gc] tile, one reduction for all rows
+        tile = jnp.zeros((block_n, gc), f32)
+        for r, (acc, offs) in enumerate(per_row):
+          tile = jnp.where(which[:, None] == r, (acc if offs is None else acc + offs)[None, :], tile)
+        out = jnp.sum(tile, axis=1)
+      else:
+        out = jnp.zeros((block_n,), f32)
+        for r, (acc, _) in enumerate(per_row):
+          out = jnp.where(which == r, jnp.sum(jnp.sum(acc, axis=1), axis=0), out)
       if quantized and not grouped:  # one scale per row
         out = out * jnp.sum(s_ref[layer, rows, pl.ds(0, 1)].astype(f32), axis=1)
       outs.append(out)
@@ -299,7 +312,8 @@ def row_matmuls(
     first += n // bn
   kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
                              norm=norm_weight is not None, eps=float(eps), epilogue=epilogue, block_n=bn, gc=gc,
-                             product_dtype=product_dtype)
+                             product_dtype=product_dtype,
+                             native=not interpret and code_decode.INLINE_PTX)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   outs = pl.pallas_call(
       kernel,

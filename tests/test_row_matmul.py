@@ -207,3 +207,34 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt,group,zero_point", QUANT[:2] + QUANT[3:])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_native_inline_ptx_decodes_exactly(monkeypatch, fmt, group, zero_point, epilogue):
+    """The inline-PTX code decoding (`code_decode`) is exact: float32 products equal the float64 product
+    of the dequantized weights to float32 rounding, and they are bit for bit those of the jnp spelling of
+    the same decoding (same sums in the same order), for 4 and 8 rows per program and K steps of 256 and
+    the whole row."""
+    from pallas_kernels import code_decode
+
+    rng = np.random.default_rng(12)
+    L, K, N = 2, 2048, 256
+    x = jnp.asarray(rng.standard_normal((1, K)), jnp.bfloat16)
+    parts = [_quantized(rng.standard_normal((L, N, K)).astype(np.float32), fmt, group, zero_point) for _ in range(2)]
+    for block_n, block_k in ((4, None), (8, 256)):
+        call = functools.partial(row_matmuls, x, tuple(p[0] for p in parts), jnp.int32(1), fmt=fmt, group_size=group,
+                                 epilogue=epilogue, out_dtype=jnp.float32, block_n=block_n, block_k=block_k,
+                                 interpret=False)
+        got = call()
+        if epilogue == "none":
+            for out, (_, w64) in zip(got, parts):
+                assert _rel(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
+        monkeypatch.setattr(code_decode, "INLINE_PTX", False)
+        jax.clear_caches()
+        plain = call()
+        monkeypatch.setattr(code_decode, "INLINE_PTX", True)
+        jax.clear_caches()
+        for a, b in zip(got, plain):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,70 @@
+"""Quantization codes to exact float32 inside a Triton kernel, in as few instructions as the GPU allows.
+
+Why: a batch-1 product over int8 / int4 codes is issue-bound, not memory-bound, when the codes are decoded
+the way the Triton lowering spells uint8 arithmetic (byte extract, xor, mask, OR into a float's mantissa,
+subtract: about four integer instructions per code before the multiply-add; Nsight Compute and the SASS in
+pallas_kernels/NOTES.md). Inline PTX does the same bit trick a 32-bit word at a time: a code set into the
+mantissa of 2^23 is the float 2^23 + code, so one byte permute (int8) or one three-input logic op (int4) per
+code makes the float, and one subtract (or fused multiply-add) removes the constant, exactly. No
+int-to-float conversion instruction (those run at a quarter of the FMA rate).
+
+`native=False` gives the same values in plain jnp: the interpreter (CPU tests) runs no PTX.
+"""
+from __future__ import annotations
+
+import struct
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import codes_f32
+
+INLINE_PTX = True  # False: the jnp spelling on the GPU too (benchmarks compare the two in one process)
+_MAGIC = 0x4B000000  # float bits of 2^23: a value below 2^23 in the low mantissa bits reads as 2^23 + value
+
+
+def _f32(x: float) -> str:
+  """A PTX float32 literal (exact bits)."""
+  return "0f%08X" % struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+# Four int8 codes in one 32-bit register ($4): flip the sign bits (q + 128 as unsigned), then each byte
+# becomes the low byte of 2^23's bits; outputs $0..$3 are 2^23 + 128 + q.
+_INT8_ASM = "\n".join([
+    "{", ".reg .b32 u;", "xor.b32 u, $4, 0x80808080;",
+    *(f"prmt.b32 ${i}, u, {_MAGIC:#010x}, 0x765{i};" for i in range(4)), "}"])
+
+
+def _int4_asm(zero: int, high: bool) -> str:
+  """Eight int4 codes in one 32-bit register ($4; byte i: low nibble element i of the group's first half,
+  high nibble element i of its second): outputs $0..$3 the four low (or high) nibbles, each minus `zero`.
+  A nibble at bit p is masked into the mantissa of 2^23 in place (bits 20-31 first shifted down by 16),
+  giving 2^23 + code * 2^p; one fused multiply-add scales by 2^-p and subtracts 2^(23-p) + zero, exactly.
+  (Two calls, one per half: jax's lowering of a multi-result inline asm is broken in 0.10.)"""
+  places = [("$4", 4), ("$4", 12), ("h", 4), ("h", 12)] if high else [("$4", 0), ("$4", 8), ("$4", 16), ("h", 8)]
+  lines = ["{", ".reg .b32 h, t;", "shr.b32 h, $4, 16;"]
+  for out, (src, p) in enumerate(places):
+    lines.append(f"lop3.b32 t, {src}, {0xF << p:#x}, {_MAGIC:#010x}, 0xEA;")  # (src & mask) | 2^23
+    lines.append(f"fma.rn.f32 ${out}, t, {_f32(2.0 ** -p)}, {_f32(-(2.0 ** (23 - p) + zero))};")
+  return "\n".join(lines + ["}"])
+
+
+def int8_codes_f32(w: jax.Array, native: bool) -> jax.Array:
+  """int8 codes as float32: one byte permute and one subtract per code (plus one xor per four)."""
+  if not native:
+    return codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128)
+  [c] = pltriton.elementwise_inline_asm(_INT8_ASM, args=[w], constraints="=r,=r,=r,=r,r", pack=4,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float32)])
+  return c - float(2**23 + 128)
+
+
+def int4_codes_f32(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, jax.Array]:
+  """Packed int4 codes (uint8, two per byte) as float32 (low nibbles, high nibbles), each minus `zero`: one
+  logic op and one fused multiply-add per code."""
+  if not native:
+    return codes_f32(w & 0x0F, zero), codes_f32(w >> 4, zero)
+  shape = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
+  return tuple(pltriton.elementwise_inline_asm(_int4_asm(zero, high), args=[w], constraints="=r,=r,=r,=r,r",
+                                               pack=4, result_shape_dtypes=shape)[0] for high in (False, True))

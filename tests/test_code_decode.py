@@ -1,0 +1,118 @@
+"""The inline PTX that decodes int8 / int4 codes (`pallas_kernels.code_decode`), checked on the CPU.
+
+The GPU runs the PTX for real (tests/test_row_matmul.py, `-m gpu`: exact float32 products, bit for bit the
+jnp spelling's). Here a small interpreter of the five instructions the strings use (xor, shr, prmt, lop3,
+fma) runs them over every code value in every byte position, so a wrong selector, mask or constant fails
+in the default suite; and the Triton lowering must carry the PTX exactly when it is switched on.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_tools import cuda_lowering
+from pallas_kernels import code_decode
+from pallas_kernels.row_matmul import row_matmuls
+
+M32 = 0xFFFFFFFF
+
+
+def _f32(bits: int) -> float:
+    return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def _bits(value) -> int:
+    return int(np.array([value], np.float32).view(np.uint32)[0])
+
+
+def _operand(token: str, regs: dict) -> int:
+    if token.startswith("0f"):
+        return int(token[2:], 16)
+    if token[0].isdigit():
+        return int(token, 0)
+    return regs[token]
+
+
+def run_ptx(asm: str, inputs: dict) -> dict:
+    """Registers after running `asm` (the instructions code_decode emits; PTX ISA semantics) from `inputs`
+    ({"$4": word}); every register is a 32-bit pattern."""
+    regs = dict(inputs)
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = re.fullmatch(r"(\S+)\s+(.*);", line).groups()
+        dst, *src = [a.strip() for a in args.split(",")]
+        v = [_operand(a, regs) for a in src]
+        if op == "xor.b32":
+            out = v[0] ^ v[1]
+        elif op == "shr.b32":
+            out = v[0] >> v[1]
+        elif op == "prmt.b32":  # default mode: selector nibble i picks byte i of the result from {b, a}
+            pool = [(v[0] >> 8 * k) & 0xFF for k in range(4)] + [(v[1] >> 8 * k) & 0xFF for k in range(4)]
+            out = 0
+            for i in range(4):
+                sel = (v[2] >> 4 * i) & 0xF
+                byte = pool[sel & 7]
+                if sel & 8:  # sign replication
+                    byte = 0xFF if byte & 0x80 else 0
+                out |= byte << 8 * i
+        elif op == "lop3.b32":  # bit i of the result: bit (a_i b_i c_i) of the look-up table
+            a, b, c, lut = v
+            out = 0
+            for idx in range(8):
+                if lut >> idx & 1:
+                    out |= (a if idx & 4 else ~a) & (b if idx & 2 else ~b) & (c if idx & 1 else ~c)
+        elif op == "fma.rn.f32":
+            a, b, c = (np.float64(_f32(x)) for x in v)
+            out = _bits(np.float32(a * b + c))  # exact in float64 for these operands, then one rounding
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        regs[dst] = out & M32
+    return regs
+
+
+def _words(rng, byte_values, count=64):
+    """32-bit words covering every byte value in every byte position, plus random ones."""
+    cover = [int.from_bytes(bytes(np.roll(byte_values, k)[:4]), "little") for k in range(len(byte_values))]
+    return cover + [int(w) for w in rng.integers(0, 2**32, count, dtype=np.uint64)]
+
+
+def test_int8_asm_decodes_every_code_in_every_position():
+    rng = np.random.default_rng(0)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        regs = run_ptx(code_decode._INT8_ASM, {"$4": word})
+        codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
+        got = [_f32(regs[f"${i}"]) - (2**23 + 128) for i in range(4)]
+        assert got == [float(c) for c in codes], (hex(word), got, codes)
+
+
+@pytest.mark.parametrize("zero", [0, 8])
+@pytest.mark.parametrize("high", [False, True])
+def test_int4_asm_decodes_every_nibble_in_every_position(zero, high):
+    rng = np.random.default_rng(1)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        regs = run_ptx(code_decode._int4_asm(zero, high), {"$4": word})
+        nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
+        got = [_f32(regs[f"${i}"]) for i in range(4)]
+        assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128)])
+def test_lowering_carries_the_ptx_only_when_switched_on(monkeypatch, fmt, group):
+    sds = jax.ShapeDtypeStruct
+    L, N, K = 2, 256, 1024
+    if fmt == "int8":
+        w = (sds((L, N, K), jnp.int8), sds((L, N, 1), jnp.float32), None)
+    else:
+        w = (sds((L, N, K // 2), jnp.uint8), sds((L, N, K // group), jnp.float16), None)
+    fn = functools.partial(row_matmuls, interpret=False, fmt=fmt, group_size=group)
+    marker = "prmt.b32" if fmt == "int8" else "lop3.b32"
+    assert marker in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
+    monkeypatch.setattr(code_decode, "INLINE_PTX", False)
+    jax.clear_caches()
+    assert marker not in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
