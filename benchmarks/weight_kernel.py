@@ -185,6 +185,8 @@ ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 
 PTX_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's default
     "ptx": {},
     "jnp": {"pallas_kernels.code_decode": {"INLINE_PTX": False}},
+    "head-xla": {"jaxinfer.ops": {"ROW_HEAD": False}},  # the output head on XLA's path
+    "bn4": {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 4}},  # 4 rows per program throughout
 }
 
 
@@ -197,33 +199,36 @@ def switched_all(switches: dict):
         yield
 
 
-def ptx_part(add, over_budget, decode_rows, copy, tag, variants):
+def ptx_part(add, over_budget, decode_rows, copy, tag, variants, sweep, steps=True, profile=False, quants=None,
+             names=("gateup", "down")):
     """`--parts ptx`: int8 / int4 codes decoded by inline PTX (`code_decode`) or by the jnp spelling of the
     same bit trick (PTX_VARIANTS): the row kernel's quantized gate+up and down (a few block
     choices), then the batch-1 decode step over contraction-last weights in bf16, int8, int4 and fp8."""
     for label in variants:
         with switched_all(PTX_VARIANTS[label]):
-            row_quant_part(add, over_budget, copy, formats=("int8", "int4"), sweep=[(8, 2048, 4), (4, 1024, 4)],
-                           fields={"code": label, "tag": tag})
-    for quant in (None, "int8", "int4", "fp8"):
-        for label in variants if quant in ("int8", "int4") else variants[:1]:
+            row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=sweep,
+                           fields={"code": label, "tag": tag}, names=names)
+    for quant in (quants or (None, "int8", "int4", "fp8")) if steps else ():
+        for label in variants if quant else variants[:1]:
             if not over_budget():
                 with switched_all(PTX_VARIANTS[label]):
                     decode_rows("ptx_step", {"quant": quant or "bf16", "code": label, "tag": tag}, impl="auto",
                                 quant=quant, weight_layout="contract-last", batches=(1,), phases=("decode",),
-                                profile_batches=())
+                                profile_batches=(1,) if profile else ())
 
 
-def row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=None, fields=None):
-    """`--parts rowq`: the fused row kernel on quantized contraction-last gate+up (SwiGLU) and down (residual)
-    stacks: int8 per row, int4 in groups of 128 with offsets, fp8 per row; a block sweep each."""
+def row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=None, fields=None,
+                   names=("gateup", "down")):
+    """`--parts rowq`: the fused row kernel on quantized contraction-last stacks of ROW_GROUPS (default
+    gate+up with SwiGLU and down with the residual; no norm): int8 per row, int4 in groups of 128 with
+    offsets, fp8 per row; a block sweep each."""
     sweep = ROWQ_SWEEP if sweep is None else sweep
     from jaxinfer.quant import quantize_array
     from pallas_kernels import row_matmul as rm
 
     key = jax.random.key(4)
     for fmt, group, zp in (c for c in (("int8", None, False), ("int4", 128, True), ("fp8", None, False)) if c[0] in formats):
-        for name in ("gateup", "down"):
+        for name in names:
             k, widths, epilogue, _ = ROW_GROUPS[name]
             qs = [quantize_array(jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.float32), fmt, (-1,),
                                  group, zero_point=zp) for j, n in enumerate(widths)]
@@ -257,6 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--budget", type=float, default=480.0, help="seconds; no new row starts after this")
     ap.add_argument("--tag", default="", help="a label on every `ptx` row (to tell two copies of the code apart)")
+    ap.add_argument("--rowq-sweep", default="8x2048x4,4x1024x4",
+                    help="`ptx`: block_n x block_k x warps configurations beside the default, comma-separated")
+    ap.add_argument("--rowq-names", default="gateup,down", help="`ptx`: which ROW_GROUPS products")
+    ap.add_argument("--no-steps", action="store_true", help="`ptx`: products only, no decode steps")
+    ap.add_argument("--ptx-profile", action="store_true", help="`ptx`: trace the decode steps op by op")
+    ap.add_argument("--ptx-quants", default="", help="`ptx`: decode steps of these (bf16,int8,int4,fp8; default all)")
     ap.add_argument("--ptx-variants", default=",".join(PTX_VARIANTS), help="`ptx`: which of PTX_VARIANTS")
     ap.add_argument("--hlo", action="store_true", help="also write each profiled decode step's compiled HLO")
     args = ap.parse_args(argv)
@@ -340,7 +351,10 @@ def main(argv=None) -> int:
     if "rowq" in parts:
         row_quant_part(add, over_budget, copy)
     if "ptx" in parts:
-        ptx_part(add, over_budget, decode_rows, copy, args.tag, args.ptx_variants.split(","))
+        sweep = [tuple(int(v) for v in c.split("x")) for c in args.rowq_sweep.split(",") if c]
+        quants = [None if q == "bf16" else q for q in args.ptx_quants.split(",")] if args.ptx_quants else None
+        ptx_part(add, over_budget, decode_rows, copy, args.tag, args.ptx_variants.split(","), sweep, not args.no_steps,
+                 args.ptx_profile, quants, [n for n in args.rowq_names.split(",") if n])
 
     if "step" in parts:
         for impl, kernel, batches in (("auto", True, (1, 8, 16, 32, 64, 128)), ("xla", True, (1, 8, 64)),

@@ -51,6 +51,7 @@ ROW_KERNEL = True  # one row of contraction-last layer weights may take the fuse
 # Formats that take it under `auto`. Not plain bf16: XLA's row reduction streams it faster (H200 llama-3-8b
 # batch 1: 4.449 ms with XLA vs 4.574 with the kernel and its fusions, BENCHMARKS.md).
 ROW_FORMATS = ("int8", "int4", "fp8")
+ROW_HEAD = True  # an unstacked weight (the output head) may take the row kernel too (False: XLA's paths)
 
 
 @dataclass(frozen=True)
@@ -517,9 +518,10 @@ def on_gpu() -> bool:
 
 def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     """A function running `products` (already in stored order) as one `row_matmul` launch, or None when
-    the `row` path does not take them. It takes: one row of x in bf16/f16; every weight a contraction-last
-    layer (`LayerOf`, one shared layer index), plain in x's dtype or quantized along its contracted axes,
-    one format for all; whole arrays; the kernel's tiling; and under `auto` a GPU and a format in
+    the `row` path does not take them. It takes: one row of x in bf16/f16; every weight contraction-last,
+    either each a layer (`LayerOf`, one shared layer index) or none (the output head), plain in x's dtype
+    or quantized along its contracted axes, one format for all; whole arrays; the kernel's tiling; and
+    under `auto` a GPU and a format in
     `ROW_FORMATS` (`impl="pallas"` forces it, in interpret mode off the GPU). A `Normed` x fuses its norm
     when its weight is a layer of the same index."""
     if impl not in ("auto", "pallas") or not ROW_KERNEL:
@@ -530,10 +532,14 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():
         return None
     flats, index, spec0, fmt = [], None, None, None
+    layered = {isinstance(w, LayerOf) for _, w in products}
+    if len(layered) != 1 or (layered == {False} and not ROW_HEAD):
+        return None
     for eq, w in products:
-        if not isinstance(w, LayerOf) or isinstance(w.stacked, Observed) or (index is not None and w.index is not index):
+        inner = w.stacked if isinstance(w, LayerOf) else w
+        if isinstance(inner, Observed) or (isinstance(w, LayerOf) and index is not None and w.index is not index):
             return None
-        index, view = w.index, w.shape_view()
+        index, view = (w.index, w.shape_view()) if isinstance(w, LayerOf) else (None, w)
         if isinstance(view, QArray):
             if view.offsets is not None and view.fmt != "int4":
                 return None
@@ -548,7 +554,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         if (spec0 is not None and spec.k != spec0.k) or (fmt is not None and _format(view) != fmt):
             return None
         spec0, fmt = spec0 or spec, fmt or _format(view)
-        flats.append(_flat_kernel_args(spec, w.stacked, index))
+        flats.append(_flat_kernel_args(spec, inner, index))
     from pallas_kernels import row_matmul as rm
 
     _, kind, group, free = flats[0]

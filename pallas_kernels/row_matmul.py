@@ -48,6 +48,7 @@ from pallas_kernels.common import dequantize_codes, is_pow2
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
 _BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 columns: BENCHMARKS.md)
+_BLOCK_N_ONE_STEP = 8  # quantized codes whose whole K is one step (H200, session 8: 3-10 % faster than 4)
 _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
 _WARPS = 4
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
@@ -65,12 +66,12 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
          block_k: int | None = None) -> tuple[int, int, int] | None:
   """(block_n, chunk, chunks per step) tiling every part's N and K with powers of two, or None.
 
-  chunk: K elements per scale group (grouped formats) or per step (others)."""
+  chunk: K elements per scale group (grouped formats) or per step (others). Default block_n: _BLOCK_N, or
+  _BLOCK_N_ONE_STEP for quantized codes when one step covers K."""
   if fmt not in FORMATS or not widths or any(n < 1 for n in widths):
     return None
-  bn = block_n or min(_pow2_divisor(n, _BLOCK_N) for n in widths)
   bk = block_k or _BLOCK_K
-  if not is_pow2(bn) or any(n % bn for n in widths) or not is_pow2(bk):
+  if not is_pow2(bk) or (block_n is not None and not is_pow2(block_n)):
     return None
   if group is None:
     if fmt == "int4":
@@ -78,10 +79,16 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
     chunk = block_k or _pow2_divisor(k, _BLOCK_K)
     if chunk < 16 or k % chunk:
       return None
-    return bn, chunk, 1
-  if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
+    gc = 1
+  else:
+    if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
+      return None
+    chunk, gc = group, _pow2_divisor(k // group, max(1, bk // group))
+  cap = _BLOCK_N_ONE_STEP if fmt != "plain" and chunk * gc == k else _BLOCK_N
+  bn = block_n or min(_pow2_divisor(n, cap) for n in widths)
+  if any(n % bn for n in widths):
     return None
-  return bn, group, _pow2_divisor(k // group, max(1, bk // group))
+  return bn, chunk, gc
 
 
 def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bool:

@@ -169,8 +169,8 @@ CONFIG = ji.ModelConfig(vocab_size=96, dim=64, ffn_dim=128, num_layers=3, num_he
 def test_model_runs_the_fused_layers(monkeypatch, recipe):
     """One-row decode on contraction-last weights (bf16 or quantized after the transform): with the row
     path on (interpret mode standing in for the GPU) every layer runs three fused calls (norm + q/k/v, norm
-    + SwiGLU, and o and down with their residual adds), and the logits equal the unfused XLA path's
-    within bf16 rounding."""
+    + SwiGLU, and o and down with their residual adds), the output head one more, and the logits equal
+    the unfused XLA path's within bf16 rounding."""
     params = ji.contract_last(ji.init_params(CONFIG, jax.random.key(5, impl="rbg"), jnp.bfloat16))
     fmt = "plain"
     if recipe is not None:
@@ -184,7 +184,8 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     monkeypatch.setattr(ops, "ROW_FORMATS", (fmt,))
     jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     kernels = [n for n in pallas_call_names(jaxpr.jaxpr) if n.startswith("row_matmul")]
-    assert kernels == [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")], kernels
+    layer = [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")]
+    assert kernels == layer + [f"row_matmul_{fmt}_none"], kernels  # the output head last
     got, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     got, want = np.asarray(got, F64), np.asarray(want, F64)
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max(), np.abs(got - want).max()
