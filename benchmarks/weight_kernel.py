@@ -182,11 +182,15 @@ ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 
 # warps) beside the default (4, 4096, 4); a first sweep (run S6-3) also had bn 2-8 x bk 512-4096 x 4/8 warps
 
 
-PTX_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's default
+ROW_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's default
     "ptx": {},
     "jnp": {"pallas_kernels.code_decode": {"INLINE_PTX": False}},
     "head-xla": {"jaxinfer.ops": {"ROW_HEAD": False}},  # the output head on XLA's path
     "bn4": {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 4}},  # 4 rows per program throughout
+    # bf16 weights on the row kernel too (by default XLA's row reductions take them), 4 or 8 rows per program
+    "plain-row": {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")}},
+    "plain-row-bn8": {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")},
+                      "pallas_kernels.row_matmul": {"_ONE_STEP_FORMATS": ("int8", "int4", "fp8", "plain")}},
 }
 
 
@@ -202,16 +206,16 @@ def switched_all(switches: dict):
 def ptx_part(add, over_budget, decode_rows, copy, tag, variants, sweep, steps=True, profile=False, quants=None,
              names=("gateup", "down")):
     """`--parts ptx`: int8 / int4 codes decoded by inline PTX (`code_decode`) or by the jnp spelling of the
-    same bit trick (PTX_VARIANTS): the row kernel's quantized gate+up and down (a few block
+    same bit trick (ROW_VARIANTS): the row kernel's quantized gate+up and down (a few block
     choices), then the batch-1 decode step over contraction-last weights in bf16, int8, int4 and fp8."""
     for label in variants:
-        with switched_all(PTX_VARIANTS[label]):
+        with switched_all(ROW_VARIANTS[label]):
             row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=sweep,
                            fields={"code": label, "tag": tag}, names=names)
     for quant in (quants or (None, "int8", "int4", "fp8")) if steps else ():
-        for label in variants if quant else variants[:1]:
+        for label in variants:
             if not over_budget():
-                with switched_all(PTX_VARIANTS[label]):
+                with switched_all(ROW_VARIANTS[label]):
                     decode_rows("ptx_step", {"quant": quant or "bf16", "code": label, "tag": tag}, impl="auto",
                                 quant=quant, weight_layout="contract-last", batches=(1,), phases=("decode",),
                                 profile_batches=(1,) if profile else ())
@@ -268,7 +272,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-steps", action="store_true", help="`ptx`: products only, no decode steps")
     ap.add_argument("--ptx-profile", action="store_true", help="`ptx`: trace the decode steps op by op")
     ap.add_argument("--ptx-quants", default="", help="`ptx`: decode steps of these (bf16,int8,int4,fp8; default all)")
-    ap.add_argument("--ptx-variants", default=",".join(PTX_VARIANTS), help="`ptx`: which of PTX_VARIANTS")
+    ap.add_argument("--ptx-variants", default=",".join(ROW_VARIANTS), help="`ptx`: which of ROW_VARIANTS")
     ap.add_argument("--hlo", action="store_true", help="also write each profiled decode step's compiled HLO")
     args = ap.parse_args(argv)
     out = Path(args.out)

@@ -48,7 +48,8 @@ from pallas_kernels.common import dequantize_codes, is_pow2
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
 _BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 columns: BENCHMARKS.md)
-_BLOCK_N_ONE_STEP = 8  # quantized codes whose whole K is one step (H200, session 8: 3-10 % faster than 4)
+_BLOCK_N_ONE_STEP = 8  # when the whole K is one step, for these formats (H200, session 8: 3-10 % faster than 4)
+_ONE_STEP_FORMATS = ("int8", "int4", "fp8")
 _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
 _WARPS = 4
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
@@ -67,7 +68,7 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
   """(block_n, chunk, chunks per step) tiling every part's N and K with powers of two, or None.
 
   chunk: K elements per scale group (grouped formats) or per step (others). Default block_n: _BLOCK_N, or
-  _BLOCK_N_ONE_STEP for quantized codes when one step covers K."""
+  _BLOCK_N_ONE_STEP for _ONE_STEP_FORMATS when one step covers K."""
   if fmt not in FORMATS or not widths or any(n < 1 for n in widths):
     return None
   bk = block_k or _BLOCK_K
@@ -84,7 +85,7 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
     if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
       return None
     chunk, gc = group, _pow2_divisor(k // group, max(1, bk // group))
-  cap = _BLOCK_N_ONE_STEP if fmt != "plain" and chunk * gc == k else _BLOCK_N
+  cap = _BLOCK_N_ONE_STEP if fmt in _ONE_STEP_FORMATS and chunk * gc == k else _BLOCK_N
   bn = block_n or min(_pow2_divisor(n, cap) for n in widths)
   if any(n % bn for n in widths):
     return None
