@@ -187,6 +187,7 @@ ROW_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's defau
     "jnp": {"pallas_kernels.code_decode": {"INLINE_PTX": False}},
     "head-xla": {"jaxinfer.ops": {"ROW_HEAD": False}},  # the output head on XLA's path
     "bn4": {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 4}},  # 4 rows per program throughout
+    "unrolled": {"pallas_kernels.row_matmul": {"_UNROLLED_FORMATS": ("int8", "int4", "fp8")}},  # K loops unrolled
     # bf16 weights on the row kernel too (by default XLA's row reductions take them), 4 or 8 rows per program
     "plain-row": {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")}},
     "plain-row-bn8": {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")},
