@@ -42,7 +42,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import code_decode
-from pallas_kernels.code_decode import int4_codes_f32, int8_codes_f32
 from pallas_kernels.common import dequantize_codes, is_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
@@ -150,10 +149,10 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
     steps = pl.ds(c * gc, gc)
     w = v_ref[layer, row, steps, :]
     if fmt == "int4":
-      lo, hi = int4_codes_f32(w, 0 if m_ref is not None else 8, native)
+      lo, hi = code_decode.int4_codes_f32(w, 0 if m_ref is not None else 8, native)
       products = [lo * xs[0], hi * xs[1]]
     elif fmt == "int8":
-      products = [int8_codes_f32(w, native) * xs[0]]
+      products = [code_decode.int8_codes_f32(w, native) * xs[0]]
     else:
       products = [w.astype(f32) * xs[0]]
     off = None

@@ -195,8 +195,8 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,group,zero_point", [("plain", None, False)] + QUANT)
 def test_native_kernel_equals_the_reference(fmt, group, zero_point):
-    """Compiled for the GPU: llama-like shapes (q/k/v widths, K 1024) with the norm, bf16 activations,
-    against the jnp reference that rounds where the kernel rounds."""
+    """Compiled for the GPU: llama-like shapes (q/k/v widths, K 1024 in one step or four) with the norm,
+    bf16 activations, against the jnp reference that rounds where the kernel rounds."""
     rng = np.random.default_rng(11)
     L, K, widths = 2, 1024, (512, 128, 128)
     x = jnp.asarray(rng.standard_normal((1, K)), jnp.bfloat16)
@@ -204,10 +204,12 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     ws = [rng.standard_normal((L, n, K)).astype(np.float32) / 32 for n in widths]
     parts = tuple(jnp.asarray(w, jnp.bfloat16) if fmt == "plain" else _quantized(w, fmt, group, zero_point)[0]
                   for w in ws)
-    got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, interpret=False)
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
-    for a, b in zip(got, want):
-        assert _rel(a, b) < 1e-2
+    for block_k in (None, 256):  # one K step, and a loop of four (fp8's unrolled)
+        got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
+                          interpret=False)
+        for a, b in zip(got, want):
+            assert _rel(a, b) < 1e-2
 
 
 @pytest.mark.gpu
