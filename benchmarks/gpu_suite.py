@@ -21,7 +21,6 @@ on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weig
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -96,7 +95,7 @@ def standard_spec(args):
 
 
 # Batch-1 variants timed after the standard set, each against the same ceilings: name -> (title, spec changes[,
-# library switches "module.NAME": value set while the variant runs]).
+# switches {module path: {NAME: value}} set while the variant runs (`jaxinfer.bench.switched_modules`)]).
 VARIANTS = {
     # The plain XLA path (no Pallas anywhere): issue 4's batch-1 criterion, with its own op-by-op trace.
     "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
@@ -111,42 +110,17 @@ VARIANTS = {
        for q in ("int8", "fp8", "int4")},
     # The decode step with the rotation and the cache write as XLA ops (the fused `rope_write` kernel off).
     "unfused_rope_write": ("Default path, rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
-                           dict(profile_batches=(1,)), {"attention.ROPE_WRITE_KERNEL": False}),
+                           dict(profile_batches=(1,)), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
     "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
                                          dict(weight_layout="contract-last", profile_batches=()),
-                                         {"attention.ROPE_WRITE_KERNEL": False}),
+                                         {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
 }
-
-
-@contextlib.contextmanager
-def switched(flags: dict):
-    """Set library switches ("module.NAME" under jaxinfer) for a variant, restore them after; jit caches are
-    cleared on both sides so that every trace sees the switches of its own variant."""
-    import importlib
-
-    import jax
-
-    old = {}
-    for path, value in flags.items():
-        module, name = path.rsplit(".", 1)
-        mod = importlib.import_module(f"jaxinfer.{module}")
-        old[(mod, name)] = getattr(mod, name)
-        setattr(mod, name, value)
-    if flags:
-        jax.clear_caches()
-    try:
-        yield
-    finally:
-        for (mod, name), value in old.items():
-            setattr(mod, name, value)
-        if flags:
-            jax.clear_caches()
 
 
 def run_benchmarks(args, out: Path, summary: dict):
     import dataclasses
 
-    from jaxinfer.bench import measure_ceilings, run_bench
+    from jaxinfer.bench import measure_ceilings, run_bench, switched_modules
     from jaxinfer.bench.command import check_spec_fits
     from jaxinfer.bench.report import markdown, roofline_png, to_json
     from jaxinfer.bench.runner import BenchReport, run_metadata
@@ -178,7 +152,7 @@ def run_benchmarks(args, out: Path, summary: dict):
     for s in (prefill_spec, spec):
         run_bench(s, ceilings=ceilings, progress=not args.no_progress, on_result=save)
     for name, v in variant_specs.items():
-        with switched(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {}):
+        with switched_modules(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {}):
             run_bench(v, ceilings=ceilings, progress=not args.no_progress, on_result=lambda m, name=name: save(m, into=name))
     for m in results:
         hlo = m.extras.get("breakdown", {}).pop("hlo_text", None)

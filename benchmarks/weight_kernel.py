@@ -33,8 +33,6 @@ device time per product (kernels only, the chaining slice included), `wall_us` t
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import itertools
 import json
 import statistics
@@ -50,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxinfer import ops  # noqa: E402
-from jaxinfer.bench import measure_ceilings, switched  # noqa: E402
+from jaxinfer.bench import measure_ceilings, switched, switched_modules  # noqa: E402
 from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from pallas_kernels import weight_matmul as wm  # noqa: E402
 
@@ -195,28 +193,19 @@ ROW_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's defau
 }
 
 
-@contextlib.contextmanager
-def switched_all(switches: dict):
-    """`switched` for several modules at once ({module path: {name: value}})."""
-    with contextlib.ExitStack() as stack:
-        for module, values in switches.items():
-            stack.enter_context(switched(importlib.import_module(module), values))
-        yield
-
-
 def ptx_part(add, over_budget, decode_rows, copy, tag, variants, sweep, steps=True, profile=False, quants=None,
              names=("gateup", "down")):
     """`--parts ptx`: int8 / int4 codes decoded by inline PTX (`code_decode`) or by the jnp spelling of the
     same bit trick (ROW_VARIANTS): the row kernel's quantized gate+up and down (a few block
     choices), then the batch-1 decode step over contraction-last weights in bf16, int8, int4 and fp8."""
     for label in variants:
-        with switched_all(ROW_VARIANTS[label]):
+        with switched_modules(ROW_VARIANTS[label]):
             row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=sweep,
                            fields={"code": label, "tag": tag}, names=names)
     for quant in (quants or (None, "int8", "int4", "fp8")) if steps else ():
         for label in variants:
             if not over_budget():
-                with switched_all(ROW_VARIANTS[label]):
+                with switched_modules(ROW_VARIANTS[label]):
                     decode_rows("ptx_step", {"quant": quant or "bf16", "code": label, "tag": tag}, impl="auto",
                                 quant=quant, weight_layout="contract-last", batches=(1,), phases=("decode",),
                                 profile_batches=(1,) if profile else ())

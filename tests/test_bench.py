@@ -11,7 +11,7 @@ import pytest
 
 from jaxinfer.bench import costs
 from jaxinfer.bench.ceilings import Ceilings, datasheet_for, measure_ceilings
-from jaxinfer.bench.measure import Timing, switched, time_calls
+from jaxinfer.bench.measure import Timing, switched, switched_modules, time_calls
 from jaxinfer.bench.profile import hlo_op_names
 from jaxinfer.bench.runner import evaluate
 from jaxinfer.cache import init_cache
@@ -132,6 +132,21 @@ def test_switched_sets_module_knobs_for_the_block_and_restores_them():
         with switched(knobs, {"SCALE": 7.0}):
             raise RuntimeError("a failing case")
     assert knobs.SCALE == 2.0
+
+
+def test_switched_modules_takes_modules_and_dotted_paths_and_restores_all():
+    import types
+
+    from jaxinfer import ops
+
+    knobs = types.ModuleType("knobs")
+    knobs.SCALE = 2.0
+    before = ops.ROW_HEAD
+    with pytest.raises(RuntimeError):
+        with switched_modules({knobs: {"SCALE": 3.0}, "jaxinfer.ops": {"ROW_HEAD": not before}}):
+            assert knobs.SCALE == 3.0 and ops.ROW_HEAD is (not before)
+            raise RuntimeError("a failing case")
+    assert knobs.SCALE == 2.0 and ops.ROW_HEAD is before
 
 
 def test_measured_ceilings_are_positive_and_pick_the_best_copy():

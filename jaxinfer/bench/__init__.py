@@ -7,7 +7,7 @@ is imported by the model code.
 
 from .ceilings import DATASHEET, Ceilings, measure_ceilings
 from .costs import StepCost, decode_cost, prefill_cost
-from .measure import Timing, switched, time_calls
+from .measure import Timing, switched, switched_modules, time_calls
 from .runner import BenchReport, BenchSpec, Measurement, run_bench
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "prefill_cost",
     "run_bench",
     "switched",
+    "switched_modules",
     "time_calls",
 ]

@@ -8,6 +8,7 @@ finished work. Knows nothing of models.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import dataclasses
 import statistics
 import time
@@ -71,3 +72,13 @@ def switched(module, values: dict):
         for k, v in saved.items():
             setattr(module, k, v)
         jax.clear_caches()
+
+
+@contextlib.contextmanager
+def switched_modules(switches: dict):
+    """`switched` for several modules at once: {module or dotted module path: {name: value}}."""
+    with contextlib.ExitStack() as stack:
+        for module, values in switches.items():
+            module = importlib.import_module(module) if isinstance(module, str) else module
+            stack.enter_context(switched(module, values))
+        yield
