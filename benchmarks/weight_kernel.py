@@ -22,9 +22,11 @@ model's decode step with and without it, every number against the copy bandwidth
   XLA's row reductions (`ops.gemv`) doing the same work unfused; block sweeps; then the decode step at
   batch 1 with contraction-last weights, `ops.ROW_KERNEL` on and off, and the stored layout.
 - `rowq`: the same kernel on quantized gate+up and down stacks (int8, int4-g128 with offsets, fp8), swept.
-- `ptx`: int8 / int4 codes decoded by inline PTX or by jnp (`pallas_kernels/code_decode.py`) in the row
-  kernel's quantized gate+up and down, then the batch-1 decode step in bf16 / int8 / int4 / fp8; `--tag`
-  labels the rows (to compare two copies of the code in one run), `--ptx-variants` picks variants.
+- `ptx`: the row kernel's variants (`ROW_VARIANTS`: int8 / int4 codes decoded by inline PTX or by jnp,
+  `pallas_kernels/code_decode.py`; the head on XLA; rows per program; unrolled loops; bf16 on the kernel)
+  on its quantized products, then in the batch-1 decode step in bf16 / int8 / int4 / fp8; `--tag` labels
+  the rows (to compare two copies of the code in one run), `--ptx-variants`, `--rowq-names`,
+  `--rowq-sweep`, `--ptx-quants`, `--ptx-profile`, `--no-steps` choose what runs.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -195,9 +197,10 @@ ROW_VARIANTS = {  # label: {module path: switches}; "ptx" is the library's defau
 
 def ptx_part(add, over_budget, decode_rows, copy, tag, variants, sweep, steps=True, profile=False, quants=None,
              names=("gateup", "down")):
-    """`--parts ptx`: int8 / int4 codes decoded by inline PTX (`code_decode`) or by the jnp spelling of the
-    same bit trick (ROW_VARIANTS): the row kernel's quantized gate+up and down (a few block
-    choices), then the batch-1 decode step over contraction-last weights in bf16, int8, int4 and fp8."""
+    """`--parts ptx`: the row kernel's `ROW_VARIANTS` (codes decoded by inline PTX or by jnp, the output
+    head on XLA, rows per program, unrolled K loops, bf16 on the kernel), each on the quantized products
+    `names` of ROW_GROUPS (default block choices and `sweep`), then in the batch-1 decode step over
+    contraction-last weights in bf16, int8, int4 and fp8 (`quants`)."""
     for label in variants:
         with switched_modules(ROW_VARIANTS[label]):
             row_quant_part(add, over_budget, copy, formats=("int8", "int4", "fp8"), sweep=sweep,
