@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,6 +29,7 @@ from jax import lax  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as pltriton  # noqa: E402
 
+from jaxinfer.bench import time_calls  # noqa: E402
 from pallas_kernels.row_matmul import row_matmuls  # noqa: E402
 
 M_PAD = 16
@@ -94,7 +94,7 @@ def mma_product(codes, scales, x, *, bn=64, bk=256, warps=4, stages=3, how="ptx"
     return out[:, :m].T
 
 
-def seconds_per_call(fn, stacks, x, reps=20):
+def seconds_per_call(fn, stacks, x):
     """Median wall seconds per product over the stacked copies, all chained in one jit."""
     @jax.jit
     def run(x):
@@ -102,13 +102,7 @@ def seconds_per_call(fn, stacks, x, reps=20):
         for codes, scales in stacks:
             acc = acc + fn(codes, scales, x).sum()
         return acc
-    run(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / len(stacks)
+    return time_calls(lambda: run(x), calls=1, samples=20, warmup=1).median / len(stacks)
 
 
 def main():

@@ -519,11 +519,10 @@ def on_gpu() -> bool:
 def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     """A function running `products` (already in stored order) as one `row_matmul` launch, or None when
     the `row` path does not take them. It takes: one row of x in bf16/f16; every weight contraction-last,
-    either each a layer (`LayerOf`, one shared layer index) or none (the output head), plain in x's dtype
-    or quantized along its contracted axes, one format for all; whole arrays; the kernel's tiling; and
-    under `auto` a GPU and a format in
-    `ROW_FORMATS` (`impl="pallas"` forces it, in interpret mode off the GPU). A `Normed` x fuses its norm
-    when its weight is a layer of the same index."""
+    either each a layer (`LayerOf`, one shared layer index) or none (the output head, if `ROW_HEAD`), plain
+    in x's dtype or quantized along its contracted axes, one format for all; whole arrays; the kernel's
+    tiling; and under `auto` a GPU and a format in `ROW_FORMATS` (`impl="pallas"` forces it, in interpret
+    mode off the GPU). A `Normed` x fuses its norm when its weight is a layer of the same index."""
     if impl not in ("auto", "pallas") or not ROW_KERNEL:
         return None
     if impl == "auto" and not on_gpu():
@@ -536,10 +535,14 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     if len(layered) != 1 or (layered == {False} and not ROW_HEAD):
         return None
     for eq, w in products:
-        inner = w.stacked if isinstance(w, LayerOf) else w
-        if isinstance(inner, Observed) or (isinstance(w, LayerOf) and index is not None and w.index is not index):
+        if isinstance(w, LayerOf):
+            if index is not None and w.index is not index:
+                return None
+            inner, index, view = w.stacked, w.index, w.shape_view()
+        else:
+            inner = view = w
+        if isinstance(inner, Observed):
             return None
-        index, view = (w.index, w.shape_view()) if isinstance(w, LayerOf) else (None, w)
         if isinstance(view, QArray):
             if view.offsets is not None and view.fmt != "int4":
                 return None

@@ -175,13 +175,16 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       return tuple(tuple(product_tile(v_ref, s_ref, m_ref, row0 + r, c, xs) for r in range(block_n))
                    for v_ref, s_ref, m_ref in w_list)
 
+    def add_step(c, acc):
+      return jax.tree.map(jnp.add, acc, tiles(c))
+
     # The first step starts the sums (no zeros to add: the final reduction's adds then fuse with the products)
     carry = tiles(0)
     if fmt in _UNROLLED_FORMATS:  # K steps unrolled: the loads of later steps may issue before earlier sums
       for c in range(1, n_steps):
-        carry = jax.tree.map(jnp.add, carry, tiles(c))
+        carry = add_step(c, carry)
     else:
-      carry = lax.fori_loop(1, n_steps, lambda c, acc: jax.tree.map(jnp.add, acc, tiles(c)), carry)
+      carry = lax.fori_loop(1, n_steps, add_step, carry)
     which = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
     outs = []
     for per_row, (_, s_ref, m_ref) in zip(carry, w_list):

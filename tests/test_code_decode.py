@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.bench import switched
 from kernel_tools import cuda_lowering
 from pallas_kernels import code_decode
 from pallas_kernels.row_matmul import row_matmuls
@@ -103,7 +104,7 @@ def test_int4_asm_decodes_every_nibble_in_every_position(zero, high):
 
 
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128)])
-def test_lowering_carries_the_ptx_only_when_switched_on(monkeypatch, fmt, group):
+def test_lowering_carries_the_ptx_only_when_switched_on(fmt, group):
     sds = jax.ShapeDtypeStruct
     L, N, K = 2, 256, 1024
     if fmt == "int8":
@@ -113,6 +114,5 @@ def test_lowering_carries_the_ptx_only_when_switched_on(monkeypatch, fmt, group)
     fn = functools.partial(row_matmuls, interpret=False, fmt=fmt, group_size=group)
     marker = "prmt.b32" if fmt == "int8" else "lop3.b32"
     assert marker in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
-    monkeypatch.setattr(code_decode, "INLINE_PTX", False)
-    jax.clear_caches()
-    assert marker not in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
+    with switched(code_decode, {"INLINE_PTX": False}):
+        assert marker not in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))

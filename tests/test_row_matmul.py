@@ -16,6 +16,7 @@ import pytest
 import jaxinfer as ji
 from jaxinfer import ops
 from jaxinfer import quant as Q
+from jaxinfer.bench import switched
 from jaxinfer.quant.qarray import dequantize, quantize_array
 from kernel_tools import cuda_lowering, pallas_call_names
 from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
@@ -215,7 +216,7 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt,group,zero_point", QUANT[:2] + QUANT[3:])
 @pytest.mark.parametrize("epilogue", ["none", "swiglu"])
-def test_native_inline_ptx_decodes_exactly(monkeypatch, fmt, group, zero_point, epilogue):
+def test_native_inline_ptx_decodes_exactly(fmt, group, zero_point, epilogue):
     """The inline-PTX code decoding (`code_decode`) is exact: float32 products equal the float64 product
     of the dequantized weights to float32 rounding, and they are bit for bit those of the jnp spelling of
     the same decoding (same sums in the same order), for 4 and 8 rows per program and K steps of 256 and
@@ -234,10 +235,7 @@ def test_native_inline_ptx_decodes_exactly(monkeypatch, fmt, group, zero_point, 
         if epilogue == "none":
             for out, (_, w64) in zip(got, parts):
                 assert _rel(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
-        monkeypatch.setattr(code_decode, "INLINE_PTX", False)
-        jax.clear_caches()
-        plain = call()
-        monkeypatch.setattr(code_decode, "INLINE_PTX", True)
-        jax.clear_caches()
+        with switched(code_decode, {"INLINE_PTX": False}):  # traced afresh, restored after
+            plain = call()
         for a, b in zip(got, plain):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -8,8 +8,8 @@ finished work. Knows nothing of models.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import dataclasses
+import importlib
 import statistics
 import time
 from typing import Any, Callable
