@@ -1,5 +1,10 @@
 """Prefill flash attention: Pallas kernel (Triton lowering), wrapper and plain-jnp reference.
 
+The wrapper is also the one entry for prefill attention on the GPU: on Hopper it hands the shapes
+that `flash_attention_mgpu` takes (bf16/fp16, head dim 64/128, no window or soft-cap) to that Mosaic
+GPU kernel, which reaches the tensor cores' asynchronous products; everything else, and interpret
+mode, runs the Triton kernel below.
+
 Owns causal / sliding-window / soft-capped attention over a right-padded ragged batch with grouped
 query heads. Knows nothing about models: it takes arrays and static ints.
 
@@ -22,6 +27,7 @@ from jax.experimental.pallas import triton as pltriton
 
 # Masking constants, the block logits and the online-softmax update are shared (common.py): a row
 # whose keys are all masked ends with l == 0 and is written as zeros instead of NaN.
+from pallas_kernels import flash_attention_mgpu as mosaic
 from pallas_kernels.common import (MASK_VALUE, block_logits, check_heads, check_launch,
                                    check_window_softcap, init_carry, is_pow2, next_pow2,
                                    online_softmax_update)
@@ -29,6 +35,11 @@ from pallas_kernels.common import (MASK_VALUE, block_logits, check_heads, check_
 # Defaults per head dim: (rows of the q tile = block_q * G, block_k, num_warps, num_stages).
 # Tuned on an H200 with B4 S4096 N32 K8 causal bf16 (see pallas_kernels/NOTES.md).
 _DEFAULTS = {64: (128, 128, 4, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)}
+BACKENDS = ("auto", "triton", "mosaic")
+# `auto` takes the Mosaic GPU kernel on Hopper (compute capability 9.0) for prompts of at least this
+# many tokens; shorter ones are not worth a 128-token tile.
+MOSAIC_MIN_QUERIES = 128
+MOSAIC = True  # switch for benchmarks: False keeps `auto` on the Triton kernel
 
 
 def _flash_kernel(
@@ -130,7 +141,7 @@ def _check_blocks(**blocks):
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "sliding_window", "softcap", "scale", "block_q", "block_k",
-                     "num_warps", "num_stages", "interpret"),
+                     "num_warps", "num_stages", "backend", "interpret"),
 )
 def flash_attention(
     q: jax.Array,  # [B, T, N, H]
@@ -147,6 +158,7 @@ def flash_attention(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    backend: str = "auto",
     interpret: bool = False,
 ) -> jax.Array:  # [B, T, N, H]
   """Prefill attention over a right-padded ragged batch.
@@ -155,7 +167,9 @@ def flash_attention(
   are invalid; `causal` keeps kpos <= qpos; `sliding_window` keeps qpos - kpos < sliding_window;
   `softcap` maps logits s to softcap * tanh(s / softcap) (after scaling). Rows with no valid key
   are zeros. block_q counts query tokens per program (the tile has block_q * G rows); None picks
-  the per-head-dim defaults.
+  the per-head-dim defaults. `backend`: `triton`, `mosaic` (Hopper only; keys and values beyond
+  kv_lengths must then be finite, see flash_attention_mgpu) or `auto`, which takes `mosaic` where it
+  applies and no Triton block setting was given.
   """
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"q, k, v must be rank 4 ([B,T,N,H], [B,S,K,H]); got q {q.shape}, "
@@ -178,6 +192,10 @@ def flash_attention(
   check_window_softcap(sliding_window, softcap)
   _check_blocks(block_q=block_q, block_k=block_k)
   check_launch(num_warps, num_stages)
+  if _use_mosaic(backend, q, k, sliding_window, softcap, interpret,
+                 triton_settings=(block_q, block_k, num_warps, num_stages)):
+    return mosaic.flash_attention_mgpu(q, k, v, kv_lengths=kv_lengths, q_offsets=q_offsets,
+                                       causal=causal, scale=scale)
 
   group = num_heads // num_kv_heads
   # The q tile must have a power-of-two row count: pad G to a power of two with zero heads.
@@ -223,6 +241,33 @@ def flash_attention(
     out = out.reshape(batch, seq_q, num_kv_heads, group_p, head_dim)[:, :, :, :group]
     out = out.reshape(batch, seq_q, num_heads, head_dim)
   return out
+
+
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (wgmma and TMA: compute capability 9.0)."""
+  device = jax.devices()[0]
+  return device.platform == "gpu" and getattr(device, "compute_capability", None) == "9.0"
+
+
+def _use_mosaic(backend, q, k, sliding_window, softcap, interpret, *, triton_settings) -> bool:
+  if backend not in BACKENDS:
+    raise ValueError(f"unknown flash attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+  if backend == "triton":
+    return False
+  fits = mosaic.supports(q, k, sliding_window=sliding_window, softcap=softcap)
+  if backend == "mosaic":
+    if interpret:
+      raise ValueError("backend='mosaic' has no interpret mode here: run flash_attention_mgpu with "
+                       "interpret=True for Mosaic GPU's own interpreter")
+    if not fits:
+      raise ValueError(
+          f"backend='mosaic' takes bf16/fp16 with head dim 64 or 128, no sliding window or soft-cap, "
+          f"and a key length that is a multiple of {mosaic.DEFAULTS.get(q.shape[-1], (0, 128))[1]}; "
+          f"got {q.dtype}, head dim {q.shape[-1]}, window {sliding_window}, softcap {softcap}, "
+          f"key length {k.shape[1]}")
+    return True
+  return (fits and not interpret and MOSAIC and q.shape[1] >= MOSAIC_MIN_QUERIES
+          and all(x is None for x in triton_settings) and on_hopper())
 
 
 def flash_attention_reference(

@@ -1,0 +1,118 @@
+"""The Mosaic GPU prefill kernel (`pallas_kernels/flash_attention_mgpu.py`) and how `flash_attention`
+chooses it.
+
+On the CPU the kernel runs under Mosaic GPU's own interpreter, which simulates its three warpgroups,
+their barriers and the TMA copies (and fails a run where a barrier phase goes unobserved); the two
+tensor-core products are computed in jnp there, so the wgmma calls themselves are checked by the CUDA
+lowering test here and by the native tests on a GPU. References: `flash_attention_reference` (float32)
+and, for the reference itself, test_pallas_kernels.py's float64 loop.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_tools import cuda_lowering
+from pallas_kernels import flash_attention, flash_attention_reference
+from pallas_kernels.flash_attention import on_hopper
+from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu, supports
+
+ON_GPU = jax.default_backend() == "gpu"
+HOPPER = ON_GPU and on_hopper()
+
+
+def _inputs(seed, batch, seq_q, seq_k, num_heads, num_kv, head_dim, dtype=jnp.bfloat16):
+  rng = np.random.default_rng([seed, 20261127])
+  q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
+             [(batch, seq_q, num_heads, head_dim)] + [(batch, seq_k, num_kv, head_dim)] * 2)
+  return q, k, v
+
+
+def _rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# (causal, pingpong): the turn-taking of the two compute warpgroups is a protocol of its own.
+@pytest.mark.skipif(ON_GPU, reason="interpret mode runs in the CPU suite")
+@pytest.mark.parametrize("causal,pingpong", [(True, True), (False, False)], ids=["causal-turns", "full-noturns"])
+def test_interpreted_kernel_matches_reference(causal, pingpong):
+  """Ragged lengths (one sequence empty), queries after a prefix, GQA 2, T not a multiple of the
+  128-row tile, more key blocks than ring slots: every warpgroup's barrier sequence is exercised."""
+  q, k, v = _inputs(1 + causal, 3, 200, 384, 2, 1, 64)
+  kv_lengths = jnp.asarray([384, 0, 131], jnp.int32)
+  q_offsets = jnp.asarray([184, 0, 0] if causal else [0, 0, 0], jnp.int32)
+  kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
+  out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, interpret=True)
+  ref = flash_attention_reference(q, k, v, **kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert _rel_err(out, ref) < 1e-2
+  assert np.all(np.asarray(out[1], np.float32) == 0.0), "a sequence with no key must give zeros"
+
+
+def test_supports_names_the_shapes_it_takes():
+  q, k, _ = _inputs(3, 1, 256, 256, 2, 1, 64)
+  assert supports(q, k)
+  assert not supports(q, k, sliding_window=16)
+  assert not supports(q, k, softcap=30.0)
+  assert not supports(q.astype(jnp.float32), k.astype(jnp.float32))
+  assert not supports(q, k[:, :200])  # key length not a multiple of the key block
+  q256, k256, _ = _inputs(3, 1, 256, 256, 2, 1, 256)
+  assert not supports(q256, k256)
+
+
+def test_backend_choice_errors_name_the_problem():
+  q, k, v = _inputs(4, 1, 256, 256, 2, 1, 64)
+  lengths = jnp.full((1,), 256, jnp.int32)
+  with pytest.raises(ValueError, match="unknown flash attention backend 'cutlass'"):
+    flash_attention(q, k, v, kv_lengths=lengths, backend="cutlass", interpret=True)
+  with pytest.raises(ValueError, match="window 16"):
+    flash_attention(q, k, v, kv_lengths=lengths, sliding_window=16, backend="mosaic")
+  with pytest.raises(ValueError, match="no interpret mode"):
+    flash_attention(q, k, v, kv_lengths=lengths, backend="mosaic", interpret=True)
+
+
+def test_mosaic_backend_lowers_for_cuda():
+  """The whole kernel, wgmma and TMA included, lowers to a Mosaic GPU call (caught on the CPU)."""
+  q, k, v = _inputs(5, 1, 256, 256, 4, 1, 128)
+  lengths = jnp.full((1,), 256, jnp.int32)
+  text = cuda_lowering(lambda q, k, v, n: flash_attention(q, k, v, kv_lengths=n, backend="mosaic"),
+                       q, k, v, lengths)
+  assert "mosaic_gpu" in text and "flash_attention_mgpu" in text
+  text = cuda_lowering(lambda q, k, v, n: flash_attention(q, k, v, kv_lengths=n, backend="triton"),
+                       q, k, v, lengths)
+  assert "flash_attention_mgpu" not in text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("head_dim,num_heads,num_kv,causal", [(128, 8, 2, True), (64, 4, 4, True), (128, 8, 1, False)])
+def test_native_kernel_matches_reference(head_dim, num_heads, num_kv, causal):
+  q, k, v = _inputs(6 + head_dim, 3, 320, 512, num_heads, num_kv, head_dim)
+  kv_lengths = jnp.asarray([512, 259, 0], jnp.int32)
+  q_offsets = jnp.asarray([192, 0, 0] if causal else [0, 0, 0], jnp.int32)
+  kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
+  for pingpong in (True, False):
+    out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong)
+    ref = flash_attention_reference(q, k, v, **kw)
+    err = _rel_err(out, ref)
+    assert err < 1e-2, f"pingpong={pingpong}: relative error {err:.2e}"
+    assert np.all(np.asarray(out[2], np.float32) == 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_auto_takes_mosaic_on_hopper_and_triton_where_it_does_not_apply():
+  q, k, v = _inputs(7, 1, 256, 256, 4, 1, 128)
+  lengths = jnp.full((1,), 256, jnp.int32)
+
+  def lowered(**kw):
+    return jax.jit(lambda q, k, v, n: flash_attention(q, k, v, kv_lengths=n, **kw)).lower(q, k, v, lengths).as_text()
+
+  assert "flash_attention_mgpu" in lowered()
+  assert "flash_attention_mgpu" not in lowered(sliding_window=64)
+  assert "flash_attention_mgpu" not in lowered(block_q=32)  # a Triton setting asks for Triton
+  out = flash_attention(q, k, v, kv_lengths=lengths)
+  assert _rel_err(out, flash_attention_reference(q, k, v, kv_lengths=lengths)) < 1e-2
