@@ -114,6 +114,16 @@ VARIANTS = {
     "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
                                          dict(weight_layout="contract-last", profile_batches=()),
                                          {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
+    # Prefill of an 8k prompt by attention kernel (issue 5: Pallas at least 2x XLA attention): the library's
+    # default (`auto`: cuDNN), `pallas` (on Hopper the Mosaic GPU kernel), `pallas` on the Triton kernel, XLA.
+    **{f"prefill_8k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(8192,), profile_batches=(), **changes),
+                               *switches)
+       for suffix, title, changes, switches in [
+           ("", "Prefill 8192 tokens, default attention", {}, ()),
+           ("_pallas", "Prefill 8192 tokens, Pallas attention", dict(impl="pallas"), ()),
+           ("_triton", "Prefill 8192 tokens, Pallas attention on the Triton kernel (`flash_attention.MOSAIC = False`)",
+            dict(impl="pallas"), ({"pallas_kernels.flash_attention": {"MOSAIC": False}},)),
+           ("_xla", "Prefill 8192 tokens, XLA attention", dict(impl="xla"), ())]},
 }
 
 

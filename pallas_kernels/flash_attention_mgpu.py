@@ -36,8 +36,6 @@ from pallas_kernels.common import LOG2E, M_INIT, MASK_VALUE
 # K8 causal bf16 (pallas_kernels/NOTES.md).
 DEFAULTS = {64: (64, 128, 2), 128: (64, 128, 2)}
 COMPUTE_WARPGROUPS = 2
-# Grid order: tiles slowest puts every sequence's heaviest tiles first; False goes sequence by sequence.
-TILES_SLOWEST = True
 
 
 def _plgpu():
@@ -66,8 +64,8 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
   b = lax.axis_index("batch")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
-  # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest), so the launch
-  # ends on short tiles.
+  # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest, so every sequence's
+  # heaviest tiles start first), so the launch ends on short tiles.
   tile = num_tiles - 1 - lax.axis_index("q_tiles")
   kv_len = jnp.minimum(len_ref[b], k_ref.shape[1])
   q_off = off_ref[b]
@@ -311,8 +309,8 @@ def flash_attention_mgpu(
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(num_heads, batch, num_tiles) if TILES_SLOWEST else (num_heads, num_tiles, batch),
-      grid_names=("heads", "batch", "q_tiles") if TILES_SLOWEST else ("heads", "q_tiles", "batch"),
+      grid=(num_heads, batch, num_tiles),
+      grid_names=("heads", "batch", "q_tiles"),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

@@ -116,3 +116,38 @@ def test_auto_takes_mosaic_on_hopper_and_triton_where_it_does_not_apply():
   assert "flash_attention_mgpu" not in lowered(block_q=32)  # a Triton setting asks for Triton
   out = flash_attention(q, k, v, kv_lengths=lengths)
   assert _rel_err(out, flash_attention_reference(q, k, v, kv_lengths=lengths)) < 1e-2
+
+
+MODEL = dict(vocab_size=1000, dim=256, ffn_dim=512, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=128,
+             max_seq_len=512)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+def test_model_prefill_on_the_mosaic_kernel_matches_xla():
+  """impl="pallas" prefill of a prompt >= MOSAIC_MIN_QUERIES tokens into a cache of a multiple of 128
+  slots runs the Mosaic kernel (a 40-token prompt the Triton one), with the XLA path's logits."""
+  import jaxinfer as ji
+  from jaxinfer.generate import _prefill
+
+  config = ji.ModelConfig(**MODEL)
+  params = ji.init_params(config, 0, jnp.bfloat16)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, config.vocab_size, (2, 160)).astype(np.int32)
+  lengths = np.array([160, 97], np.int32)
+
+  def logits(impl):
+    cache = ji.init_cache(config, 2, 256, jnp.bfloat16)
+    out, _ = ji.prefill(params, cache, tokens, lengths, config=config, impl=impl)
+    return np.asarray(out, np.float32)
+
+  ref, got = logits("xla"), logits("pallas")
+  assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+  def lowered(prompt_len):
+    cache = ji.init_cache(config, 2, 256, jnp.bfloat16)
+    step = jax.jit(lambda p, c, t, n: _prefill(p, c, t, n, config=config, impl="pallas"))
+    return step.lower(params, cache, tokens[:, :prompt_len], jnp.asarray(lengths).clip(max=prompt_len)).as_text()
+
+  assert "flash_attention_mgpu" in lowered(160)
+  assert "flash_attention_mgpu" not in lowered(40)
