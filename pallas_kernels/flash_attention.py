@@ -259,6 +259,9 @@ def _use_mosaic(backend, q, k, sliding_window, softcap, interpret, *, triton_set
     if interpret:
       raise ValueError("backend='mosaic' has no interpret mode here: run flash_attention_mgpu with "
                        "interpret=True for Mosaic GPU's own interpreter")
+    if jax.default_backend() == "gpu" and not on_hopper():
+      raise ValueError("backend='mosaic' needs a Hopper GPU (compute capability 9.0: wgmma, TMA); "
+                       f"this device is {jax.devices()[0].device_kind}")
     if not fits:
       raise ValueError(
           f"backend='mosaic' takes bf16/fp16 with head dim 64 or 128, no sliding window or soft-cap, "

@@ -74,6 +74,17 @@ def test_backend_choice_errors_name_the_problem():
     flash_attention(q, k, v, kv_lengths=lengths, backend="mosaic", interpret=True)
 
 
+def test_mosaic_backend_on_a_gpu_other_than_hopper_is_refused(monkeypatch):
+  import importlib
+
+  module = importlib.import_module("pallas_kernels.flash_attention")  # the package exports the function
+  monkeypatch.setattr(module.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(module, "on_hopper", lambda: False)
+  q, k, v = _inputs(8, 1, 256, 256, 2, 1, 64)
+  with pytest.raises(ValueError, match="needs a Hopper GPU"):
+    flash_attention(q, k, v, kv_lengths=jnp.full((1,), 256, jnp.int32), backend="mosaic")
+
+
 def test_mosaic_backend_lowers_for_cuda():
   """The whole kernel, wgmma and TMA included, lowers to a Mosaic GPU call (caught on the CPU)."""
   q, k, v = _inputs(5, 1, 256, 256, 4, 1, 128)
