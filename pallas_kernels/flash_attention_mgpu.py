@@ -263,8 +263,10 @@ def flash_attention_mgpu(
   for what this one does not take."""
   plgpu = _plgpu()
   if interpret is True:  # Mosaic GPU's own interpreter: threads, barriers and copies simulated on the CPU
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interpret = InterpretGPUParams()
+    params = getattr(plgpu, "InterpretGPUParams", None)  # public from jax 0.11
+    if params is None:
+      from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    interpret = params()
   batch, seq_q, num_heads, head_dim = q.shape
   _, seq_k, num_kv_heads, _ = k.shape
   d_block_q, d_block_kv, d_stages = DEFAULTS[head_dim]
