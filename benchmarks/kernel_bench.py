@@ -83,7 +83,6 @@ PREFILL_BACKENDS = (None, dict(backend="triton"))
 def bench_prefill(batch=4, seq=4096, num_heads=32, num_kv=8, head_dim=128, *, configs=PREFILL_BACKENDS,
                   baselines=True, xla=True, calls=5, reps=5) -> list[dict[str, Any]]:
   """Causal prefill, all sequences full length. FLOPs counted as 4 * B * N * H * T * S / 2."""
-
   q, k, v = _prefill_inputs(batch, seq, num_heads, num_kv, head_dim)
   lengths = jnp.full((batch,), seq, jnp.int32)
   flops = 4 * batch * num_heads * head_dim * seq * seq / 2

@@ -25,9 +25,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import flash_attention_mgpu as mosaic
 # Masking constants, the block logits and the online-softmax update are shared (common.py): a row
 # whose keys are all masked ends with l == 0 and is written as zeros instead of NaN.
-from pallas_kernels import flash_attention_mgpu as mosaic
 from pallas_kernels.common import (MASK_VALUE, block_logits, check_heads, check_launch,
                                    check_window_softcap, init_carry, is_pow2, next_pow2,
                                    online_softmax_update)
