@@ -82,7 +82,11 @@ PREFILL_BACKENDS = (None, dict(backend="triton"))
 
 def bench_prefill(batch=4, seq=4096, num_heads=32, num_kv=8, head_dim=128, *, configs=PREFILL_BACKENDS,
                   baselines=True, xla=True, calls=5, reps=5) -> list[dict[str, Any]]:
-  """Causal prefill, all sequences full length. FLOPs counted as 4 * B * N * H * T * S / 2."""
+  """Causal prefill, all sequences full length. FLOPs counted as 4 * B * N * H * T * S / 2. A config
+  may hold `switches` ({module: {name: value}}, jaxinfer.bench.switched_modules) besides flash_attention's
+  keyword arguments."""
+  from jaxinfer.bench import switched_modules
+
   q, k, v = _prefill_inputs(batch, seq, num_heads, num_kv, head_dim)
   lengths = jnp.full((batch,), seq, jnp.int32)
   flops = 4 * batch * num_heads * head_dim * seq * seq / 2
@@ -100,18 +104,24 @@ def bench_prefill(batch=4, seq=4096, num_heads=32, num_kv=8, head_dim=128, *, co
       add(impl, None, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v, calls=calls,
                             reps=reps))
   for config in configs:
-    kw = config or {}
+    kw = dict(config or {})
+    switches = kw.pop("switches", {})
     step = functools.partial(flash_attention, kv_lengths=lengths, causal=True, **kw)
-    add("pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
-                                calls=calls, reps=reps))
+    with switched_modules(switches):
+      add("pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
+                                  calls=calls, reps=reps))
   return rows
 
 
 def prefill_length_jobs():
   """Issue 5's prefill range, 2k-16k keys at about the same FLOPs (B x S^2 fixed), H128 GQA 32/8:
-  the library's choice (on Hopper the Mosaic GPU kernel) and the Triton kernel, against cuDNN (XLA only
-  up to 4k: its [S, S] scores grow past what is worth timing)."""
-  return [functools.partial(bench_prefill, batch, seq, xla=seq <= 4096)
+  the library's choice (on Hopper the Mosaic GPU kernel), the Mosaic kernel on a persistent grid of one
+  CTA per SM, and the Triton kernel, against cuDNN (XLA only up to 4k: its [S, S] scores grow past what
+  is worth timing)."""
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  persistent = dict(switches={"pallas_kernels.flash_attention_mgpu": {"PERSISTENT_CTAS": sms}})
+  configs = (None, persistent, dict(backend="triton"))
+  return [functools.partial(bench_prefill, batch, seq, configs=configs, xla=seq <= 4096)
           for batch, seq in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]]
 
 

@@ -36,6 +36,9 @@ from pallas_kernels.common import LOG2E, M_INIT, MASK_VALUE
 # K8 causal bf16 (pallas_kernels/NOTES.md).
 DEFAULTS = {64: (64, 128, 2), 128: (64, 128, 2)}
 COMPUTE_WARPGROUPS = 2
+# A persistent grid of this many CTAs when the caller passes no `ctas` (None: one CTA per tile). Under
+# measurement (pallas_kernels/NOTES.md, session 9); benchmarks switch it.
+PERSISTENT_CTAS = None
 
 
 def _plgpu():
@@ -56,46 +59,60 @@ def supports(q, k, *, sliding_window=None, softcap=None, block_kv=None) -> bool:
 
 
 def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, block_kv, stages, group,
-          causal, scale, num_tiles, pingpong, native):
+          causal, scale, num_tiles, pingpong, ctas, native):
+  """One CTA: its query tile(s) of one (sequence, head) each. `ctas` None: one tile per CTA, from the
+  grid; else a persistent grid of `ctas` CTAs, each walking the tiles in heaviest-first order with
+  stride `ctas`, its K/V ring running on from one tile into the next."""
   plgpu = _plgpu()
   q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
-  head_dim = q_ref.shape[-1]
+  batch, _, num_heads, head_dim = q_ref.shape
   dtype = q_ref.dtype
-  b = lax.axis_index("batch")
-  head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
-  # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest, so every sequence's
-  # heaviest tiles start first), so the launch ends on short tiles.
-  tile = num_tiles - 1 - lax.axis_index("q_tiles")
-  kv_len = jnp.minimum(len_ref[b], k_ref.shape[1])
-  q_off = off_ref[b]
-  cta_t0 = tile * (COMPUTE_WARPGROUPS * block_q)
-
-  def key_end(t_end):
-    """Exclusive end of the keys that query tokens < t_end of this tile need."""
-    end = jnp.minimum(kv_len, q_off + t_end) if causal else kv_len
-    return jnp.maximum(end, 0)
-
-  # At least one block, also for an empty sequence (its rows come out as zeros): every warpgroup then
-  # runs the same sequence of barriers.
-  cta_steps = jnp.maximum(pl.cdiv(key_end(cta_t0 + COMPUTE_WARPGROUPS * block_q), block_kv), 1)
-
-  def release(free, j):
-    """Frees the slot of key block j for the streamer, which refills it only if block j + stages
-    is needed (an arrival nobody waits for would leave the barrier a phase ahead)."""
-
-    @pl.when(j + stages < cta_steps)
-    def _():
-      plgpu.barrier_arrive(free.at[lax.rem(j, stages)])
+  rows = COMPUTE_WARPGROUPS * block_q
+  persistent = ctas is not None
 
   def take_turn():
     if pingpong:
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-  @pl.when(wg < COMPUTE_WARPGROUPS)
-  def _compute():
-    plgpu.set_max_registers(232, action="increase")
+  def extent(b, tile):
+    """kv_len, q_off, the tile's first query token, and key_end(t_end): the exclusive end of the keys
+    that the tile's query tokens < t_end need."""
+    kv_len = jnp.minimum(len_ref[b], k_ref.shape[1])
+    q_off = off_ref[b]
+
+    def key_end(t_end):
+      end = jnp.minimum(kv_len, q_off + t_end) if causal else kv_len
+      return jnp.maximum(end, 0)
+
+    return kv_len, q_off, tile * rows, key_end
+
+  def tile_blocks(key_end, cta_t0):
+    # At least one block, also for an empty sequence (its rows come out as zeros): every warpgroup then
+    # runs the same sequence of barriers.
+    return jnp.maximum(pl.cdiv(key_end(cta_t0 + rows), block_kv), 1)
+
+  def ring_slot(base, j):
+    return lax.rem(j if base is None else base + j, stages)
+
+  def compute_tile(b, head, tile, base, first=True, last=True):
+    """A compute warpgroup's rows of one tile; `base`: key blocks the ring carried before this tile
+    (None: the first and only tile); `first` / `last`: whether it is the CTA's first / last tile.
+    Returns the tile's key blocks."""
+    kv_len, q_off, cta_t0, key_end = extent(b, tile)
+    cta_steps = tile_blocks(key_end, cta_t0)
+    slot_of = functools.partial(ring_slot, base)
+
+    def release(free, j):
+      """Frees the slot of key block j for the streamer. One tile: only if block j + stages is
+      needed (an arrival nobody waits for would leave the barrier a phase ahead); persistent: always,
+      the streamer waits for the last ones at its end."""
+      if persistent:
+        plgpu.barrier_arrive(free.at[slot_of(j)])
+      else:
+        pl.when(j + stages < cta_steps)(lambda: plgpu.barrier_arrive(free.at[slot_of(j)]))
+
     t0 = cta_t0 + wg * block_q
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), head], q_tile, q_ready.at[wg])
@@ -105,6 +122,8 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     open_end = jnp.minimum(kv_len, q_off + t0 + 1) if causal else kv_len
     open_steps = jnp.clip(open_end // block_kv, 0, steps)
     plgpu.barrier_wait(q_ready.at[wg])
+    if pingpong:
+      pl.when(wg == 1 if first is True else (wg == 1) & first)(take_turn)  # offset the two by one turn
     wgmma_layout = plgpu.Layout.WGMMA
 
     def filled(shape, value, layout):  # the interpreter has no layouts
@@ -159,9 +178,6 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     def rescale(acc, alpha):
       return acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
-    if pingpong:
-      pl.when(wg == 1)(take_turn)  # offset the two warpgroups by one turn
-
     m = filled((block_q,), M_INIT, wgmma_layout.reduce(1))
     l = filled((block_q,), 0.0, wgmma_layout.reduce(1))
     acc = filled((block_q, head_dim), 0.0, wgmma_layout)
@@ -169,13 +185,13 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     def wait_keys(j):
       @pl.when(j < steps)
       def _():
-        plgpu.barrier_wait(k_ready.at[lax.rem(j, stages)])
+        plgpu.barrier_wait(k_ready.at[slot_of(j)])
 
     def step(j, carry, *, masked):
       # One turn at the tensor cores per block: q k^T is issued at the start of the turn, p v
       # at its end, and the softmax runs while the other warpgroup's products do.
       acc, m, l = carry
-      slot = lax.rem(j, stages)
+      slot = slot_of(j)
       s = logits(slot, after_issue=take_turn)
       release(k_free, j)
       p, m, l, alpha = softmax(s, j, m, l, masked=masked)
@@ -198,7 +214,7 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     def _release(j):
       # The other warpgroup still needs these blocks: see them arrive (every waiter of a barrier
       # observes each of its phases), free their slots, and keep the turns in step.
-      slot = lax.rem(j, stages)
+      slot = slot_of(j)
       plgpu.barrier_wait(k_ready.at[slot])
       plgpu.barrier_wait(v_ready.at[slot])
       release(k_free, j)
@@ -207,18 +223,21 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
       take_turn()
 
     if pingpong:
-      pl.when(wg == 0)(take_turn)
+      pl.when(wg == 0 if last is True else (wg == 0) & last)(take_turn)
 
     l = jnp.where(l > 0, l, 1.0)  # a row with no valid key has acc == 0: written as zeros
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     q_tile[...] = out.astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(t0, block_q), head])
-    plgpu.wait_smem_to_gmem(0)
+    # The next tile's queries land in the same buffer: wait until the copy has read it.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=persistent)
+    return cta_steps
 
-  @pl.when(wg == COMPUTE_WARPGROUPS)
-  def _stream():
-    plgpu.set_max_registers(40, action="decrease")
+  def stream_tile(b, head, tile, base):
+    """The streaming warpgroup's key/value blocks of one tile (`base` as in compute_tile)."""
+    kv_len, q_off, cta_t0, key_end = extent(b, tile)
+    cta_steps = tile_blocks(key_end, cta_t0)
     kv_head = lax.div(head, group)
 
     def fetch(j, slot):
@@ -226,22 +245,73 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
-    for j in range(min(stages, k_ref.shape[1] // block_kv)):
-      pl.when(j < cta_steps)(functools.partial(fetch, j, j))
-
-    @pl.loop(stages, cta_steps)
-    def _refill(j):
-      slot = lax.rem(j, stages)
-      plgpu.barrier_wait(k_free.at[slot])
+    def refill(j, slot):  # once both compute warpgroups have freed the slot
       keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
+      plgpu.barrier_wait(k_free.at[slot])
       plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
       plgpu.barrier_wait(v_free.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
 
+    if not persistent:
+      for j in range(min(stages, k_ref.shape[1] // block_kv)):
+        pl.when(j < cta_steps)(functools.partial(fetch, j, j))
+      pl.loop(stages, cta_steps)(lambda j: refill(j, lax.rem(j, stages)))
+      return cta_steps
+
+    @pl.loop(0, cta_steps)
+    def _(j):
+      ring_index = base + j
+      slot = lax.rem(ring_index, stages)
+      pl.when(ring_index < stages)(lambda: fetch(j, slot))
+      pl.when(ring_index >= stages)(lambda: refill(j, slot))
+
+    return cta_steps
+
+  if not persistent:
+    b, head = lax.axis_index("batch"), lax.axis_index("heads")
+    # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest, so every
+    # sequence's heaviest tiles start first), so the launch ends on short tiles.
+    tile = num_tiles - 1 - lax.axis_index("q_tiles")
+    tiles = None
+  else:
+    cta = lax.axis_index("ctas")
+    per_tile_rank = num_heads * batch
+    tiles = pl.cdiv(per_tile_rank * num_tiles - cta, ctas)
+
+    def tile_at(i):  # the grid's order above: heads fastest, then sequences, heaviest tiles first
+      w = cta + i * ctas
+      rest = lax.rem(w, per_tile_rank)
+      return lax.div(rest, num_heads), lax.rem(rest, num_heads), num_tiles - 1 - lax.div(w, per_tile_rank)
+
+  @pl.when(wg < COMPUTE_WARPGROUPS)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
+    if persistent:
+      lax.fori_loop(0, tiles, lambda i, base: base + compute_tile(
+          *tile_at(i), base, first=i == 0, last=i == tiles - 1), jnp.int32(0))
+    else:
+      compute_tile(b, head, tile, None)
+
+  @pl.when(wg == COMPUTE_WARPGROUPS)
+  def _stream():
+    plgpu.set_max_registers(40, action="decrease")
+    if not persistent:
+      stream_tile(b, head, tile, None)
+      return
+    total = lax.fori_loop(0, tiles, lambda i, base: base + stream_tile(*tile_at(i), base), jnp.int32(0))
+    for i in range(stages):  # the arrivals that freed the last slots: seen, so no phase is left over
+      ring_index = total - stages + i
+
+      @pl.when(ring_index >= 0)
+      def _():
+        plgpu.barrier_wait(k_free.at[lax.rem(ring_index, stages)])
+        plgpu.barrier_wait(v_free.at[lax.rem(ring_index, stages)])
+
 
 @functools.partial(
     jax.jit,
-    static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "pingpong", "interpret"))
+    static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "pingpong", "ctas",
+                     "interpret"))
 def flash_attention_mgpu(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -255,12 +325,14 @@ def flash_attention_mgpu(
     block_kv: int | None = None,
     stages: int | None = None,
     pingpong: bool = True,
+    ctas: int | None = None,
     interpret=False,
 ) -> jax.Array:  # [B, T, N, H]
   """`flash_attention`'s contract on Hopper's tensor cores (see the module docstring for the limits).
 
   Called through `flash_attention`, which checks the arguments and falls back to the Triton kernel
-  for what this one does not take."""
+  for what this one does not take. `ctas`: a persistent grid of that many CTAs (e.g. the SM count),
+  each walking tiles with its key/value ring running on between them; None: one CTA per tile."""
   plgpu = _plgpu()
   if interpret is True:  # Mosaic GPU's own interpreter: threads, barriers and copies simulated on the CPU
     params = getattr(plgpu, "InterpretGPUParams", None)  # public from jax 0.11
@@ -303,16 +375,19 @@ def flash_attention_mgpu(
     )
     body = functools.partial(
         _body, block_q=block_q, block_kv=block_kv, stages=stages, group=num_heads // num_kv_heads,
-        causal=causal, scale=scale, num_tiles=num_tiles, pingpong=pingpong,
+        causal=causal, scale=scale, num_tiles=num_tiles, pingpong=pingpong, ctas=ctas,
         native=not interpret)
     pl.run_scoped(lambda *scratch: body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch),
                   *smem, *barriers, collective_axes="wg")
 
+  ctas = PERSISTENT_CTAS if ctas is None else ctas
+  if ctas is not None:
+    ctas = min(ctas, num_heads * batch * num_tiles)
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(num_heads, batch, num_tiles),
-      grid_names=("heads", "batch", "q_tiles"),
+      grid=(num_heads, batch, num_tiles) if ctas is None else (ctas,),
+      grid_names=("heads", "batch", "q_tiles") if ctas is None else ("ctas",),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

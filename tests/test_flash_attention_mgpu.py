@@ -35,17 +35,19 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-# (causal, pingpong): the turn-taking of the two compute warpgroups is a protocol of its own.
+# (causal, pingpong, ctas): the turn-taking of the two compute warpgroups is a protocol of its own; a
+# persistent grid (2 CTAs for 12 tiles) carries the key/value ring and the turns from tile to tile.
 @pytest.mark.skipif(ON_GPU, reason="interpret mode runs in the CPU suite")
-@pytest.mark.parametrize("causal,pingpong", [(True, True), (False, False)], ids=["causal-turns", "full-noturns"])
-def test_interpreted_kernel_matches_reference(causal, pingpong):
+@pytest.mark.parametrize("causal,pingpong,ctas", [(True, True, None), (False, False, None), (True, True, 2)],
+                         ids=["causal-turns", "full-noturns", "causal-turns-persistent"])
+def test_interpreted_kernel_matches_reference(causal, pingpong, ctas):
   """Ragged lengths (one sequence empty), queries after a prefix, GQA 2, T not a multiple of the
   128-row tile, more key blocks than ring slots: every warpgroup's barrier sequence is exercised."""
   q, k, v = _inputs(1 + causal, 3, 200, 384, 2, 1, 64)
   kv_lengths = jnp.asarray([384, 0, 131], jnp.int32)
   q_offsets = jnp.asarray([184, 0, 0] if causal else [0, 0, 0], jnp.int32)
   kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
-  out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, interpret=True)
+  out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas, interpret=True)
   ref = flash_attention_reference(q, k, v, **kw)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert _rel_err(out, ref) < 1e-2
@@ -105,11 +107,11 @@ def test_native_kernel_matches_reference(head_dim, num_heads, num_kv, causal):
   kv_lengths = jnp.asarray([512, 259, 0], jnp.int32)
   q_offsets = jnp.asarray([192, 0, 0] if causal else [0, 0, 0], jnp.int32)
   kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
-  for pingpong in (True, False):
-    out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong)
-    ref = flash_attention_reference(q, k, v, **kw)
+  ref = flash_attention_reference(q, k, v, **kw)
+  for pingpong, ctas in ((True, None), (False, None), (True, 5)):
+    out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas)
     err = _rel_err(out, ref)
-    assert err < 1e-2, f"pingpong={pingpong}: relative error {err:.2e}"
+    assert err < 1e-2, f"pingpong={pingpong}, ctas={ctas}: relative error {err:.2e}"
     assert np.all(np.asarray(out[2], np.float32) == 0.0)
 
 
