@@ -39,6 +39,9 @@ COMPUTE_WARPGROUPS = 2
 # A persistent grid of this many CTAs when the caller passes no `ctas` (None: one CTA per tile). Under
 # measurement (pallas_kernels/NOTES.md, session 9); benchmarks switch it.
 PERSISTENT_CTAS = None
+# Two query heads of one kv head per CTA, on the same tokens, when the caller passes no `paired_heads`
+# (both compute warpgroups then need the same key blocks). Under measurement, like PERSISTENT_CTAS.
+PAIRED_HEADS = False
 
 
 def _plgpu():
@@ -59,16 +62,19 @@ def supports(q, k, *, sliding_window=None, softcap=None, block_kv=None) -> bool:
 
 
 def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, block_kv, stages, group,
-          causal, scale, num_tiles, pingpong, ctas, native):
+          causal, scale, num_tiles, pingpong, ctas, paired_heads, native):
   """One CTA: its query tile(s) of one (sequence, head) each. `ctas` None: one tile per CTA, from the
   grid; else a persistent grid of `ctas` CTAs, each walking the tiles in heaviest-first order with
-  stride `ctas`, its K/V ring running on from one tile into the next."""
+  stride `ctas`, its K/V ring running on from one tile into the next. `paired_heads`: a tile is
+  `block_q` tokens of two query heads of one kv head (one per compute warpgroup, the grid's `heads`
+  axis counts pairs), so both warpgroups need the same key blocks."""
   plgpu = _plgpu()
   q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
   batch, _, num_heads, head_dim = q_ref.shape
   dtype = q_ref.dtype
   wg = lax.axis_index("wg")
-  rows = COMPUTE_WARPGROUPS * block_q
+  rows = block_q if paired_heads else COMPUTE_WARPGROUPS * block_q  # query tokens per tile
+  grid_heads = num_heads // 2 if paired_heads else num_heads
   persistent = ctas is not None
 
   def take_turn():
@@ -113,7 +119,8 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
       else:
         pl.when(j + stages < cta_steps)(lambda: plgpu.barrier_arrive(free.at[slot_of(j)]))
 
-    t0 = cta_t0 + wg * block_q
+    t0 = cta_t0 if paired_heads else cta_t0 + wg * block_q
+    head = 2 * head + wg if paired_heads else head
     q_tile = q_smem.at[wg]
     plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), head], q_tile, q_ready.at[wg])
     steps = jnp.maximum(pl.cdiv(key_end(t0 + block_q), block_kv), 1)
@@ -238,7 +245,7 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     """The streaming warpgroup's key/value blocks of one tile (`base` as in compute_tile)."""
     kv_len, q_off, cta_t0, key_end = extent(b, tile)
     cta_steps = tile_blocks(key_end, cta_t0)
-    kv_head = lax.div(head, group)
+    kv_head = lax.div(2 * head if paired_heads else head, group)
 
     def fetch(j, slot):
       keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
@@ -275,13 +282,13 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     tiles = None
   else:
     cta = lax.axis_index("ctas")
-    per_tile_rank = num_heads * batch
+    per_tile_rank = grid_heads * batch
     tiles = pl.cdiv(per_tile_rank * num_tiles - cta, ctas)
 
     def tile_at(i):  # the grid's order above: heads fastest, then sequences, heaviest tiles first
       w = cta + i * ctas
       rest = lax.rem(w, per_tile_rank)
-      return lax.div(rest, num_heads), lax.rem(rest, num_heads), num_tiles - 1 - lax.div(w, per_tile_rank)
+      return lax.div(rest, grid_heads), lax.rem(rest, grid_heads), num_tiles - 1 - lax.div(w, per_tile_rank)
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
@@ -311,7 +318,7 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
 @functools.partial(
     jax.jit,
     static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "pingpong", "ctas",
-                     "interpret"))
+                     "paired_heads", "interpret"))
 def flash_attention_mgpu(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -326,13 +333,16 @@ def flash_attention_mgpu(
     stages: int | None = None,
     pingpong: bool = True,
     ctas: int | None = None,
+    paired_heads: bool | None = None,
     interpret=False,
 ) -> jax.Array:  # [B, T, N, H]
   """`flash_attention`'s contract on Hopper's tensor cores (see the module docstring for the limits).
 
   Called through `flash_attention`, which checks the arguments and falls back to the Triton kernel
   for what this one does not take. `ctas`: a persistent grid of that many CTAs (e.g. the SM count),
-  each walking tiles with its key/value ring running on between them; None: one CTA per tile."""
+  each walking tiles with its key/value ring running on between them; None: one CTA per tile.
+  `paired_heads`: each CTA takes `block_q` tokens of two query heads sharing a kv head (needs an even
+  number of query heads per kv head); None: PAIRED_HEADS."""
   plgpu = _plgpu()
   if interpret is True:  # Mosaic GPU's own interpreter: threads, barriers and copies simulated on the CPU
     params = getattr(plgpu, "InterpretGPUParams", None)  # public from jax 0.11
@@ -348,7 +358,11 @@ def flash_attention_mgpu(
   if seq_k % block_kv:
     raise ValueError(f"key length {seq_k} must be a multiple of block_kv {block_kv}")
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-  rows = COMPUTE_WARPGROUPS * block_q
+  paired_heads = PAIRED_HEADS if paired_heads is None else paired_heads
+  if paired_heads and (num_heads // num_kv_heads) % 2:
+    raise ValueError(f"paired_heads needs an even number of query heads per kv head, got "
+                     f"{num_heads} query and {num_kv_heads} kv heads")
+  rows = block_q if paired_heads else COMPUTE_WARPGROUPS * block_q
   num_tiles = pl.cdiv(seq_q, rows)
   padded = num_tiles * rows
   if padded != seq_q:  # extra query rows attend like any other and are cut off afterwards
@@ -376,17 +390,18 @@ def flash_attention_mgpu(
     body = functools.partial(
         _body, block_q=block_q, block_kv=block_kv, stages=stages, group=num_heads // num_kv_heads,
         causal=causal, scale=scale, num_tiles=num_tiles, pingpong=pingpong, ctas=ctas,
-        native=not interpret)
+        paired_heads=paired_heads, native=not interpret)
     pl.run_scoped(lambda *scratch: body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch),
                   *smem, *barriers, collective_axes="wg")
 
   ctas = PERSISTENT_CTAS if ctas is None else ctas
+  grid_heads = num_heads // 2 if paired_heads else num_heads
   if ctas is not None:
-    ctas = min(ctas, num_heads * batch * num_tiles)
+    ctas = min(ctas, grid_heads * batch * num_tiles)
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(num_heads, batch, num_tiles) if ctas is None else (ctas,),
+      grid=(grid_heads, batch, num_tiles) if ctas is None else (ctas,),
       grid_names=("heads", "batch", "q_tiles") if ctas is None else ("ctas",),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",

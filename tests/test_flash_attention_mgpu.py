@@ -35,19 +35,23 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-# (causal, pingpong, ctas): the turn-taking of the two compute warpgroups is a protocol of its own; a
-# persistent grid (2 CTAs for 12 tiles) carries the key/value ring and the turns from tile to tile.
+# (causal, pingpong, ctas, paired_heads): the turn-taking of the two compute warpgroups is a protocol of
+# its own; a persistent grid (2-3 CTAs for 6-12 tiles) carries the key/value ring and the turns from tile
+# to tile; paired heads put both query heads of the kv head in one CTA.
 @pytest.mark.skipif(ON_GPU, reason="interpret mode runs in the CPU suite")
-@pytest.mark.parametrize("causal,pingpong,ctas", [(True, True, None), (False, False, None), (True, True, 2)],
-                         ids=["causal-turns", "full-noturns", "causal-turns-persistent"])
-def test_interpreted_kernel_matches_reference(causal, pingpong, ctas):
+@pytest.mark.parametrize("causal,pingpong,ctas,paired_heads",
+                         [(True, True, None, False), (False, False, None, False), (True, True, 2, False),
+                          (True, True, 3, True)],
+                         ids=["causal-turns", "full-noturns", "causal-turns-persistent", "causal-persistent-paired"])
+def test_interpreted_kernel_matches_reference(causal, pingpong, ctas, paired_heads):
   """Ragged lengths (one sequence empty), queries after a prefix, GQA 2, T not a multiple of the
   128-row tile, more key blocks than ring slots: every warpgroup's barrier sequence is exercised."""
   q, k, v = _inputs(1 + causal, 3, 200, 384, 2, 1, 64)
   kv_lengths = jnp.asarray([384, 0, 131], jnp.int32)
   q_offsets = jnp.asarray([184, 0, 0] if causal else [0, 0, 0], jnp.int32)
   kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
-  out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas, interpret=True)
+  out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas, paired_heads=paired_heads,
+                             interpret=True)
   ref = flash_attention_reference(q, k, v, **kw)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert _rel_err(out, ref) < 1e-2
@@ -74,6 +78,9 @@ def test_backend_choice_errors_name_the_problem():
     flash_attention(q, k, v, kv_lengths=lengths, sliding_window=16, backend="mosaic")
   with pytest.raises(ValueError, match="no interpret mode"):
     flash_attention(q, k, v, kv_lengths=lengths, backend="mosaic", interpret=True)
+  q3, k3, v3 = _inputs(4, 1, 256, 256, 3, 1, 64)
+  with pytest.raises(ValueError, match="paired_heads needs an even number of query heads per kv head"):
+    flash_attention_mgpu(q3, k3, v3, kv_lengths=lengths, paired_heads=True, interpret=True)
 
 
 def test_mosaic_backend_on_a_gpu_other_than_hopper_is_refused(monkeypatch):
@@ -108,10 +115,13 @@ def test_native_kernel_matches_reference(head_dim, num_heads, num_kv, causal):
   q_offsets = jnp.asarray([192, 0, 0] if causal else [0, 0, 0], jnp.int32)
   kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
   ref = flash_attention_reference(q, k, v, **kw)
-  for pingpong, ctas in ((True, None), (False, None), (True, 5)):
-    out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas)
+  variants = [(True, None, False), (False, None, False), (True, 5, False)]
+  if (num_heads // num_kv) % 2 == 0:
+    variants += [(True, None, True), (True, 5, True)]
+  for pingpong, ctas, paired in variants:
+    out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas, paired_heads=paired)
     err = _rel_err(out, ref)
-    assert err < 1e-2, f"pingpong={pingpong}, ctas={ctas}: relative error {err:.2e}"
+    assert err < 1e-2, f"pingpong={pingpong}, ctas={ctas}, paired_heads={paired}: relative error {err:.2e}"
     assert np.all(np.asarray(out[2], np.float32) == 0.0)
 
 
