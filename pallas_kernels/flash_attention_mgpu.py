@@ -12,6 +12,8 @@ way Hopper wants attention built (FlashAttention-3's plan, written for this libr
 - Keys are read only up to what the CTA needs (`kv_lengths`, the causal diagonal); blocks that are
   valid for every row skip the mask. Query tiles are visited heaviest first (causal), so the tail of
   the launch is short.
+- Two variants, off by default until measured (pallas_kernels/NOTES.md): a persistent grid
+  (`PERSISTENT_CTAS`) and two query heads of one kv head per CTA (`PAIRED_HEADS`).
 
 Same contract as `flash_attention` (right-padded ragged batch, `q_offsets`, causal or not, GQA, rows
 with no valid key written as zeros), for bf16/fp16 and head dims 64 and 128, without sliding window
