@@ -35,18 +35,20 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-# (causal, pingpong, ctas, paired_heads): the turn-taking of the two compute warpgroups is a protocol of
-# its own; a persistent grid (2-3 CTAs for 6-12 tiles) carries the key/value ring and the turns from tile
-# to tile; paired heads put both query heads of the kv head in one CTA.
+# (causal, pingpong, ctas, paired_heads, query heads, kv heads): the turn-taking of the two compute
+# warpgroups is a protocol of its own; a persistent grid (2-3 CTAs for 12-24 tiles) carries the key/value
+# ring and the turns from tile to tile; paired heads put two query heads of a kv head in one CTA. GQA 2,
+# 4, 1 and 8.
 @pytest.mark.skipif(ON_GPU, reason="interpret mode runs in the CPU suite")
-@pytest.mark.parametrize("causal,pingpong,ctas,paired_heads",
-                         [(True, True, None, False), (False, False, None, False), (True, True, 2, False),
-                          (True, True, 3, True)],
-                         ids=["causal-turns", "full-noturns", "causal-turns-persistent", "causal-persistent-paired"])
-def test_interpreted_kernel_matches_reference(causal, pingpong, ctas, paired_heads):
-  """Ragged lengths (one sequence empty), queries after a prefix, GQA 2, T not a multiple of the
-  128-row tile, more key blocks than ring slots: every warpgroup's barrier sequence is exercised."""
-  q, k, v = _inputs(1 + causal, 3, 200, 384, 2, 1, 64)
+@pytest.mark.parametrize("causal,pingpong,ctas,paired_heads,num_heads,num_kv",
+                         [(True, True, None, False, 2, 1), (False, False, None, False, 4, 1),
+                          (True, True, 2, False, 2, 2), (True, True, 3, True, 8, 1)],
+                         ids=["causal-turns-g2", "full-noturns-g4", "causal-turns-persistent-g1",
+                              "causal-persistent-paired-g8"])
+def test_interpreted_kernel_matches_reference(causal, pingpong, ctas, paired_heads, num_heads, num_kv):
+  """Ragged lengths (one sequence empty), queries after a prefix, T not a multiple of the tile, more
+  key blocks than ring slots: every warpgroup's barrier sequence is exercised."""
+  q, k, v = _inputs(1 + causal, 3, 200, 384, num_heads, num_kv, 64)
   kv_lengths = jnp.asarray([384, 0, 131], jnp.int32)
   q_offsets = jnp.asarray([184, 0, 0] if causal else [0, 0, 0], jnp.int32)
   kw = dict(kv_lengths=kv_lengths, q_offsets=q_offsets, causal=causal)
