@@ -52,7 +52,7 @@ def _plgpu():
   return plgpu
 
 
-def supports(q, k, *, sliding_window=None, softcap=None, block_kv=None) -> bool:
+def supports(q, k, *, sliding_window=None, softcap=None) -> bool:
   """Whether this kernel takes these shapes: half-precision, head dim 64/128, no window or soft-cap,
   the key length a multiple of the key block."""
   head_dim = q.shape[-1]
@@ -60,7 +60,7 @@ def supports(q, k, *, sliding_window=None, softcap=None, block_kv=None) -> bool:
     return False
   if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
     return False
-  return k.shape[1] % (block_kv or DEFAULTS[head_dim][1]) == 0
+  return k.shape[1] % DEFAULTS[head_dim][1] == 0
 
 
 def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, block_kv, stages, group,
@@ -122,9 +122,9 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
         pl.when(j + stages < cta_steps)(lambda: plgpu.barrier_arrive(free.at[slot_of(j)]))
 
     t0 = cta_t0 if paired_heads else cta_t0 + wg * block_q
-    head = 2 * head + wg if paired_heads else head
+    q_head = 2 * head + wg if paired_heads else head
     q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), head], q_tile, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), q_head], q_tile, q_ready.at[wg])
     steps = jnp.maximum(pl.cdiv(key_end(t0 + block_q), block_kv), 1)
     # Blocks whose keys are all valid for every row of this warpgroup: below kv_len and, causally,
     # at or before the first row's position.
@@ -238,7 +238,7 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     q_tile[...] = out.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(t0, block_q), head])
+    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(t0, block_q), q_head])
     # The next tile's queries land in the same buffer: wait until the copy has read it.
     plgpu.wait_smem_to_gmem(0, wait_read_only=persistent)
     return cta_steps
@@ -249,30 +249,27 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     cta_steps = tile_blocks(key_end, cta_t0)
     kv_head = lax.div(2 * head if paired_heads else head, group)
 
-    def fetch(j, slot):
+    def load(j, slot, after_free):
+      """Key and value block j into `slot`; `after_free` (bool, or traced): first wait until both compute
+      warpgroups have freed the slot."""
       keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
-
-    def refill(j, slot):  # once both compute warpgroups have freed the slot
-      keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+      for src, dst, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
+        if after_free is True:
+          plgpu.barrier_wait(free.at[slot])
+        elif after_free is not False:
+          pl.when(after_free)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+        plgpu.copy_gmem_to_smem(src.at[keys], dst.at[slot], ready.at[slot])
 
     if not persistent:
       for j in range(min(stages, k_ref.shape[1] // block_kv)):
-        pl.when(j < cta_steps)(functools.partial(fetch, j, j))
-      pl.loop(stages, cta_steps)(lambda j: refill(j, lax.rem(j, stages)))
+        pl.when(j < cta_steps)(functools.partial(load, j, j, False))
+      pl.loop(stages, cta_steps)(lambda j: load(j, lax.rem(j, stages), True))
       return cta_steps
 
     @pl.loop(0, cta_steps)
     def _(j):
       ring_index = base + j
-      slot = lax.rem(ring_index, stages)
-      pl.when(ring_index < stages)(lambda: fetch(j, slot))
-      pl.when(ring_index >= stages)(lambda: refill(j, slot))
+      load(j, lax.rem(ring_index, stages), ring_index >= stages)
 
     return cta_steps
 
