@@ -1,10 +1,17 @@
-"""Helpers the kernel tests share: lowering a kernel call for CUDA on a machine without a GPU, and listing
-the pallas_calls a traced program makes."""
+"""Helpers the kernel tests share: lowering a kernel call for CUDA on a machine without a GPU, listing
+the pallas_calls a traced program makes, and the relative error the kernels are judged by."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
+
+
+def rel_err(out, ref) -> float:
+    """Relative norm error of `out` against `ref`, in float64."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 def cuda_lowering(fn, *args, **kwargs) -> str:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_tools import cuda_lowering
+from kernel_tools import cuda_lowering, rel_err
 from pallas_kernels import flash_attention, flash_attention_reference
 from pallas_kernels.flash_attention import on_hopper
 from pallas_kernels.flash_attention_mgpu import flash_attention_mgpu, supports
@@ -28,11 +28,6 @@ def _inputs(seed, batch, seq_q, seq_k, num_heads, num_kv, head_dim, dtype=jnp.bf
   q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in
              [(batch, seq_q, num_heads, head_dim)] + [(batch, seq_k, num_kv, head_dim)] * 2)
   return q, k, v
-
-
-def _rel_err(out, ref):
-  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
 # (causal, pingpong, ctas, paired_heads, query heads, kv heads): the turn-taking of the two compute
@@ -56,7 +51,7 @@ def test_interpreted_kernel_matches_reference(causal, pingpong, ctas, paired_hea
                              interpret=True)
   ref = flash_attention_reference(q, k, v, **kw)
   assert out.shape == q.shape and out.dtype == q.dtype
-  assert _rel_err(out, ref) < 1e-2
+  assert rel_err(out, ref) < 1e-2
   assert np.all(np.asarray(out[1], np.float32) == 0.0), "a sequence with no key must give zeros"
 
 
@@ -122,7 +117,7 @@ def test_native_kernel_matches_reference(head_dim, num_heads, num_kv, causal):
     variants += [(True, None, True), (True, 5, True)]
   for pingpong, ctas, paired in variants:
     out = flash_attention_mgpu(q, k, v, **kw, pingpong=pingpong, ctas=ctas, paired_heads=paired)
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < 1e-2, f"pingpong={pingpong}, ctas={ctas}, paired_heads={paired}: relative error {err:.2e}"
     assert np.all(np.asarray(out[2], np.float32) == 0.0)
 
@@ -140,7 +135,7 @@ def test_auto_takes_mosaic_on_hopper_and_triton_where_it_does_not_apply():
   assert "flash_attention_mgpu" not in lowered(sliding_window=64)
   assert "flash_attention_mgpu" not in lowered(block_q=32)  # a Triton setting asks for Triton
   out = flash_attention(q, k, v, kv_lengths=lengths)
-  assert _rel_err(out, flash_attention_reference(q, k, v, kv_lengths=lengths)) < 1e-2
+  assert rel_err(out, flash_attention_reference(q, k, v, kv_lengths=lengths)) < 1e-2
 
 
 MODEL = dict(vocab_size=1000, dim=256, ffn_dim=512, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=128,

@@ -21,7 +21,7 @@ from pallas_kernels import (decode_attention, decode_attention_reference, flash_
                             flash_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
 from pallas_kernels.common import M_INIT, combine_splits, combine_splits_reference
-from kernel_tools import cuda_lowering
+from kernel_tools import cuda_lowering, rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
 MODES = [
@@ -45,12 +45,6 @@ def _normal(rng, shape, dtype, scale=1.0):
   return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
 
-def _rel_err(out, ref):
-  out = np.asarray(out, np.float64)
-  ref = np.asarray(ref, np.float64)
-  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-
-
 def _poison(shape, dtype):
   """On the GPU, leave NaN in the memory the next allocation of this size is likely to get."""
   if ON_GPU:
@@ -62,7 +56,7 @@ def _poison(shape, dtype):
 def _check(out, ref, dtype, *, what=""):
   out = np.asarray(out, np.float32)
   assert not np.isnan(out).any(), f"{what}: NaN in output (unwritten or bad masking)"
-  err = _rel_err(out, ref)
+  err = rel_err(out, ref)
   assert err < TOL[dtype], f"{what}: relative error {err:.2e} >= {TOL[dtype]:.0e}"
 
 
@@ -160,7 +154,7 @@ class TestFlashAttention:
           kh = n // (num_heads // num_kv)
           want[b, t, n] = _np_attention(qn[b, t, n], kn[b, :, kh], vn[b, :, kh], allowed, 0.3,
                                         2.0)
-    assert _rel_err(ref, want) < 1e-6
+    assert rel_err(ref, want) < 1e-6
 
   def test_validation_names_the_argument(self):
     q = jnp.ones((1, 8, 4, 64), jnp.bfloat16)
@@ -306,7 +300,7 @@ class TestDecodeAttention:
     q, k, v, lengths = _decode_inputs(rng, 3, 11, 6, 2, 16, jnp.float32)
     kw = dict(sliding_window=4, softcap=3.0, scale=0.4)
     ref = decode_attention_reference(q, k, v, lengths=lengths, **kw)
-    assert _rel_err(ref, _np_decode(q, k, v, lengths, 4, 3.0, 0.4)) < 1e-6
+    assert rel_err(ref, _np_decode(q, k, v, lengths, 4, 3.0, 0.4)) < 1e-6
 
   def test_validation_names_the_argument(self):
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
@@ -413,7 +407,7 @@ class TestPagedDecodeAttention:
     safe = np.clip(np.asarray(table), 0, k_pages.shape[0] - 1)
     k = np.asarray(k_pages)[safe[:, pos // page_size], pos % page_size]
     v = np.asarray(v_pages)[safe[:, pos // page_size], pos % page_size]
-    assert _rel_err(ref, _np_decode(q, k, v, lengths, 6, 3.0, 0.4)) < 1e-6
+    assert rel_err(ref, _np_decode(q, k, v, lengths, 6, 3.0, 0.4)) < 1e-6
 
   def test_validation_names_the_argument(self):
     q = jnp.ones((2, 8, 64), jnp.bfloat16)
@@ -473,10 +467,10 @@ class TestCombineSplits:
     assert out.shape == want.shape and out.dtype == dtype
     out = np.asarray(out, np.float32)
     assert not np.isnan(out).any(), "NaN in output (unwritten or bad masking)"
-    assert _rel_err(out, want) < self.TOL[dtype]
+    assert rel_err(out, want) < self.TOL[dtype]
     assert np.all(out[-1, -group:] == 0.0)  # the (b, k) with no valid key
     ref = combine_splits_reference(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), dtype)
-    assert _rel_err(ref, want) < self.TOL[dtype]
+    assert rel_err(ref, want) < self.TOL[dtype]
 
 
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")

@@ -18,7 +18,7 @@ from jaxinfer import ops
 from jaxinfer import quant as Q
 from jaxinfer.bench import switched
 from jaxinfer.quant.qarray import dequantize, quantize_array
-from kernel_tools import cuda_lowering, pallas_call_names
+from kernel_tools import cuda_lowering, pallas_call_names, rel_err
 from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
 
 F64 = np.float64
@@ -28,11 +28,6 @@ QUANT = [("int8", None, False), ("int8", 32, False), ("fp8", None, False), ("int
 def _norm64(x, g, eps):
     x = x.astype(F64)
     return g.astype(F64) * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
-def _rel(got, want):
-    got, want = np.asarray(got, F64), np.asarray(want, F64)
-    return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
 @pytest.mark.parametrize("widths", [(64,), (64, 16, 16), (48, 8)])
@@ -49,7 +44,7 @@ def test_parts_and_norm_equal_float64(widths, norm):
     xin = _norm64(x, g[layer], 1e-5) if norm else x.astype(F64)
     for out, w, n in zip(outs, ws, widths):
         assert out.shape == (1, n) and out.dtype == jnp.float32
-        assert _rel(out, xin @ w[layer].astype(F64).T) < 1e-5
+        assert rel_err(out, xin @ w[layer].astype(F64).T) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -68,10 +63,10 @@ def test_residual_and_swiglu(dtype):
     gp = xin @ np.asarray(gate[1], F64).T
     want_h = gp / (1 + np.exp(-gp)) * (xin @ np.asarray(up[1], F64).T)
     assert h.shape == (1, N) and h.dtype == dtype
-    assert _rel(h, want_h) < tol and _rel(h, ref_h) < tol / 4
+    assert rel_err(h, want_h) < tol and rel_err(h, ref_h) < tol / 4
     (y,) = row_matmuls(h, (down,), jnp.int32(0), epilogue="residual", residual=res, interpret=True)
     want_y = np.asarray(res, F64) + np.asarray(h, F64) @ np.asarray(down[0], F64).T
-    assert y.dtype == dtype and _rel(y, want_y) < tol
+    assert y.dtype == dtype and rel_err(y, want_y) < tol
 
 
 def _quantized(w, fmt, group, zero_point):
@@ -95,7 +90,7 @@ def test_quantized_parts_equal_float64(fmt, group, zero_point, norm):
                        norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, block_k=64, interpret=True)
     xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
     for out, (_, w64) in zip(outs, parts):
-        assert _rel(out, xin @ w64[1].T) < 1e-5
+        assert rel_err(out, xin @ w64[1].T) < 1e-5
 
 
 @pytest.mark.parametrize("fmt,group,zero_point", QUANT[1:4:2], ids=["int8-g32", "int4-g32"])
@@ -108,12 +103,12 @@ def test_quantized_swiglu_and_residual(fmt, group, zero_point):
     (h,) = row_matmuls(jnp.asarray(x), (gq, uq), jnp.int32(0), fmt=fmt, group_size=group, epilogue="swiglu",
                        interpret=True)
     gp, up = x.astype(F64) @ g64[0].T, x.astype(F64) @ u64[0].T
-    assert _rel(h, gp / (1 + np.exp(-gp)) * up) < 1e-5
+    assert rel_err(h, gp / (1 + np.exp(-gp)) * up) < 1e-5
     dq, d64 = _quantized(rng.standard_normal((L, K, N)).astype(np.float32), fmt, group, zero_point)
     res = rng.standard_normal((1, K)).astype(np.float32)
     (y,) = row_matmuls(h, (dq,), jnp.int32(1), fmt=fmt, group_size=group, epilogue="residual",
                        residual=jnp.asarray(res), interpret=True)
-    assert _rel(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
+    assert rel_err(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
 
 
 def test_bad_inputs_are_named():
@@ -210,7 +205,7 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
         got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                           interpret=False)
         for a, b in zip(got, want):
-            assert _rel(a, b) < 1e-2
+            assert rel_err(a, b) < 1e-2
 
 
 @pytest.mark.gpu
@@ -234,7 +229,7 @@ def test_native_inline_ptx_decodes_exactly(fmt, group, zero_point, epilogue):
         got = call()
         if epilogue == "none":
             for out, (_, w64) in zip(got, parts):
-                assert _rel(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
+                assert rel_err(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
         with switched(code_decode, {"INLINE_PTX": False}):  # traced afresh, restored after
             plain = call()
         for a, b in zip(got, plain):
