@@ -115,13 +115,9 @@ def bench_prefill(batch=4, seq=4096, num_heads=32, num_kv=8, head_dim=128, *, co
 
 def prefill_length_jobs():
   """Issue 5's prefill range, 2k-16k keys at about the same FLOPs (B x S^2 fixed), H128 GQA 32/8:
-  the library's choice (on Hopper the Mosaic GPU kernel), the Mosaic kernel's variants under measurement
-  (a persistent grid of one CTA per SM, two query heads per CTA, both), and the Triton kernel, against
-  cuDNN (XLA only up to 4k: its [S, S] scores grow past what is worth timing)."""
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
-  variants = [{"PERSISTENT_CTAS": sms}, {"PAIRED_HEADS": True}, {"PERSISTENT_CTAS": sms, "PAIRED_HEADS": True}]
-  configs = (None, *(dict(switches={"pallas_kernels.flash_attention_mgpu": v}) for v in variants),
-             dict(backend="triton"))
+  the library's choice (on Hopper the Mosaic GPU kernel) and the Triton kernel, against cuDNN (XLA only
+  up to 4k: its [S, S] scores grow past what is worth timing)."""
+  configs = (None, dict(backend="triton"))
   return [functools.partial(bench_prefill, batch, seq, configs=configs, xla=seq <= 4096)
           for batch, seq in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]]
 

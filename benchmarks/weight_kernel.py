@@ -27,6 +27,8 @@ model's decode step with and without it, every number against the copy bandwidth
   on its quantized products, then in the batch-1 decode step in bf16 / int8 / int4 / fp8; `--tag` labels
   the rows (to compare two copies of the code in one run), `--ptx-variants`, `--rowq-names`,
   `--rowq-sweep`, `--ptx-quants`, `--ptx-profile`, `--no-steps` choose what runs.
+- `xlarows`: XLA's row reductions of one row on contraction-last bf16 stacks: q/k/v as three matrices or
+  one, o and down with each row split into chunks, gate/up for reference; then the decode step's full profile.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -178,6 +180,59 @@ def row_part(args, add, over_budget, decode_rows, copy):
                 add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
+def xla_rows_part(add, over_budget, decode_rows, copy):
+    """`--parts xlarows`: how XLA's row reductions (`ops.gemv` on contraction-last `[L, N, K]` stacks, bf16)
+    stream each layer product of one row: q/k/v as three products against one stored `[6144, K]` matrix;
+    o and down with the row split into `s` chunks summed in a second pass (more, shorter rows); gate/up as
+    the reference. Then the batch-1 decode step (contraction-last) with every op of its profile listed."""
+    from jaxinfer.bench import runner
+
+    key = jax.random.key(5)
+
+    def stack(j, n, k):
+        return jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.bfloat16)
+
+    def row_product(splits):
+        def product(x, w, i):
+            w = jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False)
+            n, k = w.shape
+            if splits == 1:
+                return ops.gemv("mk,nk->mn", x, w)
+            part = jnp.sum(w.reshape(n, splits, k // splits).astype(jnp.float32)
+                           * x.reshape(splits, k // splits).astype(jnp.float32), axis=2)
+            return jnp.sum(jax.lax.optimization_barrier(part), axis=1)[None]
+        return product
+
+    def products(*products_):  # products sharing x: outputs concatenated (each one used)
+        return lambda x, ws, i: jnp.concatenate([p(x, w, i) for p, w in zip(products_, ws)], axis=1)
+
+    q, kv, gate = (4096, 4096), (1024, 4096), (14336, 4096)
+    cases = [("qkv", "three products", products(*[row_product(1)] * 3), (q, kv, kv)),
+             ("qkv", "one [6144, 4096] matrix", products(row_product(1)), ((6144, 4096),)),
+             ("gateup", "two products", products(*[row_product(1)] * 2), (gate, gate))]
+    cases += [("o", f"row split {s}", products(row_product(s)), (q,)) for s in (1, 2, 4)]
+    cases += [("down", f"row split {s}", products(row_product(s)), ((4096, 14336),)) for s in (1, 2, 4, 7, 14)]
+    for name, label, product, shapes in cases:
+        if over_budget():
+            return
+        ws = tuple(stack(j, n, k) for j, (n, k) in enumerate(shapes))
+        x = jax.random.normal(jax.random.key(1), (1, shapes[0][1]), jnp.bfloat16)
+        nbytes = sum(n * k * 2 for n, k in shapes)
+        row = {"part": "xlarows", "weight": name, "variant": label}
+        try:
+            wall, dev = chain_seconds(product, x, ws)
+            t = dev or wall
+            add({**row, "us": round(t * 1e6, 2), "wall_us": round(wall * 1e6, 2),
+                 "of_copy": round(nbytes / t / copy, 3)})
+        except Exception as e:
+            add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        del ws
+    if not over_budget():
+        with switched(runner, {"PROFILE_TOP": 200}):
+            decode_rows("xlarows_step", {"layout": "contract-last"}, impl="auto", weight_layout="contract-last",
+                        batches=(1,), phases=("decode",), profile_batches=(1,))
+
+
 ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 4)]  # (block_n, block_k,
 # warps) beside the default (4, 4096, 4); a first sweep (run S6-3) also had bn 2-8 x bk 512-4096 x 4/8 warps
 
@@ -309,7 +364,7 @@ def main(argv=None) -> int:
                         tag = "_".join(f"{k}{v}" for k, v in fields.items())
                         (out / f"{part}_{tag}_{m.phase}_b{m.batch}_hlo.txt").write_text(prof.get("hlo_text", ""))
                     row["profile"] = {"device_us_per_call": prof.get("device_us_per_call"),
-                                      "steps_per_call": prof.get("steps_per_call"), "ops": prof.get("ops", [])[:25]}
+                                      "steps_per_call": prof.get("steps_per_call"), "ops": prof.get("ops", [])}
                 add(row)
         except Exception as e:  # one failing case must not lose the others
             add({"part": part, **fields, "error": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -331,6 +386,9 @@ def main(argv=None) -> int:
                 decode_rows("unroll", {"layer_unroll": unroll}, {"LAYER_UNROLL": unroll}, module=model, impl="auto",
                             batches=(1, 8, 32), contexts=(1024,), phases=("decode", "decode_fused"),
                             profile_batches=(1,))
+
+    if "xlarows" in parts:
+        xla_rows_part(add, over_budget, decode_rows, copy)
 
     if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
         for max_rows in (64, 128):

@@ -12,8 +12,6 @@ way Hopper wants attention built (FlashAttention-3's plan, written for this libr
 - Keys are read only up to what the CTA needs (`kv_lengths`, the causal diagonal); blocks that are
   valid for every row skip the mask. Query tiles are visited heaviest first (causal), so the tail of
   the launch is short.
-- Two variants, off by default until measured (pallas_kernels/NOTES.md): a persistent grid
-  (`PERSISTENT_CTAS`) and two query heads of one kv head per CTA (`PAIRED_HEADS`).
 
 Same contract as `flash_attention` (right-padded ragged batch, `q_offsets`, causal or not, GQA, rows
 with no valid key written as zeros), for bf16/fp16 and head dims 64 and 128, without sliding window
@@ -38,12 +36,6 @@ from pallas_kernels.common import LOG2E, M_INIT, MASK_VALUE
 # K8 causal bf16 (pallas_kernels/NOTES.md).
 DEFAULTS = {64: (64, 128, 2), 128: (64, 128, 2)}
 COMPUTE_WARPGROUPS = 2
-# A persistent grid of this many CTAs when the caller passes no `ctas` (None: one CTA per tile). Under
-# measurement (pallas_kernels/NOTES.md, session 9); benchmarks switch it.
-PERSISTENT_CTAS = None
-# Two query heads of one kv head per CTA, on the same tokens, when the caller passes no `paired_heads`
-# (both compute warpgroups then need the same key blocks). Under measurement, like PERSISTENT_CTAS.
-PAIRED_HEADS = False
 
 
 def _plgpu():
@@ -64,67 +56,51 @@ def supports(q, k, *, sliding_window=None, softcap=None) -> bool:
 
 
 def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, block_kv, stages, group,
-          causal, scale, num_tiles, pingpong, ctas, paired_heads, native):
-  """One CTA: its query tile(s) of one (sequence, head) each. `ctas` None: one tile per CTA, from the
-  grid; else a persistent grid of `ctas` CTAs, each walking the tiles in heaviest-first order with
-  stride `ctas`, its K/V ring running on from one tile into the next. `paired_heads`: a tile is
-  `block_q` tokens of two query heads of one kv head (one per compute warpgroup, the grid's `heads`
-  axis counts pairs), so both warpgroups need the same key blocks."""
+          causal, scale, num_tiles, pingpong, native):
+  """One CTA: `COMPUTE_WARPGROUPS * block_q` query tokens of one (sequence, query head)."""
   plgpu = _plgpu()
   q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
-  batch, _, num_heads, head_dim = q_ref.shape
+  head_dim = q_ref.shape[-1]
   dtype = q_ref.dtype
+  b, head = lax.axis_index("batch"), lax.axis_index("heads")
   wg = lax.axis_index("wg")
-  rows = block_q if paired_heads else COMPUTE_WARPGROUPS * block_q  # query tokens per tile
-  grid_heads = num_heads // 2 if paired_heads else num_heads
-  persistent = ctas is not None
+  rows = COMPUTE_WARPGROUPS * block_q  # query tokens per tile
+  # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest, so every
+  # sequence's heaviest tiles start first), so the launch ends on short tiles.
+  tile = num_tiles - 1 - lax.axis_index("q_tiles")
 
   def take_turn():
     if pingpong:
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
 
-  def extent(b, tile):
-    """kv_len, q_off, the tile's first query token, and key_end(t_end): the exclusive end of the keys
-    that the tile's query tokens < t_end need."""
-    kv_len = jnp.minimum(len_ref[b], k_ref.shape[1])
-    q_off = off_ref[b]
+  kv_len = jnp.minimum(len_ref[b], k_ref.shape[1])
+  q_off = off_ref[b]
+  cta_t0 = tile * rows
 
-    def key_end(t_end):
-      end = jnp.minimum(kv_len, q_off + t_end) if causal else kv_len
-      return jnp.maximum(end, 0)
+  def key_end(t_end):
+    """The exclusive end of the keys that query tokens < t_end need."""
+    end = jnp.minimum(kv_len, q_off + t_end) if causal else kv_len
+    return jnp.maximum(end, 0)
 
-    return kv_len, q_off, tile * rows, key_end
+  # The CTA's key blocks: at least one, also for an empty sequence (its rows come out as zeros), so
+  # every warpgroup runs the same sequence of barriers.
+  cta_steps = jnp.maximum(pl.cdiv(key_end(cta_t0 + rows), block_kv), 1)
 
-  def tile_blocks(key_end, cta_t0):
-    # At least one block, also for an empty sequence (its rows come out as zeros): every warpgroup then
-    # runs the same sequence of barriers.
-    return jnp.maximum(pl.cdiv(key_end(cta_t0 + rows), block_kv), 1)
+  def slot_of(j):
+    return lax.rem(j, stages)
 
-  def ring_slot(base, j):
-    return lax.rem(j if base is None else base + j, stages)
-
-  def compute_tile(b, head, tile, base, first=True, last=True):
-    """A compute warpgroup's rows of one tile; `base`: key blocks the ring carried before this tile
-    (None: the first and only tile); `first` / `last`: whether it is the CTA's first / last tile.
-    Returns the tile's key blocks."""
-    kv_len, q_off, cta_t0, key_end = extent(b, tile)
-    cta_steps = tile_blocks(key_end, cta_t0)
-    slot_of = functools.partial(ring_slot, base)
+  def compute():
+    """A compute warpgroup's `block_q` rows of the tile."""
 
     def release(free, j):
-      """Frees the slot of key block j for the streamer. One tile: only if block j + stages is
-      needed (an arrival nobody waits for would leave the barrier a phase ahead); persistent: always,
-      the streamer waits for the last ones at its end."""
-      if persistent:
-        plgpu.barrier_arrive(free.at[slot_of(j)])
-      else:
-        pl.when(j + stages < cta_steps)(lambda: plgpu.barrier_arrive(free.at[slot_of(j)]))
+      # Frees the slot of key block j for the streamer, only if block j + stages is needed: an
+      # arrival nobody waits for would leave the barrier a phase ahead.
+      pl.when(j + stages < cta_steps)(lambda: plgpu.barrier_arrive(free.at[slot_of(j)]))
 
-    t0 = cta_t0 if paired_heads else cta_t0 + wg * block_q
-    q_head = 2 * head + wg if paired_heads else head
+    t0 = cta_t0 + wg * block_q
     q_tile = q_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), q_head], q_tile, q_ready.at[wg])
+    plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t0, block_q), head], q_tile, q_ready.at[wg])
     steps = jnp.maximum(pl.cdiv(key_end(t0 + block_q), block_kv), 1)
     # Blocks whose keys are all valid for every row of this warpgroup: below kv_len and, causally,
     # at or before the first row's position.
@@ -132,7 +108,7 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     open_steps = jnp.clip(open_end // block_kv, 0, steps)
     plgpu.barrier_wait(q_ready.at[wg])
     if pingpong:
-      pl.when(wg == 1 if first is True else (wg == 1) & first)(take_turn)  # offset the two by one turn
+      pl.when(wg == 1)(take_turn)  # offset the two by one turn
     wgmma_layout = plgpu.Layout.WGMMA
 
     def filled(shape, value, layout):  # the interpreter has no layouts
@@ -232,22 +208,18 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
       take_turn()
 
     if pingpong:
-      pl.when(wg == 0 if last is True else (wg == 0) & last)(take_turn)
+      pl.when(wg == 0)(take_turn)
 
     l = jnp.where(l > 0, l, 1.0)  # a row with no valid key has acc == 0: written as zeros
     out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
     q_tile[...] = out.astype(dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(t0, block_q), q_head])
-    # The next tile's queries land in the same buffer: wait until the copy has read it.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=persistent)
-    return cta_steps
+    plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, pl.ds(t0, block_q), head])
+    plgpu.wait_smem_to_gmem(0)
 
-  def stream_tile(b, head, tile, base):
-    """The streaming warpgroup's key/value blocks of one tile (`base` as in compute_tile)."""
-    kv_len, q_off, cta_t0, key_end = extent(b, tile)
-    cta_steps = tile_blocks(key_end, cta_t0)
-    kv_head = lax.div(2 * head if paired_heads else head, group)
+  def stream():
+    """The streaming warpgroup: the tile's key/value blocks through the ring."""
+    kv_head = lax.div(head, group)
 
     def load(j, slot, after_free):
       """Key and value block j into `slot`; `after_free` (bool, or traced): first wait until both compute
@@ -260,64 +232,24 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
           pl.when(after_free)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
         plgpu.copy_gmem_to_smem(src.at[keys], dst.at[slot], ready.at[slot])
 
-    if not persistent:
-      for j in range(min(stages, k_ref.shape[1] // block_kv)):
-        pl.when(j < cta_steps)(functools.partial(load, j, j, False))
-      pl.loop(stages, cta_steps)(lambda j: load(j, lax.rem(j, stages), True))
-      return cta_steps
-
-    @pl.loop(0, cta_steps)
-    def _(j):
-      ring_index = base + j
-      load(j, lax.rem(ring_index, stages), ring_index >= stages)
-
-    return cta_steps
-
-  if not persistent:
-    b, head = lax.axis_index("batch"), lax.axis_index("heads")
-    # Heaviest tiles first under a causal mask (the tile axis is the grid's slowest, so every
-    # sequence's heaviest tiles start first), so the launch ends on short tiles.
-    tile = num_tiles - 1 - lax.axis_index("q_tiles")
-    tiles = None
-  else:
-    cta = lax.axis_index("ctas")
-    per_tile_rank = grid_heads * batch
-    tiles = pl.cdiv(per_tile_rank * num_tiles - cta, ctas)
-
-    def tile_at(i):  # the grid's order above: heads fastest, then sequences, heaviest tiles first
-      w = cta + i * ctas
-      rest = lax.rem(w, per_tile_rank)
-      return lax.div(rest, grid_heads), lax.rem(rest, grid_heads), num_tiles - 1 - lax.div(w, per_tile_rank)
+    for j in range(min(stages, k_ref.shape[1] // block_kv)):
+      pl.when(j < cta_steps)(functools.partial(load, j, j, False))
+    pl.loop(stages, cta_steps)(lambda j: load(j, lax.rem(j, stages), True))
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    if persistent:
-      lax.fori_loop(0, tiles, lambda i, base: base + compute_tile(
-          *tile_at(i), base, first=i == 0, last=i == tiles - 1), jnp.int32(0))
-    else:
-      compute_tile(b, head, tile, None)
+    compute()
 
   @pl.when(wg == COMPUTE_WARPGROUPS)
   def _stream():
     plgpu.set_max_registers(40, action="decrease")
-    if not persistent:
-      stream_tile(b, head, tile, None)
-      return
-    total = lax.fori_loop(0, tiles, lambda i, base: base + stream_tile(*tile_at(i), base), jnp.int32(0))
-    for i in range(stages):  # the arrivals that freed the last slots: seen, so no phase is left over
-      ring_index = total - stages + i
-
-      @pl.when(ring_index >= 0)
-      def _():
-        plgpu.barrier_wait(k_free.at[lax.rem(ring_index, stages)])
-        plgpu.barrier_wait(v_free.at[lax.rem(ring_index, stages)])
+    stream()
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "pingpong", "ctas",
-                     "paired_heads", "interpret"))
+    static_argnames=("causal", "scale", "block_q", "block_kv", "stages", "pingpong", "interpret"))
 def flash_attention_mgpu(
     q: jax.Array,  # [B, T, N, H]
     k: jax.Array,  # [B, S, K, H]
@@ -331,17 +263,12 @@ def flash_attention_mgpu(
     block_kv: int | None = None,
     stages: int | None = None,
     pingpong: bool = True,
-    ctas: int | None = None,
-    paired_heads: bool | None = None,
     interpret=False,
 ) -> jax.Array:  # [B, T, N, H]
   """`flash_attention`'s contract on Hopper's tensor cores (see the module docstring for the limits).
 
   Called through `flash_attention`, which checks the arguments and falls back to the Triton kernel
-  for what this one does not take. `ctas`: a persistent grid of that many CTAs (e.g. the SM count),
-  each walking tiles with its key/value ring running on between them; None: one CTA per tile.
-  `paired_heads`: each CTA takes `block_q` tokens of two query heads sharing a kv head (needs an even
-  number of query heads per kv head); None: PAIRED_HEADS."""
+  for what this one does not take."""
   plgpu = _plgpu()
   if interpret is True:  # Mosaic GPU's own interpreter: threads, barriers and copies simulated on the CPU
     params = getattr(plgpu, "InterpretGPUParams", None)  # public from jax 0.11
@@ -357,11 +284,7 @@ def flash_attention_mgpu(
   if seq_k % block_kv:
     raise ValueError(f"key length {seq_k} must be a multiple of block_kv {block_kv}")
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-  paired_heads = PAIRED_HEADS if paired_heads is None else paired_heads
-  if paired_heads and (num_heads // num_kv_heads) % 2:
-    raise ValueError(f"paired_heads needs an even number of query heads per kv head, got "
-                     f"{num_heads} query and {num_kv_heads} kv heads")
-  rows = block_q if paired_heads else COMPUTE_WARPGROUPS * block_q
+  rows = COMPUTE_WARPGROUPS * block_q
   num_tiles = pl.cdiv(seq_q, rows)
   padded = num_tiles * rows
   if padded != seq_q:  # extra query rows attend like any other and are cut off afterwards
@@ -388,20 +311,15 @@ def flash_attention_mgpu(
     )
     body = functools.partial(
         _body, block_q=block_q, block_kv=block_kv, stages=stages, group=num_heads // num_kv_heads,
-        causal=causal, scale=scale, num_tiles=num_tiles, pingpong=pingpong, ctas=ctas,
-        paired_heads=paired_heads, native=not interpret)
+        causal=causal, scale=scale, num_tiles=num_tiles, pingpong=pingpong, native=not interpret)
     pl.run_scoped(lambda *scratch: body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch),
                   *smem, *barriers, collective_axes="wg")
 
-  ctas = PERSISTENT_CTAS if ctas is None else ctas
-  grid_heads = num_heads // 2 if paired_heads else num_heads
-  if ctas is not None:
-    ctas = min(ctas, grid_heads * batch * num_tiles)
   out = plgpu.kernel(
       entry,
       out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      grid=(grid_heads, batch, num_tiles) if ctas is None else (ctas,),
-      grid_names=("heads", "batch", "q_tiles") if ctas is None else ("ctas",),
+      grid=(num_heads, batch, num_tiles),
+      grid_names=("heads", "batch", "q_tiles"),
       num_threads=COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(

@@ -44,6 +44,9 @@ DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16
 # The jitted steps are the library's own (private) ones, so the benchmark times exactly what users run.
 _gen = importlib.import_module("jaxinfer.generate")
 
+# Ops listed by name in a profiled case (the rest are summed in one "other" row).
+PROFILE_TOP = 25
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
@@ -288,7 +291,7 @@ def _time_decode(params, spec: BenchSpec, phase: str, batch: int, context: int):
         text = hlo()
         # Decode: stay inside the cache (warm-up + traced calls <= steps); fused calls rewind themselves.
         traced = max(1, calls - 1) if phase == "decode" else 3
-        breakdown = kernel_breakdown(call, text, calls=traced, before=rewind)
+        breakdown = kernel_breakdown(call, text, calls=traced, before=rewind, top=PROFILE_TOP)
         breakdown["hlo_text"] = text
         breakdown["steps_per_call"] = 1 if phase == "decode" else steps_per_call
     return timing, seconds, cost, breakdown
