@@ -180,7 +180,7 @@ def row_part(args, add, over_budget, decode_rows, copy):
                 add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-def xla_rows_part(add, over_budget, decode_rows, copy):
+def xla_rows_part(add, over_budget, decode_rows, copy, products_=True):
     """`--parts xlarows`: how XLA's row reductions (`ops.gemv` on contraction-last `[L, N, K]` stacks, bf16)
     stream each layer product of one row: q/k/v as three products against one stored `[6144, K]` matrix;
     o and down with the row split into `s` chunks summed in a second pass (more, shorter rows); gate/up as
@@ -203,8 +203,14 @@ def xla_rows_part(add, over_budget, decode_rows, copy):
             return jnp.sum(jax.lax.optimization_barrier(part), axis=1)[None]
         return product
 
-    def products(*products_):  # products sharing x: outputs concatenated (each one used)
-        return lambda x, ws, i: jnp.concatenate([p(x, w, i) for p, w in zip(products_, ws)], axis=1)
+    def products(*parts):  # products sharing x: the first output feeds the chain, the others kept alive
+        def product(x, ws, i):
+            outs = [p(x, w, i) for p, w in zip(parts, ws)]
+            y = outs[0]
+            for o in outs[1:]:
+                y = y.at[:, :1].add(o[:, :1])
+            return y
+        return product
 
     q, kv, gate = (4096, 4096), (1024, 4096), (14336, 4096)
     cases = [("qkv", "three products", products(*[row_product(1)] * 3), (q, kv, kv)),
@@ -212,7 +218,7 @@ def xla_rows_part(add, over_budget, decode_rows, copy):
              ("gateup", "two products", products(*[row_product(1)] * 2), (gate, gate))]
     cases += [("o", f"row split {s}", products(row_product(s)), (q,)) for s in (1, 2, 4)]
     cases += [("down", f"row split {s}", products(row_product(s)), ((4096, 14336),)) for s in (1, 2, 4, 7, 14)]
-    for name, label, product, shapes in cases:
+    for name, label, product, shapes in cases if products_ else ():
         if over_budget():
             return
         ws = tuple(stack(j, n, k) for j, (n, k) in enumerate(shapes))
@@ -227,10 +233,13 @@ def xla_rows_part(add, over_budget, decode_rows, copy):
         except Exception as e:
             add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         del ws
-    if not over_budget():
-        with switched(runner, {"PROFILE_TOP": 200}):
-            decode_rows("xlarows_step", {"layout": "contract-last"}, impl="auto", weight_layout="contract-last",
-                        batches=(1,), phases=("decode",), profile_batches=(1,))
+    for split_min_k in (1 << 30, ops.ROW_SPLIT_MIN_K):  # rows of 8192+ (down) in ops.ROW_SPLITS chunks or not
+        if not over_budget():
+            with switched(runner, {"PROFILE_TOP": 200}):
+                decode_rows("xlarows_step", {"layout": "contract-last", "row_split_min_k": split_min_k},
+                            {"ROW_SPLIT_MIN_K": split_min_k}, impl="auto",
+                            weight_layout="contract-last", batches=(1,), phases=("decode", "decode_fused"),
+                            profile_batches=(1,))
 
 
 ROWQ_SWEEP = [(2, 4096, 4), (4, 2048, 4), (8, 4096, 4), (4, 4096, 8), (4, 1024, 4)]  # (block_n, block_k,
@@ -318,6 +327,7 @@ def main(argv=None) -> int:
                     help="`ptx`: block_n x block_k x warps configurations beside the default, comma-separated")
     ap.add_argument("--rowq-names", default="gateup,down", help="`ptx`: which ROW_GROUPS products")
     ap.add_argument("--no-steps", action="store_true", help="`ptx`: products only, no decode steps")
+    ap.add_argument("--no-products", action="store_true", help="`xlarows`: the decode steps only")
     ap.add_argument("--ptx-profile", action="store_true", help="`ptx`: trace the decode steps op by op")
     ap.add_argument("--ptx-quants", default="", help="`ptx`: decode steps of these (bf16,int8,int4,fp8; default all)")
     ap.add_argument("--ptx-variants", default=",".join(ROW_VARIANTS), help="`ptx`: which of ROW_VARIANTS")
@@ -388,7 +398,7 @@ def main(argv=None) -> int:
                             profile_batches=(1,))
 
     if "xlarows" in parts:
-        xla_rows_part(add, over_budget, decode_rows, copy)
+        xla_rows_part(add, over_budget, decode_rows, copy, products_=not args.no_products)
 
     if "maxrows" in parts:  # batch 96 / 128 decode: the weight kernel (up to 128 rows) vs the dot on a copied slice
         for max_rows in (64, 128):

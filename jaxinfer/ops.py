@@ -94,6 +94,7 @@ class Normed:
         return rms_norm(self.x, self.weight, self.eps)
 
 
+
 def _value(x):
     return x.value() if isinstance(x, Normed) else x
 
@@ -254,6 +255,11 @@ def _squeezed(a, w: QArray):
 
 
 GEMV_PARTIALS = 1 << 14  # split-K target: partial sums per product (H200: 2^14 > 2^17 > 2^19, BENCHMARKS.md)
+# A row reduction over rows at least this long sums each row in ROW_SPLITS chunks first (more, shorter
+# rows): llama-3-8b's down (4096 rows of 14336) 28.2 + 1.5 us instead of 31.9 per layer, batch-1 decode
+# 4.341 vs 4.402 ms on an H200 (benchmarks/BENCHMARKS.md, session 10).
+ROW_SPLIT_MIN_K = 8192
+ROW_SPLITS = 4
 
 
 def gemv(eq: str, x, w):
@@ -283,7 +289,12 @@ def gemv(eq: str, x, w):
         # The barrier keeps XLA from merging the two sums back into one long reduction.
         r = jnp.sum(jax.lax.optimization_barrier(r), axis=0) if splits > 1 else r[0]
     else:
-        r = jnp.sum(w.reshape(n, k).astype(jnp.float32) * xv, axis=1)  # row reduction: already coalesced
+        s = ROW_SPLITS if k >= ROW_SPLIT_MIN_K and k % (ROW_SPLITS * 32) == 0 else 1
+        if s > 1:  # long rows: each summed in s chunks, then the chunks (kept apart as above)
+            r = jnp.sum(w.reshape(n, s, k // s).astype(jnp.float32) * xv.reshape(s, k // s), axis=2)
+            r = jnp.sum(jax.lax.optimization_barrier(r), axis=1)
+        else:
+            r = jnp.sum(w.reshape(n, k).astype(jnp.float32) * xv, axis=1)  # row reduction: already coalesced
     r = r.reshape([w.shape[ws.index(c)] for c in kept])
     r = jnp.transpose(r, [kept.index(c) for c in out if c in kept])
     return r.reshape([w.shape[ws.index(c)] if c in ws else 1 for c in out])

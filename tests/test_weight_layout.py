@@ -76,6 +76,21 @@ def test_one_row_product_is_a_row_reduction():
     assert "f32[64]{0} reduce(" in hlo and "dimensions={1}" in hlo  # [N*H, D] summed over its minor axis D
 
 
+def test_long_rows_are_summed_in_chunks(monkeypatch):
+    """Rows of at least `ROW_SPLIT_MIN_K` (down's 14336 in llama-3-8b) are summed in `ROW_SPLITS` chunks, then
+    across them: the same product as float64, and the program holds the [N, ROW_SPLITS] partial sums."""
+    monkeypatch.setattr(ops, "ROW_SPLIT_MIN_K", 512)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 1024, 24)).astype(np.float32)  # [L, F, D] like w_down
+    x = rng.standard_normal((1, 1, 1024)).astype(np.float32)
+    t = ji.contract_last({"layers": {"w_down": jnp.asarray(w)}})["layers"]["w_down"]
+    fn = jax.jit(lambda x, t, i: ops.matmul("btf,fd->btd", x, ops.LayerOf(t, i), impl="gemv"))
+    got = np.asarray(fn(x, t, 1), np.float64)
+    want = np.einsum("btf,fd->btd", x.astype(np.float64), w[1].astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert f"f32[24,{ops.ROW_SPLITS}]" in fn.lower(x, t, 1).compile().as_text()
+
+
 @pytest.mark.parametrize("recipe", ["int8", Q.Recipe("int4", 16), Q.Recipe("int4", 16, zero_point=True), "fp8"],
                          ids=["int8", "int4-g16", "int4-g16-offsets", "fp8"])
 def test_quantized_after_the_transform(recipe):
