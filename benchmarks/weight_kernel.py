@@ -28,7 +28,8 @@ model's decode step with and without it, every number against the copy bandwidth
   the rows (to compare two copies of the code in one run), `--ptx-variants`, `--rowq-names`,
   `--rowq-sweep`, `--ptx-quants`, `--ptx-profile`, `--no-steps` choose what runs.
 - `xlarows`: XLA's row reductions of one row on contraction-last bf16 stacks: q/k/v as three matrices or
-  one, o and down with each row split into chunks, gate/up for reference; then the decode step's full profile.
+  one, o and down with each row split into chunks, gate/up for reference; then the batch-1 decode step
+  with long rows split or not, with full profiles.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -233,12 +234,13 @@ def xla_rows_part(add, over_budget, decode_rows, copy, products_=True):
         except Exception as e:
             add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         del ws
-    for split_min_k in (1 << 30, ops.ROW_SPLIT_MIN_K):  # rows of 8192+ (down) in ops.ROW_SPLITS chunks or not
+    # rows of 8192+ (down) in ops.ROW_SPLITS chunks or not
+    cases = [("contract-last", {"ROW_SPLIT_MIN_K": 1 << 30}), ("contract-last", {"ROW_SPLIT_MIN_K": ops.ROW_SPLIT_MIN_K})]
+    for layout, knobs in cases:
         if not over_budget():
             with switched(runner, {"PROFILE_TOP": 200}):
-                decode_rows("xlarows_step", {"layout": "contract-last", "row_split_min_k": split_min_k},
-                            {"ROW_SPLIT_MIN_K": split_min_k}, impl="auto",
-                            weight_layout="contract-last", batches=(1,), phases=("decode", "decode_fused"),
+                decode_rows("xlarows_step", {"layout": layout, **{k.lower(): v for k, v in knobs.items()}}, knobs,
+                            impl="auto", weight_layout=layout, batches=(1,), phases=("decode", "decode_fused"),
                             profile_batches=(1,))
 
 
