@@ -179,6 +179,7 @@ def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
         assert 0 < r["mbu"] and 0 < r["mfu"] and r["predicted_ms"] > 0 and r["usd_per_mtok"] > 0
         assert r["gb_per_s"] * 1e9 == pytest.approx(r["cost"]["bytes"] / r["seconds"])
     assert data["ceilings"]["copy_bytes_per_s"] > 0 and data["meta"]["platform"] == "cpu"
+    assert data["spec"]["impl"] == "auto"  # by default the bench times the attention the library defaults to
     png = (tmp_path / "roofline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     out = capsys.readouterr().out

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help=f"model preset in configs/ ({', '.join(list_presets())})")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="parameter and cache dtype")
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
-    p.add_argument("--impl", default="xla", choices=IMPLS, help="attention implementation")
+    p.add_argument("--impl", default="auto", choices=IMPLS,
+                   help="attention implementation (default auto: what prefill, decode_step and generate use)")
     p.add_argument("--weight-layout", default="stored", choices=WEIGHT_LAYOUTS,
                    help="contract-last: matrices stored contraction-last (`contract_last`): XLA's row reduction "
                         "for one row, the weight kernel's transposed tiles for more")
