@@ -29,7 +29,8 @@ model's decode step with and without it, every number against the copy bandwidth
   `--rowq-sweep`, `--ptx-quants`, `--ptx-profile`, `--no-steps` choose what runs.
 - `xlarows`: XLA's row reductions of one row on contraction-last bf16 stacks: q/k/v as three matrices or
   one, o and down with each row split into chunks, gate/up for reference; then the batch-1 decode step
-  with long rows split or not, with full profiles.
+  with long rows split or not and the residual adds + norms in one launch (`ops.ADD_NORM_KERNEL`) or
+  not, with full profiles.
 - `step`: the library's decode step (per-step and fused loops, `jaxinfer.bench`) at batch 1-128 with
   `ops.PLAIN_KERNEL` on and off, XLA and Pallas attention.
 Timing: `calls` products chained inside one jit (each output feeds the next input); `us` is the profiler's
@@ -234,12 +235,17 @@ def xla_rows_part(add, over_budget, decode_rows, copy, products_=True):
         except Exception as e:
             add({**row, "error": f"{type(e).__name__}: {str(e)[:300]}"})
         del ws
-    # rows of 8192+ (down) in ops.ROW_SPLITS chunks or not
-    cases = [("contract-last", {"ROW_SPLIT_MIN_K": 1 << 30}), ("contract-last", {"ROW_SPLIT_MIN_K": ops.ROW_SPLIT_MIN_K})]
-    for layout, knobs in cases:
+    # each residual add + norm in one launch or XLA's two (rows of 8192+ split: measured in S10-3..S10-5)
+    # (layout, ops switches, warps of the add + norm kernel)
+    cases = [("contract-last", {"ADD_NORM_KERNEL": False}, None)]
+    cases += [("contract-last", {"ADD_NORM_KERNEL": True}, warps) for warps in (4, 8, 16)]
+    cases += [("stored", {"ADD_NORM_KERNEL": fused}, None) for fused in (False, True)]
+    for layout, knobs, warps in cases:
         if not over_budget():
-            with switched(runner, {"PROFILE_TOP": 200}):
-                decode_rows("xlarows_step", {"layout": layout, **{k.lower(): v for k, v in knobs.items()}}, knobs,
+            kernel = {"pallas_kernels.add_rms_norm": {"_WARPS": warps}} if warps else {}
+            with switched(runner, {"PROFILE_TOP": 200}), switched_modules(kernel):
+                decode_rows("xlarows_step", {"layout": layout, **{k.lower(): v for k, v in knobs.items()},
+                                             "add_norm_warps": warps}, knobs,
                             impl="auto", weight_layout=layout, batches=(1,), phases=("decode", "decode_fused"),
                             profile_batches=(1,))
 

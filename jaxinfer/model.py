@@ -25,11 +25,21 @@ LAYER_UNROLL = 4
 rms_norm = ops.rms_norm  # RMSNorm in float32, scaled by the weight after casting back (as Llama does)
 
 
-def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl):
-    """`x + attention(norm(x))` for one layer on the residual stream `x [B, T, D]`; writes this step's k/v
-    into the cache. The norm and the residual add are handed to `ops` (`Normed`, `residual=`), which fuse
-    them into the products where a kernel can."""
-    xn = ops.Normed(x, p["attn_norm"], config.norm_eps)
+def residual_add(eq: str, h, w, x, next_norm, fused: bool):
+    """`x + h @ w` (a row-parallel product joining the residual stream) and the next block's input, `x`
+    normalised by `next_norm` ((weight, eps)): with `fused`, one `ops.add_rms_norm` launch after the
+    product; otherwise an `ops.Normed` that the next product fuses where a kernel can."""
+    if fused:
+        return tensor_parallel.row_parallel(eq, h, w, residual=x, norm=next_norm)
+    x = tensor_parallel.row_parallel(eq, h, w, residual=x)
+    return x, ops.Normed(x, *next_norm)
+
+
+def attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl,
+                    fused: bool = False):
+    """`x + attention(xn)` for one layer on the residual stream `x [B, T, D]`, `xn` its normalised copy (an
+    array or `ops.Normed`); writes this step's k/v into the cache. Returns the new x, its norm by the
+    layer's `mlp_norm` (`residual_add`) and the cache."""
     q, k, v = ops.matmuls(xn, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
@@ -40,14 +50,15 @@ def attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, conf
     out = attention.attend(
         q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
     )
-    return tensor_parallel.row_parallel("btnh,nhd->btd", out, p["o"], residual=x), cache
+    x, xn = residual_add("btnh,nhd->btd", out, p["o"], x, (p["mlp_norm"], config.norm_eps), fused)
+    return x, xn, cache
 
 
-def mlp_block(p, x, config: ModelConfig):
-    """`x + down(silu(gate(norm(x))) * up(norm(x)))`: the SwiGLU MLP on the residual stream `x`."""
-    h = ops.swiglu(ops.Normed(x, p["mlp_norm"], config.norm_eps), ("btd,df->btf", p["w_gate"]),
-                   ("btd,df->btf", p["w_up"]))
-    return tensor_parallel.row_parallel("btf,fd->btd", h, p["w_down"], residual=x)
+def mlp_block(p, x, xn, next_norm, fused: bool = False):
+    """`x + down(silu(gate(xn)) * up(xn))`: the SwiGLU MLP on the residual stream `x`, `xn` its normalised
+    copy. Returns the new x and its norm by `next_norm` (`residual_add`; the next layer's attention norm)."""
+    h = ops.swiglu(xn, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
+    return residual_add("btf,fd->btd", h, p["w_down"], x, next_norm, fused)
 
 
 def step_inputs(cache, tokens, lengths, config: ModelConfig):
@@ -76,17 +87,33 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
     and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced).
 
     The scan runs over layer numbers and the body picks its layer from the whole stacked weights
-    (`layer_view`) rather than scanning over the weights: a scanned slice reaches a kernel as a copy."""
+    (`layer_view`) rather than scanning over the weights: a scanned slice reaches a kernel as a copy.
+
+    Where `ops.residual_norm_fuses` (GPU decode, products off the fused row kernel) each residual add
+    and the norm after it are one launch, the MLP's reaching into the next layer's attention norm, so
+    the carry holds x's normalised copy too."""
+    n, eps = layer_ids.shape[0], config.norm_eps
+    B, T, _ = x.shape
+    stacked_norms = layer_params["attn_norm"]
+    fused = ops.residual_norm_fuses(x, [
+        ("btnh,nhd->btd", (B, T, config.num_heads, config.head_dim), ops.LayerOf(layer_params["o"], 0)),
+        ("btf,fd->btd", (B, T, config.ffn_dim), ops.LayerOf(layer_params["w_down"], 0))])
 
     def layer_step(carry, xs):
-        x, cache = carry
+        x, xn, cache = carry
         i, layer = xs
         p = layer_view(layer_params, i)
-        x, cache = attention_block(p, x, cache, layer, rope, positions, valid, kv_lengths, config, impl)
-        return (mlp_block(p, x, config), cache), None
+        if not fused:
+            xn = ops.Normed(x, p["attn_norm"], eps)
+        x, xn, cache = attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, config, impl,
+                                       fused)
+        next_norm = (ops.LayerOf(stacked_norms, jnp.minimum(i + 1, n - 1)), eps)  # the last layer's is unused
+        x, xn = mlp_block(p, x, xn, next_norm, fused)
+        return (x, xn if fused else None, cache), None
 
-    local = jnp.arange(layer_ids.shape[0], dtype=jnp.int32)
-    (x, cache), _ = jax.lax.scan(layer_step, (x, cache), (local, layer_ids), unroll=LAYER_UNROLL)
+    xn = rms_norm(x, ops.LayerOf(stacked_norms, 0), eps) if fused else None
+    local = jnp.arange(n, dtype=jnp.int32)
+    (x, _, cache), _ = jax.lax.scan(layer_step, (x, xn, cache), (local, layer_ids), unroll=LAYER_UNROLL)
     return x, cache
 
 

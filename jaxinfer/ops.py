@@ -52,6 +52,8 @@ ROW_KERNEL = True  # one row of contraction-last layer weights may take the fuse
 # batch 1: 4.449 ms with XLA vs 4.574 with the kernel and its fusions, BENCHMARKS.md).
 ROW_FORMATS = ("int8", "int4", "fp8")
 ROW_HEAD = True  # an unstacked weight (the output head) may take the row kernel too (False: XLA's paths)
+# GPU decode: a block's residual add and the next RMSNorm in one Pallas launch (pallas_kernels/add_rms_norm.py)
+ADD_NORM_KERNEL = True
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,10 @@ def _value(x):
     return x.value() if isinstance(x, Normed) else x
 
 
-def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None):
+def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
-    with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path).
+    with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path); with
+    `residual` and `norm` (weight, eps), the pair `(residual + product, its RMSNorm)` (`add_rms_norm`).
 
     `x` is an array or `Normed`; `w` a plain array, a `QArray`, a `ContractLast`, or any of them as
     `LayerOf` (one layer of a stacked weight). `impl` forces a path (tests, benchmarks); a forced path that
@@ -109,12 +112,58 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None):
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
+    if norm is not None and residual is None:
+        raise ValueError("matmul: norm= normalises residual + product, so it needs residual=")
     row = _row_plan(impl, x, [_stored_order(eq, w)], residual=residual)
     if row is not None:
-        return row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
+        out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
+        return out if norm is None else (out, rms_norm(out, *norm))
     x = _value(x)
     out = _matmul(eq, x, w, out_dtype or x.dtype, impl)
+    if norm is not None:
+        return add_rms_norm(residual, out, *norm)
     return out if residual is None else residual + out.astype(residual.dtype)
+
+
+def add_rms_norm(x, h, weight, eps):
+    """`(x + h, rms_norm(x + h, weight, eps))`: a block's output `h` joining the residual stream `x` and the
+    next block's normalised input, in one Pallas launch where `residual_norm_fuses` allows (GPU, a few
+    rows), else two XLA expressions."""
+    if _add_norm_kernel_applies(x, weight):
+        from pallas_kernels import add_rms_norm as kernel
+
+        if isinstance(weight, LayerOf):
+            return kernel.add_rms_norm(x, h, weight.stacked, weight.index, eps=eps)
+        return kernel.add_rms_norm(x, h, weight, eps=eps)
+    s = x + h.astype(x.dtype)
+    return s, rms_norm(s, weight, eps)
+
+
+def _add_norm_kernel_applies(x, weight=None) -> bool:
+    """The one-launch residual add + RMSNorm takes: a GPU (`ADD_NORM_KERNEL`), whole arrays, half-precision
+    x of at most KERNEL_MAX_ROWS rows of a power-of-two width, a plain norm weight."""
+    if not (ADD_NORM_KERNEL and on_gpu() and x.dtype in (jnp.bfloat16, jnp.float16) and whole_arrays()):
+        return False
+    w = weight.stacked if isinstance(weight, LayerOf) else weight
+    if w is not None and (isinstance(w, (QArray, Observed)) or w.ndim != (2 if isinstance(weight, LayerOf) else 1)):
+        return False
+    from pallas_kernels import add_rms_norm as kernel
+
+    return math.prod(x.shape[:-1]) <= KERNEL_MAX_ROWS and kernel.supports(x.shape[-1])
+
+
+def residual_norm_fuses(x, products) -> bool:
+    """Whether a model should hand each block's residual add and the next norm to `matmul(residual=,
+    norm=)` (one `add_rms_norm` launch per norm) for the residual stream `x`: the kernel applies, and
+    none of the row-parallel `products` ((eq, input shape, weight) of the attention output and the MLP
+    down) takes the fused row kernel, which adds the residual in its own epilogue and leaves the norm
+    to the next product's prologue (no launch of its own)."""
+    if not _add_norm_kernel_applies(x):
+        return False
+    for eq, shape, w in products:
+        if _row_plan("auto", jax.ShapeDtypeStruct(shape, x.dtype), [_stored_order(eq, w)], residual=x) is not None:
+            return False
+    return True
 
 
 def _matmul(eq: str, x, w, out_dtype, impl: str):
@@ -270,7 +319,8 @@ def gemv(eq: str, x, w):
     place, once. The weight is viewed as 2-D (contracted letters leading or trailing, a free reshape),
     since XLA transposed whole stacked 3-D weights every step to reduce them; and a leading contraction
     is split into chunks summed in a second, tiny pass (split-K), since a column reduction over few
-    output columns runs on few blocks and leaves bandwidth unused.
+    output columns runs on few blocks and leaves bandwidth unused; long rows are summed in chunks too
+    (`ROW_SPLIT_MIN_K`).
     """
     xs, ws = eq.replace(" ", "").split("->")[0].split(",")
     out = eq.replace(" ", "").split("->")[1]

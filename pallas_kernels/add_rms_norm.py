@@ -1,0 +1,87 @@
+"""A residual add and the RMSNorm that follows it, for a few rows in one launch (Pallas, Triton lowering),
+plus a plain-jnp reference. Knows nothing about models: arrays and static values.
+
+Why: in a decode step a block's output joins the residual stream and the next block normalises the sum
+right away. XLA makes that two kernels per norm (a reduction for the sum of squares, with the add fused
+into it, then a pass scaling the row), since the scaling needs the reduction's result; with two norms a
+layer that is four launches of ~1.8 us in a llama-3-8b step on an H200 (benchmarks/BENCHMARKS.md,
+session 10). A row of a few thousand elements fits one program: it adds, sums the squares and writes both
+the new residual and its normalised copy.
+
+Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype),
+weight [D] or stacked [L, D] with a layer index (read in place).
+The arithmetic is the library's: h rounded to x's dtype and added in float32, rounded to x's dtype; the
+mean of its squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, times the weight, in the
+promoted dtype of the two.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.common import is_pow2
+
+_WARPS = 4  # 16 measured faster (4.221 vs 4.246 ms a llama-3-8b step, H200 S10-10), not yet tested natively
+MAX_WIDTH = 16384  # one program holds the whole row
+
+
+def supports(width: int) -> bool:
+  """Whether the kernel takes rows of this width (a Triton block is a power of two)."""
+  return is_pow2(width) and 32 <= width <= MAX_WIDTH
+
+
+def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *, eps: float):
+  f32 = jnp.float32
+  x = x_ref[...]  # [1, D]
+  h = h_ref[...]  # [1, D]
+  s = (x.astype(f32) + h.astype(x.dtype).astype(f32)).astype(x.dtype)
+  sum_ref[...] = s
+  sf = s.astype(f32)
+  inv_rms = lax.rsqrt(jnp.sum(sf * sf) / s.shape[1] + eps)
+  g = w_ref[pl.ds(layer_ref[0], 1), :]  # [1, D] of the stacked [L, D]
+  norm_ref[...] = (g.astype(f32) * (sf * inv_rms).astype(s.dtype).astype(f32)).astype(norm_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array | int | None = None, *,
+                 eps: float, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+  """(x + h, RMSNorm(x + h) * weight) for x and h [..., D]; weight [D], or layer `layer` of a stacked
+  [L, D]."""
+  width = x.shape[-1]
+  if h.shape != x.shape:
+    raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
+  if not supports(width):
+    raise ValueError(f"add_rms_norm kernel needs a power-of-two width in [32, {MAX_WIDTH}], got {width}")
+  stacked = weight if weight.ndim == 2 else weight[None]
+  if stacked.ndim != 2 or stacked.shape[1] != width:
+    raise ValueError(f"weight must be [{width}] or [L, {width}], got {weight.shape}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  rows = x.reshape(-1, width)
+  row = pl.BlockSpec((1, width), lambda r: (r, 0))
+  layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+  new_x, normed = pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps)),
+      grid=(rows.shape[0],),
+      in_specs=[pl.no_block_spec, row, row, pl.no_block_spec],
+      out_specs=[row, row],
+      out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype),
+                 jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))],
+      compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
+      interpret=interpret,
+      name="add_rms_norm",
+  )(layer, rows, h.reshape(rows.shape), stacked)
+  return new_x.reshape(x.shape), normed.reshape(x.shape)
+
+
+def add_rms_norm_reference(x, h, weight, layer=None, *, eps: float):
+  """Plain jnp: the same arithmetic on whole arrays."""
+  s = (x.astype(jnp.float32) + h.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+  g = weight if weight.ndim == 1 else weight[0 if layer is None else layer]
+  sf = s.astype(jnp.float32)
+  return s, g * (sf * lax.rsqrt(jnp.mean(sf * sf, axis=-1, keepdims=True) + eps)).astype(s.dtype)
