@@ -96,7 +96,6 @@ class Normed:
         return rms_norm(self.x, self.weight, self.eps)
 
 
-
 def _value(x):
     return x.value() if isinstance(x, Normed) else x
 

@@ -67,6 +67,15 @@ def test_bad_inputs_are_named():
         add_rms_norm(x, h, w[:, :64], eps=EPS, interpret=True)
 
 
+def test_matmul_norm_needs_the_residual():
+    x, h, w = _inputs(5, 1, 64, jnp.float32)
+    with pytest.raises(ValueError, match="norm= normalises residual \\+ product, so it needs residual="):
+        ops.matmul("btd,de->bte", x, jnp.ones((64, 64)), norm=(w[0], EPS))
+    got_x, got_norm = ops.matmul("btd,de->bte", x, jnp.eye(64), residual=x, norm=(w[0], EPS))
+    np.testing.assert_allclose(np.asarray(got_x), 2 * np.asarray(x), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got_norm), np.asarray(ops.rms_norm(2 * x, w[0], EPS)), rtol=1e-5)
+
+
 def test_lowers_to_triton_for_llama_shapes():
     x, h, w = _inputs(4, 1, 4096, jnp.bfloat16, layers=32)
     text = cuda_lowering(functools.partial(add_rms_norm, eps=EPS, interpret=False), x, h, w, jnp.int32(7))

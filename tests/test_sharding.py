@@ -428,6 +428,26 @@ def test_tensor_parallel_layers_run_the_weight_kernel_per_shard(monkeypatch):
     assert launches == [] and _rel(off_first, first1) < 1e-5
 
 
+@needs_devices
+def test_tensor_parallel_residual_add_and_norm_in_one_kernel(monkeypatch):
+    """Where the one-launch residual add + norm applies (the GPU's decode path; here forced, interpret
+    mode), each shard's row-parallel sums are added over `tensor` before the kernel adds the residual and
+    normalises: prefill + decode logits equal one device's, with two kernels per layer in the program."""
+    from jaxinfer import ops
+
+    params1, first1, second1, _ = _reference(CFG)
+    monkeypatch.setattr(ops, "_add_norm_kernel_applies", lambda x, weight=None: ops.whole_arrays())
+    calls = []
+    real = ops.add_rms_norm
+    monkeypatch.setattr(ops, "add_rms_norm", lambda *a: calls.append(a[1].shape) or real(*a))
+    params = sh.shard_params(params1, CFG, sh.make_mesh(data=2, tensor=4))
+    first, second, _ = _steps(params, CFG)
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
+    B, D = len(PROMPTS) // 2, CFG.dim  # each shard's rows (data=2) and the whole residual width
+    # traced once per program (the layer scan's body): after attention and after the MLP, in prefill and decode
+    assert len(calls) == 4 and all(c[0] == B and c[-1] == D for c in calls) and calls[2:] == [(B, 1, D)] * 2, calls
+
+
 # ----------------------------------------------------------------------------------------------------
 # Loading checkpoints straight into shards
 

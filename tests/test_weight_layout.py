@@ -60,18 +60,23 @@ def test_forward_equals_the_stored_layout(config, batch):
         assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), np.abs(got - ref).max()
 
 
+def _one_row_against_float64(seed, name, eq, w_shape):
+    """Layer 1 of a random stacked weight `name`, made contract-last, times one random row through the
+    `gemv` path: checked against float64; returns the compiled program's text."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    x = rng.standard_normal((1, 1, w_shape[1])).astype(np.float32)
+    t = ji.contract_last({"layers": {name: jnp.asarray(w)}})["layers"][name]
+    fn = jax.jit(lambda x, t, i: ops.matmul(eq, x, ops.LayerOf(t, i), impl="gemv"))
+    want = np.einsum(eq, x.astype(np.float64), w[1].astype(np.float64))
+    np.testing.assert_allclose(np.asarray(fn(x, t, 1), np.float64), want, rtol=1e-5, atol=1e-5)
+    return fn.lower(x, t, 1).compile().as_text()
+
+
 def test_one_row_product_is_a_row_reduction():
     """The one-row product of a contract-last weight reduces over the stored array's trailing axis (no
     transpose of the weight in the program), and equals the float64 product."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((3, 64, 4, 16)).astype(np.float32)  # [L, D, N, H] like q
-    x = rng.standard_normal((1, 1, 64)).astype(np.float32)
-    t = ji.contract_last({"layers": {"q": jnp.asarray(w)}})["layers"]["q"]
-    fn = jax.jit(lambda x, t, i: ops.matmul("btd,dnh->btnh", x, ops.LayerOf(t, i), impl="gemv"))
-    got = np.asarray(fn(x, t, 1), np.float64)
-    want = np.einsum("btd,dnh->btnh", x.astype(np.float64), w[1].astype(np.float64))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    hlo = fn.lower(x, t, 1).compile().as_text()
+    hlo = _one_row_against_float64(0, "q", "btd,dnh->btnh", (3, 64, 4, 16))  # [L, D, N, H] like q
     assert "transpose(" not in hlo
     assert "f32[64]{0} reduce(" in hlo and "dimensions={1}" in hlo  # [N*H, D] summed over its minor axis D
 
@@ -80,15 +85,8 @@ def test_long_rows_are_summed_in_chunks(monkeypatch):
     """Rows of at least `ROW_SPLIT_MIN_K` (down's 14336 in llama-3-8b) are summed in `ROW_SPLITS` chunks, then
     across them: the same product as float64, and the program holds the [N, ROW_SPLITS] partial sums."""
     monkeypatch.setattr(ops, "ROW_SPLIT_MIN_K", 512)
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal((2, 1024, 24)).astype(np.float32)  # [L, F, D] like w_down
-    x = rng.standard_normal((1, 1, 1024)).astype(np.float32)
-    t = ji.contract_last({"layers": {"w_down": jnp.asarray(w)}})["layers"]["w_down"]
-    fn = jax.jit(lambda x, t, i: ops.matmul("btf,fd->btd", x, ops.LayerOf(t, i), impl="gemv"))
-    got = np.asarray(fn(x, t, 1), np.float64)
-    want = np.einsum("btf,fd->btd", x.astype(np.float64), w[1].astype(np.float64))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert f"f32[24,{ops.ROW_SPLITS}]" in fn.lower(x, t, 1).compile().as_text()
+    hlo = _one_row_against_float64(1, "w_down", "btf,fd->btd", (2, 1024, 24))  # [L, F, D] like w_down
+    assert f"f32[24,{ops.ROW_SPLITS}]" in hlo
 
 
 @pytest.mark.parametrize("recipe", ["int8", Q.Recipe("int4", 16), Q.Recipe("int4", 16, zero_point=True), "fp8"],
