@@ -440,8 +440,10 @@ def test_tensor_parallel_residual_add_and_norm_in_one_kernel(monkeypatch):
     calls = []
     real = ops.add_rms_norm
     monkeypatch.setattr(ops, "add_rms_norm", lambda *a: calls.append(a[1].shape) or real(*a))
+    jax.clear_caches()  # earlier tests compiled these steps without the kernel
     params = sh.shard_params(params1, CFG, sh.make_mesh(data=2, tensor=4))
     first, second, _ = _steps(params, CFG)
+    jax.clear_caches()  # and later ones must not reuse programs traced with it
     assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
     B, D = len(PROMPTS) // 2, CFG.dim  # each shard's rows (data=2) and the whole residual width
     # traced once per program (the layer scan's body): after attention and after the MLP, in prefill and decode
