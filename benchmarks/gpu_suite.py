@@ -114,6 +114,12 @@ VARIANTS = {
     "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
                                          dict(weight_layout="contract-last", profile_batches=()),
                                          {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
+    # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off), default and contraction-last.
+    "unfused_add_norm": ("Default path, residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
+                         dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
+    "contract_last_unfused_add_norm": ("Contraction-last weights, residual adds and norms as XLA ops",
+                                       dict(weight_layout="contract-last", profile_batches=()),
+                                       {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
     # Prefill of an 8k prompt by attention kernel (issue 5: Pallas at least 2x XLA attention): the library's
     # default (`auto`: cuDNN), `pallas` (on Hopper the Mosaic GPU kernel), `pallas` on the Triton kernel, XLA.
     **{f"prefill_8k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(8192,), profile_batches=(), **changes),
