@@ -221,20 +221,18 @@ def _body(len_ref, off_ref, q_ref, k_ref, v_ref, o_ref, scratch, *, block_q, blo
     """The streaming warpgroup: the tile's key/value blocks through the ring."""
     kv_head = lax.div(head, group)
 
-    def load(j, slot, after_free):
-      """Key and value block j into `slot`; `after_free` (bool, or traced): first wait until both compute
-      warpgroups have freed the slot."""
+    def load(j, slot, after_free: bool):
+      """Key and value block j into `slot`; `after_free`: first wait until both compute warpgroups have
+      freed the slot."""
       keys = (b, pl.ds(j * block_kv, block_kv), kv_head)
       for src, dst, ready, free in ((k_ref, k_smem, k_ready, k_free), (v_ref, v_smem, v_ready, v_free)):
-        if after_free is True:
+        if after_free:
           plgpu.barrier_wait(free.at[slot])
-        elif after_free is not False:
-          pl.when(after_free)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
         plgpu.copy_gmem_to_smem(src.at[keys], dst.at[slot], ready.at[slot])
 
     for j in range(min(stages, k_ref.shape[1] // block_kv)):
       pl.when(j < cta_steps)(functools.partial(load, j, j, False))
-    pl.loop(stages, cta_steps)(lambda j: load(j, lax.rem(j, stages), True))
+    pl.loop(stages, cta_steps)(lambda j: load(j, slot_of(j), True))
 
   @pl.when(wg < COMPUTE_WARPGROUPS)
   def _compute():
