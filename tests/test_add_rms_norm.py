@@ -2,8 +2,8 @@
 of it in decode steps.
 
 The kernel must give the sum and the norm a float64 computation gives (to the dtype's rounding) and equal
-its jnp reference, with the block output whole or as partial sums and the norm weight plain or one layer
-of a stack; reject bad input by name; lower to Triton. The model must run it twice per layer where
+its jnp reference, with the norm weight plain or one layer of a stack; reject bad input by name; lower to
+Triton. The model must run it twice per layer where
 `ops.residual_norm_fuses` (the GPU's decode path, interpret mode standing in), leave the quantized row
 kernel's own fusions alone, and give the logits of the XLA ops it replaces.
 """
