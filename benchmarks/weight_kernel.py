@@ -87,6 +87,15 @@ def chain_seconds(product, x, w, *, calls=32, reps=5) -> tuple[float, float | No
     return statistics.median(times) / calls, (device * 1e-6 / calls if device else None)
 
 
+def first_kept(outs):
+    """The first of several product outputs (it feeds the chain), the others kept alive by a one-element
+    add so that XLA does not drop them."""
+    y = outs[0]
+    for o in outs[1:]:
+        y = y.at[:, :1].add(o[:, :1])
+    return y
+
+
 def kernel_product(**cfg):
     return lambda x, w, i: wm.weight_matmul(x, w, None, None, i, fmt="plain", group_size=None, **cfg)
 
@@ -155,14 +164,8 @@ def row_part(args, add, over_budget, decode_rows, copy):
         x = jax.random.normal(jax.random.key(1), (1, k), jnp.bfloat16)
         nbytes = sum(n * k * 2 for n in widths)
 
-        def chained(product):  # one output feeding the chain; the others kept alive by a one-element add
-            def one(x, ws, i):
-                outs = product(x, ws, i, g, res)
-                y = outs[0]
-                for o in outs[1:]:
-                    y = y.at[:, :1].add(o[:, :1])
-                return y
-            return one
+        def chained(product):
+            return lambda x, ws, i: first_kept(product(x, ws, i, g, res))
 
         variants = {"xla unfused": unfused(epilogue, norm), "kernel": fused(epilogue, norm)}
         for bn, bk, warps, stages in ROW_SWEEP:
@@ -194,41 +197,25 @@ def xla_rows_part(add, over_budget, decode_rows, copy, products_=True):
     def stack(j, n, k):
         return jax.random.normal(jax.random.fold_in(key, j), (LAYERS, n, k), jnp.bfloat16)
 
-    def row_product(splits):
-        def product(x, w, i):
-            w = jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False)
-            n, k = w.shape
-            if splits == 1:
-                return ops.gemv("mk,nk->mn", x, w)
-            part = jnp.sum(w.reshape(n, splits, k // splits).astype(jnp.float32)
-                           * x.reshape(splits, k // splits).astype(jnp.float32), axis=2)
-            return jnp.sum(jax.lax.optimization_barrier(part), axis=1)[None]
-        return product
-
-    def products(*parts):  # products sharing x: the first output feeds the chain, the others kept alive
-        def product(x, ws, i):
-            outs = [p(x, w, i) for p, w in zip(parts, ws)]
-            y = outs[0]
-            for o in outs[1:]:
-                y = y.at[:, :1].add(o[:, :1])
-            return y
-        return product
+    def products(x, ws, i):  # `ops.gemv` of each weight, sharing x
+        return first_kept([ops.gemv("mk,nk->mn", x, jax.lax.dynamic_index_in_dim(w, jnp.int32(i), 0, False))
+                           for w in ws])
 
     q, kv, gate = (4096, 4096), (1024, 4096), (14336, 4096)
-    cases = [("qkv", "three products", products(*[row_product(1)] * 3), (q, kv, kv)),
-             ("qkv", "one [6144, 4096] matrix", products(row_product(1)), ((6144, 4096),)),
-             ("gateup", "two products", products(*[row_product(1)] * 2), (gate, gate))]
-    cases += [("o", f"row split {s}", products(row_product(s)), (q,)) for s in (1, 2, 4)]
-    cases += [("down", f"row split {s}", products(row_product(s)), ((4096, 14336),)) for s in (1, 2, 4, 7, 14)]
-    for name, label, product, shapes in cases if products_ else ():
+    cases = [("qkv", "three products", (q, kv, kv), 1), ("qkv", "one [6144, 4096] matrix", ((6144, 4096),), 1),
+             ("gateup", "two products", (gate, gate), 1)]
+    cases += [("o", f"row split {s}", (q,), s) for s in (1, 2, 4)]
+    cases += [("down", f"row split {s}", ((4096, 14336),), s) for s in (1, 2, 4, 7, 14)]
+    for name, label, shapes, splits in cases if products_ else ():
         if over_budget():
             return
         ws = tuple(stack(j, n, k) for j, (n, k) in enumerate(shapes))
         x = jax.random.normal(jax.random.key(1), (1, shapes[0][1]), jnp.bfloat16)
         nbytes = sum(n * k * 2 for n, k in shapes)
         row = {"part": "xlarows", "weight": name, "variant": label}
-        try:
-            wall, dev = chain_seconds(product, x, ws)
+        try:  # each row summed whole or in `splits` chunks (`ops.ROW_SPLITS`)
+            with switched(ops, {"ROW_SPLIT_MIN_K": 1 if splits > 1 else 1 << 30, "ROW_SPLITS": splits}):
+                wall, dev = chain_seconds(products, x, ws)
             t = dev or wall
             add({**row, "us": round(t * 1e6, 2), "wall_us": round(wall * 1e6, 2),
                  "of_copy": round(nbytes / t / copy, 3)})
