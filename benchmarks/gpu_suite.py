@@ -5,14 +5,17 @@
 1. `pytest -m gpu` in child processes (before this process touches the GPU; up to `--test-jobs` test files at
    once), log to <out>/pytest.log.
 2. Ceilings (copy bandwidth, bf16 matmul) measured here, then `llama-3-8b` bf16 with the library's default
-   (`--impl auto`: cuDNN prefill, Pallas decode attention, the Pallas weight kernel for 1-128 rows): a
-   2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
+   (`--impl auto`: cuDNN prefill, Pallas decode attention; weights laid out as the command line loads them,
+   `weight_layout.DEFAULT_LAYOUT`: XLA's row reductions for one row, the Pallas weight kernel for 2-128): a
+   2048-token prefill at batch 1, and decode at batch 1, 8, 32, 128 with 1024 tokens of context, both
+   per-step and with the fused on-device loop; batch 1 and 128 decode traced op by op. <out>/bench.json is
    rewritten after every case, so a run cut short keeps what it measured; then roofline.png,
-   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then the batch-1 `VARIANTS`
-   (`--variants`): the plain XLA path (XLA attention, `weight_layout.contract_last` weights, traced op by op),
-   contraction-last weights with the default attention, and int8 / fp8 / int4 (groups of 128 with offsets)
-   quantized after `contract_last`, and the default / contraction-last steps with the rotation and cache write
-   as XLA ops (the `rope_write` kernel switched off), into the same files.
+   summary.md and the batch-1 decode step's compiled HLO (decode_b1_hlo.txt). Then the `VARIANTS`
+   (`--variants`, batch 1 unless `--variant-batch`): the plain XLA path (XLA attention, traced op by op),
+   the stored weight order (the Pallas weight kernel for one row too), int8 / fp8 / int4 (groups of 128 with
+   offsets) quantized after `contract_last`, the steps with the rotation and cache write or the residual
+   adds and norms as XLA ops, the add + norm kernel at 16 warps, and prefill of 8k tokens by attention
+   kernel, into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -34,6 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+
+from jaxinfer.weight_layout import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
 
 SERIAL_TEST_FILES = ("test_bench.py",)  # measures the card's ceilings: runs after the others, alone
 
@@ -88,38 +93,36 @@ def standard_spec(args):
 
     return BenchSpec(
         config=ModelConfig.from_preset(args.preset), name=args.preset, dtype="bfloat16", impl=args.impl,
-        batches=tuple(args.batch), prompt_lens=(args.prompt_len,), contexts=(args.context,),
+        weight_layout=args.weight_layout, batches=tuple(args.batch), prompt_lens=(args.prompt_len,),
+        contexts=(args.context,),
         phases=("decode", "decode_fused"), steps=args.steps, samples=args.samples,
         gpu_hour_price=args.gpu_hour_price, profile_batches=tuple(args.profile_batch),
     )
 
 
-# Batch-1 variants timed after the standard set, each against the same ceilings: name -> (title, spec changes[,
-# switches {module path: {NAME: value}} set while the variant runs (`jaxinfer.bench.switched_modules`)]).
+# Variants timed after the standard set (batch 1 unless `--variant-batch`), each against the same ceilings:
+# name -> (title, spec changes[, switches {module path: {NAME: value}} set while the variant runs
+# (`jaxinfer.bench.switched_modules`)]).
 VARIANTS = {
     # The plain XLA path (no Pallas anywhere): issue 4's batch-1 criterion, with its own op-by-op trace.
     "xla_path": ("The plain XLA path (attention `xla`, weights `contract_last`, no Pallas)",
                  dict(impl="xla", weight_layout="contract-last", profile_batches=(1,))),
-    # The library's fastest batch-1 configuration: contraction-last weights (XLA's row reduction for one
-    # row), the default attention; traced op by op.
-    "contract_last": ("Contraction-last weights, default attention",
-                      dict(weight_layout="contract-last", profile_batches=(1,))),
+    # The matrices in the stored (checkpoint) order: the Pallas weight kernel for one row too; traced op by op.
+    "stored": ("Weights in the stored order (the Pallas weight kernel for one row too), default attention",
+               dict(weight_layout="stored", profile_batches=(1,))),
     # Quantized after `contract_last`: one row takes the fused row kernel (`pallas_kernels/row_matmul.py`).
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
     # The decode step with the rotation and the cache write as XLA ops (the fused `rope_write` kernel off).
-    "unfused_rope_write": ("Default path, rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
-                           dict(profile_batches=(1,)), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
-    "contract_last_unfused_rope_write": ("Contraction-last weights, rotation and cache write as XLA ops",
-                                         dict(weight_layout="contract-last", profile_batches=()),
-                                         {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
-    # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off), default and contraction-last.
-    "unfused_add_norm": ("Default path, residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
+    "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
+                           dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
+    # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
+    "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
-    "contract_last_unfused_add_norm": ("Contraction-last weights, residual adds and norms as XLA ops",
-                                       dict(weight_layout="contract-last", profile_batches=()),
-                                       {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
+    # The add + norm kernel at 16 warps per program instead of its default.
+    "add_norm_16_warps": ("The add + norm kernel at 16 warps", dict(profile_batches=()),
+                          {"pallas_kernels.add_rms_norm": {"_WARPS": 16}}),
     # Prefill of an 8k prompt by attention kernel (issue 5: Pallas at least 2x XLA attention): the library's
     # default (`auto`: cuDNN), `pallas` (on Hopper the Mosaic GPU kernel), `pallas` on the Triton kernel, XLA.
     **{f"prefill_8k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(8192,), profile_batches=(), **changes),
@@ -144,7 +147,7 @@ def run_benchmarks(args, out: Path, summary: dict):
     spec = standard_spec(args)
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
     variant_specs = {  # (traced op by op only where the standard set is)
-        name: dataclasses.replace(spec, batches=(1,), **{**changes, **({} if spec.profile_batches else {"profile_batches": ()})})
+        name: dataclasses.replace(spec, batches=tuple(args.variant_batch), **{**changes, **({} if spec.profile_batches else {"profile_batches": ()})})
         for name, (_, changes, *_) in VARIANTS.items() if name in args.variants}
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
@@ -223,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for pytest.log, bench.json, roofline.png, summary.md")
     p.add_argument("--preset", default="llama-3-8b")
     p.add_argument("--impl", default="auto", help="attention impl of the standard set (auto: the library's default)")
+    p.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS, help="weight order of the standard set")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=2048)
@@ -232,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-batch", type=int, nargs="*", default=[1, 128], help="decode batches traced per op")
     p.add_argument("--gemv-partials", type=int, default=None,
                    help="override jaxinfer.ops.GEMV_PARTIALS (split-K target of one-row products) for this run")
+    p.add_argument("--variant-batch", type=int, nargs="+", default=[1], help="decode batches of the variants")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),

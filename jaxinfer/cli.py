@@ -11,6 +11,7 @@ import sys
 import time
 
 from .cache import KV_CACHE_NAMES
+from .weight_layout import DEFAULT_LAYOUT, LAYOUTS
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -31,9 +32,10 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--keep-quantized", action="store_true",
                    help="GGUF: keep Q8_0/Q4_0/Q4_1/Q4_K weights quantized (run at the stored size)")
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache (default: model dtype)")
-    p.add_argument("--weight-layout", default="stored", choices=["stored", "contract-last"],
+    p.add_argument("--weight-layout", default="auto", choices=["auto", *LAYOUTS],
                    help="contract-last: matrices stored contraction-last (`contract_last`, before --quant): one-row "
-                        "decode takes XLA's row reduction (bf16) or the fused row kernel (quantized, GPU)")
+                        "decode takes XLA's row reduction (bf16) or the fused row kernel (quantized, GPU). auto "
+                        "(default): contract-last, or stored with --calibrate / --keep-quantized")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,11 +70,10 @@ def _load(args):
     t0 = time.perf_counter()
     if args.calibrate and not args.quant:
         raise ValueError("--calibrate needs --quant (it weighs the quantization error)")
-    if args.weight_layout == "contract-last" and (args.calibrate or args.keep_quantized):
-        raise ValueError("--weight-layout contract-last takes float weights: not with --calibrate or --keep-quantized")
+    layout = _weight_layout(args)
     model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True,
                  keep_quantized=args.keep_quantized)
-    if args.weight_layout == "contract-last":
+    if layout == "contract-last":
         from .weight_layout import contract_last
 
         model = model.replace(params=contract_last(model.params))
@@ -84,10 +85,21 @@ def _load(args):
     how = [args.quant] if args.quant else []
     how += ["calibrated"] if args.calibrate else []
     how += ["kept quantized"] if args.keep_quantized else []
-    how += ["contraction-last"] if args.weight_layout == "contract-last" else []
+    how += ["contraction-last"] if layout == "contract-last" else []
     print(f"loaded {model.name}{' (' + ', '.join(how) + ')' if how else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     return model
+
+
+def _weight_layout(args) -> str:
+    """The layout the loaded weights get: `DEFAULT_LAYOUT` unless the trees must keep the checkpoint's order
+    (GGUF blocks kept quantized; calibration, which observes the stored matrices)."""
+    keeps_order = args.calibrate or args.keep_quantized
+    if args.weight_layout == "contract-last" and keeps_order:
+        raise ValueError("--weight-layout contract-last takes float weights: not with --calibrate or --keep-quantized")
+    if args.weight_layout == "auto":
+        return "stored" if keeps_order else DEFAULT_LAYOUT
+    return args.weight_layout
 
 
 def _read_text(name: str) -> str:

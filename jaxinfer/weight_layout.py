@@ -14,6 +14,12 @@ in a transposed dot: llama-3-8b bf16 decode on an H200 with Pallas attention, ba
 copy) against 4.64 ms stored, batches 8-128 within 1 % of the stored layout (BENCHMARKS.md, session 5).
 Quantized matrices in this layout run on XLA's paths (slower than the kernel on the stored layout).
 
+The command line (`generate`, `chat`, `perplexity`, `bench`) applies it by default (`DEFAULT_LAYOUT`) to
+float weights: H200 llama-3-8b bf16 decode, context 1024, ms per step stored / contraction-last in two
+processes each: batch 1 4.556 / 4.272 (6 % faster), 8 4.855 / 4.944, 32 6.009 / 6.080 (1-2 % slower), 128
+11.961 / 11.784; prefill 2048 tokens 61.0 / 59.9 ms, 8192 234.5 / 235.1 (BENCHMARKS.md, session 11). Trees
+that must keep the checkpoint's order (GGUF blocks kept quantized, calibration) stay stored.
+
 Knows nothing about models beyond the parameter table (`params.axes_by_path`, `params.contracted_axes`).
 """
 
@@ -26,6 +32,10 @@ from flax import struct
 
 from .params import LAYER_MATRICES, axes_by_path, contracted_axes, path_names
 from .quant.qarray import QArray
+
+
+LAYOUTS = ("stored", "contract-last")
+DEFAULT_LAYOUT = "contract-last"  # the command line's layout for float weights (see above)
 
 
 @struct.dataclass

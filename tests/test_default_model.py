@@ -139,6 +139,7 @@ def test_cli_generate_streams_and_reports_speed():
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tok/s" in out.stderr
+    assert "(contraction-last)" in out.stderr  # float weights get the default decode layout
 
 
 def test_cli_chat_multi_turn():
@@ -172,15 +173,17 @@ def test_cli_bad_inputs_one_line_error(tmp_path, make_args, message):
 def test_cli_quantized_runs(tmp_path):
     """The CLI's quantization switches end to end on the default model: GGUF blocks kept quantized with an
     int8 KV cache, calibrated int8 quantization with an fp8 KV cache, and fp8 after the contraction-last
-    layout, still answer correctly."""
+    layout, still answer correctly; the first two keep the stored order (the default layout only takes
+    float trees), the third is contraction-last."""
     text = tmp_path / "calib.txt"
     text.write_text("Paris is the capital and largest city of France. " * 40)
-    for extra in (["--keep-quantized", "--kv-cache", "int8"],
-                  ["--quant", "int8", "--calibrate", str(text), "--kv-cache", "fp8"],
-                  ["--weight-layout", "contract-last", "--quant", "fp8"]):
+    for extra, layout in ((["--keep-quantized", "--kv-cache", "int8"], False),
+                          (["--quant", "int8", "--calibrate", str(text), "--kv-cache", "fp8"], False),
+                          (["--weight-layout", "contract-last", "--quant", "fp8"], True)):
         out = _cli("generate", "What is the capital of France?", "--max-new-tokens", "12", *extra)
         assert out.returncode == 0, out.stderr
         assert "Paris" in out.stdout, (extra, out.stdout)
+        assert ("contraction-last" in out.stderr) == layout, (extra, out.stderr)
     out = _cli("generate", "hi", "--calibrate", str(text))
     assert out.returncode != 0 and "--calibrate needs --quant" in out.stderr
     out = _cli("generate", "hi", "--weight-layout", "contract-last", "--keep-quantized")

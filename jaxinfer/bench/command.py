@@ -14,6 +14,7 @@ from ..attention import IMPLS
 from ..cache import KV_CACHE_NAMES
 from ..config import ModelConfig, list_presets
 from ..memory import check_fits
+from ..weight_layout import DEFAULT_LAYOUT
 from .report import markdown, roofline_png, write_json
 from .runner import DTYPES, PHASES, WEIGHT_LAYOUTS, BenchSpec, run_bench
 
@@ -24,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
     p.add_argument("--impl", default="auto", choices=IMPLS,
                    help="attention implementation (default auto: what prefill, decode_step and generate use)")
-    p.add_argument("--weight-layout", default="stored", choices=WEIGHT_LAYOUTS,
-                   help="contract-last: matrices stored contraction-last (`contract_last`): XLA's row reduction "
-                        "for one row, the weight kernel's transposed tiles for more")
+    p.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=WEIGHT_LAYOUTS,
+                   help=f"contract-last: matrices stored contraction-last (`contract_last`): XLA's row reduction "
+                        f"for one row, the weight kernel's transposed tiles for more (default {DEFAULT_LAYOUT}, as "
+                        f"`generate` loads float weights)")
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache for decode")
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (a sweep)")
     p.add_argument("--prompt-len", type=int, nargs="+", default=[128], help="prefill prompt lengths")
@@ -58,7 +60,7 @@ def spec_from_args(args) -> BenchSpec:
         phases=tuple(args.phases), steps=args.steps, samples=args.samples, gpu_hour_price=args.gpu_hour_price,
         seed=args.seed, profile_batches=tuple(args.profile_batch),
         kv_dtype=KV_CACHE_NAMES.get(getattr(args, "kv_cache", None)),
-        weight_layout=getattr(args, "weight_layout", "stored"),
+        weight_layout=getattr(args, "weight_layout", DEFAULT_LAYOUT),
     )
 
 

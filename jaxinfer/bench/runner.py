@@ -30,14 +30,14 @@ from ..cache import KVCache, QuantKVCache, init_cache, is_quantized_kv, quantize
 from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
-from ..weight_layout import contract_last
+from ..weight_layout import LAYOUTS, contract_last
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .measure import Timing, time_calls
 from .profile import kernel_breakdown
 
 PHASES = ("prefill", "decode", "decode_fused")
-WEIGHT_LAYOUTS = ("stored", "contract-last")
+WEIGHT_LAYOUTS = LAYOUTS
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16,
           "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -68,7 +68,9 @@ class BenchSpec:
     seed: int = 0
     profile_batches: tuple[int, ...] = ()  # decode batches to trace kernel by kernel
     kv_dtype: str | None = None  # decode cache dtype: None = `dtype`; "int8" / "float8_e4m3fn" quantized
-    weight_layout: str = "stored"  # "contract-last": `weight_layout.contract_last` (XLA's row-reduction layout)
+    # "contract-last": `weight_layout.contract_last` (XLA's row-reduction layout; the command line's default, while
+    # a spec built in code keeps the stored order unless told)
+    weight_layout: str = "stored"
 
     def __post_init__(self):
         bad = [p for p in self.phases if p not in PHASES]
