@@ -15,8 +15,8 @@ model's decode step with and without it, every number against the copy bandwidth
   minimum split length (`pallas_kernels.common.MIN_BLOCKS_PER_SPLIT`) 4 and 1.
 - `codes`: gate+up and down in int8 / int4 (g128, offsets) / fp8 at one row: the dot (`wm.ONE_ROW_FMA` off)
   against multiply-adds on the CUDA cores, default blocks and a few step / warp choices.
-- `unroll`: the decode step (`auto`, batch 1-32, context 1k) with 1, 2, 4 and all 32 layers per iteration of
-  the layer scan (`model.LAYER_UNROLL`).
+- `unroll`: the decode step (`auto`, the default layout, batch 1 and 8, context 1k) with 4, 8, 16 and all 32
+  layers per iteration of the layer scan (`model.LAYER_UNROLL`), 4 again last.
 - `row`: the fused one-row kernel (`pallas_kernels/row_matmul.py`) on contraction-last `[L, N, K]` stacks:
   q/k/v (+ the norm), gate/up with SwiGLU (+ the norm), o and down with the residual add, each against
   XLA's row reductions (`ops.gemv`) doing the same work unfused; block sweeps; then the decode step at
@@ -56,6 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxinfer import ops  # noqa: E402
 from jaxinfer.bench import measure_ceilings, switched, switched_modules  # noqa: E402
 from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
+from jaxinfer.weight_layout import DEFAULT_LAYOUT  # noqa: E402
 from pallas_kernels import weight_matmul as wm  # noqa: E402
 
 SHAPES = {"q": (4096, 4096), "kv": (4096, 1024), "gate": (4096, 14336), "down": (14336, 4096)}
@@ -386,11 +387,11 @@ def main(argv=None) -> int:
     if "unroll" in parts:  # layers per iteration of the layer scan (the loop's own kernels per layer)
         from jaxinfer import model
 
-        for unroll in (1, 2, 4, 32):
+        for unroll in (4, 8, 16, 32, 4):  # the default twice (first and last: the spread between calls)
             if not over_budget():
                 decode_rows("unroll", {"layer_unroll": unroll}, {"LAYER_UNROLL": unroll}, module=model, impl="auto",
-                            batches=(1, 8, 32), contexts=(1024,), phases=("decode", "decode_fused"),
-                            profile_batches=(1,))
+                            weight_layout=DEFAULT_LAYOUT, batches=(1, 8), contexts=(1024,),
+                            phases=("decode", "decode_fused"))
 
     if "xlarows" in parts:
         xla_rows_part(add, over_budget, decode_rows, copy, products_=not args.no_products)
