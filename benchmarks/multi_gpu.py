@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +51,7 @@ from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
 from jaxinfer.sampling import Sampling, sequence_keys  # noqa: E402
+from jaxinfer.weight_layout import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
 
 TARGETS = {"tp2_decode_b1": 1.7, "tp4_decode_b1": 2.6, "pp4_throughput_b64": 3.0}
 
@@ -241,8 +243,8 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
     ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which of the three ways to time")
-    ap.add_argument("--weight-layout", default="stored", choices=("stored", "contract-last"),
-                    help="contract-last: every case on `ji.contract_last(params)`")
+    ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
+                    help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
@@ -307,7 +309,7 @@ def main(argv=None) -> None:
             # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
-                        "_nosum": {"row_parallel": lambda eq, x, w: ops.matmul(eq, x, w)}}
+                        "_nosum": {"row_parallel": ops.matmul}}  # each shard's partial sum as if whole
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
                 def tp_case(t=t, switches=switches):
