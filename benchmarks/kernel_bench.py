@@ -219,15 +219,15 @@ def bench_decode_stacked(batch, length, max_len, *, configs=(None,), layers=32, 
 
 
 def stacked_decode_jobs():
-  """The model's decode attention at llama-3-8b shapes (context 1024 and 4096, batch 1-32) over splits and
-  block sizes, to choose `default_num_splits` for small grids."""
-  jobs = []
-  for batch, length, max_len in ((1, 1040, 1152), (8, 1040, 1152), (32, 1040, 1152), (1, 4112, 4224)):
-    blocks = -(-length // 128)
-    splits = sorted({1, 2, 4, 8, blocks // 2 or 1, blocks} | ({16, 33} if blocks > 16 else set()))
-    configs = [None] + [dict(num_splits=s) for s in splits] + [dict(num_splits=s, block_k=64) for s in (4, 8, 16)]
-    jobs.append(functools.partial(bench_decode_stacked, batch, length, max_len, configs=configs))
-  return jobs
+  """The model's decode attention at llama-3-8b shapes over key blocks, pipelining depth, warps and splits:
+  contexts of 1k at batch 1-128 (short loops: pipeline fill and shared memory per program matter) and
+  4k at batch 16 and 64 (issue 5's decode cases), to choose the defaults by batch and length."""
+  configs = ([None] + [dict(block_k=bk, num_stages=st) for bk, st in ((128, 1), (128, 3), (64, 2), (64, 3), (64, 4),
+                                                                      (32, 3), (32, 4))]
+             + [dict(block_k=64, num_stages=3, num_warps=8), dict(block_k=64, num_stages=3, num_splits=2)])
+  return [functools.partial(bench_decode_stacked, batch, length, max_len, configs=configs)
+          for batch, length, max_len in ((1, 1040, 1152), (8, 1040, 1152), (32, 1040, 1152), (128, 1040, 1152),
+                                         (16, 4112, 4224), (64, 4112, 4224))]
 
 
 # --------------------------------------------------------------------------------------------
