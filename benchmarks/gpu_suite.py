@@ -120,11 +120,10 @@ VARIANTS = {
     # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
     "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
-    # Dense decode attention with other key blocks / pipelining depths than its defaults.
-    **{f"decode_bk{bk}_st{st}": (f"Dense decode attention with {bk}-key blocks, {st} stages",
-                                 dict(profile_batches=()), {"pallas_kernels.decode_attention": {
-                                     "_DEFAULT_BLOCK_K": bk, "_DEFAULT_STAGES": st}})
-       for bk, st in ((32, 4), (64, 3), (32, 3))},
+    # Dense decode attention with 128-key blocks and 2 stages for short walks too (the default before session 11).
+    "decode_long_blocks": ("Dense decode attention with 128-key blocks, 2 stages for every split length",
+                           dict(profile_batches=()), {"pallas_kernels.decode_attention": {
+                               "_SHORT_BLOCK_K": 128, "_SHORT_STAGES": 2}}),
     # The add + norm kernel at 16 warps per program instead of its default.
     "add_norm_16_warps": ("The add + norm kernel at 16 warps", dict(profile_batches=()),
                           {"pallas_kernels.add_rms_norm": {"_WARPS": 16}}),

@@ -26,12 +26,14 @@ from pallas_kernels.common import (
     MIN_DOT_ROWS, check_decode_args, default_num_splits, init_carry, load_q_tile, next_pow2,
     online_softmax_step, split_block_range, split_k_decode_call, store_partials)
 
-# Defaults tuned on an H200, N32 K8 H128 bf16 (see NOTES.md). Session 11 (the model's stacked call, us per
-# call, 128-key blocks / 2 stages against 32 / 4): context 1k B1 14.0 / 11.1, B8 21.8 / 21.9, B32 48.4 / 44.7,
-# B128 146.4 / 143.3; context 4k B16 76.8 / 75.7, B64 293.3 / 258.0.
-_DEFAULT_BLOCK_K = 32
+# Defaults tuned on an H200, N32 K8 H128 bf16 (see NOTES.md): (key block, stages) by how many keys one split
+# walks. Short walks take small blocks (more programs in flight per SM; the model's stacked call, us per call,
+# 128 / 2 against 32 / 4: context 1k B1 14.0 / 11.1, B32 48.4 / 44.7, B128 146.4 / 143.3); long walks keep
+# large ones (B16 over 8k ragged keys, 3 splits of ~2.7k: 97.5 us with 128 / 2, 110.7 with 32 / 4).
+_LONG_WALK = 2048  # keys per split from which the large block applies
+_DEFAULT_BLOCK_K, _DEFAULT_STAGES = 128, 2  # long walks
+_SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 _DEFAULT_WARPS = 4
-_DEFAULT_STAGES = 4
 
 
 def _decode_kernel(
@@ -146,7 +148,13 @@ def decode_attention(
     raise ValueError(f"k batch {k.shape[0]} != q batch {batch}")
   group = num_heads // num_kv_heads
 
-  block_k = min(block_k or _DEFAULT_BLOCK_K, max(16, next_pow2(seq_k)))
+  if block_k is None:  # by the keys one split walks (splits as many as fill the GPU, see above)
+    walk = seq_k / (num_splits or default_num_splits(batch, num_kv_heads, seq_k))
+    block_k, default_stages = ((_DEFAULT_BLOCK_K, _DEFAULT_STAGES) if walk >= _LONG_WALK
+                               else (_SHORT_BLOCK_K, _SHORT_STAGES))
+  else:
+    default_stages = _DEFAULT_STAGES
+  block_k = min(block_k, max(16, next_pow2(seq_k)))
   num_splits = num_splits or default_num_splits(batch, num_kv_heads, pl.cdiv(seq_k, block_k))
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -168,7 +176,7 @@ def decode_attention(
       specs,
       batch=batch, num_kv_heads=num_kv_heads, num_splits=num_splits, group=group,
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
-      num_stages=num_stages or _DEFAULT_STAGES, interpret=interpret, name="decode_attention")
+      num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention")
   return run(lengths.astype(jnp.int32), q, *args)
 
 
