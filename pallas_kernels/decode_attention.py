@@ -31,7 +31,7 @@ from pallas_kernels.common import (
 # 128 / 2 against 32 / 4: context 1k B1 14.0 / 11.1, B32 48.4 / 44.7, B128 146.4 / 143.3); long walks keep
 # large ones (B16 over 8k ragged keys, 3 splits of ~2.7k: 97.5 us with 128 / 2, 110.7 with 32 / 4).
 _LONG_WALK = 2048  # keys per split from which the large block applies
-_DEFAULT_BLOCK_K, _DEFAULT_STAGES = 128, 2  # long walks
+_LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the caller chose)
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 _DEFAULT_WARPS = 4
 
@@ -150,10 +150,10 @@ def decode_attention(
 
   if block_k is None:  # by the keys one split walks (splits as many as fill the GPU, see above)
     walk = seq_k / (num_splits or default_num_splits(batch, num_kv_heads, seq_k))
-    block_k, default_stages = ((_DEFAULT_BLOCK_K, _DEFAULT_STAGES) if walk >= _LONG_WALK
+    block_k, default_stages = ((_LONG_BLOCK_K, _LONG_STAGES) if walk >= _LONG_WALK
                                else (_SHORT_BLOCK_K, _SHORT_STAGES))
   else:
-    default_stages = _DEFAULT_STAGES
+    default_stages = _LONG_STAGES
   block_k = min(block_k, max(16, next_pow2(seq_k)))
   num_splits = num_splits or default_num_splits(batch, num_kv_heads, pl.cdiv(seq_k, block_k))
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)

@@ -295,6 +295,28 @@ class TestDecodeAttention:
     call, _combine = [e for e in jaxpr.eqns if e.primitive.name == "pallas_call"]  # two launches
     assert call.invars[-2] is jaxpr.invars[1] and call.invars[-1] is jaxpr.invars[2]
 
+  def test_key_block_follows_the_walk(self):
+    """Without a block_k the kernel takes 32-key blocks and 4 stages where each split walks few keys (batch 1
+    over 8k keys: 33 splits of 248) and 128-key blocks with 2 stages where it walks many (batch 16: 3 splits
+    of 2.7k), as measured on an H200 (pallas_kernels/NOTES.md, session 11); a chosen block_k keeps 2."""
+    def launch(batch, **kw):
+      q = jnp.ones((batch, 32, 128), jnp.bfloat16)
+      k = jax.ShapeDtypeStruct((batch, 8192, 8, 128), jnp.bfloat16)
+      fn = lambda q, k: decode_attention(q, k, k, lengths=jnp.ones((batch,), jnp.int32), **kw)  # noqa: E731
+      eqns, todo = [], [jax.make_jaxpr(fn)(q, k).jaxpr]
+      while todo:  # the pallas_calls inside the jit
+        for e in todo.pop().eqns:
+          eqns.append(e)
+          todo += [getattr(p, "jaxpr", p) for p in e.params.values() if hasattr(getattr(p, "jaxpr", p), "eqns")]
+      named = lambda e: str(getattr(e.params.get("name_and_src_info") or e.params.get("name"), "name",  # noqa: E731
+                                    e.params.get("name_and_src_info") or e.params.get("name")))
+      (call,) = [e for e in eqns if e.primitive.name == "pallas_call" and named(e) == "decode_attention"]
+      return call.params["compiler_params"].num_stages, tuple(call.params["grid_mapping"].grid)
+
+    assert launch(1) == (4, (1, 8, 33))
+    assert launch(16) == (2, (16, 8, 3))
+    assert launch(1, block_k=64)[0] == 2
+
   def test_reference_matches_numpy(self):
     rng = _rng()
     q, k, v, lengths = _decode_inputs(rng, 3, 11, 6, 2, 16, jnp.float32)
