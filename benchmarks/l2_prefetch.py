@@ -4,9 +4,9 @@ kernels of a decode step (attention, norms, all-reduces) with a prefetch of the 
     PYTHONPATH=. python3 benchmarks/l2_prefetch.py --out $OUT
 
 For each `llama-3-8b` batch-1 product (contraction-last bf16 rows, XLA's row reduction `ops.gemv`; a stack
-of 8 layers so that calls do not find the previous layer's weight in L2) the profiler's device time of the
-product alone, and of the product right after a kernel that read its first `fraction` of rows (a plain sum
-of those rows, chained into x so that it runs first). If the product gets faster by about the prefetched
+of 8 layers so that calls do not find the previous layer's weight in L2) the profiler's device time per
+layer of the product alone, and of the product right after a kernel that read its first `fraction` of rows
+(a plain sum of those rows, chained into x so that it runs first): touch and product together. If the product gets faster by about the prefetched
 bytes / copy bandwidth, a prefetch that runs beside a latency-bound kernel would save that much.
 """
 from __future__ import annotations
@@ -61,12 +61,9 @@ def main(argv=None) -> int:
         x = jax.random.normal(jax.random.key(1), (k,), jnp.bfloat16)
         for f in (float(v) for v in args.fractions.split(",")):
             fn = jax.jit(lambda w, x, f=f: chain(w, x, f))
-            prof = kernel_breakdown(lambda: fn(w, x), calls=5)
-            ops_ = prof["ops"]
-            product = [o for o in ops_ if o["launches_per_call"] >= LAYERS and "reduce" in o["hlo_op"]]
-            per_kernel = sorted((o["us_per_call"] / o["launches_per_call"], o["hlo_op"]) for o in product)
-            row = {"product": name, "bytes": n * k * 2, "fraction": f, "device_us_per_layer": prof["device_us_per_call"] / LAYERS,
-                   "kernels_us": per_kernel, "cold_us_at_copy": n * k * 2 / copy * 1e6}
+            prof = kernel_breakdown(lambda: fn(w, x), calls=5)  # touch + product per layer, device time
+            row = {"product": name, "bytes": n * k * 2, "fraction": f,
+                   "device_us_per_layer": prof["device_us_per_call"] / LAYERS, "cold_us_at_copy": n * k * 2 / copy * 1e6}
             rows.append(row)
             print(json.dumps(row), flush=True)
         del w
