@@ -118,7 +118,12 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm))
     x = _value(x)
-    out = _matmul(eq, x, w, out_dtype or x.dtype, impl)
+    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
+
+
+def join_residual(out, residual=None, norm=None):
+    """A product `out` joining the residual stream: `out` itself without a residual, `residual + out` in the
+    residual's dtype, and with `norm` (weight, eps) that sum and its RMSNorm (`add_rms_norm`)."""
     if norm is not None:
         return add_rms_norm(residual, out, *norm)
     return out if residual is None else residual + out.astype(residual.dtype)

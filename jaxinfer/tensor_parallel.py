@@ -74,14 +74,12 @@ def row_parallel(eq: str, x, w, residual=None, norm=None):
     """`ops.matmul(eq, x, w, residual=residual, norm=norm)` for a weight whose contraction is split on
     `tensor` (attention output, MLP down). Inside the per-shard layers each device's product is a float32
     partial sum, added over the shards with one `psum` before rounding to x's dtype (then the residual,
-    and with `norm` the next RMSNorm: `ops.add_rms_norm`); elsewhere XLA's partitioner inserts the sum."""
+    and with `norm` the next RMSNorm: `ops.join_residual`); elsewhere XLA's partitioner inserts the sum."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
         return ops.matmul(eq, x, w, residual=residual, norm=norm)
     out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS).astype(x.dtype)
-    if norm is not None:
-        return ops.add_rms_norm(residual, out, *norm)
-    return out if residual is None else residual + out.astype(residual.dtype)
+    return ops.join_residual(out, residual, norm)
 
 
 def embed(params, tokens, config: ModelConfig):
