@@ -14,8 +14,8 @@
    (`--variants`, batch 1 unless `--variant-batch`): the plain XLA path (XLA attention, traced op by op),
    the stored weight order (the Pallas weight kernel for one row too), int8 / fp8 / int4 (groups of 128 with
    offsets) quantized after `contract_last`, the steps with the rotation and cache write or the residual
-   adds and norms as XLA ops, the add + norm kernel at 16 warps, and prefill of 8k tokens by attention
-   kernel, into the same files.
+   adds and norms as XLA ops, dense decode attention with 128-key blocks for every split length, the add +
+   norm kernel at 16 warps, and prefill of 8k tokens by attention kernel, into the same files.
 3. `benchmarks.kernel_bench.run_kernel_benchmarks(out)` if importable; its failure is recorded, not fatal.
 Prints a short table last and ends with one JSON line. Variant comparisons of the decode path (weight kernel
 on/off, XLA vs Pallas attention, quantized caches and weights): `benchmarks/weight_kernel.py`.
@@ -200,7 +200,8 @@ def run_benchmarks(args, out: Path, summary: dict):
     return partial, variants, table
 
 
-def print_breakdowns(report, label=""):
+def print_breakdowns(report, label="", top: int | None = 14):
+    """Each profiled case's ops by device time per step, the `top` largest (None: all)."""
     for m in report.results:
         bd = m.extras.get("breakdown")
         if not bd or not bd.get("ops"):
@@ -208,7 +209,7 @@ def print_breakdowns(report, label=""):
         per = bd.get("steps_per_call", 1)
         print(f"\n{label}{m.phase} B={m.batch}: device busy {bd['device_us_per_call'] / per:.0f} us/step of "
               f"{m.seconds * 1e6:.0f} us/step measured")
-        for r in bd["ops"][:14]:
+        for r in bd["ops"][:top]:
             print(f"  {r['us_per_call'] / per:9.1f} us {r['fraction']:6.1%} x{r['launches_per_call'] / per:5.1f} "
                   f"{r['hlo_op'][:34]:34s} {r['op_name'][-70:]}")
 
@@ -244,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="batch-1 variants timed after the standard set (none: pass the flag alone)")
+                   help="variants timed after the standard set (none: pass the flag alone)")
     p.add_argument("--tests-timeout", type=int, default=360,
                    help="seconds for the GPU tests (H200: test_pallas_kernels.py takes 259 s beside three other "
                         "files, and test_bench.py runs alone after them: 290 s was not enough in S10-6)")

@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/profile_step.py --out $OUT [--quant int8] [--batch 1] [--layout stored]
 
-Prints each HLO op's launches and device time per step (all ops, not the top 25 of `jaxinfer bench`),
-sorted by time, and writes <out>/profile_step.json.
+Prints each HLO op's device time and launches per step (all ops, not the top 25 of `jaxinfer bench`),
+sorted by time (`gpu_suite.print_breakdowns`), and writes <out>/profile_step.json.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.gpu_suite import print_breakdowns  # noqa: E402
 from jaxinfer.bench import runner  # noqa: E402
 from jaxinfer.config import ModelConfig  # noqa: E402
 from jaxinfer.weight_layout import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
@@ -40,10 +41,7 @@ def main(argv=None) -> int:
     m = report.results[0]
     prof = m.extras["breakdown"]
     prof.pop("hlo_text", None)
-    print(f"{m.ms:.3f} ms per step, device {prof['device_us_per_call']:.1f} us")
-    for o in prof["ops"]:
-        n = max(o["launches_per_call"], 1)
-        print(f"{o['us_per_call']:8.1f} us {n:5.0f} x {o['us_per_call'] / n:6.2f}  {o['hlo_op'][:40]:40s} {o['op_name'][-70:]}")
+    print_breakdowns(report, top=None)
     (out / "profile_step.json").write_text(json.dumps({"ms": m.ms, "profile": prof}, indent=1, default=str))
     return 0
 

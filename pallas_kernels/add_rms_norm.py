@@ -26,7 +26,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import is_pow2
 
-_WARPS = 4  # 16 measured faster (4.221 vs 4.246 ms a llama-3-8b step, H200 S10-10), not yet tested natively
+_WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
 MAX_WIDTH = 16384  # one program holds the whole row
 
 

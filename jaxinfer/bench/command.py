@@ -14,9 +14,9 @@ from ..attention import IMPLS
 from ..cache import KV_CACHE_NAMES
 from ..config import ModelConfig, list_presets
 from ..memory import check_fits
-from ..weight_layout import DEFAULT_LAYOUT
+from ..weight_layout import DEFAULT_LAYOUT, LAYOUTS
 from .report import markdown, roofline_png, write_json
-from .runner import DTYPES, PHASES, WEIGHT_LAYOUTS, BenchSpec, run_bench
+from .runner import DTYPES, PHASES, BenchSpec, run_bench
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, help="quantization recipe (needs jaxinfer.quant)")
     p.add_argument("--impl", default="auto", choices=IMPLS,
                    help="attention implementation (default auto: what prefill, decode_step and generate use)")
-    p.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=WEIGHT_LAYOUTS,
+    p.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                    help=f"contract-last: matrices stored contraction-last (`contract_last`): XLA's row reduction "
                         f"for one row, the weight kernel's transposed tiles for more (default {DEFAULT_LAYOUT}, as "
                         f"`generate` loads float weights)")

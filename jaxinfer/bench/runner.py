@@ -37,7 +37,6 @@ from .measure import Timing, time_calls
 from .profile import kernel_breakdown
 
 PHASES = ("prefill", "decode", "decode_fused")
-WEIGHT_LAYOUTS = LAYOUTS
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16,
           "float32": jnp.float32, "fp32": jnp.float32}
 
@@ -78,8 +77,8 @@ class BenchSpec:
             raise ValueError(f"unknown phase(s) {bad}; choose from {', '.join(PHASES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.weight_layout not in WEIGHT_LAYOUTS:
-            raise ValueError(f"unknown weight layout {self.weight_layout!r}; choose from {', '.join(WEIGHT_LAYOUTS)}")
+        if self.weight_layout not in LAYOUTS:
+            raise ValueError(f"unknown weight layout {self.weight_layout!r}; choose from {', '.join(LAYOUTS)}")
         if min(self.batches) < 1 or min(self.prompt_lens) < 1 or min(self.contexts) < 0 or self.steps < 2:
             raise ValueError("batches and prompt lengths must be >= 1, contexts >= 0, steps >= 2")
 
