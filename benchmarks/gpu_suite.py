@@ -114,9 +114,12 @@ VARIANTS = {
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
-    # The decode step with the rotation and the cache write as XLA ops (the fused `rope_write` kernel off).
+    # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
+    # The rotation and the cache write in their own launch (`rope_write`) before the decode attention's.
+    "separate_rope_write": ("Rotation and cache write in `rope_write`'s own launch (`attention.APPEND_KERNEL = False`)",
+                            dict(profile_batches=()), {"jaxinfer.attention": {"APPEND_KERNEL": False}}),
     # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
     "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),

@@ -45,23 +45,53 @@ def attend(q, view, q_positions, kv_lengths, *, sliding_window=None, impl="xla")
 
 
 ROPE_WRITE_KERNEL = True  # decode on a GPU rotates and writes in one launch (False: the XLA ops, for comparisons)
+APPEND_KERNEL = True  # ... and that launch is the decode attention's own (False: `rope_write`, then attention)
+
+
+def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_lengths, *, sliding_window=None,
+                        impl="xla"):
+    """(attention output `[B, T, N, H]`, cache): this step's q and k rotated, k and v written into `cache`
+    at `positions [B, T]` where `valid` (`rotate_and_write`), then q attending over the cached keys `<
+    kv_lengths [B]` (`attend`).
+
+    Where the one-token kernel of `rotate_and_write` applies and the dense decode kernel would attend, both
+    are one launch (`pallas_kernels.decode_attention_append`): llama-3-8b batch-1 decode on an H200 ran
+    `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md)."""
+    if APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q) and q.shape[-1] >= 32:
+        import pallas_kernels as pk
+
+        cos, sin = (t[:, 0] for t in rope)
+        at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
+        out, k_cache, v_cache = pk.decode_attention_append(
+            q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
+            sliding_window=sliding_window, interpret=jax.default_backend() != "gpu")
+        return out[:, None], cache.replace(k=k_cache, v=v_cache)
+    q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
+    out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)
+    return out, cache
+
+
+def _rope_write_applies(impl, q, k, v, cache) -> bool:
+    """One token per sequence over a dense cache in q's dtype, on a GPU with `impl` auto or pallas and whole
+    arrays (no automatic partitioning), head counts the kernel tiles."""
+    from pallas_kernels import rope_write
+
+    B, T, N, H = q.shape
+    return (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops.on_gpu() and T == 1
+            and isinstance(cache, KVCache) and cache.k.dtype == q.dtype == k.dtype == v.dtype
+            and q.dtype in (jnp.bfloat16, jnp.float16) and rope_write.supports(N, k.shape[2], H)
+            and ops.whole_arrays())
 
 
 def rotate_and_write(q, k, v, rope, cache, layer, positions, valid, *, impl="xla"):
     """(q rotated, cache with k rotated and v written at `positions [B, T]` where `valid`) for q `[B, T, N, H]`,
     k and v `[B, T, K, H]`, rope = (cos, sin) `[B, T, H]`.
 
-    One token per sequence over a dense cache in q's dtype, on a GPU with `impl` auto or pallas and whole
-    arrays (no automatic partitioning), takes one Pallas launch (`pallas_kernels.rope_write`) instead of the
-    rotations and the scatter as XLA kernels (~6 per layer at batch 1). Everything else, the same math in XLA."""
+    Where `_rope_write_applies`, one Pallas launch (`pallas_kernels.rope_write`) instead of the rotations
+    and the scatter as XLA kernels (~6 per layer at batch 1). Everything else, the same math in XLA."""
     from pallas_kernels import rope_write
 
-    B, T, N, H = q.shape
-    kernel = (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops.on_gpu() and T == 1
-              and isinstance(cache, KVCache) and cache.k.dtype == q.dtype == k.dtype == v.dtype
-              and q.dtype in (jnp.bfloat16, jnp.float16) and rope_write.supports(N, k.shape[2], H)
-              and ops.whole_arrays())
-    if not kernel:
+    if not _rope_write_applies(impl, q, k, v, cache):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, cache.write(layer, k, v, positions, valid)
     cos, sin = (t[:, 0] for t in rope)

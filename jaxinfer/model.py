@@ -46,10 +46,8 @@ def attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, 
     if config.qk_norm:
         q = rms_norm(q, p["q_norm"], config.norm_eps)
         k = rms_norm(k, p["k_norm"], config.norm_eps)
-    q, cache = attention.rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
-    out = attention.attend(
-        q, cache.view(layer), positions, kv_lengths, sliding_window=config.sliding_window, impl=impl
-    )
+    out, cache = attention.rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_lengths,
+                                               sliding_window=config.sliding_window, impl=impl)
     x, xn = residual_add("btnh,nhd->btd", out, p["o"], x, (p["mlp_norm"], config.norm_eps), fused)
     return x, xn, cache
 

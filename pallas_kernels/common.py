@@ -84,17 +84,35 @@ def _dot_precision(dtype):
 
 def block_logits(q, k, *, scale: float, softcap: float | None, key_scale=None):
   """q [M, H], k [bk, H] -> float32 logits [M, bk] in base 2 (times log2 e), scaled and soft-capped.
-  `key_scale` [bk] (float32): k holds quantization codes and key j is k[j] * key_scale[j].
+  q and k may also be tuples of column parts ([M, h_i] and [bk, h_i], the head dim cut in pieces): the
+  logits are then the sum of the parts' dots. `key_scale` [bk] (float32): k holds quantization codes and
+  key j is k[j] * key_scale[j].
 
   The caller masks them (jnp.where(keep, s, MASK_VALUE)) before online_softmax_update.
   """
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=_dot_precision(q.dtype),
-                      preferred_element_type=jnp.float32)  # [M, bk]
+  q_parts, k_parts = (q, k) if isinstance(q, tuple) else ((q,), (k,))
+  s = None
+  for qi, ki in zip(q_parts, k_parts):
+    si = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), precision=_dot_precision(qi.dtype),
+                         preferred_element_type=jnp.float32)  # [M, bk]
+    s = si if s is None else s + si
   if key_scale is not None:
     s = s * key_scale[None, :]
+  return scale_logits(s, scale=scale, softcap=softcap)
+
+
+def scale_logits(s, *, scale: float, softcap: float | None):
+  """Raw float32 logits -> base 2 (times log2 e), scaled and soft-capped."""
   if softcap is None:
     return s * (scale * LOG2E)  # work in base 2: exp(x) = exp2(x * log2 e)
   return jnp.tanh(s * (scale / softcap)) * (softcap * LOG2E)
+
+
+def rotate_halves(x1, x2, c1, c2, s1, s2):
+  """The halves of x rotated by the half-split rotary embedding (pairs (i, i + H/2): x * cos +
+  rotate_half(x) * sin, rotate_half(x) = (-x2, x1)), from float32 halves of x, cos and sin (broadcasting).
+  Halves, since the Triton lowering cannot slice or join register tensors: kernels read them from refs."""
+  return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
 def online_softmax_update(s, v, carry, value_scale=None):
@@ -115,6 +133,16 @@ def online_softmax_update(s, v, carry, value_scale=None):
                        precision=_dot_precision(v.dtype),
                        preferred_element_type=jnp.float32)  # [M, H]
   return acc * alpha[:, None] + pv, m_new, l
+
+
+def online_softmax_fold_key(s, v, carry):
+  """Folds one key into carry: its base-2 logits s [M] (MASK_VALUE: it weighs nothing) and value v [H].
+  Elementwise, no dot (a dot needs 16 keys)."""
+  acc, m, l = carry
+  m_new = jnp.maximum(m, s)
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new)
+  return acc * alpha[:, None] + p[:, None] * v.astype(jnp.float32)[None, :], m_new, l * alpha + p
 
 
 def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | None, key_scale=None,
@@ -182,13 +210,13 @@ def dequantize_codes(values, scales=None, offsets=None, *, fmt: str, group_size:
   return w.reshape(N, -1)
 
 
-def load_q_tile(q_ref, rows: int):
-  """Loads the [G, H] query block as a [rows, H] tile, rows >= 16 padded with zeros."""
+def load_q_tile(q_ref, rows: int, cols=slice(None)):
+  """Loads the [G, H] query block (its columns `cols`) as a [rows, .] tile, rows >= 16 padded with zeros."""
   group = q_ref.shape[0]
   if rows == group:
-    return q_ref[...]
+    return q_ref[:, cols]
   ok = jnp.arange(rows) < group
-  return pltriton.load(q_ref.at[pl.ds(0, rows), :], mask=ok[:, None], other=0)
+  return pltriton.load(q_ref.at[pl.ds(0, rows), cols], mask=ok[:, None], other=0)
 
 
 def store_partials(o_ref, m_ref, l_ref, carry):
@@ -303,12 +331,14 @@ def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
 
 def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,
                         group: int, head_dim: int, out_dtype, num_warps: int, num_stages: int,
-                        interpret: bool, name: str):
+                        interpret: bool, name: str, extra_outputs=(), input_output_aliases=None):
   """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine
   kernel: two launches per call.
 
   The kernel's outputs are one split's unnormalised partial: o [G, H], m [G], l [G] (float32, as
-  store_partials writes them). Returns a function of the kernel's inputs giving [B, K*G, H].
+  store_partials writes them), then `extra_outputs` ((spec, shape) pairs, e.g. a cache the kernel
+  writes in place through `input_output_aliases`). Returns a function of the kernel's inputs giving
+  [B, K*G, H], or that and the extra outputs.
   """
   part_shape = (batch, num_kv_heads, num_splits, group)
   call = pl.pallas_call(
@@ -319,20 +349,24 @@ def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_
           pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
           pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
           pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+          *(spec for spec, _ in extra_outputs),
       ],
       out_shape=[
           jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
           jax.ShapeDtypeStruct(part_shape, jnp.float32),
           jax.ShapeDtypeStruct(part_shape, jnp.float32),
+          *(shape for _, shape in extra_outputs),
       ],
+      input_output_aliases=input_output_aliases or {},
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=name,
   )
 
   def run(*args):
-    o, m, l = call(*args)
-    return combine_splits(o, m, l, out_dtype, interpret=interpret)
+    o, m, l, *extras = call(*args)
+    out = combine_splits(o, m, l, out_dtype, interpret=interpret)
+    return (out, *extras) if extras else out
 
   return run
 

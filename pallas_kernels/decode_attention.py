@@ -10,6 +10,9 @@ heads of that kv head as rows of one tile (padded to 16 rows for the Triton dot)
 read once and batch 1 still fills the GPU. Blocks at or beyond the sequence's length are never read.
 K/V are read in place through strided views: no transposed copies. Each split writes an unnormalised
 partial (acc, m, l); a second small kernel (`common.combine_splits`) merges the splits.
+
+`decode_attention_append` is the same launch for a model's decode step: it also rotates q and the new
+key and writes the new key and value into the stacked cache, the work of `rope_write`'s launch.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import (
-    MIN_DOT_ROWS, check_decode_args, default_num_splits, init_carry, load_q_tile, next_pow2,
-    online_softmax_step, split_block_range, split_k_decode_call, store_partials)
+    MASK_VALUE, MIN_DOT_ROWS, check_decode_args, default_num_splits, init_carry, load_q_tile, next_pow2,
+    online_softmax_fold_key, online_softmax_step, rotate_halves, scale_logits, split_block_range,
+    split_k_decode_call, store_partials)
 
 # Defaults tuned on an H200, N32 K8 H128 bf16 (see NOTES.md): (key block, stages) by how many keys one split
 # walks. Short walks take small blocks (more programs in flight per SM; the model's stacked call, us per call,
@@ -39,9 +43,10 @@ _DEFAULT_WARPS = 4
 def _decode_kernel(
     len_ref,  # [] int32
     q_ref,  # [G, H]
-    *refs,  # stacked: layer [1] int32, k and v [L, B, S, K, H] whole; else k, v [S, H] (one kv head's view)
+    *refs,  # appending: position [] int32, cos [H], sin [H] float32, new k and v [H]; then
+    # stacked: layer [1] int32, k and v [L, B, S, K, H] whole; else k, v [S, H] (one kv head's view)
     # quantized: then k and v scales ([L, B, S, K] whole, or [S]); then o [G, H] float32 unnormalised,
-    # m [G] float32 base-2 running max, l [G] float32 denominator
+    # m [G] float32 base-2 running max, l [G] float32 denominator; appending: then the written caches
     scale: float,
     window: int | None,
     softcap: float | None,
@@ -49,25 +54,42 @@ def _decode_kernel(
     num_splits: int,
     stacked: bool,
     quantized: bool,
+    append: bool,
 ):
+  f32 = jnp.float32
+  if append:
+    pos_ref, cos_ref, sin_ref, k_new_ref, v_new_ref, *refs = refs
   if stacked:
     layer_ref, *refs = refs
     layer, b, h = layer_ref[0], pl.program_id(0), pl.program_id(1)
-    kv_at = lambda ref, span: ref.at[layer, b, span, h, :]  # noqa: E731  read in place from the stack
+    kv_at = lambda ref, span, cols=slice(None): ref.at[layer, b, span, h, cols]  # noqa: E731  in place
     scale_at = lambda ref, span: ref.at[layer, b, span, h]  # noqa: E731
   else:
-    kv_at = lambda ref, span: ref.at[span, :]  # noqa: E731
+    kv_at = lambda ref, span, cols=slice(None): ref.at[span, cols]  # noqa: E731
     scale_at = lambda ref, span: ref.at[span]  # noqa: E731
   if quantized:
     k_ref, v_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref = refs
+  elif append:
+    k_ref, v_ref, o_ref, m_ref, l_ref, k_out, v_out = refs
   else:
     k_ref, v_ref, o_ref, m_ref, l_ref = refs
   seq_k = k_ref.shape[2 if stacked else 0]
   group, head_dim = q_ref.shape
   rows = max(MIN_DOT_ROWS, next_pow2(group))
-  length = jnp.minimum(len_ref[()], seq_k)
+  length = jnp.minimum(len_ref[()], seq_k)  # keys read from the cache; the query sits at length - 1
+  if append:  # q and the new key rotated here; the cache holds the keys before the new one's position
+    halves = pl.ds(0, head_dim // 2), pl.ds(head_dim // 2, head_dim // 2)
+    trig = [r[c].astype(f32) for r in (cos_ref, sin_ref) for c in halves]  # c1, c2, s1, s2
+    q = rotate_halves(*(load_q_tile(q_ref, rows, c).astype(f32) for c in halves), *(t[None, :] for t in trig))
+    q = tuple(x.astype(q_ref.dtype) for x in q)  # rounded as the separate rotation rounds it
+    pos = pos_ref[()]
+    new = (pos >= 0) & (pos < seq_k)  # outside the cache: nothing written, as rope_write
+    query_at = jnp.where(new, pos, length - 1)
+    length = jnp.where(new, pos, length)
+  else:
+    q = load_q_tile(q_ref, rows)  # [rows, H]
+    query_at = length - 1
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
-  q = load_q_tile(q_ref, rows)  # [rows, H]
   zero = 0.0 if jnp.issubdtype(k_ref.dtype, jnp.floating) else 0  # Triton cannot cast an int to fp8
 
   def body(j, carry):
@@ -75,10 +97,11 @@ def _decode_kernel(
     kpos = start + jnp.arange(block_k, dtype=jnp.int32)
     keep = kpos < length
     if window is not None:
-      keep = keep & (length - 1 - kpos < window)  # the query sits at position length - 1
+      keep = keep & (query_at - kpos < window)
     span = pl.ds(start, block_k)
-    k = pltriton.load(kv_at(k_ref, span), mask=keep[:, None], other=zero)  # [bk, H]
-    v = pltriton.load(kv_at(v_ref, span), mask=keep[:, None], other=zero)
+    load = lambda ref, cols=slice(None): pltriton.load(kv_at(ref, span, cols), mask=keep[:, None], other=zero)  # noqa: E731
+    k = tuple(load(k_ref, c) for c in halves) if append else load(k_ref)  # [bk, H] (or its halves)
+    v = load(v_ref)
     if quantized:  # int8 / fp8 codes enter the dots as they are (exact in bf16); the per-token scales
       # go onto the logits and the probabilities: no dequantized copy, no per-element rescaling
       ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
@@ -88,7 +111,38 @@ def _decode_kernel(
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
+  if append:  # the last split takes the new key into its partial and stores it with its value
+    mine = new & (pl.program_id(2) == num_splits - 1)
+    k_new = [x.astype(q_ref.dtype) for x in rotate_halves(*(k_new_ref[c].astype(f32) for c in halves), *trig)]
+    s_new = sum((qi.astype(f32) * ki.astype(f32)[None, :]).sum(axis=1) for qi, ki in zip(q, k_new))  # [rows]
+    s_new = jnp.where(mine, scale_logits(s_new, scale=scale, softcap=softcap), MASK_VALUE)
+    v_new = v_new_ref[...]
+    carry = online_softmax_fold_key(s_new, v_new, carry)
+
+    @pl.when(mine)
+    def _():
+      for c, x in zip(halves, k_new):
+        k_out[layer, b, pos, h, c] = x.astype(k_out.dtype)
+      v_out[layer, b, pos, h, :] = v_new.astype(v_out.dtype)
+
   store_partials(o_ref, m_ref, l_ref, carry)
+
+
+def _check_append(q, k_new, v_new, cos, sin, k_cache, positions):
+  """The new token's arrays that `decode_attention_append` takes, or a ValueError naming the problem."""
+  B, N, H = q.shape
+  K = k_cache.shape[3]
+  if k_new.shape != (B, K, H) or v_new.shape != (B, K, H):
+    raise ValueError(f"k_new and v_new must be [B={B}, K={K}, H={H}], got {k_new.shape} and {v_new.shape}")
+  if not (k_new.dtype == v_new.dtype == q.dtype):
+    raise ValueError(f"q, k_new, v_new must share a dtype, got {q.dtype}, {k_new.dtype}, {v_new.dtype}")
+  if H < 2 * MIN_DOT_ROWS:
+    raise ValueError(f"appending needs head dim H >= {2 * MIN_DOT_ROWS} (two dots of H/2), got {H}")
+  for name, t in (("cos", cos), ("sin", sin)):
+    if t.shape != (B, H) or t.dtype != jnp.float32:
+      raise ValueError(f"{name} must be float32 [B={B}, H={H}], got {t.dtype} {t.shape}")
+  if positions.shape != (B,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"positions must be integer [B={B}], got {positions.dtype} {positions.shape}")
 
 
 @functools.partial(
@@ -123,6 +177,60 @@ def decode_attention(
   With `k_scale`/`v_scale`, k and v are int8 / fp8 codes: the dots take the codes, the scales multiply
   the logits and the probabilities.
   """
+  return _launch(q, k, v, lengths=lengths, layer=layer, k_scale=k_scale, v_scale=v_scale, append=None,
+                 sliding_window=sliding_window, softcap=softcap, scale=scale, num_splits=num_splits,
+                 block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sliding_window", "softcap", "scale", "num_splits", "block_k", "num_warps",
+                     "num_stages", "interpret"),
+)
+def decode_attention_append(
+    q: jax.Array,  # [B, N, H], not yet rotated
+    k_new: jax.Array,  # [B, K, H], not yet rotated
+    v_new: jax.Array,  # [B, K, H]
+    cos: jax.Array,  # [B, H] float32 (the half-split rotation's tables at each sequence's position)
+    sin: jax.Array,  # [B, H] float32
+    k_cache: jax.Array,  # [L, B, S, K, H]
+    v_cache: jax.Array,  # [L, B, S, K, H]
+    *,
+    layer: jax.Array | int,
+    positions: jax.Array,  # [B] int: where the new token goes; outside [0, S): not written, not attended
+    lengths: jax.Array,  # [B] int: keys attended, the new one counted (read for sequences not written)
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [B, N, H], k_cache, v_cache
+  """One decode token per sequence in one launch (plus the combine): q and k_new rotated (as
+  `rope_write`), the rotated key and v_new stored at `[layer, b, positions[b]]` of the stacked caches,
+  and the attention of the rotated query over the cache's keys before that position and the new key.
+
+  Why: at batch 1 the separate `rope_write` launch cost ~2.2 us a layer (benchmarks/BENCHMARKS.md), and
+  its work is a few hundred bytes that this kernel's programs can do on the side: each rotates its q rows
+  (so the logits are two dots over the head dim's halves) and the last split of each (sequence, kv head)
+  folds the new key into its partial and writes it (no program reads that row: the others stop before it).
+  A sequence whose position is outside the cache (padded, finished) attends `lengths` keys of the cache.
+  Donate or drop the caches passed in: the returned ones share their buffers.
+  """
+  if k_cache.ndim != 5:
+    raise ValueError(f"k_cache must be a stacked cache [L, B, S, K, H], got shape {k_cache.shape}")
+  _check_append(q, k_new, v_new, cos, sin, k_cache, positions)
+  return _launch(q, k_cache, v_cache, lengths=lengths, layer=layer, k_scale=None, v_scale=None,
+                 append=(positions.astype(jnp.int32), cos, sin, k_new, v_new), sliding_window=sliding_window,
+                 softcap=softcap, scale=scale, num_splits=num_splits, block_k=block_k, num_warps=num_warps,
+                 num_stages=num_stages, interpret=interpret)
+
+
+def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window, softcap, scale, num_splits,
+            block_k, num_warps, num_stages, interpret):
+  """Checks, tiling and the pallas_call shared by `decode_attention` and `decode_attention_append`."""
   stacked = layer is not None
   if k.ndim != (5 if stacked else 4):
     raise ValueError(f"k must be {'[L, B, S, K, H] with a layer' if stacked else '[B, S, K, H]'}, got shape {k.shape}")
@@ -160,23 +268,34 @@ def decode_attention(
 
   q = q.reshape(batch, num_kv_heads, group, head_dim)  # free: heads of a kv head are adjacent
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
-                             block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized)
+                             block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
+                             append=append is not None)
   specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
            pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  args, extra_outputs, aliases = (), (), None
+  if append is not None:
+    per_seq = pl.BlockSpec((None, head_dim), lambda b, h, s: (b, 0))
+    per_head = pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))
+    specs += [pl.BlockSpec((None,), lambda b, h, s: (b,)), per_seq, per_seq, per_head, per_head]
+    args = append
+    first_cache = len(specs) + 1  # after the layer
+    extra_outputs = ((pl.no_block_spec, whole_k), (pl.no_block_spec, whole_v))
+    aliases = {first_cache: 3, first_cache + 1: 4}  # outputs: o, m, l, then the caches
   scales = (k_scale, v_scale) if quantized else ()
   if stacked:
     specs += [pl.no_block_spec] * (3 + len(scales))
-    args = (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v, *scales)
+    args += (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v, *scales)
   else:
     specs += [pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0))] * 2
     specs += [pl.BlockSpec((None, seq_k, None), lambda b, h, s: (b, 0, h))] * len(scales)
-    args = (whole_k, whole_v, *scales)
+    args += (whole_k, whole_v, *scales)
   run = split_k_decode_call(
       kernel,
       specs,
       batch=batch, num_kv_heads=num_kv_heads, num_splits=num_splits, group=group,
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
-      num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention")
+      num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention",
+      extra_outputs=extra_outputs, input_output_aliases=aliases)
   return run(lengths.astype(jnp.int32), q, *args)
 
 

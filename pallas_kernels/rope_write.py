@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import is_pow2
+from pallas_kernels.common import is_pow2, rotate_halves
 
 _WARPS = 1  # a program moves a few hundred bytes: one warp is plenty
 
@@ -33,11 +33,6 @@ def supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
           and is_pow2(head_dim) and head_dim >= 16)
 
 
-def _rotate(x1, x2, c1, c2, s1, s2):
-  """The halves of rotated x, from float32 halves of x, cos and sin (broadcasting)."""
-  return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
-
-
 def _kernel(pos_ref, layer_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, _k_in, _v_in, q_out, k_cache, v_cache,
             *, half: int):
   """Program (b, h): q rows [G, H], k and v [H] of kv head h of sequence b. Halves are read from the refs
@@ -46,10 +41,10 @@ def _kernel(pos_ref, layer_ref, q_ref, k_ref, v_ref, cos_ref, sin_ref, _k_in, _v
   b, h = pl.program_id(0), pl.program_id(1)
   lo, hi = pl.ds(0, half), pl.ds(half, half)
   trig = [r[s].astype(f32) for r in (cos_ref, sin_ref) for s in (lo, hi)]  # c1, c2, s1, s2
-  q1, q2 = _rotate(q_ref[:, lo].astype(f32), q_ref[:, hi].astype(f32), *(t[None, :] for t in trig))
+  q1, q2 = rotate_halves(q_ref[:, lo].astype(f32), q_ref[:, hi].astype(f32), *(t[None, :] for t in trig))
   q_out[:, lo] = q1.astype(q_out.dtype)
   q_out[:, hi] = q2.astype(q_out.dtype)
-  k1, k2 = _rotate(k_ref[lo].astype(f32), k_ref[hi].astype(f32), *trig)
+  k1, k2 = rotate_halves(k_ref[lo].astype(f32), k_ref[hi].astype(f32), *trig)
   v = v_ref[...]
   layer, pos = layer_ref[0], pos_ref[()]
 
@@ -110,7 +105,8 @@ def rope_write_reference(q, k, v, cos, sin, k_cache, v_cache, *, layer, position
 
   def rotate(x, c, s):  # x [heads, H], c and s [H]
     xf = x.astype(jnp.float32)
-    x1, x2 = _rotate(xf[..., :half], xf[..., half:], c[:half], c[half:], s[:half], s[half:])
+    x1, x2, c1, c2, s1, s2 = xf[..., :half], xf[..., half:], c[:half], c[half:], s[:half], s[half:]
+    x1, x2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
     return jnp.concatenate([x1, x2], axis=-1).astype(x.dtype)
 
   q_rot = jax.vmap(rotate)(q, cos, sin)

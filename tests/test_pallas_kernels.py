@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from pallas_kernels.weight_matmul import weight_matmul, weight_matmuls
-from pallas_kernels import (decode_attention, decode_attention_reference, flash_attention,
-                            flash_attention_reference, paged_decode_attention,
+from pallas_kernels import (decode_attention, decode_attention_append, decode_attention_reference,
+                            flash_attention, flash_attention_reference, paged_decode_attention,
                             paged_decode_attention_reference)
+from pallas_kernels.rope_write import rope_write_reference
 from pallas_kernels.common import M_INIT, combine_splits, combine_splits_reference
 from kernel_tools import cuda_lowering, rel_err
 
@@ -337,6 +338,70 @@ class TestDecodeAttention:
                        interpret=True)
 
 
+class TestDecodeAttentionAppend:
+  """decode_attention_append: one new token per sequence rotated, written into a stacked cache and attended
+  in one launch, against rope_write_reference followed by decode_attention_reference on the written layer."""
+
+  @staticmethod
+  def _inputs(rng, interpret, num_heads, num_kv, head_dim, dtype):
+    if interpret:
+      S, positions, lengths, blocks = 100, [0, 57, -1, 100], [1, 58, 40, 100], dict(block_k=16)
+    else:
+      S, positions, lengths, blocks = 3000, [0, 1234, -1, 3000, 2999], [1, 1235, 700, 3000, 3000], {}
+    B, L = len(positions), 3
+    q = _normal(rng, (B, num_heads, head_dim), dtype)
+    k_new, v_new = (_normal(rng, (B, num_kv, head_dim), dtype) for _ in range(2))
+    angles = rng.uniform(0, 100, (B, head_dim // 2))
+    angles = np.concatenate([angles, angles], axis=-1)
+    trig = (jnp.asarray(np.cos(angles), jnp.float32), jnp.asarray(np.sin(angles), jnp.float32))
+    caches = tuple(_normal(rng, (L, B, S, num_kv, head_dim), dtype) for _ in range(2))
+    return (q, k_new, v_new, *trig, *caches), jnp.asarray(positions, jnp.int32), jnp.asarray(lengths, jnp.int32), blocks
+
+  @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("dtype,head_dim,num_heads,num_kv,window,softcap,num_splits", DECODE_CASES)
+  def test_matches_rope_write_then_decode(self, interpret, dtype, head_dim, num_heads, num_kv, window, softcap,
+                                          num_splits):
+    """Positions at the start, inside and at the end of the cache; -1 and S (padded / finished sequences)
+    write nothing and attend `lengths` cached keys. The cache rows from each written position on and the
+    other layers hold NaN: read, they would show."""
+    rng = _rng()
+    args, positions, lengths, blocks = self._inputs(rng, interpret, num_heads, num_kv, head_dim, dtype)
+    layer, S = 1, args[5].shape[2]
+    q_rot, k_want, v_want = rope_write_reference(*args, layer=layer, positions=positions)
+    kw = dict(lengths=lengths, sliding_window=window, softcap=softcap)
+    want = decode_attention_reference(q_rot, k_want[layer], v_want[layer], **kw)
+    rows = jnp.arange(S)[None, :, None, None]
+    unread = (rows >= jnp.where(positions >= 0, positions, S)[:, None, None, None])[None]  # [1, B, S, 1, 1]
+    unread = unread | (jnp.arange(3) != layer)[:, None, None, None, None]
+    dirty = [jnp.where(unread, jnp.nan, c) for c in args[5:]]
+    out, k_cache, v_cache = decode_attention_append(*args[:5], *dirty, layer=jnp.int32(layer), positions=positions,
+                                                    num_splits=num_splits, **kw, **blocks, interpret=interpret)
+    assert out.shape == q_rot.shape and out.dtype == dtype
+    _check(out, want, dtype, what="decode append")
+    written = jnp.zeros_like(unread).at[layer, jnp.arange(len(positions)), positions].set(True, mode="drop")
+    for got, new, old in ((k_cache, k_want, args[5]), (v_cache, v_want, args[6])):
+      np.testing.assert_allclose(np.asarray(got, np.float32),  # float32: a fused multiply-add may differ by an ulp
+                                 np.asarray(jnp.where(written, new, jnp.where(unread, jnp.nan, old)), np.float32),
+                                 **(dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=0, atol=0)))
+
+  def test_validation_names_the_argument(self):
+    rng = _rng()
+    args, positions, lengths, _ = self._inputs(rng, True, 8, 2, 64, jnp.bfloat16)
+    kw = dict(layer=0, positions=positions, lengths=lengths, interpret=True)
+    q, k_new, v_new, cos, sin, kc, vc = args
+    with pytest.raises(ValueError, match="k_new and v_new"):
+      decode_attention_append(q, k_new[:, :1], v_new, cos, sin, kc, vc, **kw)
+    with pytest.raises(ValueError, match="cos must be float32"):
+      decode_attention_append(q, k_new, v_new, cos.astype(jnp.bfloat16), sin, kc, vc, **kw)
+    with pytest.raises(ValueError, match="head dim H >= 32"):
+      decode_attention_append(q[..., :16], k_new[..., :16], v_new[..., :16], cos[:, :16], sin[:, :16], kc[..., :16],
+                              vc[..., :16], **kw)
+    with pytest.raises(ValueError, match="stacked cache"):
+      decode_attention_append(q, k_new, v_new, cos, sin, kc[0], vc[0], **kw)
+    with pytest.raises(ValueError, match="positions"):
+      decode_attention_append(q, k_new, v_new, cos, sin, kc, vc, **{**kw, "positions": positions[:2]})
+
+
 class TestPagedDecodeAttention:
   """Split-K decode over a page pool addressed through a block table."""
 
@@ -528,6 +593,10 @@ def test_kernels_lower_to_triton_on_the_cpu():
       (decode_attention,  # fp8 codes (a masked fp8 load needs a float fill value)
        (sds((2, 32, 128), bf16), sds((2, 1000, 8, 128), jnp.float8_e4m3fn), sds((2, 1000, 8, 128), jnp.float8_e4m3fn)),
        dict(lengths=sds((2,), i32), k_scale=sds((2, 1000, 8), jnp.float32), v_scale=sds((2, 1000, 8), jnp.float32))),
+      (functools.partial(decode_attention_append, interpret=False),  # llama-3-8b's decode step
+       (sds((1, 32, 128), bf16), sds((1, 8, 128), bf16), sds((1, 8, 128), bf16), sds((1, 128), jnp.float32),
+        sds((1, 128), jnp.float32), sds((32, 1, 1024, 8, 128), bf16), sds((32, 1, 1024, 8, 128), bf16)),
+       dict(layer=sds((), i32), positions=sds((1,), i32), lengths=sds((1,), i32))),
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
@@ -543,5 +612,5 @@ def test_kernels_lower_to_triton_on_the_cpu():
   for fn, args, kwargs in cases:
     text = cuda_lowering(fn, *args, **kwargs)
     assert "triton" in text
-    if getattr(fn, "func", fn) in (decode_attention, paged_decode_attention):
+    if getattr(fn, "func", fn) in (decode_attention, decode_attention_append, paged_decode_attention):
       assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # split-K kernel + combine

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
-from jaxinfer import ops
-from kernel_tools import cuda_lowering, pallas_call_names
+from jaxinfer import attention, ops
+from kernel_tools import cuda_lowering, pallas_call_names, rel_err
 from pallas_kernels.rope_write import rope_write, rope_write_reference
 
 
@@ -114,6 +114,7 @@ def test_model_decode_step_uses_one_launch_per_layer(monkeypatch):
     want_logits, want_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)  # the norms as the XLA ops too (test_add_rms_norm.py)
+    monkeypatch.setattr(attention, "APPEND_KERNEL", False)  # the rotation apart from the attention (below)
     step = functools.partial(ji.forward, config=CONFIG, impl="auto")  # a new function: traced afresh
     jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
     assert pallas_call_names(jaxpr.jaxpr) == ["rope_write"]  # inside the layer scan's body: once per layer
@@ -121,6 +122,31 @@ def test_model_decode_step_uses_one_launch_per_layer(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
     for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_model_decode_step_attends_in_the_same_launch(monkeypatch):
+    """With the decode attention kernel on as well (interpret mode for the GPU's kernels), the rotation and the
+    write ride in its launch (`decode_attention_append`: the split kernel and the combine, once per layer): the
+    XLA ops' first cache layer exactly (later layers see attention outputs rounded differently), the rest and
+    the logits to bf16 attention's rounding."""
+    params = ji.init_params(CONFIG, jax.random.key(3, impl="rbg"), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, CONFIG.vocab_size, (2, 6)))
+    cache = ji.init_cache(CONFIG, 2, 8, jnp.bfloat16)
+    _, cache = ji.forward(params, cache, tokens[:, :5], jnp.asarray([5, 3], jnp.int32), config=CONFIG)
+    lengths = jnp.asarray([1, 0], jnp.int32)  # the second sequence is padded this step
+    want_logits, want_cache = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(
+        params, cache, tokens[:, -1:], lengths)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
+    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
+    jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
+    assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention", "combine_splits"]
+    got_logits, got_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
+    assert rel_err(got_logits, want_logits) < 1e-2
+    np.testing.assert_array_equal(np.asarray(got_cache.lengths), np.asarray(want_cache.lengths))
+    for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+        np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+        assert rel_err(got, want) < 1e-2
 
 
 @pytest.mark.gpu
