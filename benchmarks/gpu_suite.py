@@ -127,9 +127,6 @@ VARIANTS = {
     "decode_long_blocks": ("Dense decode attention with 128-key blocks, 2 stages for every split length",
                            dict(profile_batches=()), {"pallas_kernels.decode_attention": {
                                "_SHORT_BLOCK_K": 128, "_SHORT_STAGES": 2}}),
-    # The down product's chunk sums added up by XLA's second pass, not by the add + norm kernel.
-    "summed_partials": ("Long-row products summed by XLA before the add + norm kernel (`ops.PARTIALS_TO_NORM = False`)",
-                        dict(profile_batches=()), {"jaxinfer.ops": {"PARTIALS_TO_NORM": False}}),
     # The add + norm kernel at 16 warps per program instead of its default.
     "add_norm_16_warps": ("The add + norm kernel at 16 warps", dict(profile_batches=()),
                           {"pallas_kernels.add_rms_norm": {"_WARPS": 16}}),

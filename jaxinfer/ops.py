@@ -54,7 +54,6 @@ ROW_FORMATS = ("int8", "int4", "fp8")
 ROW_HEAD = True  # an unstacked weight (the output head) may take the row kernel too (False: XLA's paths)
 # GPU decode: a block's residual add and the next RMSNorm in one Pallas launch (pallas_kernels/add_rms_norm.py)
 ADD_NORM_KERNEL = True
-PARTIALS_TO_NORM = True  # a long-row product's chunk sums are added up by the add + norm kernel (False: by XLA)
 
 
 @dataclass(frozen=True)
@@ -101,19 +100,6 @@ def _value(x):
     return x.value() if isinstance(x, Normed) else x
 
 
-@dataclass(frozen=True)
-class Partials:
-    """A one-row product's output not yet summed: float32 partial sums `[..., P]` of long rows summed in
-    chunks (`gemv`), to become `dtype`. The add + norm kernel sums them as it reads them (one launch less
-    per product); every other consumer takes `value()`."""
-
-    parts: jax.Array
-    dtype: Any
-
-    def value(self):
-        return jnp.sum(self.parts, axis=-1).astype(self.dtype)
-
-
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
     with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path); with
@@ -132,36 +118,28 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm))
     x = _value(x)
-    parts = PARTIALS_TO_NORM and norm is not None and _add_norm_kernel_applies(residual, norm[0])  # it sums them
-    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl, parts=parts), residual, norm)
+    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
 def join_residual(out, residual=None, norm=None):
-    """A product `out` (an array or `Partials`) joining the residual stream: `out` itself without a
-    residual, `residual + out` in the residual's dtype, and with `norm` (weight, eps) that sum and its
-    RMSNorm (`add_rms_norm`)."""
+    """A product `out` joining the residual stream: `out` itself without a residual, `residual + out` in the
+    residual's dtype, and with `norm` (weight, eps) that sum and its RMSNorm (`add_rms_norm`)."""
     if norm is not None:
         return add_rms_norm(residual, out, *norm)
-    out = _summed(out)
     return out if residual is None else residual + out.astype(residual.dtype)
 
 
-def _summed(out):
-    return out.value() if isinstance(out, Partials) else out
-
-
 def add_rms_norm(x, h, weight, eps):
-    """`(x + h, rms_norm(x + h, weight, eps))`: a block's output `h` (array or `Partials`) joining the
-    residual stream `x` and the next block's normalised input, in one Pallas launch where
-    `residual_norm_fuses` allows (GPU, a few rows), else two XLA expressions."""
+    """`(x + h, rms_norm(x + h, weight, eps))`: a block's output `h` joining the residual stream `x` and the
+    next block's normalised input, in one Pallas launch where `residual_norm_fuses` allows (GPU, a few
+    rows), else two XLA expressions."""
     if _add_norm_kernel_applies(x, weight):
         from pallas_kernels import add_rms_norm as kernel
 
-        h = h.parts if isinstance(h, Partials) else h
         if isinstance(weight, LayerOf):
             return kernel.add_rms_norm(x, h, weight.stacked, weight.index, eps=eps)
         return kernel.add_rms_norm(x, h, weight, eps=eps)
-    s = x + _summed(h).astype(x.dtype)
+    s = x + h.astype(x.dtype)
     return s, rms_norm(s, weight, eps)
 
 
@@ -192,9 +170,8 @@ def residual_norm_fuses(x, products) -> bool:
     return True
 
 
-def _matmul(eq: str, x, w, out_dtype, impl: str, parts: bool = False):
-    """`matmul` of an array x on every path but `row`; with `parts`, a `Partials` where `gemv` sums rows in
-    chunks."""
+def _matmul(eq: str, x, w, out_dtype, impl: str):
+    """`matmul` of an array x on every path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -212,11 +189,8 @@ def _matmul(eq: str, x, w, out_dtype, impl: str, parts: bool = False):
         return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
-    if path == "gemv" and not isinstance(w, QArray):
-        out = gemv(eq, x, w, parts=parts)
-        return Partials(out.parts, out_dtype) if isinstance(out, Partials) else out.astype(out_dtype)
     if path == "gemv":
-        return qgemv(eq, x, w).astype(out_dtype)
+        return (qgemv(eq, x, w) if isinstance(w, QArray) else gemv(eq, x, w)).astype(out_dtype)
     if not isinstance(w, QArray):
         out = jnp.einsum(eq, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
         return out.astype(out_dtype)
@@ -341,9 +315,8 @@ ROW_SPLIT_MIN_K = 8192
 ROW_SPLITS = 4
 
 
-def gemv(eq: str, x, w, parts: bool = False):
-    """A one-row product as multiply + reduce over the weight in its stored order; float32 result (with
-    `parts`, long rows' chunk sums left for the consumer to add, as `Partials`).
+def gemv(eq: str, x, w):
+    """A one-row product as multiply + reduce over the weight in its stored order; float32 result.
 
     Why not einsum: inside the layer scan XLA feeds a dot's weight through a materialised dynamic slice
     (read + write + read: ~3x the bytes, measured on an H200). A reduction fusion reads the slice in
@@ -373,23 +346,12 @@ def gemv(eq: str, x, w, parts: bool = False):
         s = ROW_SPLITS if k >= ROW_SPLIT_MIN_K and k % (ROW_SPLITS * 32) == 0 else 1
         if s > 1:  # long rows: each summed in s chunks, then the chunks (kept apart as above)
             r = jnp.sum(w.reshape(n, s, k // s).astype(jnp.float32) * xv.reshape(s, k // s), axis=2)
-            if parts:
-                return Partials(_in_out_order(r, eq, w, trailing=(s,)), jnp.float32)
             r = jnp.sum(jax.lax.optimization_barrier(r), axis=1)
         else:
             r = jnp.sum(w.reshape(n, k).astype(jnp.float32) * xv, axis=1)  # row reduction: already coalesced
-    return _in_out_order(r, eq, w)
-
-
-def _in_out_order(r, eq: str, w, trailing=()):
-    """`gemv`'s result `r [n, *trailing]` (kept letters flattened in w's order) in the order of eq's output,
-    with size-1 axes for x's row letters; `trailing` axes stay last."""
-    ws, out = eq.replace(" ", "").split("->")[0].split(",")[1], eq.replace(" ", "").split("->")[1]
-    kept = "".join(c for c in ws if c in out)
-    t = len(trailing)
-    r = r.reshape([w.shape[ws.index(c)] for c in kept] + list(trailing))
-    r = jnp.transpose(r, [kept.index(c) for c in out if c in kept] + list(range(len(kept), len(kept) + t)))
-    return r.reshape([w.shape[ws.index(c)] if c in ws else 1 for c in out] + list(trailing))
+    r = r.reshape([w.shape[ws.index(c)] for c in kept])
+    r = jnp.transpose(r, [kept.index(c) for c in out if c in kept])
+    return r.reshape([w.shape[ws.index(c)] if c in ws else 1 for c in out])
 
 
 def _splits(k: int, n: int) -> int:

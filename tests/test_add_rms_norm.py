@@ -56,42 +56,6 @@ def test_a_plain_weight_and_the_layer_index():
                               np.asarray(add_rms_norm(x, h, w, 1, eps=EPS, interpret=True)[1], np.float32))
 
 
-def test_partial_sums_are_added_up_first():
-    """h as float32 partial sums [..., D, P] (a long-row product left unsummed): the sum and the norm of h
-    summed, as float64 gives them and as the reference (which sums first) does."""
-    x, _, w = _inputs(7, 3, 256, jnp.bfloat16)
-    parts = jnp.asarray(np.random.default_rng(7).standard_normal((3, 1, 256, 4)), jnp.float32)
-    got_sum, got_norm = add_rms_norm(x, parts, w, 1, eps=EPS, interpret=True)
-    s64 = np.asarray(x, np.float64) + np.asarray(parts, np.float64).sum(-1)
-    n64 = s64 / np.sqrt(np.mean(s64 * s64, axis=-1, keepdims=True) + EPS) * np.asarray(w[1], np.float64)
-    assert rel_err(got_sum, s64) < 1e-2 and rel_err(got_norm, n64) < 1e-2
-    want_sum, want_norm = add_rms_norm_reference(x, parts, w, 1, eps=EPS)
-    np.testing.assert_array_equal(np.asarray(got_sum, np.float32), np.asarray(want_sum, np.float32))
-    np.testing.assert_allclose(np.asarray(got_norm, np.float32), np.asarray(want_norm, np.float32), rtol=1e-2)
-    with pytest.raises(ValueError, match="float32 .* partial sums"):
-        add_rms_norm(x, parts.astype(jnp.bfloat16), w, 1, eps=EPS, interpret=True)
-
-
-def test_a_long_row_product_hands_its_partial_sums_to_the_kernel(monkeypatch):
-    """`ops.matmul(residual=, norm=)` of one row over a contraction-last weight whose rows `gemv` sums in
-    chunks: the chunks' sums go straight into the add + norm launch (no second reduction pass, no barrier
-    keeping it apart), with the XLA path's result."""
-    rng = np.random.default_rng(8)
-    x = jnp.asarray(rng.standard_normal((1, 1, 512)), jnp.bfloat16)
-    wt = ji.contract_last({"lm_head": jnp.asarray(rng.standard_normal((512, 128)) / 20, jnp.bfloat16)})["lm_head"]
-    res, _, nw = _inputs(9, 1, 128, jnp.bfloat16)
-    call = lambda: ops.matmul("btf,fd->btd", x, wt, residual=res, norm=(nw[0], EPS))  # noqa: E731
-    monkeypatch.setattr(ops, "ROW_SPLIT_MIN_K", 256)  # rows of 512: 4 chunks
-    want = call()
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    jaxpr = jax.make_jaxpr(call)().jaxpr
-    prims = [e.primitive.name for e in jaxpr.eqns]
-    assert pallas_call_names(jaxpr) == ["add_rms_norm"] and "optimization_barrier" not in prims, prims
-    assert prims.count("reduce_sum") == 1, prims
-    for got, ref in zip(call(), want):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), rtol=1e-2, atol=1e-2)
-
-
 def test_bad_inputs_are_named():
     x, h, w = _inputs(3, 2, 96, jnp.bfloat16)
     with pytest.raises(ValueError, match="power-of-two width"):
@@ -168,7 +132,3 @@ def test_native_kernel_equals_the_reference(monkeypatch, warps):
     want = add_rms_norm_reference(x, h, w, 9, eps=EPS)
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
     assert rel_err(got[1], want[1]) < 1e-2
-    parts = jnp.stack([h / 4] * 4, axis=-1)  # partial sums adding up to h exactly
-    got_parts = jax.jit(functools.partial(add_rms_norm, eps=EPS, interpret=False))(x, parts, w, jnp.int32(9))
-    for a, b in zip(got_parts, got):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
