@@ -188,9 +188,9 @@ def decode_attention(
                      "num_stages", "interpret"),
 )
 def decode_attention_append(
-    q: jax.Array,  # [B, N, H], not yet rotated
-    k_new: jax.Array,  # [B, K, H], not yet rotated
-    v_new: jax.Array,  # [B, K, H]
+    q: jax.Array,  # [B, N, H], not yet rotated; or q, k and v heads packed [B, N + 2K, H]
+    k_new: jax.Array | None,  # [B, K, H], not yet rotated (None: in q)
+    v_new: jax.Array | None,  # [B, K, H] (None: in q)
     cos: jax.Array,  # [B, H] float32 (the half-split rotation's tables at each sequence's position)
     sin: jax.Array,  # [B, H] float32
     k_cache: jax.Array,  # [L, B, S, K, H]
@@ -217,20 +217,37 @@ def decode_attention_append(
   (so the logits are two dots over the head dim's halves) and the last split of each (sequence, kv head)
   folds the new key into its partial and writes it (no program reads that row: the others stop before it).
   A sequence whose position is outside the cache (padded, finished) attends `lengths` keys of the cache.
+  With k_new and v_new None, q holds the query heads, then the new key's, then the value's (one product of
+  the three weights packed together, `jaxinfer.packing`): each is read in place, no slices copied out.
   Donate or drop the caches passed in: the returned ones share their buffers.
   """
   if k_cache.ndim != 5:
     raise ValueError(f"k_cache must be a stacked cache [L, B, S, K, H], got shape {k_cache.shape}")
-  _check_append(q, k_new, v_new, cos, sin, k_cache, positions)
+  packed = k_new is None and v_new is None
+  if packed:
+    K = k_cache.shape[3]
+    if q.ndim != 3 or q.shape[1] <= 2 * K:
+      raise ValueError(f"packed q must be [B, N + 2K, H] with K={K} kv heads after N query heads, got {q.shape}")
+    B, NKK, H = q.shape
+    shapes = [jax.ShapeDtypeStruct((B, n, H), q.dtype) for n in (NKK - 2 * K, K, K)]  # the three, for checks
+    _check_append(*shapes, cos, sin, k_cache, positions)
+    k_new = v_new = q  # read through their own block specs
+  else:
+    _check_append(q, k_new, v_new, cos, sin, k_cache, positions)
   return _launch(q, k_cache, v_cache, lengths=lengths, layer=layer, k_scale=None, v_scale=None,
-                 append=(positions.astype(jnp.int32), cos, sin, k_new, v_new), sliding_window=sliding_window,
+                 append=(positions.astype(jnp.int32), cos, sin, k_new, v_new), packed=packed,
+                 sliding_window=sliding_window,
                  softcap=softcap, scale=scale, num_splits=num_splits, block_k=block_k, num_warps=num_warps,
                  num_stages=num_stages, interpret=interpret)
 
 
 def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window, softcap, scale, num_splits,
-            block_k, num_warps, num_stages, interpret):
-  """Checks, tiling and the pallas_call shared by `decode_attention` and `decode_attention_append`."""
+            block_k, num_warps, num_stages, interpret, packed=False):
+  """Checks, tiling and the pallas_call shared by `decode_attention` and `decode_attention_append` (`packed`:
+  q is [B, N + 2K, H] and holds the new keys and values too)."""
+  qkv = q
+  if packed:
+    q = jax.ShapeDtypeStruct((q.shape[0], q.shape[1] - 2 * k.shape[-2], q.shape[2]), q.dtype)
   stacked = layer is not None
   if k.ndim != (5 if stacked else 4):
     raise ValueError(f"k must be {'[L, B, S, K, H] with a layer' if stacked else '[B, S, K, H]'}, got shape {k.shape}")
@@ -266,17 +283,22 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
   num_splits = num_splits or default_num_splits(batch, num_kv_heads, pl.cdiv(seq_k, block_k))
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
-  q = q.reshape(batch, num_kv_heads, group, head_dim)  # free: heads of a kv head are adjacent
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
                              append=append is not None)
-  specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)),
-           pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0))]
+  # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
+  q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
+  q_arg = qkv
+  if not packed:
+    q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0))
+    q_arg = qkv.reshape(batch, num_kv_heads, group, head_dim)
+  specs = [pl.BlockSpec((None,), lambda b, h, s: (b,)), q_spec]
   args, extra_outputs, aliases = (), (), None
   if append is not None:
     per_seq = pl.BlockSpec((None, head_dim), lambda b, h, s: (b, 0))
-    per_head = pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, h, 0))
-    specs += [pl.BlockSpec((None,), lambda b, h, s: (b,)), per_seq, per_seq, per_head, per_head]
+    per_head = lambda first: pl.BlockSpec((None, None, head_dim), lambda b, h, s: (b, first + h, 0))  # noqa: E731
+    new_k, new_v = (num_heads, num_heads + num_kv_heads) if packed else (0, 0)  # where their heads start
+    specs += [pl.BlockSpec((None,), lambda b, h, s: (b,)), per_seq, per_seq, per_head(new_k), per_head(new_v)]
     args = append
     first_cache = len(specs) + 1  # after the layer
     extra_outputs = ((pl.no_block_spec, whole_k), (pl.no_block_spec, whole_v))
@@ -296,7 +318,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
       num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention",
       extra_outputs=extra_outputs, input_output_aliases=aliases)
-  return run(lengths.astype(jnp.int32), q, *args)
+  return run(lengths.astype(jnp.int32), q_arg, *args)
 
 
 def decode_attention_reference(

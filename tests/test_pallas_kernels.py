@@ -384,6 +384,26 @@ class TestDecodeAttentionAppend:
                                  np.asarray(jnp.where(written, new, jnp.where(unread, jnp.nan, old)), np.float32),
                                  **(dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=0, atol=0)))
 
+  @pytest.mark.parametrize("interpret", MODES)
+  def test_packed_heads_read_in_place(self, interpret):
+    """q, k and v heads packed in one [B, N + 2K, H] array (k_new, v_new None): the unpacked call's results
+    exactly, and the array goes into the kernel whole (no slices of it copied out)."""
+    rng = _rng()
+    args, positions, lengths, blocks = self._inputs(rng, interpret, 16, 2, 64, jnp.bfloat16)
+    q, k_new, v_new, *rest = args
+    kw = dict(layer=jnp.int32(2), positions=positions, lengths=lengths, num_splits=2, **blocks, interpret=interpret)
+    want = decode_attention_append(*args, **kw)
+    qkv = jnp.concatenate([q, k_new, v_new], axis=1)
+    got = decode_attention_append(qkv, None, None, *rest, **kw)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    jaxpr = jax.make_jaxpr(lambda qkv: decode_attention_append(qkv, None, None, *rest, **kw))(qkv).jaxpr
+    inner = jaxpr.eqns[0].params["jaxpr"].jaxpr  # inside the jit
+    call = next(e for e in inner.eqns if e.primitive.name == "pallas_call")
+    assert sum(v is inner.invars[0] for v in call.invars) == 3  # q, k_new and v_new: the packed array itself
+    with pytest.raises(ValueError, match=r"packed q must be \[B, N \+ 2K, H\]"):
+      decode_attention_append(qkv[:, :4], None, None, *rest, **kw)
+
   def test_validation_names_the_argument(self):
     rng = _rng()
     args, positions, lengths, _ = self._inputs(rng, True, 8, 2, 64, jnp.bfloat16)
