@@ -56,19 +56,35 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
 
     Where the one-token kernel of `rotate_and_write` applies and the dense decode kernel would attend, both
     are one launch (`pallas_kernels.decode_attention_append`): llama-3-8b batch-1 decode on an H200 ran
-    `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md)."""
+    `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md). q, k and v may be parts of one product's
+    output (`ops.Sliced`, packed q/k/v weights): that kernel reads them inside it, everything else cuts them."""
     if APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q) and q.shape[-1] >= 32:
         import pallas_kernels as pk
 
         cos, sin = (t[:, 0] for t in rope)
         at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
+        whole = _packed_heads(q, k, v)
+        heads = (whole[:, 0], None, None) if whole is not None else (ops.value(t)[:, 0] for t in (q, k, v))
         out, k_cache, v_cache = pk.decode_attention_append(
-            q[:, 0], k[:, 0], v[:, 0], cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
+            *heads, cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
             sliding_window=sliding_window, interpret=jax.default_backend() != "gpu")
         return out[:, None], cache.replace(k=k_cache, v=v_cache)
+    q, k, v = ops.value(q), ops.value(k), ops.value(v)
     q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)
     return out, cache
+
+
+def _packed_heads(q, k, v):
+    """The whole `[B, T, N + 2K, H]` output when q, k and v are its consecutive parts along the heads (as
+    `ops.matmuls` returns packed q/k/v's products), else None."""
+    parts = (q, k, v)
+    if not all(isinstance(t, ops.Sliced) and t.whole is q.whole and t.axis == 2 for t in parts):
+        return None
+    ends = [q.start, q.start + q.size, k.start + k.size, v.start + v.size]
+    if (q.start, k.start, v.start) != tuple(ends[:3]) or q.start != 0 or ends[3] != q.whole.shape[2]:
+        return None
+    return q.whole
 
 
 def _rope_write_applies(impl, q, k, v, cache) -> bool:

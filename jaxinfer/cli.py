@@ -34,7 +34,8 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--kv-cache", default=None, choices=sorted(KV_CACHE_NAMES), help="quantized KV cache (default: model dtype)")
     p.add_argument("--weight-layout", default="auto", choices=["auto", *LAYOUTS],
                    help="contract-last: matrices stored contraction-last (`contract_last`, before --quant): one-row "
-                        "decode takes XLA's row reduction (bf16) or the fused row kernel (quantized, GPU). auto "
+                        "decode takes XLA's row reduction (bf16, q/k/v packed into one matrix) or the fused row "
+                        "kernel (quantized, GPU). auto "
                         "(default): contract-last, or stored with --calibrate / --keep-quantized")
 
 
@@ -76,7 +77,7 @@ def _load(args):
     if layout == "contract-last":
         from .weight_layout import contract_last
 
-        model = model.replace(params=contract_last(model.params))
+        model = model.replace(params=contract_last(model.params, pack_qkv=not args.quant))
     if args.quant:
         from .quant import activation_stats, quantize
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from . import attention, ops, tensor_parallel
 from .config import ModelConfig
+from .packing import is_packed
 from .params import LAYER_MATRICES
 from .rope import rope_tables
 
@@ -41,6 +42,8 @@ def attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, 
     array or `ops.Normed`); writes this step's k/v into the cache. Returns the new x, its norm by the
     layer's `mlp_norm` (`residual_add`) and the cache."""
     q, k, v = ops.matmuls(xn, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
+    if config.qkv_bias or config.qk_norm:  # (packed q/k/v give parts of one output, `ops.Sliced`)
+        q, k, v = ops.value(q), ops.value(k), ops.value(v)
     if config.qkv_bias:
         q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
     if config.qk_norm:
@@ -75,9 +78,18 @@ def step_inputs(cache, tokens, lengths, config: ModelConfig):
 
 def layer_view(layer_params, i):
     """Layer `i` of the stacked `layer_params`: weight matrices and norm weights as `ops.LayerOf` (kernels
-    read the layer in place; other paths slice it), biases sliced."""
-    views = {name: ops.LayerOf(a, i) for name, a in layer_params.items()}
-    return {name: v if name in LAYER_MATRICES or name.endswith("norm") else v.take() for name, v in views.items()}
+    read the layer in place; other paths slice it), biases sliced; the parts of a packed matrix
+    (`packing.Packed`, e.g. q/k/v) as `ops.PartOf` that layer, under their own names."""
+    views = {}
+    for name, a in layer_params.items():
+        if is_packed(a):
+            whole = ops.LayerOf(a.values, i)  # one object: `ops.matmuls` sees the parts belong together
+            views.update({part: ops.PartOf(whole, start, size, a.axis) for part, start, size in a.offsets()})
+        elif name in LAYER_MATRICES or name.endswith("norm"):
+            views[name] = ops.LayerOf(a, i)
+        else:
+            views[name] = ops.LayerOf(a, i).take()
+    return views
 
 
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):

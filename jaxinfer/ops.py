@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
+from .packing import stored_axis
 from .weight_layout import ContractLast
 
 MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
@@ -96,8 +97,54 @@ class Normed:
         return rms_norm(self.x, self.weight, self.eps)
 
 
-def _value(x):
-    return x.value() if isinstance(x, Normed) else x
+@dataclass(frozen=True)
+class PartOf:
+    """Part `start:start + size` of `whole` (a weight, or `LayerOf` one) along its logical axis `axis`
+    (negative): one of several weights stored as one (`packing.Packed`). `matmuls` makes the products of all
+    the parts as one; a part alone is sliced out (`take`), which XLA reads in place."""
+
+    whole: Any
+    start: int
+    size: int
+    axis: int
+
+    def take(self):
+        w = self.whole.take() if isinstance(self.whole, LayerOf) else self.whole
+        inner = w.values if isinstance(w, ContractLast) else w
+        axis = stored_axis(w, self.axis) % inner.ndim
+        part = jax.lax.slice_in_dim(inner, self.start, self.start + self.size, axis=axis)
+        return w.replace(values=part) if isinstance(w, ContractLast) else part
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """`whole[start:start + size]` along `axis`, not yet cut: one part's product out of a packed weight's
+    (`PartOf`). A kernel may read the part inside the whole (`attention.rotate_write_attend`); every other
+    consumer takes `value()`."""
+
+    whole: jax.Array
+    start: int
+    size: int
+    axis: int
+
+    @property
+    def shape(self):
+        return self.whole.shape[: self.axis] + (self.size,) + self.whole.shape[self.axis + 1 :]
+
+    @property
+    def dtype(self):
+        return self.whole.dtype
+
+    def value(self):
+        return jax.lax.slice_in_dim(self.whole, self.start, self.start + self.size, axis=self.axis)
+
+
+def value(x):
+    """An activation that may still be lazy (`Normed`, `Sliced`) as an array."""
+    return x.value() if isinstance(x, (Normed, Sliced)) else x
+
+
+_value = value
 
 
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
@@ -113,6 +160,8 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
         raise ValueError(f"unknown matmul impl {impl!r}; choose one of {', '.join(MATMUL_IMPLS)}")
     if norm is not None and residual is None:
         raise ValueError("matmul: norm= normalises residual + product, so it needs residual=")
+    if isinstance(w, PartOf):
+        w = w.take()
     row = _row_plan(impl, x, [_stored_order(eq, w)], residual=residual)
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
@@ -529,7 +578,16 @@ def _pallas_matmuls(x, products, layer):
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
     kernel launch when the kernel path takes every product and they share K, the weight format and the
-    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order."""
+    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order.
+
+    Products of all the parts (`PartOf`) of one packed weight, in order, are one product of the whole
+    weight, returned as `Sliced` parts of its output."""
+    packed = _packed_product(products)
+    if packed is not None:
+        eq, whole, cuts, axis = packed
+        (out,) = matmuls(x, (eq, whole), out_dtype=out_dtype, impl=impl)
+        return tuple(Sliced(out, start, size, axis) for start, size in cuts)
+    products = [(eq, w.take() if isinstance(w, PartOf) else w) for eq, w in products]
     products = [_stored_order(eq, w) for eq, w in products]
     row = _row_plan(impl, x, products)
     if row is not None:
@@ -555,6 +613,32 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
         return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
     outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
+
+
+def _packed_product(products):
+    """(eq, whole weight, [(start, size)], output axis) when `products` are every part of one packed weight
+    in order, with one equation up to the letter of the packed axis; else None."""
+    ws = [w for _, w in products]
+    if len(ws) < 2 or not all(isinstance(w, PartOf) and w.whole is ws[0].whole for w in ws):
+        return None
+    whole = ws[0].whole
+    total = (whole.shape_view() if isinstance(whole, LayerOf) else whole).shape[ws[0].axis]
+    starts = [0]
+    for w in ws:
+        starts.append(starts[-1] + w.size)
+    if [w.start for w in ws] != starts[:-1] or starts[-1] != total:
+        return None
+
+    def letters(eq, axis):
+        lhs, out = eq.replace(" ", "").split("->")
+        return lhs.split(",")[1][axis], lhs, out
+
+    letter, lhs, out = letters(products[0][0], ws[0].axis)
+    for eq, w in products[1:]:
+        own, other_lhs, other_out = letters(eq, w.axis)
+        if (other_lhs.replace(own, letter), other_out.replace(own, letter)) != (lhs, out):
+            return None
+    return products[0][0], whole, [(w.start, w.size) for w in ws], out.index(letter)
 
 
 def _format(w) -> tuple:

@@ -33,6 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from . import params as params_lib
 from .cache import KVCache, PagedKVCache, QuantKVCache, is_quantized_kv
 from .config import ModelConfig
+from .packing import has_packed
 
 MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
 DENSE_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # KVCache.k / .v
@@ -247,6 +248,9 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
     (values, scales, offsets) from the logical axes it carries (`QArray.axis_names()`); a child axis
     its mesh axes do not divide (a per-channel scale's size-1 axis, a short group axis) is replicated.
     """
+    if has_packed(params):
+        raise ValueError("q, k and v are packed into one matrix (`pack_qkv`), which cannot be split by heads: "
+                         "shard the unpacked tree")
     r = _rules(rules).resolve(config, mesh)
     specs = params_lib.param_specs(config)
 

@@ -89,14 +89,20 @@ def is_contract_last(x) -> bool:
     return isinstance(x, ContractLast)
 
 
-def contract_last(params):
+def contract_last(params, *, pack_qkv: bool = False):
     """Return the parameter tree with every weight matrix (the layers' q, k, v, o, w_gate, w_up, w_down
     and an untied `lm_head`) as a `ContractLast`. Works on concrete and abstract (`ShapeDtypeStruct`) trees.
+    With `pack_qkv`, each layer's q, k and v then become one matrix (`packing.pack_qkv`: float trees that
+    stay float and unsharded; the command line's default for them).
 
     Quantize after this transform (`quantize(contract_last(params), recipe)`): the codes are then stored
     in this order too, groups along the trailing contracted axis. Errors: a tree already in this layout, a
     quantized matrix, a matrix whose shape does not fit its logical axes.
     """
+    if pack_qkv:
+        from .packing import pack_qkv as pack
+
+        return pack(contract_last(params))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: is_contract_last(x) or isinstance(x, QArray))
     if any(is_contract_last(leaf) for _, leaf in leaves):
         raise ValueError("the parameter tree is already in the contract-last layout")

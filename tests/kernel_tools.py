@@ -27,16 +27,25 @@ def cuda_lowering(fn, *args, **kwargs) -> str:
     return jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def pallas_call_names(jaxpr, out=None) -> list[str]:
-    """Names of the pallas_calls in a jaxpr, nested ones (scan body, jit) included, in program order."""
+def pallas_calls(jaxpr, out=None) -> list:
+    """The pallas_call equations of a jaxpr, nested ones (scan body, jit) included, in program order."""
     out = [] if out is None else out
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "pallas_call":
-            name = eqn.params.get("name_and_src_info") or eqn.params.get("name")
-            out.append(str(getattr(name, "name", name)))
+            out.append(eqn)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    pallas_call_names(inner, out)
+                    pallas_calls(inner, out)
     return out
+
+
+def pallas_call_name(eqn) -> str:
+    name = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+    return str(getattr(name, "name", name))
+
+
+def pallas_call_names(jaxpr) -> list[str]:
+    """Names of the pallas_calls in a jaxpr, nested ones (scan body, jit) included, in program order."""
+    return [pallas_call_name(e) for e in pallas_calls(jaxpr)]

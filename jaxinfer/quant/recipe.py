@@ -111,7 +111,12 @@ def quantize(params, recipe: str | Recipe, importance: dict | None = None):
     holds quantized leaves, a group size that does not divide a selected leaf's group axis, a leaf path
     the model does not have.
     """
+    from ..packing import has_packed  # (packing imports quant.qarray)
+
     recipe = get_recipe(recipe)
+    if has_packed(params):
+        raise ValueError("q, k and v are packed into one matrix (`pack_qkv`): quantize the unpacked tree (the row "
+                         "kernel reads quantized q, k and v in one launch anyway)")
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: is_qarray(x) or is_contract_last(x))
     if any(is_qarray(leaf) for _, leaf in leaves_with_paths):

@@ -1,0 +1,114 @@
+"""`pack_qkv(params)`: each layer's q, k and v weights stored as one matrix, so that one product makes all three.
+
+Why: with contraction-last weights a batch-1 decode step multiplies q (4096 output rows in llama-3-8b) and k
+and v (1024 each) as XLA row reductions, which fuse only reductions of one shape: q alone, then k and v
+together. The three as one [6144, 4096] matrix took 13.6 us against 15.7 for the two launches on an H200
+(benchmarks/BENCHMARKS.md, S10-2), a product that also reaches the decode attention kernel whole
+(`pallas_kernels.decode_attention_append` reads the three heads' blocks in place).
+
+A `Packed` leaf replaces `layers/q`, `layers/k` and `layers/v` by `layers/qkv`: the weights concatenated along
+their head axis (the first output axis), plain or `ContractLast`, with the parts' names and sizes. The model
+never sees it: `model.layer_view` hands out each part as `ops.PartOf`, and `ops.matmuls` makes the three
+products as one where they come together. Float weights only (quantized q/k/v already run in one launch on
+the row kernel), and not for sharded trees (a head split of the packed axis would mix the parts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from .quant.qarray import QArray
+from .weight_layout import ContractLast
+
+QKV = ("q", "k", "v")
+HEAD_AXIS = -2  # the parts' concatenated logical axis: q [.., D, N, H], k and v [.., D, K, H]
+
+
+@struct.dataclass
+class Packed:
+    """Weights sharing their input, stored as one: concatenated along the logical axis `axis` (negative,
+    counted from the end of the logical shape) in the order of `parts`, (name, size) pairs."""
+
+    values: Any  # the concatenation: an array in the stored order, or a ContractLast
+    parts: tuple[tuple[str, int], ...] = struct.field(pytree_node=False)
+    axis: int = struct.field(pytree_node=False, default=HEAD_AXIS)
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    def offsets(self):
+        """(name, start, size) of each part along the packed axis."""
+        out, start = [], 0
+        for name, size in self.parts:
+            out.append((name, start, size))
+            start += size
+        return tuple(out)
+
+
+def is_packed(x) -> bool:
+    return isinstance(x, Packed)
+
+
+def has_packed(params) -> bool:
+    return any(is_packed(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_packed))
+
+
+def stored_axis(w, axis: int) -> int:
+    """The stored axis (negative) of a weight's logical axis `axis` (negative): itself for an array, and for
+    a `ContractLast` where its stored order puts it (kept axes before the contracted ones)."""
+    if not isinstance(w, ContractLast):
+        return axis
+    if axis >= -w.kept:  # a kept axis: stored before the contracted ones
+        return axis - w.contracted
+    return axis + w.kept if axis >= -(w.kept + w.contracted) else axis  # contracted: stored last; leading: same
+
+
+def pack_qkv(params):
+    """The parameter tree with each layer's q, k, v replaced by one `Packed` `qkv` leaf (concrete or
+    abstract arrays, plain or `ContractLast`). Errors: no layer q/k/v, quantized weights, a tree already
+    packed."""
+    layers = params.get("layers", {}) if isinstance(params, dict) else {}
+    if "qkv" in layers or has_packed(params):
+        raise ValueError("the parameter tree already has q, k and v packed")
+    missing = [n for n in QKV if n not in layers]
+    if missing:
+        raise ValueError(f"pack_qkv needs the layers' q, k and v weights; missing layers/{', layers/'.join(missing)}")
+    ws = [layers[n] for n in QKV]
+    if any(isinstance(w, QArray) or isinstance(getattr(w, "values", None), QArray) for w in ws):
+        raise ValueError("pack_qkv takes float weights (quantized q, k and v already run in one launch of the "
+                         "row kernel): keep a quantized tree unpacked")
+    kinds = {type(w) for w in ws}
+    if len(kinds) != 1:
+        raise ValueError(f"q, k and v must share one layout to be packed, got {[type(w).__name__ for w in ws]}")
+    first = ws[0]
+    axis = stored_axis(first, HEAD_AXIS)
+    arrays = [w.values if isinstance(w, ContractLast) else w for w in ws]
+    packed = _concatenate(arrays, axis)
+    if isinstance(first, ContractLast):
+        names = first.logical_axes
+        names = names[:HEAD_AXIS] + (None,) + names[HEAD_AXIS + 1 :] if names else None  # heads of three kinds
+        packed = first.replace(values=packed, logical_axes=names)
+    sizes = tuple((n, int(a.shape[axis])) for n, a in zip(QKV, arrays))
+    new_layers = {k: v for k, v in layers.items() if k not in QKV}
+    new_layers["qkv"] = Packed(values=packed, parts=sizes, axis=HEAD_AXIS)
+    return {**params, "layers": new_layers}
+
+
+def _concatenate(arrays, axis: int):
+    if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        shape = list(arrays[0].shape)
+        shape[axis] = sum(a.shape[axis] for a in arrays)
+        return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return np.concatenate(arrays, axis=axis)
+    return jnp.concatenate(arrays, axis=axis)
