@@ -127,6 +127,9 @@ VARIANTS = {
     "decode_long_blocks": ("Dense decode attention with 128-key blocks, 2 stages for every split length",
                            dict(profile_batches=()), {"pallas_kernels.decode_attention": {
                                "_SHORT_BLOCK_K": 128, "_SHORT_STAGES": 2}}),
+    # Contraction-last float weights with q, k and v kept apart (three products, XLA fusing k and v only).
+    "unpacked_qkv": ("q, k and v as three matrices (`packing.PACK_FLOAT_QKV = False`)", dict(profile_batches=()),
+                     {"jaxinfer.packing": {"PACK_FLOAT_QKV": False}}),
     # The add + norm kernel at 16 warps per program instead of its default.
     "add_norm_16_warps": ("The add + norm kernel at 16 warps", dict(profile_batches=()),
                           {"pallas_kernels.add_rms_norm": {"_WARPS": 16}}),

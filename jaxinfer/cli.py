@@ -75,9 +75,10 @@ def _load(args):
     model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True,
                  keep_quantized=args.keep_quantized)
     if layout == "contract-last":
+        from .packing import PACK_FLOAT_QKV
         from .weight_layout import contract_last
 
-        model = model.replace(params=contract_last(model.params, pack_qkv=not args.quant))
+        model = model.replace(params=contract_last(model.params, pack_qkv=PACK_FLOAT_QKV and not args.quant))
     if args.quant:
         from .quant import activation_stats, quantize
 

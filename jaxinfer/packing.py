@@ -25,6 +25,7 @@ from flax import struct
 from .quant.qarray import QArray
 from .weight_layout import ContractLast
 
+PACK_FLOAT_QKV = True  # the command line and the bench pack float contract-last trees (False: for comparisons)
 QKV = ("q", "k", "v")
 HEAD_AXIS = -2  # the parts' concatenated logical axis: q [.., D, N, H], k and v [.., D, K, H]
 

@@ -30,6 +30,7 @@ from ..cache import KVCache, QuantKVCache, init_cache, is_quantized_kv, quantize
 from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
+from .. import packing
 from ..weight_layout import LAYOUTS, contract_last
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
@@ -172,7 +173,7 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
     key = jax.random.key(seed, impl="rbg")  # compiles in a fraction of threefry's time
     params = jax.jit(init_params, static_argnums=(0, 2))(config, key, dtype)
     if layout == "contract-last":  # before quantizing: the codes are laid out when they are made
-        params = contract_last(params, pack_qkv=quant is None)  # float: q/k/v as one matrix (`packing`)
+        params = contract_last(params, pack_qkv=packing.PACK_FLOAT_QKV and quant is None)  # float: q/k/v as one matrix (`packing`)
     if quant is not None:
         try:
             from ..quant import quantize  # the quantization work provides this
