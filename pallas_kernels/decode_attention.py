@@ -77,52 +77,40 @@ def _decode_kernel(
   group, head_dim = q_ref.shape
   rows = max(MIN_DOT_ROWS, next_pow2(group))
   length = jnp.minimum(len_ref[()], seq_k)  # keys read from the cache; the query sits at length - 1
-  query_at = length - 1
-  if append:  # the cache holds the keys before the new one's position
+  if append:  # q and the new key rotated here; the cache holds the keys before the new one's position
     halves = pl.ds(0, head_dim // 2), pl.ds(head_dim // 2, head_dim // 2)
+    trig = [r[c].astype(f32) for r in (cos_ref, sin_ref) for c in halves]  # c1, c2, s1, s2
+    q = rotate_halves(*(load_q_tile(q_ref, rows, c).astype(f32) for c in halves), *(t[None, :] for t in trig))
+    q = tuple(x.astype(q_ref.dtype) for x in q)  # rounded as the separate rotation rounds it
     pos = pos_ref[()]
     new = (pos >= 0) & (pos < seq_k)  # outside the cache: nothing written, as rope_write
-    query_at = jnp.where(new, pos, query_at)
+    query_at = jnp.where(new, pos, length - 1)
     length = jnp.where(new, pos, length)
+  else:
+    q = load_q_tile(q_ref, rows)  # [rows, H]
+    query_at = length - 1
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
   zero = 0.0 if jnp.issubdtype(k_ref.dtype, jnp.floating) else 0  # Triton cannot cast an int to fp8
 
-  def fetch(j, live=True):
-    """Key block j: (keep [bk], k [bk, H] or its halves, v [bk, H], scales or None)."""
+  def body(j, carry):
     start = j * block_k
     kpos = start + jnp.arange(block_k, dtype=jnp.int32)
-    keep = (kpos < length) & live
+    keep = kpos < length
     if window is not None:
       keep = keep & (query_at - kpos < window)
     span = pl.ds(start, block_k)
     load = lambda ref, cols=slice(None): pltriton.load(kv_at(ref, span, cols), mask=keep[:, None], other=zero)  # noqa: E731
-    k = tuple(load(k_ref, c) for c in halves) if append else load(k_ref)
+    k = tuple(load(k_ref, c) for c in halves) if append else load(k_ref)  # [bk, H] (or its halves)
     v = load(v_ref)
-    scales = None
-    if quantized:
-      scales = tuple(pltriton.load(scale_at(r, span), mask=keep, other=0) for r in (ks_ref, vs_ref))  # float32
-    return keep, k, v, scales
-
-  if append:  # the first block's loads go out before q is rotated (a split of a short cache has one block)
-    first = fetch(lo, lo < hi)
-    trig = [r[c].astype(f32) for r in (cos_ref, sin_ref) for c in halves]  # c1, c2, s1, s2
-    q = rotate_halves(*(load_q_tile(q_ref, rows, c).astype(f32) for c in halves), *(t[None, :] for t in trig))
-    q = tuple(x.astype(q_ref.dtype) for x in q)  # rounded as the separate rotation rounds it
-  else:
-    q = load_q_tile(q_ref, rows)  # [rows, H]
-
-  def update(block, carry):
-    keep, k, v, scales = block
     if quantized:  # int8 / fp8 codes enter the dots as they are (exact in bf16); the per-token scales
       # go onto the logits and the probabilities: no dequantized copy, no per-element rescaling
+      ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
+      vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
       return online_softmax_step(q, k.astype(q.dtype), v.astype(q.dtype), keep[None, :], carry, scale=scale,
-                                 softcap=softcap, key_scale=scales[0], value_scale=scales[1])
+                                 softcap=softcap, key_scale=ks, value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
-  carry = init_carry(rows, head_dim)
-  if append:
-    carry, lo = update(first, carry), lo + 1
-  carry = lax.fori_loop(lo, hi, lambda j, c: update(fetch(j), c), carry)
+  carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
   if append:  # the last split takes the new key into its partial and stores it with its value
     mine = new & (pl.program_id(2) == num_splits - 1)
     k_new = [x.astype(q_ref.dtype) for x in rotate_halves(*(k_new_ref[c].astype(f32) for c in halves), *trig)]
