@@ -78,13 +78,10 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
 def _packed_heads(q, k, v):
     """The whole `[B, T, N + 2K, H]` output when q, k and v are its consecutive parts along the heads (as
     `ops.matmuls` returns packed q/k/v's products), else None."""
-    parts = (q, k, v)
-    if not all(isinstance(t, ops.Sliced) and t.whole is q.whole and t.axis == 2 for t in parts):
+    if not all(isinstance(t, ops.Sliced) and t.whole is q.whole and t.axis == 2 for t in (q, k, v)):
         return None
-    ends = [q.start, q.start + q.size, k.start + k.size, v.start + v.size]
-    if (q.start, k.start, v.start) != tuple(ends[:3]) or q.start != 0 or ends[3] != q.whole.shape[2]:
-        return None
-    return q.whole
+    in_order = q.start == 0 and k.start == q.size and v.start == k.start + k.size
+    return q.whole if in_order and v.start + v.size == q.whole.shape[2] else None
 
 
 def _rope_write_applies(impl, q, k, v, cache) -> bool:

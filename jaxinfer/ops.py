@@ -34,9 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .packing import stored_axis
 from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
-from .packing import stored_axis
 from .weight_layout import ContractLast
 
 MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
@@ -144,9 +144,6 @@ def value(x):
     return x.value() if isinstance(x, (Normed, Sliced)) else x
 
 
-_value = value
-
-
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
     with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path); with
@@ -166,7 +163,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm))
-    x = _value(x)
+    x = value(x)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
@@ -592,7 +589,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     row = _row_plan(impl, x, products)
     if row is not None:
         return row(epilogue="none", out_dtype=out_dtype)
-    x = _value(x)
+    x = value(x)
     out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:
