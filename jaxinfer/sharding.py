@@ -249,8 +249,9 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
     its mesh axes do not divide (a per-channel scale's size-1 axis, a short group axis) is replicated.
     """
     if has_packed(params):
-        raise ValueError("q, k and v are packed into one matrix (`pack_qkv`), which cannot be split by heads: "
-                         "shard the unpacked tree")
+        raise ValueError("q, k and v are packed into one matrix (`pack_qkv`, a one-device layout): the sharding "
+                         "rules name them apart (a head split of the packed axis would mix them); shard the "
+                         "unpacked tree")
     r = _rules(rules).resolve(config, mesh)
     specs = params_lib.param_specs(config)
 

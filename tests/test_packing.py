@@ -99,5 +99,5 @@ def test_packed_trees_refuse_what_would_split_or_change_them():
     with pytest.raises(ValueError, match="missing layers/k"):
         pack_qkv({"layers": {"q": params["layers"]["q"]}})
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="cannot be split by heads"):
+    with pytest.raises(ValueError, match="shard the unpacked tree"):
         sharding.tree_shardings(packed, CONFIG, mesh)
