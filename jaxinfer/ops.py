@@ -502,19 +502,19 @@ def fp8_matmul(eq: str, x, w: QArray):
 
 def _contraction_last(spec: _Spec) -> bool:
     """The weight's contracted letters trail (a `ContractLast` weight's stored order): the kernel takes
-    plain ones as [N, K] tiles into a transposed dot."""
+    them as [N, K] tiles into a transposed dot."""
     c = len(spec.contracted)
     return spec.w[-c:] == spec.contracted and spec.out == spec.x[:-c] + spec.w[:-c]
 
 
 def _kernel_supports(spec: _Spec, x, w) -> bool:
-    """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order (or, for
-    plain weights, trailing: W stored [N, K]), and x's contracted letters trailing in the same order; few
-    rows; groups a power of two >= 32; plain weights in the activations' dtype."""
+    """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order (or
+    trailing: W stored [N, K]), and x's contracted letters trailing in the same order; few rows; groups a
+    power of two >= 32; plain weights in the activations' dtype."""
     c = len(spec.contracted)
     if spec.x[-c:] != spec.contracted:
         return False
-    last = _contraction_last(spec) and not isinstance(w, QArray)
+    last = _contraction_last(spec)
     if not last and (spec.w[:c] != spec.contracted or spec.out != spec.x[:-c] + spec.w[c:]):
         return False
     if isinstance(w, QArray):
@@ -566,7 +566,7 @@ def _pallas_matmuls(x, products, layer):
     args = [_flat_kernel_args(spec, w, layer) for spec, w in products]
     spec0 = products[0][0]
     c = len(spec0.contracted)
-    transposed = args[0][1] == "plain" and _contraction_last(spec0)
+    transposed = _contraction_last(spec0)
     outs = wm.weight_matmuls(x.reshape(-1, spec0.k), tuple(a[0] for a in args), layer, fmt=args[0][1],
                              group_size=args[0][2], transposed=transposed)
     return [out.reshape(*x.shape[:-c], *a[3]) for out, a in zip(outs, args)]

@@ -125,9 +125,11 @@ def _int4_operands(packed, cdt, *, symmetric: bool):
           ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))
 
 
-def _param_row(ref, layer, row, cols):
+def _param_row(ref, layer, row, cols, transposed=False):
   """[1, bn] float32: row `row` of a layer's scales or offsets (a group's, or the per-column row 0), at
-  this program's columns."""
+  this program's columns (`transposed`: the scales stored [(L,) N, K/g or 1], column `row`)."""
+  if transposed:
+    return ref[layer, cols, row].astype(jnp.float32)[None, :]
   return ref[layer, pl.ds(row, 1), cols].astype(jnp.float32)
 
 
@@ -137,7 +139,7 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
   by x into a [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its
   operand through shared memory after the decode, which held every format near bf16's time (NOTES.md)."""
-  assert not transposed, "transposed weights are plain: they take the dot"
+  assert not transposed, "transposed weights take the dot (weight_matmuls keeps them off this path)"
   f32 = jnp.float32
   x_cols0 = split * n_steps * step
 
@@ -180,9 +182,9 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
 
 def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps, transposed):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
-  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). `transposed`: plain W
-  stored [N, K] (contraction last), its tiles [bn, step] taken into the dot transposed. (Program ids are
-  read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
+  x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). `transposed`: W stored
+  [N, K(/2)] (contraction last; scales [N, K/g or 1]), its tiles [bn, step] taken into the dot transposed.
+  (Program ids are read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
   dt = x_ref.dtype
   cdt = _codes_dtype(fmt, dt)  # the dot's operand dtype
@@ -198,36 +200,41 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
 
   def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
-    return _param_row(ref, layer, split * n_steps + i, cols)
+    return _param_row(ref, layer, split * n_steps + i, cols, transposed)
+
+  def tile(start, size):  # the weight's [size, bn] rows of K (transposed: its [bn, size] block)
+    if transposed:
+      return v_ref[layer, cols, pl.ds(start, size)]
+    return v_ref[layer, pl.ds(start, size), cols]
+
+  def dot(a, w):
+    return pltriton.dot(a, w, trans_b=transposed)
 
   def body(i, acc):
     if fmt == "int4":
       half = group // 2
-      packed = v_ref[layer, pl.ds(split * rows_per_split + i * half, half), cols]  # [g/2, bn] uint8
+      packed = tile(split * rows_per_split + i * half, half)  # [g/2, bn] uint8 (transposed: [bn, g/2])
       lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None)
       x_lo = load_x(i * group, half)  # [Mp, g/2]
       x_hi = load_x(i * group + half, half)
-      part = pltriton.dot(x_lo.astype(cdt), lo) + pltriton.dot(x_hi.astype(cdt), hi)  # [Mp, bn] f32
+      part = dot(x_lo.astype(cdt), lo) + dot(x_hi.astype(cdt), hi)  # [Mp, bn] f32
       part = part * group_rows(s_ref, i)
       if m_ref is not None:
         xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
               + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
         part = part + xs * group_rows(m_ref, i)
       return acc + part
-    if transposed:  # [bn, step] of a plain [N, K] weight
-      w = v_ref[layer, cols, pl.ds(split * rows_per_split + i * step, step)]
-      return acc + pltriton.dot(load_x(i * step, step), w, trans_b=True)
-    w = v_ref[layer, pl.ds(split * rows_per_split + i * step, step), cols]  # [step, bn]
+    w = tile(split * rows_per_split + i * step, step)  # [step, bn] (transposed: [bn, step])
     if fmt != "plain":
       w = _code_operand(w, cdt)
-    part = pltriton.dot(load_x(i * step, step).astype(cdt), w)
+    part = dot(load_x(i * step, step).astype(cdt), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
     return acc + part
 
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((mp, bn), jnp.float32))
   if s_ref is not None and group is None:
-    acc = acc * _param_row(s_ref, layer, 0, cols)  # per column
+    acc = acc * _param_row(s_ref, layer, 0, cols, transposed)  # per column
   o_ref[...] = acc
 
 
@@ -265,8 +272,6 @@ def _check_part(x, fmt, g, values, scales, offsets, transposed=False):
   M, K = x.shape
   values = _stacked(values, 2)
   N = values.shape[1 if transposed else -1]
-  if transposed and fmt != "plain":
-    raise ValueError(f"transposed ([N, K]) weights are plain only, not {fmt}")
   k_axis = 2 if transposed else 1
   if values.ndim != 3 or values.shape[k_axis] != (K // 2 if fmt == "int4" else K):
     raise ValueError(f"{fmt} values of shape {values.shape} do not match x of shape {x.shape}"
@@ -278,7 +283,7 @@ def _check_part(x, fmt, g, values, scales, offsets, transposed=False):
       raise ValueError(f"plain weights must have the activations' dtype {x.dtype}, got {values.dtype}")
   else:
     scales = _stacked(scales, 2)
-    want = (values.shape[0], K // g if g else 1, N)
+    want = (values.shape[0], N, K // g if g else 1) if transposed else (values.shape[0], K // g if g else 1, N)
     if scales is None or scales.shape != want:
       raise ValueError(f"scales have shape {None if scales is None else scales.shape}, expected {want}")
   offsets = _stacked(offsets, 2)
@@ -298,7 +303,7 @@ def weight_matmuls(
     *,
     fmt: str,
     group_size: int | None,
-    transposed: bool = False,  # plain weights stored [(L,) N, K] (contraction last)
+    transposed: bool = False,  # weights stored [(L,) N, K(/2)] (contraction last), scales [(L,) N, K/g or 1]
     block_n: int | None = None,
     num_splits: int | None = None,
     step: int | None = None,
@@ -329,7 +334,7 @@ def weight_matmuls(
   ks = K // splits
   if K % splits or ks % stp or any(n % bn for n in widths):
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
-  mp = 1 if _uses_cuda_cores(M, fmt) else max(MIN_DOT_ROWS, next_pow2(M))
+  mp = 1 if _uses_cuda_cores(M, fmt) and not transposed else max(MIN_DOT_ROWS, next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   parts, first, arrays = [], 0, []
   for (v, sc, off), n in zip(weights, widths):
@@ -355,20 +360,19 @@ def weight_matmuls(
 
 def weight_matmul(x, values, scales=None, offsets=None, layer=None, *, fmt: str, group_size: int | None,
                   **options) -> jax.Array:
-  """x [M, K] @ dequantize(W[layer]) -> [M, N] float32, W given by `values` [(L,) K(/2), N] (plain with
-  `transposed=True`: [(L,) N, K]), `scales` [(L,) K/g or 1, N] (None for plain), `offsets` (int4
-  asymmetric only). `options`: transposed, block_n,
+  """x [M, K] @ dequantize(W[layer]) -> [M, N] float32, W given by `values` [(L,) K(/2), N] (with
+  `transposed=True`: [(L,) N, K(/2)]), `scales` [(L,) K/g or 1, N] (transposed: [(L,) N, K/g or 1]; None
+  for plain), `offsets` (int4 asymmetric only). `options`: transposed, block_n,
   num_splits, step, num_warps, num_stages (tuning), interpret (None: unless the backend is a GPU)."""
   return weight_matmuls(x, ((values, scales, offsets),), layer, fmt=fmt, group_size=group_size, **options)[0]
 
 
 def weight_matmul_reference(x, values, scales=None, offsets=None, layer=None, *, fmt: str,
                             group_size: int | None, transposed: bool = False):
-  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision). `transposed`: plain
-  values [(L,) N, K]."""
+  """Plain jnp: dequantize W[layer] to float32 and multiply (HIGHEST precision). `transposed`: values,
+  scales and offsets stored [(L,) N, .]."""
   if values.ndim == 3:
     values, scales, offsets = (None if a is None else a[layer] for a in (values, scales, offsets))
-  t = lambda a: None if a is None else a.T  # noqa: E731  [K, N] -> the [N, K] of dequantize_codes
-  rows = values if transposed else values.T
-  w = dequantize_codes(rows, t(scales), t(offsets), fmt=fmt, group_size=group_size).T
+  t = lambda a: a if a is None or transposed else a.T  # noqa: E731  to the [N, .] of dequantize_codes
+  w = dequantize_codes(t(values), t(scales), t(offsets), fmt=fmt, group_size=group_size).T
   return jnp.dot(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
