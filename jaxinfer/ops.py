@@ -14,7 +14,8 @@ Paths (all compute the same math, float32 accumulation):
   (`swiglu`) in the same launch. Plain bf16 takes it only when forced (`impl="pallas"`): XLA's row
   reduction streams it faster (`ROW_FORMATS`);
 - `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
-  as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form; not under a mesh with
+  as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form and either order; not
+  under a mesh with
   automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel` runs the layers
   per shard instead);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned

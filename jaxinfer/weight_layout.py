@@ -13,8 +13,8 @@ On a GPU one row then takes XLA's row reduction and 2-128 rows the Pallas weight
 in a transposed dot: llama-3-8b bf16 decode on an H200 with Pallas attention, batch 1 4.40 ms (0.81 of
 copy) against 4.64 ms stored, batches 8-128 within 1 % of the stored layout (BENCHMARKS.md, session 5).
 Quantized in this layout, one row takes the fused row kernel (`pallas_kernels/row_matmul.py`, the fastest
-batch-1 step of every format) and more rows XLA's dequantize + dot (slower than the weight kernel on the
-stored layout: int8 batch 16 1.05x bf16 against 1.13x, session 5).
+batch-1 step of every format) and 2-128 rows the weight kernel's transposed tiles too (int8 batch 16 3.79 ms,
+1.37x bf16, against 4.65 stored; int4 5.88 against 5.94: BENCHMARKS.md, session 12).
 
 The command line (`generate`, `chat`, `perplexity`, `bench`) applies it by default (`DEFAULT_LAYOUT`) to
 float weights: H200 llama-3-8b bf16 decode, context 1024, ms per step stored / contraction-last in two
