@@ -161,7 +161,7 @@ def main(argv=None) -> int:
             case(f"decode b1 {recipe} (contract-last)", f"cl:{recipe}", "decode", 1, ctx, impl="auto")
         for recipe in ("int8", int4, "fp8"):
             case(f"decode b1 {recipe} (kernel, stored)", recipe, "decode", 1, ctx, impl="auto")
-        case("decode b1 int8 (contract-last, XLA row reductions)", "cl:int8", "decode", 1, ctx, impl="auto",
+        case("decode b1 int8 (contract-last, no row kernel)", "cl:int8", "decode", 1, ctx, impl="auto",
              ops_knobs={"ROW_KERNEL": False})
         # batch 16: the contraction-last trees (the command line's layout) against the stored ones
         for recipe in ("bf16", "int8", int4):
