@@ -50,6 +50,7 @@ from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
 from jaxinfer.sampling import Sampling, sequence_keys  # noqa: E402
+from jaxinfer.packing import pack_qkv  # noqa: E402
 from jaxinfer.weight_layout import DEFAULT_LAYOUT, LAYOUTS  # noqa: E402
 
 TARGETS = {"tp2_decode_b1": 1.7, "tp4_decode_b1": 2.6, "pp4_throughput_b64": 3.0}
@@ -302,6 +303,8 @@ def main(argv=None) -> None:
     decode_kw = dict(batch=1, context=args.context, steps=args.steps, impl=args.impl, samples=args.samples, dtype=dtype)
     if "tp" in parts:
         case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
+        if args.weight_layout == "contract-last":  # one GPU as the command line runs it: q/k/v packed
+            case("decode_b1_1gpu_packed", lambda: decode_tokens_per_s(pack_qkv(base_params), cfg, **decode_kw))
         if args.profile:
             case("profile_1gpu", lambda: profile_decode_step(base_params, cfg, context=args.context, impl=args.impl, dtype=dtype))
         for t in sorted({n, 2} if n >= 4 else {n}):
@@ -325,6 +328,9 @@ def main(argv=None) -> None:
                 case(name, tp_case)
                 if name in results and "decode_b1_1gpu" in results:
                     results[name]["speedup"] = results[name]["tokens_per_s"] / results["decode_b1_1gpu"]["tokens_per_s"]
+                if name in results and "decode_b1_1gpu_packed" in results:  # against the one-GPU default
+                    results[name]["speedup_vs_packed"] = (results[name]["tokens_per_s"]
+                                                          / results["decode_b1_1gpu_packed"]["tokens_per_s"])
 
     if "pp" in parts and n >= 2:
         pp_kw = dict(batch=args.pp_batch, context=args.context, steps=args.steps // 2, impl=args.impl,
