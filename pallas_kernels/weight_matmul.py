@@ -35,7 +35,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import code_decode
 from pallas_kernels.common import MIN_DOT_ROWS, codes_f32, dequantize_codes, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
@@ -49,7 +48,6 @@ _STAGES = 3
 # Formats whose one-row products run as multiply-adds on the CUDA cores rather than a dot (H200, batch-1
 # llama-3-8b decode: fp8 3.70 vs 4.31 ms; int8 4.78 vs 4.36 and int4 5.72 vs 5.51 lose: pallas_kernels/NOTES.md)
 ONE_ROW_FMA = ("fp8",)
-DOT_CODES_PTX = True  # int8 / int4 dot operands decoded by inline PTX (`code_decode`); False: jnp's spelling
 
 
 def _block_n(n: int, rows: int = 1) -> int | None:
@@ -115,21 +113,16 @@ def _codes_dtype(fmt: str, x_dtype):
   return jnp.float16 if fmt == "fp8" and x_dtype in (jnp.bfloat16, jnp.float16) else x_dtype
 
 
-def _code_operand(w, cdt, native: bool = False):
-  """int8 / fp8 codes [rows, bn] as the dot's operand (exact); int8 through `code_decode` (inline PTX on
-  the GPU: one byte permute and one subtract per code instead of an int-to-float conversion)."""
-  if w.dtype == jnp.float8_e4m3fn:
-    return w.astype(cdt)
-  if native:
-    return code_decode.int8_codes_f32(w, True).astype(cdt)
-  return w.astype(jnp.float32).astype(cdt)
+def _code_operand(w, cdt):
+  """int8 / fp8 codes [rows, bn] as the dot's operand (exact)."""
+  return w.astype(cdt) if w.dtype == jnp.float8_e4m3fn else w.astype(jnp.float32).astype(cdt)
 
 
-def _int4_operands(packed, cdt, *, symmetric: bool, native: bool = False):
-  """Both nibbles of packed int4 codes [g/2, bn] as dot operands (exact): u - 8 when symmetric, else u
-  (`code_decode`: one logic op and one multiply-add per code)."""
-  lo, hi = code_decode.int4_codes_f32(packed, 8 if symmetric else 0, native)
-  return lo.astype(cdt), hi.astype(cdt)
+def _int4_operands(packed, cdt, *, symmetric: bool):
+  """Both nibbles of packed int4 codes [g/2, bn] as dot operands (exact): u - 8 when symmetric, else u."""
+  zero = 8 if symmetric else 0
+  return (((packed & 0x0F).astype(jnp.float32) - zero).astype(cdt),
+          ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))
 
 
 def _param_row(ref, layer, row, cols, transposed=False):
@@ -141,7 +134,7 @@ def _param_row(ref, layer, row, cols, transposed=False):
 
 
 def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps,
-                    transposed=False, native=False):
+                    transposed=False):
   """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
   become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
   by x into a [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its
@@ -187,8 +180,7 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   o_ref[...] = out
 
 
-def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps, transposed,
-            native=False):
+def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps, transposed):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
   x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). `transposed`: W stored
   [N, K(/2)] (contraction last; scales [N, K/g or 1]), its tiles [bn, step] taken into the dot transposed.
@@ -222,7 +214,7 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
     if fmt == "int4":
       half = group // 2
       packed = tile(split * rows_per_split + i * half, half)  # [g/2, bn] uint8 (transposed: [bn, g/2])
-      lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None, native=native)
+      lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None)
       x_lo = load_x(i * group, half)  # [Mp, g/2]
       x_hi = load_x(i * group + half, half)
       part = dot(x_lo.astype(cdt), lo) + dot(x_hi.astype(cdt), hi)  # [Mp, bn] f32
@@ -234,7 +226,7 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
       return acc + part
     w = tile(split * rows_per_split + i * step, step)  # [step, bn] (transposed: [bn, step])
     if fmt != "plain":
-      w = _code_operand(w, cdt, native)
+      w = _code_operand(w, cdt)
     part = dot(load_x(i * step, step).astype(cdt), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
@@ -350,8 +342,7 @@ def weight_matmuls(
     first += n // bn
     arrays += [a for a in (v, sc, off) if a is not None]
   kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
-                             n_steps=ks // stp, transposed=transposed,
-                             native=not interpret and code_decode.INLINE_PTX and DOT_CODES_PTX)
+                             n_steps=ks // stp, transposed=transposed)
   partials = pl.pallas_call(
       kernel,
       grid=(first, splits),

@@ -167,10 +167,6 @@ def main(argv=None) -> int:
         for recipe in ("bf16", "int8", int4):
             case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
             case(f"decode b16 {recipe} (stored)", recipe, "decode", 16, ctx, impl="auto")
-        for recipe in ("int8", int4):  # the weight kernel's dot operands decoded by jnp's spelling, not PTX
-            for layout, name in (("contract-last", f"cl:{recipe}"), ("stored", recipe)):
-                case(f"decode b16 {recipe} ({layout}, codes by jnp)", name, "decode", 16, ctx, impl="auto",
-                     kernel={"DOT_CODES_PTX": False})
     else:  # the Pallas kernel paths and their variants
         for recipe in ("int8", int4, "fp8"):
             case(f"decode b1 {recipe} (kernel)", recipe, "decode", 1, ctx, impl="auto")
