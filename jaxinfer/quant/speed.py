@@ -107,8 +107,11 @@ def main(argv=None) -> int:
     jax.block_until_ready(trees["bf16"])
 
     def tree(name):
-        """`bf16`, a recipe, or `cl:<either>` (quantized after `contract_last`)."""
+        """`bf16`, a recipe, or `cl:<either>` (quantized after `contract_last`). One quantized tree is kept
+        at a time beside the two bf16 ones (all of them at once outgrow an 80 GB card: S12-13 on an H100)."""
         if name not in trees:
+            for old in [k for k in trees if k not in ("bf16", "cl:bf16")]:
+                del trees[old]
             t0 = time.time()
             if name == "cl:bf16":
                 trees[name] = jax.block_until_ready(contract_last(trees["bf16"]))
