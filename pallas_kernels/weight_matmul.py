@@ -14,7 +14,9 @@ Weight formats (codes along K, scales per group of K rows or per column):
   int4:  values uint8 [K/2, N], two codes per byte, per group of g rows: byte j of a group holds row j
          (low nibble) and row j + g/2 (high nibble); w = (u - 8) * s, or u * s + m with offsets m [K/g, N].
 Each weight-side array may carry a leading layer axis (`[L, ...]`); `layer` (an int32 scalar array) picks
-the layer. Without one, the array is its own single layer.
+the layer. Without one, the array is its own single layer. With `transposed=True` every format is stored
+contraction-last instead (values [N, K(/2)], scales and offsets [N, K/g or 1]: `quantize(contract_last(...))`
+makes them so) and its tiles enter the dot transposed.
 
 The grid is (N / block_n, splits): each program streams one [K / splits, block_n] slab of the weight once,
 dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes) and
@@ -119,7 +121,8 @@ def _code_operand(w, cdt):
 
 
 def _int4_operands(packed, cdt, *, symmetric: bool):
-  """Both nibbles of packed int4 codes [g/2, bn] as dot operands (exact): u - 8 when symmetric, else u."""
+  """Both nibbles of packed int4 codes [g/2, bn] (transposed: [bn, g/2]) as dot operands (exact): u - 8
+  when symmetric, else u."""
   zero = 8 if symmetric else 0
   return (((packed & 0x0F).astype(jnp.float32) - zero).astype(cdt),
           ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))

@@ -173,7 +173,8 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
     key = jax.random.key(seed, impl="rbg")  # compiles in a fraction of threefry's time
     params = jax.jit(init_params, static_argnums=(0, 2))(config, key, dtype)
     if layout == "contract-last":  # before quantizing: the codes are laid out when they are made
-        params = contract_last(params, pack_qkv=packing.PACK_FLOAT_QKV and quant is None)  # float: q/k/v as one matrix (`packing`)
+        # float trees as the command line lays them out: q/k/v packed into one matrix (`packing`)
+        params = contract_last(params, pack_qkv=packing.PACK_FLOAT_QKV and quant is None)
     if quant is not None:
         try:
             from ..quant import quantize  # the quantization work provides this
