@@ -4,7 +4,9 @@ model's use of it for one-token decode steps.
 The kernel must rotate q and k as a float64 rotation does (to the dtype's rounding), store the rotated key
 and the value at each sequence's position of the chosen layer and touch nothing else (positions outside the
 cache write nothing), reject bad input by name, and lower to Triton; the model must run it once per layer
-and give the logits and cache of the XLA ops it replaces.
+and give the logits and cache of the XLA ops it replaces, or, where the Pallas decode attention runs too,
+do the same work inside that launch (`decode_attention_append`, tested against this kernel's reference in
+test_pallas_kernels.py).
 """
 
 import functools
