@@ -74,8 +74,9 @@ def _load(args):
     layout = _weight_layout(args)
     model = load(args.model or DEFAULT_MODEL, dtype=getattr(jnp, DTYPES[args.dtype]), progress=True,
                  keep_quantized=args.keep_quantized)
+    from .packing import PACK_FLOAT_QKV, has_packed
+
     if layout == "contract-last":
-        from .packing import PACK_FLOAT_QKV
         from .weight_layout import contract_last
 
         model = model.replace(params=contract_last(model.params, pack_qkv=PACK_FLOAT_QKV and not args.quant))
@@ -88,6 +89,7 @@ def _load(args):
     how += ["calibrated"] if args.calibrate else []
     how += ["kept quantized"] if args.keep_quantized else []
     how += ["contraction-last"] if layout == "contract-last" else []
+    how += ["q/k/v packed"] if has_packed(model.params) else []
     print(f"loaded {model.name}{' (' + ', '.join(how) + ')' if how else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
     return model

@@ -139,7 +139,7 @@ def test_cli_generate_streams_and_reports_speed():
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tok/s" in out.stderr
-    assert "(contraction-last)" in out.stderr  # float weights get the default decode layout
+    assert "(contraction-last, q/k/v packed)" in out.stderr  # float weights get the default decode layout
 
 
 def test_cli_chat_multi_turn():
@@ -184,6 +184,7 @@ def test_cli_quantized_runs(tmp_path):
         assert out.returncode == 0, out.stderr
         assert "Paris" in out.stdout, (extra, out.stdout)
         assert ("contraction-last" in out.stderr) == layout, (extra, out.stderr)
+        assert "q/k/v packed" not in out.stderr  # quantized trees stay unpacked
     out = _cli("generate", "hi", "--calibrate", str(text))
     assert out.returncode != 0 and "--calibrate needs --quant" in out.stderr
     out = _cli("generate", "hi", "--weight-layout", "contract-last", "--keep-quantized")

@@ -131,6 +131,9 @@ def test_bench_takes_the_layout():
         BenchSpec(config=CONFIG, weight_layout="rows")
     params = build_params(CONFIG, jnp.float32, layout="contract-last")
     assert isinstance(params["layers"]["w_down"], ji.ContractLast) and isinstance(params["lm_head"], ji.ContractLast)
+    assert "q" not in params["layers"] and isinstance(params["layers"]["qkv"].values, ji.ContractLast)  # float: packed
+    quantized = build_params(CONFIG, jnp.float32, quant="int8", layout="contract-last")
+    assert isinstance(quantized["layers"]["q"], ji.ContractLast) and "qkv" not in quantized["layers"]
 
 
 @pytest.mark.gpu
