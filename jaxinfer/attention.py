@@ -58,12 +58,13 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
     are one launch (`pallas_kernels.decode_attention_append`): llama-3-8b batch-1 decode on an H200 ran
     `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md). q, k and v may be parts of one product's
     output (`ops.Sliced`, packed q/k/v weights): that kernel reads them inside it, everything else cuts them."""
-    if APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q) and q.shape[-1] >= 32:
-        import pallas_kernels as pk
+    import pallas_kernels as pk
 
+    if (APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q)
+            and pk.decode_attention_supports_append(q.shape[-1])):
         cos, sin = (t[:, 0] for t in rope)
         at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
-        whole = _packed_heads(q, k, v)
+        whole = ops.whole_of((q, k, v), axis=2)  # packed q/k/v: their one product [B, T, N + 2K, H]
         heads = (whole[:, 0], None, None) if whole is not None else (ops.value(t)[:, 0] for t in (q, k, v))
         out, k_cache, v_cache = pk.decode_attention_append(
             *heads, cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
@@ -73,15 +74,6 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
     q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)
     return out, cache
-
-
-def _packed_heads(q, k, v):
-    """The whole `[B, T, N + 2K, H]` output when q, k and v are its consecutive parts along the heads (as
-    `ops.matmuls` returns packed q/k/v's products), else None."""
-    if not all(isinstance(t, ops.Sliced) and t.whole is q.whole and t.axis == 2 for t in (q, k, v)):
-        return None
-    in_order = q.start == 0 and k.start == q.size and v.start == k.start + k.size
-    return q.whole if in_order and v.start + v.size == q.whole.shape[2] else None
 
 
 def _rope_write_applies(impl, q, k, v, cache) -> bool:

@@ -145,6 +145,24 @@ def value(x):
     return x.value() if isinstance(x, (Normed, Sliced)) else x
 
 
+def _one_after_another(parts, total: int) -> bool:
+    """Whether `parts` (each with `start`, `size`) cover [0, total) in order, without gaps."""
+    end = 0
+    for p in parts:
+        if p.start != end:
+            return False
+        end += p.size
+    return end == total
+
+
+def whole_of(parts, axis: int):
+    """The array that `parts` (`Sliced`) cut along `axis`, when they are all of it in order; else None."""
+    first = parts[0]
+    if not all(isinstance(p, Sliced) and p.whole is first.whole and p.axis == axis for p in parts):
+        return None
+    return first.whole if _one_after_another(parts, first.whole.shape[axis]) else None
+
+
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
     with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path); with
@@ -620,11 +638,7 @@ def _packed_product(products):
     if len(ws) < 2 or not all(isinstance(w, PartOf) and w.whole is ws[0].whole for w in ws):
         return None
     whole = ws[0].whole
-    total = (whole.shape_view() if isinstance(whole, LayerOf) else whole).shape[ws[0].axis]
-    starts = [0]
-    for w in ws:
-        starts.append(starts[-1] + w.size)
-    if [w.start for w in ws] != starts[:-1] or starts[-1] != total:
+    if not _one_after_another(ws, (whole.shape_view() if isinstance(whole, LayerOf) else whole).shape[ws[0].axis]):
         return None
 
     def letters(eq, axis):

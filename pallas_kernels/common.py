@@ -371,6 +371,16 @@ def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_
   return run
 
 
+def check_rotary_inputs(cos, sin, positions, batch: int, head_dim: int):
+  """One decode token per sequence's rotation tables and cache positions (`rope_write`,
+  `decode_attention_append`): cos and sin float32 [B, H], positions integer [B]."""
+  for name, t in (("cos", cos), ("sin", sin)):
+    if t.shape != (batch, head_dim) or t.dtype != jnp.float32:
+      raise ValueError(f"{name} must be float32 [B={batch}, H={head_dim}], got {t.dtype} {t.shape}")
+  if positions.shape != (batch,) or not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"positions must be integer [B={batch}], got {positions.dtype} {positions.shape}")
+
+
 def check_decode_args(q, k_like, v_like, lengths, *, sliding_window, softcap, num_splits,
                       block_k, num_warps, num_stages, kv_name: str):
   """Validation shared by the dense and paged wrappers; k_like is [..., K, H]."""

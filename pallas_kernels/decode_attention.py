@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import (
-    MASK_VALUE, MIN_DOT_ROWS, check_decode_args, default_num_splits, init_carry, load_q_tile, next_pow2,
-    online_softmax_fold_key, online_softmax_step, rotate_halves, scale_logits, split_block_range,
+    MASK_VALUE, MIN_DOT_ROWS, check_decode_args, check_rotary_inputs, default_num_splits, init_carry, load_q_tile,
+    next_pow2, online_softmax_fold_key, online_softmax_step, rotate_halves, scale_logits, split_block_range,
     split_k_decode_call, store_partials)
 
 # Defaults tuned on an H200, N32 K8 H128 bf16 (see NOTES.md): (key block, stages) by how many keys one split
@@ -128,6 +128,16 @@ def _decode_kernel(
   store_partials(o_ref, m_ref, l_ref, carry)
 
 
+_jit_with_static_options = functools.partial(  # the launch options of both entry points are static
+    jax.jit, static_argnames=("sliding_window", "softcap", "scale", "num_splits", "block_k", "num_warps",
+                              "num_stages", "interpret"))
+
+
+def supports_append(head_dim: int) -> bool:
+  """Whether `decode_attention_append` takes this head dim (its logits are two dots over the halves)."""
+  return head_dim >= 2 * MIN_DOT_ROWS
+
+
 def _check_append(q, k_new, v_new, cos, sin, k_cache, positions):
   """The new token's arrays that `decode_attention_append` takes, or a ValueError naming the problem."""
   B, N, H = q.shape
@@ -136,20 +146,12 @@ def _check_append(q, k_new, v_new, cos, sin, k_cache, positions):
     raise ValueError(f"k_new and v_new must be [B={B}, K={K}, H={H}], got {k_new.shape} and {v_new.shape}")
   if not (k_new.dtype == v_new.dtype == q.dtype):
     raise ValueError(f"q, k_new, v_new must share a dtype, got {q.dtype}, {k_new.dtype}, {v_new.dtype}")
-  if H < 2 * MIN_DOT_ROWS:
+  if not supports_append(H):
     raise ValueError(f"appending needs head dim H >= {2 * MIN_DOT_ROWS} (two dots of H/2), got {H}")
-  for name, t in (("cos", cos), ("sin", sin)):
-    if t.shape != (B, H) or t.dtype != jnp.float32:
-      raise ValueError(f"{name} must be float32 [B={B}, H={H}], got {t.dtype} {t.shape}")
-  if positions.shape != (B,) or not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise ValueError(f"positions must be integer [B={B}], got {positions.dtype} {positions.shape}")
+  check_rotary_inputs(cos, sin, positions, B, H)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sliding_window", "softcap", "scale", "num_splits", "block_k", "num_warps",
-                     "num_stages", "interpret"),
-)
+@_jit_with_static_options
 def decode_attention(
     q: jax.Array,  # [B, N, H]
     k: jax.Array,  # [B, S, K, H], or [L, B, S, K, H] with `layer`
@@ -182,11 +184,7 @@ def decode_attention(
                  block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("sliding_window", "softcap", "scale", "num_splits", "block_k", "num_warps",
-                     "num_stages", "interpret"),
-)
+@_jit_with_static_options
 def decode_attention_append(
     q: jax.Array,  # [B, N, H], not yet rotated; or q, k and v heads packed [B, N + 2K, H]
     k_new: jax.Array | None,  # [B, K, H], not yet rotated (None: in q)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import is_pow2, rotate_halves
+from pallas_kernels.common import check_rotary_inputs, is_pow2, rotate_halves
 
 _WARPS = 1  # a program moves a few hundred bytes: one warp is plenty
 
@@ -71,11 +71,7 @@ def rope_write(q, k, v, cos, sin, k_cache, v_cache, *, layer, positions, interpr
     raise ValueError(f"caches must be [L, B={B}, S, K={K}, H={H}], got {k_cache.shape} and {v_cache.shape}")
   if k_cache.dtype != v_cache.dtype or not jnp.issubdtype(k_cache.dtype, jnp.floating):
     raise ValueError(f"caches must share one floating dtype, got {k_cache.dtype} and {v_cache.dtype}")
-  for name, t in (("cos", cos), ("sin", sin)):
-    if t.shape != (B, H) or t.dtype != jnp.float32:
-      raise ValueError(f"{name} must be float32 [B={B}, H={H}], got {t.dtype} {t.shape}")
-  if positions.shape != (B,) or not jnp.issubdtype(positions.dtype, jnp.integer):
-    raise ValueError(f"positions must be integer [B={B}], got {positions.dtype} {positions.shape}")
+  check_rotary_inputs(cos, sin, positions, B, H)
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   G = N // K
