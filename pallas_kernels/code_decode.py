@@ -8,6 +8,11 @@ mantissa of 2^23 is the float 2^23 + code, so one byte permute (int8) or one thr
 code makes the float, and one subtract (or fused multiply-add) removes the constant, exactly. No
 int-to-float conversion instruction (those run at a quarter of the FMA rate).
 
+The `*_bf16` forms make a dot's bfloat16 operand (the batched weight kernel) the same way, two codes to a
+32-bit register, straight into bfloat16's mantissa: per two codes one permute, one or two logic ops and
+one fused multiply-add, instead of an int-to-float and a float-to-bfloat16 conversion per code (the
+lowering's own spelling, whose cost depends on the Triton version).
+
 `native=False` gives the same values in plain jnp: the interpreter (CPU tests) runs no PTX.
 """
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pallas_kernels.common import codes_f32
 
 INLINE_PTX = True  # False: the jnp spelling on the GPU too (benchmarks compare the two in one process)
 _MAGIC = 0x4B000000  # float bits of 2^23: a value below 2^23 in the low mantissa bits reads as 2^23 + value
+_BF16_MAGIC = 0x43004300  # two bfloat16 128.0: a value below 128 in a half's low 7 bits reads as 128 + value
 
 
 def _f32(x: float) -> str:
@@ -51,6 +57,45 @@ def _int4_asm(zero: int, high: bool) -> str:
   return "\n".join(lines + ["}"])
 
 
+def _bf16_pair(value: float) -> int:
+  """Bits of a bfloat16x2 register holding `value` twice (an integer of magnitude < 256: exact)."""
+  bits = struct.unpack("<I", struct.pack("<f", value))[0] >> 16
+  return bits << 16 | bits
+
+
+# Four int8 codes ($2) to four bfloat16 in two registers ($0: codes 0 and 1, code 0 in the low half; $1:
+# codes 2 and 3). A permute sets each code byte under the byte 0x43, so a half reads as 128 + (q & 0x7F)
+# when the sign bit is clear; the sign bit lands in the exponent and doubles 128 to 256. Hence (bits without
+# the sign bit) - (bits with only the sign bit and 0x43) = (q & 0x7F) - 128 * sign = q, one fused
+# multiply-add by -1 per two codes, exactly.
+_INT8_BF16_ASM = "\n".join([
+    "{", ".reg .b32 t, lo, hi, m;", f"mov.b32 m, {_bf16_pair(-1.0):#010x};",
+    *(line for out, selector in enumerate((0x4140, 0x4342)) for line in (
+        f"prmt.b32 t, $2, 0x43434343, {selector:#x};",
+        "lop3.b32 lo, t, 0xFF7FFF7F, 0, 0xC0;",  # t & mask: 128 + (q & 0x7F)
+        "lop3.b32 hi, t, 0xFF80FF80, 0, 0xC0;",  # 128, or 256 when q < 0
+        f"fma.rn.bf16x2 ${out}, hi, m, lo;")),
+    "}"])
+
+
+def _int4_bf16_asm(zero: int, high: bool) -> str:
+  """Eight int4 codes in one register ($2; byte i: low nibble element i of the group's first half, high
+  nibble element i of its second) to the four low (or high) nibbles minus `zero` as bfloat16, two per output
+  register ($0: bytes 0 and 1, byte 0's in the low half; $1: bytes 2 and 3). A permute puts two bytes at
+  the bottom of each half, the nibble is masked into the mantissa of 128.0 (128 + code), and a fused
+  multiply-add by 1 subtracts 128 + zero, exactly. High nibbles are first shifted down by four."""
+  src = "h" if high else "$2"
+  lines = ["{", ".reg .b32 h, t, one, c;", f"mov.b32 one, {_bf16_pair(1.0):#010x};",
+           f"mov.b32 c, {_bf16_pair(-(128.0 + zero)):#010x};"]
+  if high:
+    lines.append("shr.b32 h, $2, 4;")
+  for out, selector in enumerate((0x4140, 0x4342)):  # bytes (0, 1) / (2, 3) to bits 0-7 and 16-23, zeros above
+    lines += [f"prmt.b32 t, {src}, 0, {selector:#x};",
+              f"lop3.b32 t, t, 0x000F000F, {_BF16_MAGIC:#010x}, 0xEA;",  # (t & mask) | 128.0 pair
+              f"fma.rn.bf16x2 ${out}, t, one, c;"]
+  return "\n".join(lines + ["}"])
+
+
 def int8_codes_f32(w: jax.Array, native: bool) -> jax.Array:
   """int8 codes as float32: one byte permute and one subtract per code (plus one xor per four)."""
   if not native:
@@ -67,4 +112,24 @@ def int4_codes_f32(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, ja
     return codes_f32(w & 0x0F, zero), codes_f32(w >> 4, zero)
   shape = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
   return tuple(pltriton.elementwise_inline_asm(_int4_asm(zero, high), args=[w], constraints="=r,=r,=r,=r,r",
+                                               pack=4, result_shape_dtypes=shape)[0] for high in (False, True))
+
+
+def int8_codes_bf16(w: jax.Array, native: bool) -> jax.Array:
+  """int8 codes as bfloat16 (exact): per two codes one permute, two logic ops and one fused multiply-add."""
+  if not native:
+    return int8_codes_f32(w, False).astype(jnp.bfloat16)
+  [c] = pltriton.elementwise_inline_asm(_INT8_BF16_ASM, args=[w], constraints="=r,=r,r", pack=4,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)])
+  return c
+
+
+def int4_codes_bf16(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, jax.Array]:
+  """Packed int4 codes (uint8, two per byte) as bfloat16 (low nibbles, high nibbles), each minus `zero`,
+  exactly: per two codes one permute, one logic op and one fused multiply-add (high nibbles: a shift per
+  four more)."""
+  if not native:
+    return tuple(c.astype(jnp.bfloat16) for c in int4_codes_f32(w, zero, False))
+  shape = [jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)]
+  return tuple(pltriton.elementwise_inline_asm(_int4_bf16_asm(zero, high), args=[w], constraints="=r,=r,r",
                                                pack=4, result_shape_dtypes=shape)[0] for high in (False, True))

@@ -37,11 +37,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import MIN_DOT_ROWS, codes_f32, dequantize_codes, is_pow2, next_pow2
+from pallas_kernels import code_decode
+from pallas_kernels.common import MIN_DOT_ROWS, dequantize_codes, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 MAX_ROWS = 128
 TARGET_PROGRAMS = 132  # one wave of a 132-SM H100/H200 (H200: fewer splits beat two waves, BENCHMARKS.md)
+# ...except for int4 dots: two CTAs resident per SM hide more of the decode's latency (H200, llama-3-8b batch
+# 16: 3.97 vs 4.52 ms a step; int8 unchanged; pallas_kernels/NOTES.md)
+WAVES = {"int4": 2}
 MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dominates
 _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
@@ -64,8 +68,8 @@ def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[in
   """(block_n, splits, step) for a K x N weight, or None when the shapes do not fit the kernel.
 
   Each split streams a power-of-two number of K rows, `step` rows per loop iteration (a whole group when
-  grouped); splits grow until the grid has about TARGET_PROGRAMS programs, but no split gets fewer
-  than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
+  grouped); splits grow until the grid has about TARGET_PROGRAMS times the format's WAVES programs, but no
+  split gets fewer than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
   """
   bn = _block_n(n, rows)
   if bn is None:
@@ -85,7 +89,7 @@ def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[in
     if k // s < floor:
       break
     best = (s, step)
-    if s * (n // bn) >= TARGET_PROGRAMS:
+    if s * (n // bn) >= TARGET_PROGRAMS * WAVES.get(fmt, 1):
       break
   return bn, best[0], best[1]
 
@@ -115,15 +119,22 @@ def _codes_dtype(fmt: str, x_dtype):
   return jnp.float16 if fmt == "fp8" and x_dtype in (jnp.bfloat16, jnp.float16) else x_dtype
 
 
-def _code_operand(w, cdt):
-  """int8 / fp8 codes [rows, bn] as the dot's operand (exact)."""
-  return w.astype(cdt) if w.dtype == jnp.float8_e4m3fn else w.astype(jnp.float32).astype(cdt)
+def _code_operand(w, cdt, native: bool):
+  """int8 / fp8 codes [rows, bn] as the dot's operand (exact). `native`: bfloat16 operands from int8 codes
+  by inline PTX (`code_decode`), not by two conversions per code."""
+  if w.dtype == jnp.float8_e4m3fn:
+    return w.astype(cdt)
+  if native and cdt == jnp.bfloat16:
+    return code_decode.int8_codes_bf16(w, True)
+  return w.astype(jnp.float32).astype(cdt)
 
 
-def _int4_operands(packed, cdt, *, symmetric: bool):
+def _int4_operands(packed, cdt, *, symmetric: bool, native: bool):
   """Both nibbles of packed int4 codes [g/2, bn] (transposed: [bn, g/2]) as dot operands (exact): u - 8
-  when symmetric, else u."""
+  when symmetric, else u. `native`: bfloat16 operands by inline PTX, as `_code_operand`."""
   zero = 8 if symmetric else 0
+  if native and cdt == jnp.bfloat16:
+    return code_decode.int4_codes_bf16(packed, zero, True)
   return (((packed & 0x0F).astype(jnp.float32) - zero).astype(cdt),
           ((packed >> 4).astype(jnp.float32) - zero).astype(cdt))
 
@@ -136,10 +147,10 @@ def _param_row(ref, layer, row, cols, transposed=False):
   return ref[layer, pl.ds(row, 1), cols].astype(jnp.float32)
 
 
-def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps,
-                    transposed=False):
+def _stream_one_row(layer, split, x_ref, xs_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step,
+                    n_steps, transposed=False, native=False):
   """`_stream` for a single row of x and quantized W, on the CUDA cores instead of a dot: each step's codes
-  become float32 in registers (integer codes through `_codes_f32`, fp8 by conversion) and are multiplied
+  become float32 in registers (integer codes through `code_decode`, fp8 by conversion) and are multiplied
   by x into a [step, bn] accumulator, reduced once at the end. A dot would pad x to 16 rows and take its
   operand through shared memory after the decode, which held every format near bf16's time (NOTES.md)."""
   assert not transposed, "transposed weights take the dot (weight_matmuls keeps them off this path)"
@@ -159,14 +170,15 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
       packed = v_ref[layer, pl.ds(split * n_steps * half + i * half, half), cols]  # [g/2, bn] uint8
       zero = 8 if m_ref is None else 0
       x_lo, x_hi = load_x(i * group, half), load_x(i * group + half, half)
-      part = codes_f32(packed & 0x0F, zero) * x_lo + codes_f32(packed >> 4, zero) * x_hi  # [g/2, bn]
+      lo, hi = code_decode.int4_codes_f32(packed, zero, native)
+      part = lo * x_lo + hi * x_hi  # [g/2, bn]
       acc = acc + part * group_rows(s_ref, i)
       if m_ref is not None:
-        offs = offs + (jnp.sum(x_lo) + jnp.sum(x_hi)) * group_rows(m_ref, i)
+        offs = offs + xs_ref[0, split * n_steps + i] * group_rows(m_ref, i)
       return acc, offs
     w = v_ref[layer, pl.ds(split * n_steps * step + i * step, step), cols]  # [step, bn]
     if fmt == "int8":
-      w = codes_f32(lax.bitcast_convert_type(w, jnp.uint8) ^ jnp.uint8(0x80), 128)  # (q + 128) - 128
+      w = code_decode.int8_codes_f32(w, native)
     else:
       w = w.astype(f32)
     part = w * load_x(i * step, step)
@@ -183,23 +195,29 @@ def _stream_one_row(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fm
   o_ref[...] = out
 
 
-def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps, transposed):
+def _load_rows(ref, mp: int, cols):
+  """[mp, width] of a [M, .] ref at `cols`; rows past M load as zeros (no padded copy)."""
+  idx = ref.at[pl.ds(0, mp), cols]
+  m = ref.shape[0]
+  if m == mp:
+    return pltriton.load(idx)
+  rows = lax.broadcasted_iota(jnp.int32, idx.shape, 0)
+  return pltriton.load(idx, mask=rows < m, other=0)
+
+
+def _stream(layer, split, x_ref, xs_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group, step, n_steps,
+            transposed, native):
   """x[:, split's columns] @ W[layer, split's rows, cols] -> o [Mp, bn] float32, streaming W once.
   x [M, K] is read whole-ref: rows past M load as zeros (no padded copy of x). `transposed`: W stored
   [N, K(/2)] (contraction last; scales [N, K/g or 1]), its tiles [bn, step] taken into the dot transposed.
+  `xs_ref` [M, K/g]: x's sum over each group (int4 with offsets: offset times the group's sum of x).
   (Program ids are read by the caller: interpret mode does not see them inside a `pl.when` branch.)"""
   mp, bn = o_ref.shape
-  dt = x_ref.dtype
-  cdt = _codes_dtype(fmt, dt)  # the dot's operand dtype
-  m = x_ref.shape[0]
+  cdt = _codes_dtype(fmt, x_ref.dtype)  # the dot's operand dtype
   x_cols0 = split * n_steps * step
 
   def load_x(start, width):  # [Mp, width] of x from column x_cols0 + start
-    idx = x_ref.at[pl.ds(0, mp), pl.ds(x_cols0 + start, width)]
-    if m == mp:
-      return pltriton.load(idx)
-    rows = lax.broadcasted_iota(jnp.int32, (mp, width), 0)
-    return pltriton.load(idx, mask=rows < m, other=0)
+    return _load_rows(x_ref, mp, pl.ds(x_cols0 + start, width))
   rows_per_split = n_steps * (step // 2 if fmt == "int4" else step)  # value rows of W per split
 
   def group_rows(ref, i):  # [1, bn] float32: group i of this split (scales or offsets)
@@ -217,19 +235,17 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
     if fmt == "int4":
       half = group // 2
       packed = tile(split * rows_per_split + i * half, half)  # [g/2, bn] uint8 (transposed: [bn, g/2])
-      lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None)
+      lo, hi = _int4_operands(packed, cdt, symmetric=m_ref is None, native=native)
       x_lo = load_x(i * group, half)  # [Mp, g/2]
       x_hi = load_x(i * group + half, half)
       part = dot(x_lo.astype(cdt), lo) + dot(x_hi.astype(cdt), hi)  # [Mp, bn] f32
       part = part * group_rows(s_ref, i)
       if m_ref is not None:
-        xs = (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)
-              + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1]
-        part = part + xs * group_rows(m_ref, i)
+        part = part + _load_rows(xs_ref, mp, pl.ds(split * n_steps + i, 1)) * group_rows(m_ref, i)
       return acc + part
     w = tile(split * rows_per_split + i * step, step)  # [step, bn] (transposed: [bn, step])
     if fmt != "plain":
-      w = _code_operand(w, cdt)
+      w = _code_operand(w, cdt, native)
     part = dot(load_x(i * step, step).astype(cdt), w)
     if group is not None:
       part = part * group_rows(s_ref, i)
@@ -241,13 +257,15 @@ def _stream(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, *, fmt, group
   o_ref[...] = acc
 
 
-def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
+def _kernel(layer_ref, x_ref, *refs, parts, block_n, group_sums, **stream):
   """One program: column block j of the concatenated parts' outputs, split s of K.
 
   `parts` holds, per weight, (first column block, end column block, has scales, has offsets); the
   weight-side refs are whole (stacked) arrays, indexed here by layer, rows and columns. The program
-  streams the one part its column block falls in (a static branch per part)."""
+  streams the one part its column block falls in (a static branch per part). `group_sums`: the first of
+  `refs` is x's sum over each group [M, K/g] (for offsets)."""
   o_ref = refs[-1]
+  xs_ref, refs = (refs[0], refs[1:]) if group_sums else (None, refs)
   layer = layer_ref[0]
   j, split = pl.program_id(0), pl.program_id(1)
   k = 0
@@ -259,10 +277,10 @@ def _kernel(layer_ref, x_ref, *refs, parts, block_n, **stream):
     cols = pl.ds(pl.multiple_of((j - first) * block_n, block_n), block_n)
     stream_fn = _stream_one_row if o_ref.shape[0] == 1 else _stream  # one output row: see _uses_cuda_cores
     if len(parts) == 1:
-      stream_fn(layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
+      stream_fn(layer, split, x_ref, xs_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream)
     else:
       pl.when((j >= first) & (j < end))(
-          functools.partial(stream_fn, layer, split, x_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
+          functools.partial(stream_fn, layer, split, x_ref, xs_ref, v_ref, s_ref, m_ref, o_ref, cols, **stream))
 
 
 def _stacked(a, ndim: int):
@@ -339,13 +357,17 @@ def weight_matmuls(
     raise ValueError(f"block_n={bn}, splits={splits}, step={stp} do not tile K={K}, N={widths}")
   mp = 1 if _uses_cuda_cores(M, fmt) and not transposed else max(MIN_DOT_ROWS, next_pow2(M))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-  parts, first, arrays = [], 0, []
+  # Offsets add offset * (x's sum over the group): the sums once here, not reduced across threads per program.
+  has_offsets = any(w[2] is not None for w in weights)
+  sums = [jnp.sum(x.astype(jnp.float32).reshape(M, K // g, g), axis=-1)] if has_offsets else []  # [M, K/g]
+  parts, first, arrays = [], 0, list(sums)
   for (v, sc, off), n in zip(weights, widths):
     parts.append((first, first + n // bn, sc is not None, off is not None))
     first += n // bn
     arrays += [a for a in (v, sc, off) if a is not None]
-  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, fmt=fmt, group=g, step=stp,
-                             n_steps=ks // stp, transposed=transposed)
+  kernel = functools.partial(_kernel, parts=tuple(parts), block_n=bn, group_sums=has_offsets, fmt=fmt, group=g,
+                             step=stp, n_steps=ks // stp, transposed=transposed,
+                             native=not interpret and code_decode.INLINE_PTX)
   partials = pl.pallas_call(
       kernel,
       grid=(first, splits),

@@ -1,9 +1,9 @@
 """The inline PTX that decodes int8 / int4 codes (`pallas_kernels.code_decode`), checked on the CPU.
 
-The GPU runs the PTX for real (tests/test_row_matmul.py, `-m gpu`: exact float32 products, bit for bit the
-jnp spelling's). Here a small interpreter of the five instructions the strings use (xor, shr, prmt, lop3,
-fma) runs them over every code value in every byte position, so a wrong selector, mask or constant fails
-in the default suite; and the Triton lowering must carry the PTX exactly when it is switched on.
+The GPU runs the PTX for real (tests/test_row_matmul.py and tests/test_weight_matmul.py, `-m gpu`: exact
+products, bit for bit the jnp spelling's). Here a small interpreter of the instructions the strings use
+(mov, xor, shr, prmt, lop3, float32 fma, bfloat16x2 fma) runs them over every code value in every byte
+position, so a wrong selector, mask or constant fails in the default suite; and the Triton lowering must carry the PTX exactly when it is switched on.
 """
 
 import functools
@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -18,6 +19,7 @@ from jaxinfer.bench import switched
 from kernel_tools import cuda_lowering
 from pallas_kernels import code_decode
 from pallas_kernels.row_matmul import row_matmuls
+from pallas_kernels.weight_matmul import weight_matmuls
 
 M32 = 0xFFFFFFFF
 
@@ -28,6 +30,17 @@ def _f32(bits: int) -> float:
 
 def _bits(value) -> int:
     return int(np.array([value], np.float32).view(np.uint32)[0])
+
+
+def _bf16_halves(bits: int) -> list[np.float64]:
+    """The two bfloat16 of a 32-bit register (low half first) as float64."""
+    return [np.float64(np.array([bits >> s & 0xFFFF], np.uint16).view(ml_dtypes.bfloat16)[0]) for s in (0, 16)]
+
+
+def _bf16_bits(value) -> int:
+    """bfloat16 bits of `value`, rounded to nearest even (from float64 through float32: exact for these
+    operands)."""
+    return int(np.array([value], np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)[0])
 
 
 def _operand(token: str, regs: dict) -> int:
@@ -49,7 +62,9 @@ def run_ptx(asm: str, inputs: dict) -> dict:
         op, args = re.fullmatch(r"(\S+)\s+(.*);", line).groups()
         dst, *src = [a.strip() for a in args.split(",")]
         v = [_operand(a, regs) for a in src]
-        if op == "xor.b32":
+        if op == "mov.b32":
+            out = v[0]
+        elif op == "xor.b32":
             out = v[0] ^ v[1]
         elif op == "shr.b32":
             out = v[0] >> v[1]
@@ -71,6 +86,10 @@ def run_ptx(asm: str, inputs: dict) -> dict:
         elif op == "fma.rn.f32":
             a, b, c = (np.float64(_f32(x)) for x in v)
             out = _bits(np.float32(a * b + c))  # exact in float64 for these operands, then one rounding
+        elif op == "fma.rn.bf16x2":  # per half: a * b + c, one rounding to bfloat16
+            a, b, c = (_bf16_halves(x) for x in v)
+            out = _bf16_bits(a[0] * b[0] + c[0]) | _bf16_bits(a[1] * b[1] + c[1]) << 16
+
         else:
             raise AssertionError(f"unexpected instruction {op}")
         regs[dst] = out & M32
@@ -103,16 +122,44 @@ def test_int4_asm_decodes_every_nibble_in_every_position(zero, high):
         assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
 
 
+def test_int8_bf16_asm_decodes_every_code_in_every_position():
+    rng = np.random.default_rng(2)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        regs = run_ptx(code_decode._INT8_BF16_ASM, {"$2": word})
+        codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
+        got = _bf16_halves(regs["$0"]) + _bf16_halves(regs["$1"])  # codes 0, 1 | 2, 3
+        assert got == [float(c) for c in codes], (hex(word), got, codes)
+
+
+@pytest.mark.parametrize("zero", [0, 8])
+@pytest.mark.parametrize("high", [False, True])
+def test_int4_bf16_asm_decodes_every_nibble_in_every_position(zero, high):
+    rng = np.random.default_rng(3)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        regs = run_ptx(code_decode._int4_bf16_asm(zero, high), {"$2": word})
+        nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
+        got = _bf16_halves(regs["$0"]) + _bf16_halves(regs["$1"])
+        assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
+
+
+@pytest.mark.parametrize("kernel", ["row", "weight"])
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128)])
-def test_lowering_carries_the_ptx_only_when_switched_on(fmt, group):
+def test_lowering_carries_the_ptx_only_when_switched_on(kernel, fmt, group):
+    """The row kernel (one row, float32 codes) and the batched weight kernel (16 rows, bfloat16 dot operands
+    from contraction-last codes) carry their PTX only while `INLINE_PTX` is on."""
     sds = jax.ShapeDtypeStruct
     L, N, K = 2, 256, 1024
     if fmt == "int8":
         w = (sds((L, N, K), jnp.int8), sds((L, N, 1), jnp.float32), None)
     else:
         w = (sds((L, N, K // 2), jnp.uint8), sds((L, N, K // group), jnp.float16), None)
-    fn = functools.partial(row_matmuls, interpret=False, fmt=fmt, group_size=group)
-    marker = "prmt.b32" if fmt == "int8" else "lop3.b32"
-    assert marker in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
+    if kernel == "row":
+        fn, rows = functools.partial(row_matmuls, interpret=False, fmt=fmt, group_size=group), 1
+        marker = "prmt.b32" if fmt == "int8" else "lop3.b32"
+    else:
+        fn = functools.partial(weight_matmuls, interpret=False, fmt=fmt, group_size=group, transposed=True)
+        rows, marker = 16, "fma.rn.bf16x2"
+    x = sds((rows, K), jnp.bfloat16)
+    assert marker in cuda_lowering(fn, x, (w,), layer=sds((), jnp.int32))
     with switched(code_decode, {"INLINE_PTX": False}):
-        assert marker not in cuda_lowering(fn, sds((1, K), jnp.bfloat16), (w,), layer=sds((), jnp.int32))
+        assert marker not in cuda_lowering(fn, x, (w,), layer=sds((), jnp.int32))

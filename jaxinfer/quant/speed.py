@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--kernel-variants", action="store_true",
+                   help="with --contract-last: first batch-16 int8 / int4 under the weight kernel's knobs (waves of "
+                        "programs, pipeline stages)")
     p.add_argument("--contract-last", action="store_true",
                    help="instead: batch-1 decode with contract-last trees (bf16: XLA's row reduction; quantized: the "
                         "fused row kernel) against the stored trees on the Pallas weight kernel")
@@ -125,10 +128,11 @@ def main(argv=None) -> int:
     def save():
         (out / "quant_speed.json").write_text(json.dumps(report, indent=1))
 
+    from pallas_kernels import code_decode
     from pallas_kernels import weight_matmul as wm
 
     def case(label, recipe, phase, batch, length, kernel_rows=(1, 128), impl="xla", warps=None, fp8_narrow=True,
-             kernel=None, ops_knobs=None):
+             kernel=None, ops_knobs=None, ptx=True):
         if time.time() - t_start > args.budget:
             report["skipped"].append(label)
             print("skipped (budget):", label, flush=True)
@@ -140,7 +144,8 @@ def main(argv=None) -> int:
             s = spec(None if plain == "bf16" else plain, impl)
             # Module knobs are read when a step is traced: each case traces its own path.
             with switched(ops, {"QUANT_KERNEL_MIN_ROWS": kernel_rows[0], "KERNEL_MAX_ROWS": kernel_rows[1],
-                                "FP8_OUT_NARROW": fp8_narrow, **(ops_knobs or {})}), switched(wm, {"_WARPS": warps or 4, **(kernel or {})}):
+                                "FP8_OUT_NARROW": fp8_narrow, **(ops_knobs or {})}), \
+                    switched(wm, {"_WARPS": warps or 4, **(kernel or {})}), switched(code_decode, {"INLINE_PTX": ptx}):
                 if phase == "prefill":
                     timing, seconds, _, _ = runner._time_prefill(params, s, batch, length)
                 else:
@@ -160,15 +165,28 @@ def main(argv=None) -> int:
     case("decode b1 bf16", "bf16", "decode", 1, ctx, impl="auto")
     if args.contract_last:  # quantized after `contract_last`: one row takes the fused row kernel (ops.ROW_FORMATS)
         case("decode b1 bf16 (contract-last)", "cl:bf16", "decode", 1, ctx, impl="auto")
+        if args.kernel_variants:
+            knobs = {f"{w} wave{'s' * (w > 1)}": {"WAVES": {"int4": w, "int8": w}} for w in (1, 2, 3, 4)}
+            knobs["2 waves, 4 stages"] = {"WAVES": {"int4": 2, "int8": 2}, "_STAGES": 4}
+            case("decode b16 bf16 (contract-last)", "cl:bf16", "decode", 16, ctx, impl="auto")
+            for recipe in (int4, "int8"):
+                case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
+                for label, knob in knobs.items():
+                    case(f"decode b16 {recipe} (contract-last, {label})", f"cl:{recipe}", "decode", 16, ctx,
+                         impl="auto", kernel=knob, warps=knob.get("_WARPS"))
+        # batch 16: the weight kernel's dot operands decoded by inline PTX against the lowering's own
+        for recipe in ("bf16", "int8", int4):
+            case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
+            if recipe != "bf16":
+                case(f"decode b16 {recipe} (contract-last, jnp codes)", f"cl:{recipe}", "decode", 16, ctx,
+                     impl="auto", ptx=False)
+                case(f"decode b1 {recipe} (contract-last, weight kernel)", f"cl:{recipe}", "decode", 1, ctx,
+                     impl="auto", ops_knobs={"ROW_KERNEL": False})
         for recipe in ("int8", int4, "int4-g64", "fp8"):
             case(f"decode b1 {recipe} (contract-last)", f"cl:{recipe}", "decode", 1, ctx, impl="auto")
         for recipe in ("int8", int4, "fp8"):
             case(f"decode b1 {recipe} (kernel, stored)", recipe, "decode", 1, ctx, impl="auto")
-        case("decode b1 int8 (contract-last, no row kernel)", "cl:int8", "decode", 1, ctx, impl="auto",
-             ops_knobs={"ROW_KERNEL": False})
-        # batch 16: the contraction-last trees (the command line's layout) against the stored ones
-        for recipe in ("bf16", "int8", int4):
-            case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
+        for recipe in ("bf16", "int8", int4):  # batch 16 on the stored trees
             case(f"decode b16 {recipe} (stored)", recipe, "decode", 16, ctx, impl="auto")
     else:  # the Pallas kernel paths and their variants
         for recipe in ("int8", int4, "fp8"):
