@@ -166,8 +166,10 @@ def main(argv=None) -> int:
     if args.contract_last:  # quantized after `contract_last`: one row takes the fused row kernel (ops.ROW_FORMATS)
         case("decode b1 bf16 (contract-last)", "cl:bf16", "decode", 1, ctx, impl="auto")
         if args.kernel_variants:
-            knobs = {f"{w} wave{'s' * (w > 1)}": {"WAVES": {"int4": w, "int8": w}} for w in (1, 2, 3, 4)}
-            knobs["2 waves, 4 stages"] = {"WAVES": {"int4": 2, "int8": 2}, "_STAGES": 4}
+            knobs = {f"{w} wave{'s' * (w > 1)}": {"WAVES": {"int4": w, "int8": w}} for w in (1, 2)}
+            for w in (1, 2):
+                knobs[f"block 256, 8 warps, {w} wave{'s' * (w > 1)}"] = {"WAVES": {"int4": w, "int8": w},
+                                                                          "_BLOCK_N": 256, "_WARPS": 8}
             case("decode b16 bf16 (contract-last)", "cl:bf16", "decode", 16, ctx, impl="auto")
             for recipe in (int4, "int8"):
                 case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
