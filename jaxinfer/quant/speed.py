@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--kernel-variants", action="store_true",
-                   help="with --contract-last: first batch-16 int8 / int4 under the weight kernel's knobs (waves of "
-                        "programs, pipeline stages)")
+                   help="with --contract-last: first batch-16 int4 under the weight kernel's knobs (column block, "
+                        "waves of programs)")
     p.add_argument("--contract-last", action="store_true",
                    help="instead: batch-1 decode with contract-last trees (bf16: XLA's row reduction; quantized: the "
                         "fused row kernel) against the stored trees on the Pallas weight kernel")
@@ -166,12 +166,10 @@ def main(argv=None) -> int:
     if args.contract_last:  # quantized after `contract_last`: one row takes the fused row kernel (ops.ROW_FORMATS)
         case("decode b1 bf16 (contract-last)", "cl:bf16", "decode", 1, ctx, impl="auto")
         if args.kernel_variants:
-            knobs = {f"{w} wave{'s' * (w > 1)}": {"WAVES": {"int4": w, "int8": w}} for w in (1, 2)}
-            for w in (1, 2):
-                knobs[f"block 256, 8 warps, {w} wave{'s' * (w > 1)}"] = {"WAVES": {"int4": w, "int8": w},
-                                                                          "_BLOCK_N": 256, "_WARPS": 8}
+            knobs = {"1 wave": {"WAVES": {}}, "block 256, 1 wave": {"WAVES": {}, "_BLOCK_N": 256},
+                     "block 256, 2 waves": {"WAVES": {"int4": 2, "int8": 2}, "_BLOCK_N": 256}}
             case("decode b16 bf16 (contract-last)", "cl:bf16", "decode", 16, ctx, impl="auto")
-            for recipe in (int4, "int8"):
+            for recipe in (int4,):
                 case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
                 for label, knob in knobs.items():
                     case(f"decode b16 {recipe} (contract-last, {label})", f"cl:{recipe}", "decode", 16, ctx,
