@@ -19,9 +19,10 @@ contraction-last instead (values [N, K(/2)], scales and offsets [N, K/g or 1]: `
 makes them so) and its tiles enter the dot transposed.
 
 The grid is (N / block_n, splits): each program streams one [K / splits, block_n] slab of the weight once,
-dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes) and
-accumulates x @ W in float32 with the group scale applied to each group's partial product (and the offset
-times the group's sum of x). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
+dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes; int8 / int4
+codes become bfloat16 operands by inline PTX, `code_decode`) and accumulates x @ W in float32 with the group
+scale applied to each group's partial product (and the offset times the group's sum of x, the sums taken
+once outside the kernel). int4 grids aim at two programs per SM (`WAVES`). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
 combines: few rows mean few columns of programs, so K is split to fill the GPU. The Triton dot takes a
 power of two >= 16 rows: x's missing rows load as zeros (masked), never as a padded copy. fp8 codes enter
 the dot as float16 (converted in hardware; x too); a single row of x with fp8 codes skips the dot for

@@ -33,6 +33,9 @@ dot as float16 and a single row of fp8 runs as CUDA-core multiply-adds (`weight_
 bf16 4.802, int8 4.358 (1.10x), int4 5.505 (0.87x), fp8 **3.698 (1.30x)**; batch 16 int8 1.13x, int4 0.89x;
 prefill 4096 fp8 1.46-1.50x. The same multiply-adds for int8 / int4 were slower (4.779 / 5.722).
 None of the decode speed targets is met; quality is (tests/test_quant_quality.py).
+Session 13 (`--contract-last [--kernel-variants]`, raw benchmarks/results/2026-11-27-h200-s13/): batch 16 on
+contraction-last trees, int4 5.89 -> 3.96-3.99 ms (0.88x -> 1.31-1.33x bf16: codes by inline PTX, x's group
+sums outside the kernel, two waves), int8 3.80-3.84 (1.36-1.38x); batch 1 unchanged (row kernel).
 """
 
 from __future__ import annotations
