@@ -22,8 +22,9 @@ The grid is (N / block_n, splits): each program streams one [K / splits, block_n
 dequantizes it in registers (int4: two half-group dots per group, sharing the loaded bytes; int8 / int4
 codes become bfloat16 operands by inline PTX, `code_decode`) and accumulates x @ W in float32 with the group
 scale applied to each group's partial product (and the offset times the group's sum of x, the sums taken
-once outside the kernel). int4 grids aim at two programs per SM (`WAVES`). Splits of K write float32 partials `[splits, M, N]` that a small jnp sum
-combines: few rows mean few columns of programs, so K is split to fill the GPU. The Triton dot takes a
+once outside the kernel). int4 takes smaller programs, about four per SM (`DOT_TILING`). Splits of K
+write float32 partials `[splits, M, N]` that a small jnp sum combines: few rows mean few columns of
+programs, so K is split to fill the GPU. The Triton dot takes a
 power of two >= 16 rows: x's missing rows load as zeros (masked), never as a padded copy. fp8 codes enter
 the dot as float16 (converted in hardware; x too); a single row of x with fp8 codes skips the dot for
 multiply-adds on the CUDA cores (`ONE_ROW_FMA`, measured per format in pallas_kernels/NOTES.md).
@@ -44,9 +45,11 @@ from pallas_kernels.common import MIN_DOT_ROWS, dequantize_codes, is_pow2, next_
 FORMATS = ("plain", "int8", "fp8", "int4")
 MAX_ROWS = 128
 TARGET_PROGRAMS = 132  # one wave of a 132-SM H100/H200 (H200: fewer splits beat two waves, BENCHMARKS.md)
-# ...except for int4 dots: two CTAs resident per SM hide more of the decode's latency (H200, llama-3-8b batch
-# 16: 3.97 vs 4.52 ms a step; int8 unchanged; pallas_kernels/NOTES.md)
-WAVES = {"int4": 2}
+# Per format, the dot path's (widest column block, warps, waves of TARGET_PROGRAMS); others: (_BLOCK_N,
+# _WARPS, 1). int4: smaller programs, about four resident per SM, hide more of the decode's latency (H200,
+# llama-3-8b batch 16: 3.86-3.87 ms a step, against 3.97-4.01 with (128, 4, 2) and 4.50-4.53 with one wave
+# of (128, 4); int8 flat; BENCHMARKS.md, session 13).
+DOT_TILING = {"int4": (64, 2, 4)}
 MIN_SPLIT_ROWS = 256  # below this many K rows per program the loop prologue dominates
 _BLOCK_N = 128
 _BLOCK_K = 128  # rows per loop step for plain and per-column int8 / fp8 (grouped formats: one group)
@@ -57,8 +60,14 @@ _STAGES = 3
 ONE_ROW_FMA = ("fp8",)
 
 
-def _block_n(n: int, rows: int = 1) -> int | None:
-  widest = _BLOCK_N if rows <= 64 else _BLOCK_N // 2  # 128 rows x 128 columns of float32 spill registers
+def _tiling(fmt: str) -> tuple[int, int, int]:
+  """(widest column block, warps, waves) of a format's programs (`DOT_TILING`)."""
+  return DOT_TILING.get(fmt, (_BLOCK_N, _WARPS, 1))
+
+
+def _block_n(n: int, rows: int = 1, fmt: str = "plain") -> int | None:
+  widest = _tiling(fmt)[0]
+  widest = widest if rows <= 64 else widest // 2  # 128 rows x 128 columns of float32 spill registers
   for b in (widest, 64, 32, 16):
     if b <= widest and n % b == 0:
       return b
@@ -69,10 +78,10 @@ def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[in
   """(block_n, splits, step) for a K x N weight, or None when the shapes do not fit the kernel.
 
   Each split streams a power-of-two number of K rows, `step` rows per loop iteration (a whole group when
-  grouped); splits grow until the grid has about TARGET_PROGRAMS times the format's WAVES programs, but no
-  split gets fewer than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
+  grouped); splits grow until the grid has about TARGET_PROGRAMS times the format's waves of programs, but
+  no split gets fewer than MIN_SPLIT_ROWS rows unless even the fewest splits give fewer.
   """
-  bn = _block_n(n, rows)
+  bn = _block_n(n, rows, fmt)
   if bn is None:
     return None
   cands = []
@@ -90,7 +99,7 @@ def plan(k: int, n: int, fmt: str, group: int | None, rows: int = 1) -> tuple[in
     if k // s < floor:
       break
     best = (s, step)
-    if s * (n // bn) >= TARGET_PROGRAMS * WAVES.get(fmt, 1):
+    if s * (n // bn) >= TARGET_PROGRAMS * _tiling(fmt)[2]:
       break
   return bn, best[0], best[1]
 
@@ -347,7 +356,7 @@ def weight_matmuls(
     interpret = jax.default_backend() != "gpu"
   bn, splits, stp = plan(K, sum(widths), fmt, g, M)
   if any(n % bn for n in widths):
-    bn = min(_block_n(n, M) for n in widths)
+    bn = min(_block_n(n, M, fmt) for n in widths)
   bn, splits = block_n or bn, num_splits or splits
   if g is not None:
     stp = g
@@ -375,7 +384,8 @@ def weight_matmuls(
       in_specs=[pl.no_block_spec] * (2 + len(arrays)),
       out_specs=pl.BlockSpec((None, mp, bn), lambda j, s: (s, 0, j)),
       out_shape=jax.ShapeDtypeStruct((splits, mp, sum(widths)), jnp.float32),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _tiling(fmt)[1],
+                                              num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"weight_matmul_{fmt}",
   )(layer, x, *arrays)

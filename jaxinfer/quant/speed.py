@@ -34,8 +34,8 @@ bf16 4.802, int8 4.358 (1.10x), int4 5.505 (0.87x), fp8 **3.698 (1.30x)**; batch
 prefill 4096 fp8 1.46-1.50x. The same multiply-adds for int8 / int4 were slower (4.779 / 5.722).
 None of the decode speed targets is met; quality is (tests/test_quant_quality.py).
 Session 13 (`--contract-last [--kernel-variants]`, raw benchmarks/results/2026-11-27-h200-s13/): batch 16 on
-contraction-last trees, int4 5.89 -> 3.96-3.99 ms (0.88x -> 1.31-1.33x bf16: codes by inline PTX, x's group
-sums outside the kernel, two waves), int8 3.80-3.84 (1.36-1.38x); batch 1 unchanged (row kernel).
+contraction-last trees, int4 5.89 -> 3.82-3.83 ms (0.88x -> 1.36x bf16: codes by inline PTX, x's group sums
+outside the kernel, smaller programs four to an SM), int8 3.77-3.84 (1.36-1.38x); batch 1 unchanged (row kernel).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=3)
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--kernel-variants", action="store_true",
-                   help="with --contract-last: first batch-16 int4 under the weight kernel's knobs (column block, "
-                        "waves of programs)")
+                   help="with --contract-last: first batch-16 int4 / int8 under the weight kernel's tilings "
+                        "(column block, warps, waves of programs)")
     p.add_argument("--contract-last", action="store_true",
                    help="instead: batch-1 decode with contract-last trees (bf16: XLA's row reduction; quantized: the "
                         "fused row kernel) against the stored trees on the Pallas weight kernel")
@@ -169,14 +169,15 @@ def main(argv=None) -> int:
     if args.contract_last:  # quantized after `contract_last`: one row takes the fused row kernel (ops.ROW_FORMATS)
         case("decode b1 bf16 (contract-last)", "cl:bf16", "decode", 1, ctx, impl="auto")
         if args.kernel_variants:
-            knobs = {"1 wave": {"WAVES": {}}, "block 256, 1 wave": {"WAVES": {}, "_BLOCK_N": 256},
-                     "block 256, 2 waves": {"WAVES": {"int4": 2, "int8": 2}, "_BLOCK_N": 256}}
+            tilings = {"128 columns, 4 warps, 1 wave": (128, 4, 1), "128 columns, 4 warps, 2 waves": (128, 4, 2),
+                       "64 columns, 2 warps, 4 waves": (64, 2, 4), "64 columns, 2 warps, 6 waves": (64, 2, 6)}
+            knobs = {label: {"DOT_TILING": {"int4": t, "int8": t}} for label, t in tilings.items()}
             case("decode b16 bf16 (contract-last)", "cl:bf16", "decode", 16, ctx, impl="auto")
-            for recipe in (int4,):
+            for recipe in (int4, "int8"):
                 case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
                 for label, knob in knobs.items():
                     case(f"decode b16 {recipe} (contract-last, {label})", f"cl:{recipe}", "decode", 16, ctx,
-                         impl="auto", kernel=knob, warps=knob.get("_WARPS"))
+                         impl="auto", kernel=knob)
         # batch 16: the weight kernel's dot operands decoded by inline PTX against the lowering's own
         for recipe in ("bf16", "int8", int4):
             case(f"decode b16 {recipe} (contract-last)", f"cl:{recipe}", "decode", 16, ctx, impl="auto")
