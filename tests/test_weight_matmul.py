@@ -164,6 +164,30 @@ def test_transposed_quantized_weights(interpret, fmt, group, zp, M):
     np.testing.assert_allclose(np.asarray(jref), np.asarray(outs[0]), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("tiling", [(128, 4, 1), (64, 2, 4), (32, 1, 8)], ids=lambda t: "bn%d-w%d-waves%d" % t)
+def test_int4_dot_tilings_give_the_same_product(interpret, tiling, monkeypatch):
+    """Each column block / warps / waves the int4 dot may be given (`DOT_TILING`) takes that block, splits K
+    as the waves ask, and computes the same product (contraction-last codes with offsets: x's group sums
+    enter from outside the kernel)."""
+    monkeypatch.setitem(wm.DOT_TILING, "int4", tiling)
+    jax.clear_caches()  # the tiling is read when weight_matmuls is traced
+    block, _, waves = tiling
+    # llama-3-8b's gate + up at 16 rows: the fewest splits of K that give `waves` times TARGET_PROGRAMS programs
+    bn, splits, _ = wm.plan(4096, 28672, "int4", 128, 16)
+    assert bn == block and splits * (28672 // bn) >= wm.TARGET_PROGRAMS * waves
+    assert splits == 1 or splits // 2 * (28672 // bn) < wm.TARGET_PROGRAMS * waves
+    rng = np.random.default_rng(block)
+    M, K, N, g = 5, 1024, 128, 32
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    q = Q.quantize_array(jnp.asarray(rng.standard_normal((2, N, K)), jnp.float32), "int4", (2,), g, zero_point=True)
+    out = wm.weight_matmul(x, q.values, q.scales, q.offsets, jnp.int32(1), fmt="int4", group_size=g,
+                           transposed=True, interpret=interpret)
+    ref = np.asarray(x, np.float64) @ np.asarray(Q.dequantize(q), np.float64)[1].T
+    assert np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max() < 1e-5
+    jax.clear_caches()
+
+
 def test_batched_quantized_contract_last_takes_the_kernel(monkeypatch):
     """A few rows over `quantize(contract_last(...))` weights take the weight kernel's transposed tiles (one
     launch for q/k/v), not XLA's dequantize + dot (which dequantized every weight per step: llama-3-8b int8
