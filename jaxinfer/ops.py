@@ -15,9 +15,8 @@ Paths (all compute the same math, float32 accumulation):
   reduction streams it faster (`ROW_FORMATS`);
 - `pallas`: the weight-streaming kernel for 1-128 rows (decode) on the GPU, plain bf16/f16 weights given
   as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form and either order; not
-  under a mesh with
-  automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel` runs the layers
-  per shard instead);
+  under a mesh with automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel`
+  runs the layers per shard instead);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores

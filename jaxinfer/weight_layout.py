@@ -14,7 +14,8 @@ in a transposed dot: llama-3-8b bf16 decode on an H200 with Pallas attention, ba
 copy) against 4.64 ms stored, batches 8-128 within 1 % of the stored layout (BENCHMARKS.md, session 5).
 Quantized in this layout, one row takes the fused row kernel (`pallas_kernels/row_matmul.py`, the fastest
 batch-1 step of every format) and 2-128 rows the weight kernel's transposed tiles too (int8 batch 16 3.79 ms,
-1.37x bf16, against 4.65 stored; int4 5.88 against 5.94: BENCHMARKS.md, session 12).
+1.37x bf16, against 4.65 stored; int4 3.82, 1.36x; stored 4.08 with the previous tiling: BENCHMARKS.md,
+sessions 12-13).
 
 The command line (`generate`, `chat`, `perplexity`, `bench`) applies it by default (`DEFAULT_LAYOUT`) to
 float weights: H200 llama-3-8b bf16 decode, context 1024, ms per step stored / contraction-last in two

@@ -102,43 +102,45 @@ def _words(rng, byte_values, count=64):
     return cover + [int(w) for w in rng.integers(0, 2**32, count, dtype=np.uint64)]
 
 
-def test_int8_asm_decodes_every_code_in_every_position():
+def _f32_outputs(regs) -> list[float]:
+    """The float32 forms' four results, $0..$3."""
+    return [_f32(regs[f"${i}"]) for i in range(4)]
+
+
+def _bf16_outputs(regs) -> list[float]:
+    """The bfloat16 forms' four results, two to a register: $0 holds 0 and 1, $1 holds 2 and 3."""
+    return _bf16_halves(regs["$0"]) + _bf16_halves(regs["$1"])
+
+
+# Each PTX form: (its int8 source, its int4 source given (zero, high), the input register, its four results).
+FORMS = {
+    "f32": (code_decode._INT8_ASM, code_decode._int4_asm, "$4", _f32_outputs),
+    "bf16": (code_decode._INT8_BF16_ASM, code_decode._int4_bf16_asm, "$2", _bf16_outputs),
+}
+INT8_OFFSET = {"f32": 2**23 + 128, "bf16": 0}  # what the form leaves on each code (the f32 wrapper subtracts it)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_int8_asm_decodes_every_code_in_every_position(form):
+    int8_asm, _, register, outputs = FORMS[form]
     rng = np.random.default_rng(0)
     for word in _words(rng, np.arange(256, dtype=np.uint8)):
-        regs = run_ptx(code_decode._INT8_ASM, {"$4": word})
+        regs = run_ptx(int8_asm, {register: word})
         codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
-        got = [_f32(regs[f"${i}"]) - (2**23 + 128) for i in range(4)]
+        got = [v - INT8_OFFSET[form] for v in outputs(regs)]
         assert got == [float(c) for c in codes], (hex(word), got, codes)
 
 
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("zero", [0, 8])
 @pytest.mark.parametrize("high", [False, True])
-def test_int4_asm_decodes_every_nibble_in_every_position(zero, high):
+def test_int4_asm_decodes_every_nibble_in_every_position(form, zero, high):
+    _, int4_asm, register, outputs = FORMS[form]
     rng = np.random.default_rng(1)
     for word in _words(rng, np.arange(256, dtype=np.uint8)):
-        regs = run_ptx(code_decode._int4_asm(zero, high), {"$4": word})
+        regs = run_ptx(int4_asm(zero, high), {register: word})
         nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
-        got = [_f32(regs[f"${i}"]) for i in range(4)]
-        assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
-
-
-def test_int8_bf16_asm_decodes_every_code_in_every_position():
-    rng = np.random.default_rng(2)
-    for word in _words(rng, np.arange(256, dtype=np.uint8)):
-        regs = run_ptx(code_decode._INT8_BF16_ASM, {"$2": word})
-        codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
-        got = _bf16_halves(regs["$0"]) + _bf16_halves(regs["$1"])  # codes 0, 1 | 2, 3
-        assert got == [float(c) for c in codes], (hex(word), got, codes)
-
-
-@pytest.mark.parametrize("zero", [0, 8])
-@pytest.mark.parametrize("high", [False, True])
-def test_int4_bf16_asm_decodes_every_nibble_in_every_position(zero, high):
-    rng = np.random.default_rng(3)
-    for word in _words(rng, np.arange(256, dtype=np.uint8)):
-        regs = run_ptx(code_decode._int4_bf16_asm(zero, high), {"$2": word})
-        nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
-        got = _bf16_halves(regs["$0"]) + _bf16_halves(regs["$1"])
+        got = outputs(regs)
         assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
 
 
