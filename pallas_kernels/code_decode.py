@@ -8,6 +8,10 @@ mantissa of 2^23 is the float 2^23 + code, so one byte permute (int8) or one thr
 code makes the float, and one subtract (or fused multiply-add) removes the constant, exactly. No
 int-to-float conversion instruction (those run at a quarter of the FMA rate).
 
+`int4_code_products` goes one step further for the one-row kernel: with the nibble set where it weighs 1 in
+the mantissa of 2^(23-p), one fused multiply-add with x and -2^(23-p) x (shared by every row of a program)
+leaves code * x, rounded once, so the subtract per code is gone.
+
 The `*_bf16` forms make a dot's bfloat16 operand (the batched weight kernel) the same way, two codes to a
 32-bit register, straight into bfloat16's mantissa: per two codes one permute, one or two logic ops and
 one fused multiply-add, instead of an int-to-float and a float-to-bfloat16 conversion per code (the
@@ -54,6 +58,20 @@ def _int4_asm(zero: int, high: bool) -> str:
   for out, (src, p) in enumerate(places):
     lines.append(f"lop3.b32 t, {src}, {0xF << p:#x}, {_MAGIC:#010x}, 0xEA;")  # (src & mask) | 2^23
     lines.append(f"fma.rn.f32 ${out}, t, {_f32(2.0 ** -p)}, {_f32(-(2.0 ** (23 - p) + zero))};")
+  return "\n".join(lines + ["}"])
+
+
+def _int4_product_asm(high: bool) -> str:
+  """Eight int4 codes in one register ($4, laid out as for `_int4_asm`) and the four matching float32 x
+  ($5..$8): outputs $0..$3 code * x for the four low (or high) nibbles, rounded once. A nibble at bit p is
+  masked into the mantissa of 2^(23-p), where it weighs 1 (the float 2^(23-p) + code); one fused multiply-add
+  with x and -2^(23-p) x (exact: a power of two) leaves code * x. The code's zero point is not subtracted."""
+  places = [("$4", 4), ("$4", 12), ("h", 4), ("h", 12)] if high else [("$4", 0), ("$4", 8), ("$4", 16), ("h", 8)]
+  lines = ["{", ".reg .b32 h, t, n;", "shr.b32 h, $4, 16;"]
+  for out, (src, p) in enumerate(places):
+    lines.append(f"lop3.b32 t, {src}, {0xF << p:#x}, {(150 - p) << 23:#010x}, 0xEA;")  # (src & mask) | 2^(23-p)
+    lines.append(f"mul.rn.f32 n, ${5 + out}, {_f32(-(2.0 ** (23 - p)))};")
+    lines.append(f"fma.rn.f32 ${out}, t, ${5 + out}, n;")
   return "\n".join(lines + ["}"])
 
 
@@ -113,6 +131,21 @@ def int4_codes_f32(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, ja
   shape = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
   return tuple(pltriton.elementwise_inline_asm(_int4_asm(zero, high), args=[w], constraints="=r,=r,=r,=r,r",
                                                pack=4, result_shape_dtypes=shape)[0] for high in (False, True))
+
+
+def int4_code_products(w: jax.Array, x_low: jax.Array, x_high: jax.Array, native: bool
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Packed int4 codes (uint8, two per byte) times float32 x of the same shape, one x per nibble half:
+  (low nibbles * x_low, high nibbles * x_high), each product rounded once and the zero point not subtracted
+  (callers subtract zero * sum(x) once per group). One logic op and one fused multiply-add per code: the
+  decode's subtract is gone, and ptxas computes the x-side constants once for all rows of a program."""
+  if not native:
+    return codes_f32(w & 0x0F, 0) * x_low, codes_f32(w >> 4, 0) * x_high
+  shape = [jax.ShapeDtypeStruct(w.shape, jnp.float32)]
+  constraints = "=r," * 4 + "r," * 4 + "r"  # four products; the codes' word and four x
+  return tuple(pltriton.elementwise_inline_asm(_int4_product_asm(high), args=[w, x], constraints=constraints,
+                                               pack=4, result_shape_dtypes=shape)[0]
+               for high, x in ((False, x_low), (True, x_high)))
 
 
 def int8_codes_bf16(w: jax.Array, native: bool) -> jax.Array:

@@ -24,12 +24,13 @@ The grid runs over blocks of `block_n` output rows. Internally K is viewed as ch
 halves: codes as [L, N, chunks, width], x as [chunks, sub, width]. A program loops over `gc` chunks at a
 time and, within a step, over its rows one at a time, so every thread holds the same columns of each row
 and the (normalised) x of a step is read and converted once for all of them. Codes are decoded exactly in
-registers (`code_decode`: inline PTX on the GPU). Ungrouped formats accumulate float32 products per row
-and reduce at the end; grouped ones reduce each group first, scale it once, and gather the group sums of
-all rows into one tile, reduced once. Parts sharing x (q/k/v) run in one launch, a static branch per
-part; with `epilogue="swiglu"` one program reads the same rows of both parts (gate, up) and writes only
-silu(gate) * up. Rounding follows the unfused model: the normalised row is rounded to x's dtype before the
-norm weight, products to their dtype before an epilogue.
+registers (`code_decode`: inline PTX on the GPU); int4 codes go straight to code * x (one logic op and one
+fused multiply-add a code), the zero point taken off once per group as zero * sum(x). Ungrouped formats
+accumulate float32 products per row and reduce at the end; grouped ones reduce each group first, scale it
+once, and gather the group sums of all rows into one tile, reduced once. Parts sharing x (q/k/v) run in one
+launch, a static branch per part; with `epilogue="swiglu"` one program reads the same rows of both parts
+(gate, up) and writes only silu(gate) * up. Rounding follows the unfused model: the normalised row is
+rounded to x's dtype before the norm weight, products to their dtype before an epilogue.
 """
 from __future__ import annotations
 
@@ -148,9 +149,10 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
     """[gc, width] scaled products of one output row at this step, and its [gc] offset terms (or None)."""
     steps = pl.ds(c * gc, gc)
     w = v_ref[layer, row, steps, :]
-    if fmt == "int4":
-      lo, hi = code_decode.int4_codes_f32(w, 0 if m_ref is not None else 8, native)
-      products = [lo * xs[0], hi * xs[1]]
+    zero = 0
+    if fmt == "int4":  # code * x in one step; the zero point once per group below
+      products = list(code_decode.int4_code_products(w, xs[0], xs[1], native))
+      zero = 0 if m_ref is not None else 8
     elif fmt == "int8":
       products = [code_decode.int8_codes_f32(w, native) * xs[0]]
     else:
@@ -159,9 +161,14 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
     if not grouped:
       return products[0], off
     # a group's sum first, then its scale: one multiply per group, and the sums' adds fuse with the products
-    t = sum(jnp.sum(p, axis=1) for p in products) * s_ref[layer, row, steps].astype(f32)
+    t = sum(jnp.sum(p, axis=1) for p in products)
+    if zero or m_ref is not None:
+      x_sums = sum(jnp.sum(x, axis=1) for x in xs)  # the same for every row: computed once
+      if zero:
+        t = t - zero * x_sums
+    t = t * s_ref[layer, row, steps].astype(f32)
     if m_ref is not None:
-      off = m_ref[layer, row, steps].astype(f32) * sum(jnp.sum(x, axis=1) for x in xs)
+      off = m_ref[layer, row, steps].astype(f32) * x_sums
     return t, off
 
   def stream(w_list, first):  # float32 [block_n] products of each part in w_list at this program's rows

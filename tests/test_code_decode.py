@@ -2,8 +2,9 @@
 
 The GPU runs the PTX for real (tests/test_row_matmul.py and tests/test_weight_matmul.py, `-m gpu`: exact
 products, bit for bit the jnp spelling's). Here a small interpreter of the instructions the strings use
-(mov, xor, shr, prmt, lop3, float32 fma, bfloat16x2 fma) runs them over every code value in every byte
-position, so a wrong selector, mask or constant fails in the default suite; and the Triton lowering must carry the PTX exactly when it is switched on.
+(mov, xor, shr, prmt, lop3, float32 mul and fma, bfloat16x2 fma) runs them over every code value in every byte
+position, so a wrong selector, mask or constant fails in the default suite; and the Triton lowering must
+carry the PTX exactly when it is switched on.
 """
 
 import functools
@@ -86,6 +87,8 @@ def run_ptx(asm: str, inputs: dict) -> dict:
         elif op == "fma.rn.f32":
             a, b, c = (np.float64(_f32(x)) for x in v)
             out = _bits(np.float32(a * b + c))  # exact in float64 for these operands, then one rounding
+        elif op == "mul.rn.f32":
+            out = _bits(np.float32(np.float64(_f32(v[0])) * np.float64(_f32(v[1]))))
         elif op == "fma.rn.bf16x2":  # per half: a * b + c, one rounding to bfloat16
             a, b, c = (_bf16_halves(x) for x in v)
             out = _bf16_bits(a[0] * b[0] + c[0]) | _bf16_bits(a[1] * b[1] + c[1]) << 16
@@ -142,6 +145,20 @@ def test_int4_asm_decodes_every_nibble_in_every_position(form, zero, high):
         nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
         got = outputs(regs)
         assert got == [float(n - zero) for n in nibbles], (hex(word), got, nibbles)
+
+
+@pytest.mark.parametrize("high", [False, True])
+def test_int4_product_asm_multiplies_every_nibble_exactly(high):
+    """code * x for every nibble in every position, rounded once, for x of every magnitude and sign (the
+    x-side constant -2^(23-p) x must be exact and the fused multiply-add must leave the code's product)."""
+    rng = np.random.default_rng(2)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        x = (rng.standard_normal(4) * 10.0 ** rng.integers(-6, 7, 4)).astype(np.float32)
+        inputs = {"$4": word, **{f"${5 + i}": _bits(x[i]) for i in range(4)}}
+        regs = run_ptx(code_decode._int4_product_asm(high), inputs)
+        nibbles = [((b >> 4) if high else (b & 0xF)) for b in word.to_bytes(4, "little")]
+        want = [float(np.float32(np.float64(n) * np.float64(xi))) for n, xi in zip(nibbles, x)]
+        assert _f32_outputs(regs) == want, (hex(word), nibbles, x)
 
 
 @pytest.mark.parametrize("kernel", ["row", "weight"])
