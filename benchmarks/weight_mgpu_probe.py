@@ -51,133 +51,133 @@ DEFAULT_STAGES = 4
 
 
 def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu  # needs absl-py; only reached on a GPU
-  return plgpu
+    from jax.experimental.pallas import mosaic_gpu as plgpu  # needs absl-py; only reached on a GPU
+    return plgpu
 
 
 def padded_rows(m: int) -> int:
-  """x's rows as wgmma's N: a multiple of 8 (16 from 9 rows up)."""
-  return 8 if m <= 8 else -(-m // 16) * 16
+    """x's rows as wgmma's N: a multiple of 8 (16 from 9 rows up)."""
+    return 8 if m <= 8 else -(-m // 16) * 16
 
 
 def _sums_cols(mp: int) -> int:
-  """Columns of the x-sum rows streamed per group: whole 128-byte rows (a TMA destination in the ring must
-  stay 128-byte aligned from slot to slot; 32- and 64-byte rows faulted)."""
-  return max(mp, 32)
+    """Columns of the x-sum rows streamed per group: whole 128-byte rows (a TMA destination in the ring must
+    stay 128-byte aligned from slot to slot; 32- and 64-byte rows faulted)."""
+    return max(mp, 32)
 
 
 def _swizzle(row_bytes: int) -> int:
-  for s in (128, 64, 32):
-    if row_bytes % s == 0:
-      return s
-  raise ValueError(f"a tile row of {row_bytes} bytes takes no swizzle")
+    for s in (128, 64, 32):
+        if row_bytes % s == 0:
+            return s
+    raise ValueError(f"a tile row of {row_bytes} bytes takes no swizzle")
 
 
 def _transforms(plgpu, dtype, cols: int):
-  bits = 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
-  s = _swizzle(cols * bits // 8)
-  return (plgpu.TilingTransform((8, s * 8 // bits)), plgpu.SwizzleTransform(s))
+    bits = 4 if jnp.dtype(dtype) == jnp.int4 else jnp.dtype(dtype).itemsize * 8
+    s = _swizzle(cols * bits // 8)
+    return (plgpu.TilingTransform((8, s * 8 // bits)), plgpu.SwizzleTransform(s))
 
 
 def plan(m: int, k: int, n: int, fmt: str, group: int | None) -> tuple[int, int] | None:
-  """(step, splits) or None when the shape is not taken."""
-  if fmt not in FORMATS or n % BLOCK_N or m > 64:
-    return None
-  if group is not None:
-    if fmt == "int8" or k % group or group % 64:
-      return None
-  elif fmt == "int4":
-    return None
-  step = DEFAULT_STEP[fmt]
-  while k % step or step < (group or 0):
-    step //= 2
-  if step < max(group or 0, CHUNK):
-    return None
-  steps = k // step
-  splits = 1
-  while n // BLOCK_N * splits < TARGET_CTAS and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
-    splits *= 2
-  return step, splits
+    """(step, splits) or None when the shape is not taken."""
+    if fmt not in FORMATS or n % BLOCK_N or m > 64:
+        return None
+    if group is not None:
+        if fmt == "int8" or k % group or group % 64:
+            return None
+    elif fmt == "int4":
+        return None
+    step = DEFAULT_STEP[fmt]
+    while k % step or step < (group or 0):
+        step //= 2
+    if step < max(group or 0, CHUNK):
+        return None
+    steps = k // step
+    splits = 1
+    while n // BLOCK_N * splits < TARGET_CTAS and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
+        splits *= 2
+    return step, splits
 
 
 def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, step, chunk, steps_per_split, grouped, offsets, stages, mp):
-  plgpu = _plgpu()
-  if offsets:
-    m_ref, sums_ref, o_ref = refs
-  else:
-    (o_ref,) = refs
-  layer = layer_ref[0]
-  j, split = lax.axis_index("n"), lax.axis_index("split")
-  rows = pl.ds(j * BLOCK_N, BLOCK_N)
-  k0 = split * steps_per_split
-  wgmma_layout = plgpu.Layout.WGMMA
-
-  def operand(w_smem):
-    """The step's codes as wgmma's bfloat16 A operand: loaded in the layout made for widening them (whole
-    32-bit words per thread), moved into wgmma's layout as integers, then widened."""
-    upcast = plgpu.Layout.WGMMA_UPCAST_4X if w_smem.dtype == jnp.int4 else plgpu.Layout.WGMMA_UPCAST_2X
-    codes = plgpu.load(w_smem, (), layout=upcast)
-    return plgpu.layout_cast(codes, wgmma_layout).astype(jnp.bfloat16)
-
-  n_chunks = step // chunk
-
-  def x_chunk(x_smem, c):  # x^T's rows of chunk c: wgmma's B operand
-    return x_smem.at[:, pl.ds(c * chunk, chunk)].transpose((1, 0))
-
-  def w_chunk(w_smem, c):
-    return w_smem.at[:, pl.ds(c * chunk, chunk)]
-
-  def body(_, x_smem, w_smem, *group_refs, carry):
-    """One pipeline step: its chunks' products, each chunk's codes widened while the previous chunk's
-    wgmma runs."""
-    if not grouped:
-      def accumulate(acc_ref):
-        a = operand(w_chunk(w_smem, 0))
-        for c in range(n_chunks):
-          plgpu.wgmma(acc_ref, a, x_chunk(x_smem, c))
-          if c + 1 < n_chunks:
-            a = operand(w_chunk(w_smem, c + 1))
-      return pl.run_state(accumulate)(plgpu.ACC.init(carry))
-    out = carry
-    a = operand(w_chunk(w_smem, 0))
-    for c in range(n_chunks):  # one group a chunk, each from a zero accumulator, then scaled in float32
-      def issue(acc_ref, a=a, c=c):
-        plgpu.wgmma(acc_ref, a, x_chunk(x_smem, c))
-        if c + 1 < n_chunks:
-          return acc_ref[...], operand(w_chunk(w_smem, c + 1))
-        return acc_ref[...], None
-      part, a = pl.run_scoped(issue, plgpu.ACC((BLOCK_N, mp), jnp.float32))
-      scale = plgpu.load(group_refs[0], (c,), layout=wgmma_layout.reduce(1)).astype(jnp.float32)
-      out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
-      if offsets:
-        off = plgpu.load(group_refs[1], (c,), layout=wgmma_layout.reduce(1)).astype(jnp.float32)
-        sums = plgpu.load(group_refs[2], (c, pl.ds(0, mp)), layout=wgmma_layout.reduce(0))
-        out = out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
-    return out
-
-  x_spec = plgpu.BlockSpec((mp, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu, x_ref.dtype, chunk))
-  w_spec = plgpu.BlockSpec((BLOCK_N, step), lambda i: (0, k0 + i),
-                           transforms=_transforms(plgpu, v_ref.dtype, chunk))
-  specs, gmem = [x_spec, w_spec], [x_ref, v_ref.at[layer, rows]]
-  if grouped:
-    row_spec = plgpu.BlockSpec((n_chunks, BLOCK_N), lambda i: (k0 + i, 0))
-    specs.append(row_spec)
-    gmem.append(s_ref.at[layer, :, rows])
+    plgpu = _plgpu()
     if offsets:
-      specs += [row_spec, plgpu.BlockSpec((n_chunks, _sums_cols(mp)), lambda i: (k0 + i, 0))]
-      gmem += [m_ref.at[layer, :, rows], sums_ref]
-  init = plgpu.layout_cast(jnp.zeros((BLOCK_N, mp), jnp.float32), wgmma_layout)
-  acc = plgpu.emit_pipeline(
-      lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
-      grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(*gmem)
+        m_ref, sums_ref, o_ref = refs
+    else:
+        (o_ref,) = refs
+    layer = layer_ref[0]
+    j, split = lax.axis_index("n"), lax.axis_index("split")
+    rows = pl.ds(j * BLOCK_N, BLOCK_N)
+    k0 = split * steps_per_split
+    wgmma_layout = plgpu.Layout.WGMMA
 
-  def store(o_smem):
-    o_smem[...] = acc
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows])
-    plgpu.wait_smem_to_gmem(0)
+    def operand(w_smem):
+        """The step's codes as wgmma's bfloat16 A operand: loaded in the layout made for widening them (whole
+        32-bit words per thread), moved into wgmma's layout as integers, then widened."""
+        upcast = plgpu.Layout.WGMMA_UPCAST_4X if w_smem.dtype == jnp.int4 else plgpu.Layout.WGMMA_UPCAST_2X
+        codes = plgpu.load(w_smem, (), layout=upcast)
+        return plgpu.layout_cast(codes, wgmma_layout).astype(jnp.bfloat16)
 
-  pl.run_scoped(store, plgpu.SMEM((BLOCK_N, mp), jnp.float32, transforms=_transforms(plgpu, jnp.float32, mp)))
+    n_chunks = step // chunk
+
+    def x_chunk(x_smem, c):  # x^T's rows of chunk c: wgmma's B operand
+        return x_smem.at[:, pl.ds(c * chunk, chunk)].transpose((1, 0))
+
+    def w_chunk(w_smem, c):
+        return w_smem.at[:, pl.ds(c * chunk, chunk)]
+
+    def body(_, x_smem, w_smem, *group_refs, carry):
+        """One pipeline step: its chunks' products, each chunk's codes widened while the previous chunk's
+        wgmma runs."""
+        if not grouped:
+            def accumulate(acc_ref):
+                a = operand(w_chunk(w_smem, 0))
+                for c in range(n_chunks):
+                    plgpu.wgmma(acc_ref, a, x_chunk(x_smem, c))
+                    if c + 1 < n_chunks:
+                        a = operand(w_chunk(w_smem, c + 1))
+            return pl.run_state(accumulate)(plgpu.ACC.init(carry))
+        out = carry
+        a = operand(w_chunk(w_smem, 0))
+        for c in range(n_chunks):  # one group a chunk, each from a zero accumulator, then scaled in float32
+            def issue(acc_ref, a=a, c=c):
+                plgpu.wgmma(acc_ref, a, x_chunk(x_smem, c))
+                if c + 1 < n_chunks:
+                    return acc_ref[...], operand(w_chunk(w_smem, c + 1))
+                return acc_ref[...], None
+            part, a = pl.run_scoped(issue, plgpu.ACC((BLOCK_N, mp), jnp.float32))
+            scale = plgpu.load(group_refs[0], (c,), layout=wgmma_layout.reduce(1)).astype(jnp.float32)
+            out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
+            if offsets:
+                off = plgpu.load(group_refs[1], (c,), layout=wgmma_layout.reduce(1)).astype(jnp.float32)
+                sums = plgpu.load(group_refs[2], (c, pl.ds(0, mp)), layout=wgmma_layout.reduce(0))
+                out = out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
+        return out
+
+    x_spec = plgpu.BlockSpec((mp, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu, x_ref.dtype, chunk))
+    w_spec = plgpu.BlockSpec((BLOCK_N, step), lambda i: (0, k0 + i),
+                             transforms=_transforms(plgpu, v_ref.dtype, chunk))
+    specs, gmem = [x_spec, w_spec], [x_ref, v_ref.at[layer, rows]]
+    if grouped:
+        row_spec = plgpu.BlockSpec((n_chunks, BLOCK_N), lambda i: (k0 + i, 0))
+        specs.append(row_spec)
+        gmem.append(s_ref.at[layer, :, rows])
+        if offsets:
+            specs += [row_spec, plgpu.BlockSpec((n_chunks, _sums_cols(mp)), lambda i: (k0 + i, 0))]
+            gmem += [m_ref.at[layer, :, rows], sums_ref]
+    init = plgpu.layout_cast(jnp.zeros((BLOCK_N, mp), jnp.float32), wgmma_layout)
+    acc = plgpu.emit_pipeline(
+        lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
+        grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(*gmem)
+
+    def store(o_smem):
+        o_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(store, plgpu.SMEM((BLOCK_N, mp), jnp.float32, transforms=_transforms(plgpu, jnp.float32, mp)))
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "step", "splits", "stages"))
@@ -185,54 +185,54 @@ def weight_matmul_mgpu(x: jax.Array, values: jax.Array, scales: jax.Array, offse
                        layer: jax.Array | int = 0, *, fmt: str, group_size: int | None = None,
                        step: int | None = None, splits: int | None = None, stages: int | None = None
                        ) -> jax.Array:  # [M, N] float32
-  """x [M, K] (bf16) @ dequantize(W[layer]).T for W stored as in the module docstring."""
-  plgpu = _plgpu()
-  M, K = x.shape
-  L, N, kv = values.shape
-  if kv != K:
-    raise ValueError(f"values {values.shape} do not match x {x.shape}")
-  tiles = plan(M, K, N, fmt, group_size)
-  if tiles is None:
-    raise ValueError(f"weight_matmul_mgpu does not take M={M}, K={K}, N={N}, {fmt}, group {group_size}")
-  step, splits = step or tiles[0], splits or tiles[1]
-  chunk = group_size or min(CHUNK, step)
-  if step % chunk or K % step:
-    raise ValueError(f"step {step} must be a multiple of {chunk} dividing K={K}")
-  mp = padded_rows(M)
-  xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - M), (0, 0)))
-  grouped = group_size is not None
-  arrays = [values, scales]
-  if offsets is not None:
-    sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, K // group_size, group_size), axis=-1).T  # [K/g, mp]
-    sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp) - mp)))
-    arrays += [offsets, sums]
-  steps = K // step
-  kernel = functools.partial(_kernel, step=step, chunk=chunk, steps_per_split=steps // splits, grouped=grouped,
-                             offsets=offsets is not None, stages=stages or DEFAULT_STAGES, mp=mp)
-  partials = plgpu.kernel(
-      kernel,
-      out_type=jax.ShapeDtypeStruct((splits, N, mp), jnp.float32),
-      grid=(N // BLOCK_N, splits),
-      grid_names=("n", "split"),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      kernel_name=f"weight_matmul_mgpu_{fmt}",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), xp, *arrays)
-  out = jnp.sum(partials, axis=0)
-  if not grouped:  # one scale per row, applied to the sum (one XLA fusion with the split sum and transpose)
-    out = out * lax.dynamic_index_in_dim(scales, layer, 0, False)[0].astype(jnp.float32)[:, None]
-  return out.T[:M]
+    """x [M, K] (bf16) @ dequantize(W[layer]).T for W stored as in the module docstring."""
+    plgpu = _plgpu()
+    M, K = x.shape
+    L, N, kv = values.shape
+    if kv != K:
+        raise ValueError(f"values {values.shape} do not match x {x.shape}")
+    tiles = plan(M, K, N, fmt, group_size)
+    if tiles is None:
+        raise ValueError(f"weight_matmul_mgpu does not take M={M}, K={K}, N={N}, {fmt}, group {group_size}")
+    step, splits = step or tiles[0], splits or tiles[1]
+    chunk = group_size or min(CHUNK, step)
+    if step % chunk or K % step:
+        raise ValueError(f"step {step} must be a multiple of {chunk} dividing K={K}")
+    mp = padded_rows(M)
+    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - M), (0, 0)))
+    grouped = group_size is not None
+    arrays = [values, scales]
+    if offsets is not None:
+        sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, K // group_size, group_size), axis=-1).T  # [K/g, mp]
+        sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp) - mp)))
+        arrays += [offsets, sums]
+    steps = K // step
+    kernel = functools.partial(_kernel, step=step, chunk=chunk, steps_per_split=steps // splits, grouped=grouped,
+                               offsets=offsets is not None, stages=stages or DEFAULT_STAGES, mp=mp)
+    partials = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((splits, N, mp), jnp.float32),
+        grid=(N // BLOCK_N, splits),
+        grid_names=("n", "split"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=f"weight_matmul_mgpu_{fmt}",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), xp, *arrays)
+    out = jnp.sum(partials, axis=0)
+    if not grouped:  # one scale per row, applied to the sum (one XLA fusion with the split sum and transpose)
+        out = out * lax.dynamic_index_in_dim(scales, layer, 0, False)[0].astype(jnp.float32)[:, None]
+    return out.T[:M]
 
 
 def reference(x, values, scales, offsets=None, layer=0, *, fmt: str, group_size: int | None = None):
-  """Plain jnp, float32 at HIGHEST precision."""
-  q = values[layer].astype(jnp.float32)
-  N, K = q.shape
-  s = scales[layer].astype(jnp.float32)  # [G, N]
-  g = group_size or K
-  w = (q.reshape(N, K // g, g) * s.T[:, :, None])
-  if offsets is not None:
-    w = w + offsets[layer].astype(jnp.float32).T[:, :, None]
-  return jnp.dot(x.astype(jnp.float32), w.reshape(N, K).T, precision=lax.Precision.HIGHEST)
+    """Plain jnp, float32 at HIGHEST precision."""
+    q = values[layer].astype(jnp.float32)
+    N, K = q.shape
+    s = scales[layer].astype(jnp.float32)  # [G, N]
+    g = group_size or K
+    w = (q.reshape(N, K // g, g) * s.T[:, :, None])
+    if offsets is not None:
+        w = w + offsets[layer].astype(jnp.float32).T[:, :, None]
+    return jnp.dot(x.astype(jnp.float32), w.reshape(N, K).T, precision=lax.Precision.HIGHEST)
 
 
 # The measurement
@@ -260,25 +260,24 @@ def check(log, only=None):
     for fmt, group, offsets, m in CHECKS:
         if only is not None and f"{fmt}-{offsets:d}-{m}" != only:
             continue
-        if True:
-            k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, m), 4)
-            lo, hi = (-128, 128) if fmt == "int8" else (-8, 8)
-            q = jax.random.randint(k1, (L, N, K), lo, hi, jnp.int32).astype(jnp.int8 if fmt == "int8" else jnp.int4)
-            G = 1 if group is None else K // group
-            s = (jax.random.uniform(k2, (L, G, N), jnp.float32, 0.5, 1.5) / 64).astype(jnp.bfloat16)
-            off = (jax.random.normal(k3, (L, G, N), jnp.float32) / 16).astype(jnp.bfloat16) if offsets else None
-            x = jax.random.normal(k4, (m, K), jnp.float32).astype(jnp.bfloat16)
-            name = f"{fmt} g{group} offsets={offsets} M={m}"
-            try:
-                got = weight_matmul_mgpu(x, q, s, off, jnp.int32(1), fmt=fmt, group_size=group)
-                want = reference(x, q, s, off, 1, fmt=fmt, group_size=group)
-                err = rel(got, want)
-                log.append({"check": name, "rel_err": err, "ok": err < 1e-5})
-                print(f"check {name}: rel err {err:.2e} {'ok' if err < 1e-5 else 'FAIL'}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                log.append({"check": name, "error": f"{type(e).__name__}: {e}"[:3000]})
-                print(f"check {name}: {type(e).__name__}: {str(e)[:3000]}", flush=True)
-                traceback.print_exc(limit=4)
+        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, m), 4)
+        lo, hi = (-128, 128) if fmt == "int8" else (-8, 8)
+        q = jax.random.randint(k1, (L, N, K), lo, hi, jnp.int32).astype(jnp.int8 if fmt == "int8" else jnp.int4)
+        G = 1 if group is None else K // group
+        s = (jax.random.uniform(k2, (L, G, N), jnp.float32, 0.5, 1.5) / 64).astype(jnp.bfloat16)
+        off = (jax.random.normal(k3, (L, G, N), jnp.float32) / 16).astype(jnp.bfloat16) if offsets else None
+        x = jax.random.normal(k4, (m, K), jnp.float32).astype(jnp.bfloat16)
+        name = f"{fmt} g{group} offsets={offsets} M={m}"
+        try:
+            got = weight_matmul_mgpu(x, q, s, off, jnp.int32(1), fmt=fmt, group_size=group)
+            want = reference(x, q, s, off, 1, fmt=fmt, group_size=group)
+            err = rel(got, want)
+            log.append({"check": name, "rel_err": err, "ok": err < 1e-5})
+            print(f"check {name}: rel err {err:.2e} {'ok' if err < 1e-5 else 'FAIL'}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            log.append({"check": name, "error": f"{type(e).__name__}: {e}"[:3000]})
+            print(f"check {name}: {type(e).__name__}: {str(e)[:3000]}", flush=True)
+            traceback.print_exc(limit=4)
 
 
 def stacks(K, N):
