@@ -145,8 +145,9 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       out.append(xc.astype(f32))
     return out
 
-  def product_tile(v_ref, s_ref, m_ref, row, c, xs):
-    """[gc, width] scaled products of one output row at this step, and its [gc] offset terms (or None)."""
+  def product_tile(v_ref, s_ref, m_ref, row, c, xs, x_sums):
+    """[gc, width] scaled products of one output row at this step, and its [gc] offset terms (or None).
+    `x_sums` [gc]: x's sum over each group of the step (int4: the zero point's and the offsets' term)."""
     steps = pl.ds(c * gc, gc)
     w = v_ref[layer, row, steps, :]
     zero = 0
@@ -162,10 +163,8 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       return products[0], off
     # a group's sum first, then its scale: one multiply per group, and the sums' adds fuse with the products
     t = sum(jnp.sum(p, axis=1) for p in products)
-    if zero or m_ref is not None:
-      x_sums = sum(jnp.sum(x, axis=1) for x in xs)  # the same for every row: computed once
-      if zero:
-        t = t - zero * x_sums
+    if zero:
+      t = t - zero * x_sums
     t = t * s_ref[layer, row, steps].astype(f32)
     if m_ref is not None:
       off = m_ref[layer, row, steps].astype(f32) * x_sums
@@ -179,7 +178,8 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
 
     def tiles(c):  # per part, per row: (products, offset terms)
       xs = x_chunks(c)
-      return tuple(tuple(product_tile(v_ref, s_ref, m_ref, row0 + r, c, xs) for r in range(block_n))
+      x_sums = sum(jnp.sum(x, axis=1) for x in xs) if fmt == "int4" else None  # once for every row and part
+      return tuple(tuple(product_tile(v_ref, s_ref, m_ref, row0 + r, c, xs, x_sums) for r in range(block_n))
                    for v_ref, s_ref, m_ref in w_list)
 
     def add_step(c, acc):
