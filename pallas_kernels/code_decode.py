@@ -47,15 +47,20 @@ _INT8_ASM = "\n".join([
     *(f"prmt.b32 ${i}, u, {_MAGIC:#010x}, 0x765{i};" for i in range(4)), "}"])
 
 
+def _nibble_places(high: bool) -> list[tuple[str, int]]:
+  """Where the four low (or high) nibbles of a word $4 (bytes 0-3) sit for a masking op: (register, bit),
+  with bits 20-31 read from h = $4 >> 16 so that every nibble ends below bit 20 (inside 2^23's mantissa)."""
+  return [("$4", 4), ("$4", 12), ("h", 4), ("h", 12)] if high else [("$4", 0), ("$4", 8), ("$4", 16), ("h", 8)]
+
+
 def _int4_asm(zero: int, high: bool) -> str:
   """Eight int4 codes in one 32-bit register ($4; byte i: low nibble element i of the group's first half,
   high nibble element i of its second): outputs $0..$3 the four low (or high) nibbles, each minus `zero`.
   A nibble at bit p is masked into the mantissa of 2^23 in place (bits 20-31 first shifted down by 16),
   giving 2^23 + code * 2^p; one fused multiply-add scales by 2^-p and subtracts 2^(23-p) + zero, exactly.
   (Two calls, one per half: jax's lowering of a multi-result inline asm is broken in 0.10.)"""
-  places = [("$4", 4), ("$4", 12), ("h", 4), ("h", 12)] if high else [("$4", 0), ("$4", 8), ("$4", 16), ("h", 8)]
   lines = ["{", ".reg .b32 h, t;", "shr.b32 h, $4, 16;"]
-  for out, (src, p) in enumerate(places):
+  for out, (src, p) in enumerate(_nibble_places(high)):
     lines.append(f"lop3.b32 t, {src}, {0xF << p:#x}, {_MAGIC:#010x}, 0xEA;")  # (src & mask) | 2^23
     lines.append(f"fma.rn.f32 ${out}, t, {_f32(2.0 ** -p)}, {_f32(-(2.0 ** (23 - p) + zero))};")
   return "\n".join(lines + ["}"])
@@ -66,9 +71,8 @@ def _int4_product_asm(high: bool) -> str:
   ($5..$8): outputs $0..$3 code * x for the four low (or high) nibbles, rounded once. A nibble at bit p is
   masked into the mantissa of 2^(23-p), where it weighs 1 (the float 2^(23-p) + code); one fused multiply-add
   with x and -2^(23-p) x (exact: a power of two) leaves code * x. The code's zero point is not subtracted."""
-  places = [("$4", 4), ("$4", 12), ("h", 4), ("h", 12)] if high else [("$4", 0), ("$4", 8), ("$4", 16), ("h", 8)]
   lines = ["{", ".reg .b32 h, t, n;", "shr.b32 h, $4, 16;"]
-  for out, (src, p) in enumerate(places):
+  for out, (src, p) in enumerate(_nibble_places(high)):
     lines.append(f"lop3.b32 t, {src}, {0xF << p:#x}, {(150 - p) << 23:#010x}, 0xEA;")  # (src & mask) | 2^(23-p)
     lines.append(f"mul.rn.f32 n, ${5 + out}, {_f32(-(2.0 ** (23 - p)))};")
     lines.append(f"fma.rn.f32 ${out}, t, ${5 + out}, n;")
