@@ -46,7 +46,7 @@ import jaxinfer as ji  # noqa: E402
 from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
 from jaxinfer.bench import switched  # noqa: E402
-from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
+from jaxinfer.bench.profile import device_events, idle_report, kernel_breakdown, marked_skew  # noqa: E402
 from jaxinfer.generate import _generate_loop, _on_mesh, bucket  # noqa: E402
 from jaxinfer.model import forward  # noqa: E402
 from jaxinfer.sampling import Sampling, sequence_keys  # noqa: E402
@@ -76,8 +76,9 @@ def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 # Batch-1 decode through generate's on-device loop
 
 
-def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dtype):
-    """Tokens/s of `steps` greedy decode steps (the fused loop `generate` runs) after a prefill."""
+def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype):
+    """A `run()` for `_median_time`: prefills a fresh cache (untimed) and returns the timed work, `steps`
+    greedy decode steps through the fused loop `generate` runs."""
     mesh = sh.mesh_of(params)
     tokens = _prompt(batch, context, cfg.vocab_size)
     max_len = bucket(context + steps + 1, 128)
@@ -100,8 +101,38 @@ def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dt
 
         return work
 
+    return run
+
+
+def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dtype):
+    """Tokens/s of `steps` greedy decode steps (the fused loop `generate` runs) after a prefill."""
+    run = _decode_loop_run(params, cfg, batch=batch, context=context, steps=steps, impl=impl, dtype=dtype)
     seconds, times = _median_time(run, samples)
     return {"tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "samples_s": times}
+
+
+def _is_all_reduce(ev) -> bool:
+    return "all-reduce" in ev.op or "all_reduce" in ev.op or "nccl" in ev.name.lower() or "allreduce" in ev.name.lower()
+
+
+def decode_timeline(params, cfg, *, context, steps, impl, dtype):
+    """Each GPU's timeline of one traced decode loop (`steps` batch-1 steps): span, busy and idle time,
+    the all-reduces' time and the idle gaps around them, the kernel pairs with the most idle time between
+    them, and (several GPUs) how late each device reaches the all-reduces compared with the earliest."""
+    works = [_decode_loop_run(params, cfg, batch=1, context=context, steps=steps, impl=impl, dtype=dtype)()
+             for _ in range(2)]  # one warm-up, one traced; each on its own (donated) cache
+    planes = device_events(lambda: works.pop(0)(), calls=1)
+    if planes is None:
+        return {"error": "no trace written"}
+    per_step = lambda d: {k: (v / steps if k.endswith("_us") else v) for k, v in d.items()}
+    out = {"steps": steps, "per_step": {}}
+    for name, events in sorted(planes.items()):
+        report = idle_report(events, _is_all_reduce)
+        pairs = report.pop("largest_gaps_by_pair", [])
+        out["per_step"][name] = per_step(report)
+        out["per_step"][name]["largest_gaps_by_pair"] = [{**g, "idle_us": g["idle_us"] / steps} for g in pairs]
+    out["all_reduce_skew"] = marked_skew(planes, _is_all_reduce)
+    return out
 
 
 def profile_decode_step(params, cfg, *, context, impl, dtype, top=12):
@@ -242,6 +273,8 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per sample")
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
+    ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
+                    help="tp: also each GPU's idle time around the all-reduces, from a trace of STEPS decode steps")
     ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which of the three ways to time")
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
@@ -305,6 +338,9 @@ def main(argv=None) -> None:
         case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
         if args.weight_layout == "contract-last":  # one GPU as the command line runs it: q/k/v packed
             case("decode_b1_1gpu_packed", lambda: decode_tokens_per_s(pack_qkv(base_params), cfg, **decode_kw))
+        if args.timeline:
+            case("timeline_1gpu", lambda: decode_timeline(base_params, cfg, context=args.context, steps=args.timeline,
+                                                          impl=args.impl, dtype=dtype))
         if args.profile:
             case("profile_1gpu", lambda: profile_decode_step(base_params, cfg, context=args.context, impl=args.impl, dtype=dtype))
         for t in sorted({n, 2} if n >= 4 else {n}):
@@ -319,6 +355,9 @@ def main(argv=None) -> None:
                     try:
                         with switched(tensor_parallel, switches):
                             r = decode_tokens_per_s(params, cfg, **decode_kw)
+                            if args.timeline:
+                                r["timeline"] = decode_timeline(params, cfg, context=args.context, steps=args.timeline,
+                                                                impl=args.impl, dtype=dtype)
                             if args.profile:
                                 r["profile"] = profile_decode_step(params, cfg, context=args.context, impl=args.impl, dtype=dtype)
                             return r
@@ -415,6 +454,16 @@ def main(argv=None) -> None:
             print(f"\n{name}: device time of one decode step on GPU 0, {prof['device_us']:.0f} us")
             for op in prof["ops"][:10]:
                 print(f"  {op['us_per_call']:8.1f} us x{op['launches_per_call']:<5g} {op['hlo_op'][:40]:40} {op['op_name'][-60:]}")
+    for name, r in results.items():
+        tl = r if name.startswith("timeline") else r.get("timeline")
+        for plane, d in (tl or {}).get("per_step", {}).items():
+            print(f"\n{name} {plane}, per step: span {d['span_us']:.0f} us, busy {d['busy_us']:.0f}, idle {d['idle_us']:.0f}"
+                  f" (in gaps > 2 us: {d['idle_in_gaps_over_2us']:.0f}); all-reduces {d['marked']:g} x, {d['marked_us']:.0f} us,"
+                  f" idle before {d['idle_before_marked_us']:.0f} / after {d['idle_after_marked_us']:.0f}")
+            for g in d["largest_gaps_by_pair"][:5]:
+                print(f"  {g['idle_us']:7.1f} us idle between {g['prev'][:40]} -> {g['next'][:40]}")
+        if tl and tl.get("all_reduce_skew", {}).get("pairs"):
+            print(f"{name} all-reduce skew: " + json.dumps(tl["all_reduce_skew"]))
     for name, e in errors.items():
         print(f"{name:34} ERROR {e[:200]}")
     print(json.dumps({"summary": summary, "errors": list(errors), "devices": len(devices), "commit": commit}))

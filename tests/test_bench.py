@@ -12,7 +12,7 @@ import pytest
 from jaxinfer.bench import costs
 from jaxinfer.bench.ceilings import Ceilings, datasheet_for, measure_ceilings
 from jaxinfer.bench.measure import Timing, switched, switched_modules, time_calls
-from jaxinfer.bench.profile import hlo_op_names
+from jaxinfer.bench.profile import Event, hlo_op_names, idle_report, marked_skew
 from jaxinfer.bench.runner import evaluate
 from jaxinfer.cache import init_cache
 from jaxinfer.config import ModelConfig
@@ -160,6 +160,28 @@ def test_hlo_op_names_reads_metadata():
     text = ('  %fusion.3 = bf16[4]{0} fusion(%p), kind=kLoop, calls=%f, metadata={op_name="jit(f)/mul" '
             'stack_frame_id=2}\n  ROOT %copy.1 = f32[2]{0} copy(%x), metadata={op_name="jit(f)/copy"}\n')
     assert hlo_op_names(text) == {"fusion.3": "jit(f)/mul", "copy.1": "jit(f)/copy"}
+
+
+def test_idle_report_counts_gaps_overlaps_and_the_idle_around_marked_events():
+    ev = lambda a, b, op: Event(a * 1000, b * 1000, op, op, "Stream #1")
+    # us: a [0, 10], b [5, 12] overlapping it, a 3-us gap, sum [15, 20], 1-us gap, c [21, 30], 4-us gap, sum [34, 36]
+    events = [ev(0, 10, "a"), ev(5, 12, "b"), ev(15, 20, "sum"), ev(21, 30, "c"), ev(34, 36, "sum")]
+    r = idle_report(events, lambda e: e.op == "sum")
+    assert (r["span_us"], r["busy_us"], r["idle_us"]) == (36, 28, 8)
+    assert (r["gaps_over_2us"], r["idle_in_gaps_over_2us"]) == (2, 7)
+    assert (r["marked"], r["marked_us"]) == (2, 7)
+    assert (r["idle_before_marked_us"], r["idle_after_marked_us"]) == (7, 1)
+    assert r["largest_gaps_by_pair"][0] == {"prev": "c", "next": "sum", "idle_us": 4}
+
+
+def test_marked_skew_pairs_the_collectives_in_order():
+    ev = lambda a, b, op: Event(a * 1000, b * 1000, op, op, "Stream #1")
+    planes = {"gpu0": [ev(0, 5, "x"), ev(10, 20, "sum"), ev(30, 40, "sum")],
+              "gpu1": [ev(14, 20, "sum"), ev(31, 41, "sum")]}
+    r = marked_skew(planes, lambda e: e.op == "sum")
+    assert r["pairs"] == 2
+    assert r["gpu0"]["start_late_median_us"] == 0 and r["gpu1"]["start_late_median_us"] == 2.5
+    assert r["gpu1"]["end_late_median_us"] == 0.5
 
 
 def test_cli_end_to_end_writes_json_and_png(tmp_path, capsys):
