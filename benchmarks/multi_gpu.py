@@ -6,9 +6,12 @@ and the cost of moving the KV cache between two sub-meshes (disaggregated prefil
 Parts (default: all that fit the device count n):
 - `tp`:  `llama-3-8b` bf16, batch-1 decode tokens/s (on-device loop of `generate`, greedy, after a
          `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
-         Each degree three ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
-         (`_partitioner`), and per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
-         what the 2 all-reduces per layer cost); `--tp-variants` picks among the three.
+         Each degree several ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
+         (`_partitioner`), per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
+         what the 2 all-reduces per layer cost), and per shard with the sums by XLA's one-shot kernel
+         (`_oneshot`, jax 0.11's default, which `tensor_parallel.COMPILER_OPTIONS` turns off); `--tp-variants`
+         picks among them. `--fori`: each also through a fixed-count loop without the per-step host round
+         trip; `--timeline STEPS`: each GPU's idle time around the sums, from a trace.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given; decode
          also with micro-batches of different steps in flight (`pipeline.decode_loop`, `_inflight_m<M>`).
@@ -76,9 +79,15 @@ def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 # Batch-1 decode through generate's on-device loop
 
 
-def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype):
+_GENERATE_LOOP_ONESHOT = jax.jit(
+    _generate_loop.__wrapped__, static_argnames=("config", "impl", "capacity"), donate_argnames=("cache",),
+    compiler_options={**tensor_parallel.COMPILER_OPTIONS, "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True})
+
+
+def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype, loop="generate"):
     """A `run()` for `_median_time`: prefills a fresh cache (untimed) and returns the timed work, `steps`
-    greedy decode steps through the fused loop `generate` runs."""
+    greedy decode steps through the fused loop `generate` runs (`loop="fori"`: a fixed-count loop of
+    forward + argmax instead, with no stop test and no sampler, so no host round trip per step)."""
     mesh = sh.mesh_of(params)
     tokens = _prompt(batch, context, cfg.vocab_size)
     max_len = bucket(context + steps + 1, 128)
@@ -94,6 +103,14 @@ def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype):
 
         def work():
             with _on_mesh(params):
+                if loop == "oneshot":  # the library's loop compiled with XLA's default one-shot all-reduce kernel
+                    out, _ = _GENERATE_LOOP_ONESHOT(
+                        params, cache, logits, keys, sampling, stops, max_new, config=cfg, impl=impl, capacity=steps + 1
+                    )
+                    return out
+                if loop == "fori":
+                    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                    return _decode_loop(params, cache, tok, cfg=cfg, impl=impl, microbatches=None, mesh=None, steps=steps)[0]
                 out, _ = _generate_loop(
                     params, cache, logits, keys, sampling, stops, max_new, config=cfg, impl=impl, capacity=steps + 1
                 )
@@ -104,28 +121,37 @@ def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype):
     return run
 
 
-def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dtype):
-    """Tokens/s of `steps` greedy decode steps (the fused loop `generate` runs) after a prefill."""
-    run = _decode_loop_run(params, cfg, batch=batch, context=context, steps=steps, impl=impl, dtype=dtype)
+def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dtype, loop="generate"):
+    """Tokens/s of `steps` greedy decode steps (the fused loop `generate` runs, or `loop="fori"`) after a prefill."""
+    run = _decode_loop_run(params, cfg, batch=batch, context=context, steps=steps, impl=impl, dtype=dtype, loop=loop)
     seconds, times = _median_time(run, samples)
     return {"tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "samples_s": times}
 
 
 def _is_all_reduce(ev) -> bool:
-    return "all-reduce" in ev.op or "all_reduce" in ev.op or "nccl" in ev.name.lower() or "allreduce" in ev.name.lower()
+    names = (ev.op + " " + ev.name).lower()
+    return any(w in names for w in ("all-reduce", "all_reduce", "allreduce", "nccl", "psum"))
 
 
-def decode_timeline(params, cfg, *, context, steps, impl, dtype):
+def decode_timeline(params, cfg, *, context, steps, impl, dtype, dump=None):
     """Each GPU's timeline of one traced decode loop (`steps` batch-1 steps): span, busy and idle time,
     the all-reduces' time and the idle gaps around them, the kernel pairs with the most idle time between
-    them, and (several GPUs) how late each device reaches the all-reduces compared with the earliest."""
+    them, and (several GPUs) how late each device reaches the all-reduces compared with the earliest.
+    `dump`: a path to write the raw events of two steps from the middle of the loop (every GPU) to."""
     works = [_decode_loop_run(params, cfg, batch=1, context=context, steps=steps, impl=impl, dtype=dtype)()
              for _ in range(2)]  # one warm-up, one traced; each on its own (donated) cache
     planes = device_events(lambda: works.pop(0)(), calls=1)
     if planes is None:
         return {"error": "no trace written"}
-    per_step = lambda d: {k: (v / steps if k.endswith("_us") else v) for k, v in d.items()}
+    planes = {name: events for name, events in planes.items() if events}
+    per_step = lambda d: {k: v / steps for k, v in d.items()}
     out = {"steps": steps, "per_step": {}}
+    if dump is not None and planes:
+        t0 = min(evs[0].start_ns for evs in planes.values())
+        t1 = max(evs[-1].end_ns for evs in planes.values())
+        lo, hi = t0 + (t1 - t0) * (steps // 2) // steps, t0 + (t1 - t0) * (steps // 2 + 2) // steps
+        Path(dump).write_text(json.dumps({name: [[e.start_ns - t0, e.end_ns - t0, e.op, e.name[:80], e.stream]
+                                                 for e in evs if lo <= e.start_ns < hi] for name, evs in planes.items()}))
     for name, events in sorted(planes.items()):
         report = idle_report(events, _is_all_reduce)
         pairs = report.pop("largest_gaps_by_pair", [])
@@ -153,14 +179,16 @@ def profile_decode_step(params, cfg, *, context, impl, dtype, top=12):
 # Pipeline throughput: prefill and decode at a large batch
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh"), donate_argnames=("cache",),
+                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
 def _prefill_fn(params, cache, tokens, *, cfg, impl, microbatches, mesh):
     if mesh is None:
         return forward(params, cache, tokens, config=cfg, impl=impl, last_only=True)
     return pipeline.forward(params, cache, tokens, config=cfg, impl=impl, last_only=True, microbatches=microbatches, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",),
+                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
 def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     def body(_, carry):
         tok, cache = carry
@@ -176,7 +204,8 @@ def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     return tok, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",),
+                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
 def _inflight_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     return pipeline.decode_loop(params, cache, tok, steps, config=cfg, impl=impl, microbatches=microbatches, mesh=mesh)
 
@@ -275,7 +304,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
     ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                     help="tp: also each GPU's idle time around the all-reduces, from a trace of STEPS decode steps")
-    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which of the three ways to time")
+    ap.add_argument("--fori", action="store_true",
+                    help="tp: also time each case with a fixed-count forward + argmax loop (no per-step host round trip)")
+    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which ways to time (per-shard, partitioner, nosum, oneshot)")
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
@@ -336,28 +367,34 @@ def main(argv=None) -> None:
     decode_kw = dict(batch=1, context=args.context, steps=args.steps, impl=args.impl, samples=args.samples, dtype=dtype)
     if "tp" in parts:
         case("decode_b1_1gpu", lambda: decode_tokens_per_s(base_params, cfg, **decode_kw))
+        if args.fori:
+            case("decode_b1_1gpu_fori", lambda: decode_tokens_per_s(base_params, cfg, loop="fori", **decode_kw))
         if args.weight_layout == "contract-last":  # one GPU as the command line runs it: q/k/v packed
             case("decode_b1_1gpu_packed", lambda: decode_tokens_per_s(pack_qkv(base_params), cfg, **decode_kw))
         if args.timeline:
             case("timeline_1gpu", lambda: decode_timeline(base_params, cfg, context=args.context, steps=args.timeline,
-                                                          impl=args.impl, dtype=dtype))
+                                                          impl=args.impl, dtype=dtype, dump=args.out / "events_1gpu.json"))
         if args.profile:
             case("profile_1gpu", lambda: profile_decode_step(base_params, cfg, context=args.context, impl=args.impl, dtype=dtype))
         for t in sorted({n, 2} if n >= 4 else {n}):
             # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
-                        "_nosum": {"row_parallel": ops.matmul}}  # each shard's partial sum as if whole
+                        "_nosum": {"row_parallel": ops.matmul},  # each shard's partial sum as if whole
+                        "_oneshot": {}}  # the sums by XLA's one-shot kernel instead of NCCL
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
-                def tp_case(t=t, switches=switches):
+                def tp_case(t=t, switches=switches, loop="oneshot" if suffix == "_oneshot" else "generate"):
                     params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:
                         with switched(tensor_parallel, switches):
-                            r = decode_tokens_per_s(params, cfg, **decode_kw)
+                            r = decode_tokens_per_s(params, cfg, loop=loop, **decode_kw)
+                            if args.fori and not suffix:
+                                r["fori"] = decode_tokens_per_s(params, cfg, loop="fori", **decode_kw)
                             if args.timeline:
                                 r["timeline"] = decode_timeline(params, cfg, context=args.context, steps=args.timeline,
-                                                                impl=args.impl, dtype=dtype)
+                                                                impl=args.impl, dtype=dtype,
+                                                                dump=args.out / f"events_tp{t}{suffix}.json")
                             if args.profile:
                                 r["profile"] = profile_decode_step(params, cfg, context=args.context, impl=args.impl, dtype=dtype)
                             return r
@@ -367,6 +404,9 @@ def main(argv=None) -> None:
                 case(name, tp_case)
                 if name in results and "decode_b1_1gpu" in results:
                     results[name]["speedup"] = results[name]["tokens_per_s"] / results["decode_b1_1gpu"]["tokens_per_s"]
+                if name in results and "fori" in results[name] and "decode_b1_1gpu_fori" in results:
+                    results[name]["fori"]["speedup"] = (results[name]["fori"]["tokens_per_s"]
+                                                        / results["decode_b1_1gpu_fori"]["tokens_per_s"])
                 if name in results and "decode_b1_1gpu_packed" in results:  # against the one-GPU default
                     results[name]["speedup_vs_packed"] = (results[name]["tokens_per_s"]
                                                           / results["decode_b1_1gpu_packed"]["tokens_per_s"])
@@ -448,6 +488,8 @@ def main(argv=None) -> None:
         keys = [k for k in ("tokens_per_s", "speedup", "prefill_tokens_per_s", "prefill_speedup",
                             "decode_tokens_per_s", "decode_speedup", "transfer_gbps", "transfer_median_s") if k in r]
         print(f"{name:34} " + ", ".join(f"{k}={r[k]:.4g}" for k in keys))
+        if "fori" in r:
+            print(f"{name + ' (fori loop)':34} " + ", ".join(f"{k}={r['fori'][k]:.4g}" for k in ("tokens_per_s", "speedup") if k in r["fori"]))
     for name, r in results.items():
         prof = r if name.startswith("profile") else r.get("profile")
         if prof and prof.get("device_us"):
@@ -458,7 +500,7 @@ def main(argv=None) -> None:
         tl = r if name.startswith("timeline") else r.get("timeline")
         for plane, d in (tl or {}).get("per_step", {}).items():
             print(f"\n{name} {plane}, per step: span {d['span_us']:.0f} us, busy {d['busy_us']:.0f}, idle {d['idle_us']:.0f}"
-                  f" (in gaps > 2 us: {d['idle_in_gaps_over_2us']:.0f}); all-reduces {d['marked']:g} x, {d['marked_us']:.0f} us,"
+                  f" (in gaps > 2 us: {d['idle_in_gaps_over_2us']:.0f}); all-reduces {d['marked']:.3g} x, {d['marked_us']:.0f} us,"
                   f" idle before {d['idle_before_marked_us']:.0f} / after {d['idle_after_marked_us']:.0f}")
             for g in d["largest_gaps_by_pair"][:5]:
                 print(f"  {g['idle_us']:7.1f} us idle between {g['prev'][:40]} -> {g['next'][:40]}")
