@@ -8,10 +8,11 @@ Parts (default: all that fit the device count n):
          `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
          Each degree several ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
          (`_partitioner`), per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
-         what the 2 all-reduces per layer cost), and per shard with the sums by XLA's one-shot kernel
-         (`_oneshot`, jax 0.11's default, which `tensor_parallel.COMPILER_OPTIONS` turns off); `--tp-variants`
-         picks among them. `--fori`: each also through a fixed-count loop without the per-step host round
-         trip; `--timeline STEPS`: each GPU's idle time around the sums, from a trace.
+         what the 2 all-reduces per layer cost); `--tp-variants` picks among them. `--fori`: each also
+         through a fixed-count loop without the per-step host round trip; `--timeline STEPS`: each GPU's
+         idle time around the sums, from a trace. XLA's all-reduce kernel is the library's choice
+         (`jaxinfer.xla_flags`); a run with `XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true`
+         times XLA's own default beside it.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given; decode
          also with micro-batches of different steps in flight (`pipeline.decode_loop`, `_inflight_m<M>`).
@@ -79,11 +80,6 @@ def _prompt(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
 # Batch-1 decode through generate's on-device loop
 
 
-_GENERATE_LOOP_ONESHOT = jax.jit(
-    _generate_loop.__wrapped__, static_argnames=("config", "impl", "capacity"), donate_argnames=("cache",),
-    compiler_options={**tensor_parallel.COMPILER_OPTIONS, "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True})
-
-
 def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype, loop="generate"):
     """A `run()` for `_median_time`: prefills a fresh cache (untimed) and returns the timed work, `steps`
     greedy decode steps through the fused loop `generate` runs (`loop="fori"`: a fixed-count loop of
@@ -103,11 +99,6 @@ def _decode_loop_run(params, cfg, *, batch, context, steps, impl, dtype, loop="g
 
         def work():
             with _on_mesh(params):
-                if loop == "oneshot":  # the library's loop compiled with XLA's default one-shot all-reduce kernel
-                    out, _ = _GENERATE_LOOP_ONESHOT(
-                        params, cache, logits, keys, sampling, stops, max_new, config=cfg, impl=impl, capacity=steps + 1
-                    )
-                    return out
                 if loop == "fori":
                     tok = jnp.argmax(logits, -1).astype(jnp.int32)
                     return _decode_loop(params, cache, tok, cfg=cfg, impl=impl, microbatches=None, mesh=None, steps=steps)[0]
@@ -179,16 +170,14 @@ def profile_decode_step(params, cfg, *, context, impl, dtype, top=12):
 # Pipeline throughput: prefill and decode at a large batch
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh"), donate_argnames=("cache",),
-                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh"), donate_argnames=("cache",))
 def _prefill_fn(params, cache, tokens, *, cfg, impl, microbatches, mesh):
     if mesh is None:
         return forward(params, cache, tokens, config=cfg, impl=impl, last_only=True)
     return pipeline.forward(params, cache, tokens, config=cfg, impl=impl, last_only=True, microbatches=microbatches, mesh=mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",),
-                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
 def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     def body(_, carry):
         tok, cache = carry
@@ -204,8 +193,7 @@ def _decode_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     return tok, cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",),
-                   compiler_options=tensor_parallel.COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("cfg", "impl", "microbatches", "mesh", "steps"), donate_argnames=("cache",))
 def _inflight_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
     return pipeline.decode_loop(params, cache, tok, steps, config=cfg, impl=impl, microbatches=microbatches, mesh=mesh)
 
@@ -306,7 +294,7 @@ def main(argv=None) -> None:
                     help="tp: also each GPU's idle time around the all-reduces, from a trace of STEPS decode steps")
     ap.add_argument("--fori", action="store_true",
                     help="tp: also time each case with a fixed-count forward + argmax loop (no per-step host round trip)")
-    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which ways to time (per-shard, partitioner, nosum, oneshot)")
+    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which ways to time (per-shard, partitioner, nosum)")
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
@@ -380,15 +368,14 @@ def main(argv=None) -> None:
             # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
-                        "_nosum": {"row_parallel": ops.matmul},  # each shard's partial sum as if whole
-                        "_oneshot": {}}  # the sums by XLA's one-shot kernel instead of NCCL
+                        "_nosum": {"row_parallel": ops.matmul}}  # each shard's partial sum as if whole
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
-                def tp_case(t=t, switches=switches, loop="oneshot" if suffix == "_oneshot" else "generate"):
+                def tp_case(t=t, switches=switches):
                     params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:
                         with switched(tensor_parallel, switches):
-                            r = decode_tokens_per_s(params, cfg, loop=loop, **decode_kw)
+                            r = decode_tokens_per_s(params, cfg, **decode_kw)
                             if args.fori and not suffix:
                                 r["fori"] = decode_tokens_per_s(params, cfg, loop="fori", **decode_kw)
                             if args.timeline:

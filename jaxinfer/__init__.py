@@ -5,6 +5,10 @@ is an explicit pytree; `prefill` and `decode_step` are separately jitted with th
 `generate` runs the decode loop on device and `stream` yields tokens as they come.
 """
 
+from . import xla_flags
+
+xla_flags.apply()  # before any backend starts: XLA reads its flags once
+
 from .bundle import Model
 from .cache import KVCache, PageAllocator, PagedKVCache, init_cache, init_paged_cache
 from .chat import chat, render_chat

@@ -26,7 +26,6 @@ from .model import forward
 from .quant.qarray import compute_dtype
 from .sampling import Sampling, sample, sequence_keys
 from .sharding import init_cache_on, mesh_of
-from .tensor_parallel import COMPILER_OPTIONS
 
 MIN_BUCKET = 16
 NO_TOKEN = -1  # fills the output after a sequence has stopped
@@ -40,15 +39,13 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 # ----------------------------------------------------------------------------------------------------
 # Jitted steps
 
-_jit = functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)  # how the sums of a sharded step compile
 
-
-@functools.partial(_jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
 def _prefill(params, cache, tokens, lengths, *, config, impl):
     return forward(params, cache, tokens, lengths, config=config, impl=impl, last_only=True)
 
 
-@functools.partial(_jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
 def _decode(params, cache, tokens, active, *, config, impl):
     logits, cache = forward(params, cache, tokens[:, None], active.astype(jnp.int32), config=config, impl=impl)
     return logits[:, 0], cache
@@ -124,7 +121,7 @@ def _is_stop(tok, stop_ids, count, max_new):
     return jnp.isin(tok, stop_ids) | (count >= max_new)
 
 
-@functools.partial(_jit, static_argnames=("config", "impl", "capacity"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "impl", "capacity"), donate_argnames=("cache",))
 def _generate_loop(params, cache, first_logits, keys, sampling, stop_ids, max_new, *, config, impl, capacity):
     """The whole decode loop on device. Output `[B, capacity]` of token ids, NO_TOKEN after a stop."""
     B = first_logits.shape[0]
@@ -147,13 +144,13 @@ def _generate_loop(params, cache, first_logits, keys, sampling, stop_ids, max_ne
     return out, cache
 
 
-@functools.partial(_jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
 def _stream_step(params, cache, tok, done, keys, step, sampling, stop_ids, max_new, *, config, impl):
     nxt, cache = _next_token(params, cache, tok, done, keys, step, sampling, config, impl)
     return nxt, done | _is_stop(nxt, stop_ids, step + 1, max_new), cache
 
 
-@functools.partial(_jit, static_argnames=())
+@functools.partial(jax.jit, static_argnames=())
 def _first_token(first_logits, keys, sampling, stop_ids, max_new):
     first = sample(first_logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0), sampling)
     return first, _is_stop(first, stop_ids, 1, max_new)

@@ -21,7 +21,6 @@ from .cache import init_cache
 from .config import ModelConfig
 from .model import forward
 from .quant.qarray import compute_dtype
-from .tensor_parallel import COMPILER_OPTIONS
 
 WINDOWS_PER_BATCH = 4
 
@@ -48,7 +47,7 @@ def windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, i
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"), compiler_options=COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnames=("config", "impl"))
 def _token_nll(params, tokens, lengths, *, config: ModelConfig, impl):
     """NLL of tokens[:, t+1] given tokens[:, :t+1], for every t: [B, T-1] float32."""
     cache = init_cache(config, tokens.shape[0], tokens.shape[1], compute_dtype(params))

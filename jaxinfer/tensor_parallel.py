@@ -16,11 +16,6 @@ partitioner: kv heads fewer than the degree, a pipeline, a group-quantized weigh
 a group, a paged cache whose rows `data` splits (its page pool is shared by all rows). The embedding lookup runs per shard under any mesh
 with a `tensor` axis (`embed`; the pipeline's too); the output head stays with XLA, split on the
 vocabulary. `ENABLED = False` turns both off (for comparisons).
-
-`COMPILER_OPTIONS` are how the library's jitted steps are compiled because of these sums: a decode step's
-sums are one row each, and jax 0.11's XLA adds rows that small with its own Triton one-shot kernel on a
-side stream, which cost a 2x H200 TP2 batch-1 step 3.70 ms against 3.47 ms with NCCL (BENCHMARKS.md,
-session 15). The option changes nothing where an executable has no all-reduce.
 """
 
 from __future__ import annotations
@@ -39,7 +34,6 @@ from .quant.qarray import QArray
 
 AXIS = "tensor"
 ENABLED = True
-COMPILER_OPTIONS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": False}
 
 
 def _tensor_mesh():

@@ -108,3 +108,40 @@ def test_sharded_decode_step_sums_through_nccl_not_the_one_shot_kernel():
     assert "all-reduce" in library and "all-reduce" in default
     assert "ONE_SHOT" not in library
     assert "ONE_SHOT" in default
+
+
+_ONE_SHOT_PROBE = """
+import sys, jax, jax.numpy as jnp, numpy as np, jaxinfer as ji
+from jaxinfer import sharding as sh
+config = ji.ModelConfig(vocab_size=1000, dim=256, ffn_dim=512, num_layers=2, num_heads=8, num_kv_heads=4,
+                        head_dim=64, max_seq_len=512)
+gen = sys.modules["jaxinfer.generate"]
+mesh = sh.make_mesh(tensor=2, devices=jax.devices()[:2])
+params = sh.shard_params(ji.init_params(config, 0, jnp.bfloat16), config, mesh)
+cache = sh.init_cache_on(mesh, config, 1, 64, jnp.bfloat16)
+with jax.set_mesh(mesh):
+    text = gen._decode.lower(params, cache, jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool),
+                             config=config, impl="auto").compile().as_text()
+print("ALL_REDUCE" if "all-reduce" in text else "NO_ALL_REDUCE", "ONE_SHOT" if "ONE_SHOT" in text else "NCCL")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+def test_sharded_decode_step_sums_through_nccl_unless_the_user_asks_otherwise():
+    """`jaxinfer.xla_flags`: a TP2 decode step's sums compile as plain all-reduces (NCCL); the control, a
+    process whose XLA_FLAGS asks for XLA's one-shot kernel, gets that kernel (so the marker is real)."""
+    import os
+    import subprocess
+    import sys
+
+    def probe(flags):
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env.update(XLA_FLAGS=flags, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+        out = subprocess.run([sys.executable, "-c", _ONE_SHOT_PROBE], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert probe("") == "ALL_REDUCE NCCL"
+    assert probe("--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true") == "ALL_REDUCE ONE_SHOT"

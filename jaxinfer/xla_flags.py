@@ -1,0 +1,34 @@
+"""XLA flags the library sets before jax starts a backend, and why (each measured in benchmarks/BENCHMARKS.md).
+
+XLA reads `XLA_FLAGS` once, when the first backend starts, so `apply()` runs when `jaxinfer` is imported and
+changes nothing once a backend is up. A flag the user has already set, to any value, is left as it is.
+
+- `--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false`: jax 0.11's XLA adds small tensors across
+  GPUs with its own Triton one-shot kernel on a side stream. A tensor-parallel decode step's 64 sums are one
+  row each, and NCCL adds them sooner: 2x H200, TP2 batch-1 `llama-3-8b`, 288 against 271 tokens/s (session
+  15). Passing it as a jit compiler option does not reach the choice (tried: the kernel stayed).
+
+Only for the jaxlib versions these were tried with: XLA stops the process on a flag it does not know.
+"""
+
+from __future__ import annotations
+
+import os
+
+FLAGS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": "false"}
+TESTED_JAXLIB = ("0.10.", "0.11.")
+
+
+def apply(environ=os.environ) -> list[str]:
+    """Adds each of `FLAGS` the user has not set to `environ["XLA_FLAGS"]`; returns the names added (none
+    once a backend has started or on an untried jaxlib)."""
+    import jax._src.xla_bridge as xla_bridge
+    import jaxlib
+
+    if xla_bridge.backends_are_initialized() or not jaxlib.__version__.startswith(TESTED_JAXLIB):
+        return []
+    current = environ.get("XLA_FLAGS", "")
+    added = [name for name in FLAGS if f"--{name}=" not in current and f"--{name} " not in current + " "]
+    if added:
+        environ["XLA_FLAGS"] = " ".join(filter(None, [current, *(f"--{name}={FLAGS[name]}" for name in added)]))
+    return added
