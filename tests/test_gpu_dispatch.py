@@ -80,36 +80,6 @@ def test_tensor_parallel_layers_run_the_kernels_per_shard(monkeypatch):
     assert [(L, config.ffn_dim // 2, D)] in launches, launches
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
-def test_sharded_decode_step_sums_through_nccl_not_the_one_shot_kernel():
-    """`tensor_parallel.COMPILER_OPTIONS` reaches the compiled step: its one-row sums are plain all-reduces
-    (NCCL), while the same step compiled with XLA's default strategy uses the Triton one-shot kernel (the
-    control: if the option's name stopped working, both would look alike)."""
-    import importlib
-
-    from jaxinfer import sharding as sh
-    from jaxinfer import tensor_parallel
-
-    gen = importlib.import_module("jaxinfer.generate")
-    config = CONFIG.replace(num_kv_heads=4)
-    mesh = sh.make_mesh(tensor=2, devices=jax.devices()[:2])
-    params = sh.shard_params(ji.init_params(config, 0, jnp.bfloat16), config, mesh)
-    cache = sh.init_cache_on(mesh, config, 1, 64, jnp.bfloat16)
-    args = (params, cache, jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool))
-
-    def compiled(fn):
-        with jax.set_mesh(mesh):
-            return fn.lower(*args, config=config, impl="auto").compile().as_text()
-
-    library = compiled(gen._decode)
-    default = compiled(jax.jit(gen._decode.__wrapped__, static_argnames=("config", "impl"), compiler_options={
-        **tensor_parallel.COMPILER_OPTIONS, "xla_gpu_unsupported_use_all_reduce_one_shot_kernel": True}))
-    assert "all-reduce" in library and "all-reduce" in default
-    assert "ONE_SHOT" not in library
-    assert "ONE_SHOT" in default
-
-
 _ONE_SHOT_PROBE = """
 import sys, jax, jax.numpy as jnp, numpy as np, jaxinfer as ji
 from jaxinfer import sharding as sh
