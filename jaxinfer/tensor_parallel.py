@@ -73,13 +73,16 @@ def _whole_groups(params, config: ModelConfig, mesh) -> bool:
 def row_parallel(eq: str, x, w, residual=None, norm=None):
     """`ops.matmul(eq, x, w, residual=residual, norm=norm)` for a weight whose contraction is split on
     `tensor` (attention output, MLP down). Inside the per-shard layers each device's product is a float32
-    partial sum, added over the shards with one `psum` before rounding to x's dtype (then the residual,
-    and with `norm` the next RMSNorm: `ops.join_residual`); elsewhere XLA's partitioner inserts the sum."""
+    partial sum, added over the shards with one `psum` and rounded to x's dtype where it joins the residual
+    (`ops.join_residual`: with `norm`, inside the add + norm launch, which saves a conversion kernel a
+    sum); elsewhere XLA's partitioner inserts the sum."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
         return ops.matmul(eq, x, w, residual=residual, norm=norm)
-    out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS).astype(x.dtype)
-    return ops.join_residual(out, residual, norm)
+    out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS)
+    if residual is None or residual.dtype != x.dtype:
+        return ops.join_residual(out.astype(x.dtype), residual, norm)
+    return ops.join_residual(out, residual, norm)  # rounds to the residual's (= x's) dtype before adding
 
 
 def embed(params, tokens, config: ModelConfig):
