@@ -378,8 +378,7 @@ def main(argv=None) -> None:
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
                         "_nosum": {"row_parallel": ops.matmul},  # each shard's partial sum as if whole
-                        "_castfirst": {"row_parallel": _row_parallel_cast_first},
-                        "_chunks1": {"SUM_CHUNKS": 1}, "_chunks4": {"SUM_CHUNKS": 4}}
+                        "_castfirst": {"row_parallel": _row_parallel_cast_first}}
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
                 def tp_case(t=t, switches=switches):

@@ -31,11 +31,9 @@ from . import sharding as sh
 from .cache import PagedKVCache, QuantKVCache
 from .config import ModelConfig
 from .quant.qarray import QArray
-from .weight_layout import ContractLast
 
 AXIS = "tensor"
 ENABLED = True
-SUM_CHUNKS = 2  # column blocks of a row-parallel product, each summed as soon as it is made (`_summed_product`)
 
 
 def _tensor_mesh():
@@ -81,26 +79,10 @@ def row_parallel(eq: str, x, w, residual=None, norm=None):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
         return ops.matmul(eq, x, w, residual=residual, norm=norm)
-    out = _summed_product(eq, x, w)
+    out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS)
     if residual is None or residual.dtype != x.dtype:
         return ops.join_residual(out.astype(x.dtype), residual, norm)
     return ops.join_residual(out, residual, norm)  # rounds to the residual's (= x's) dtype before adding
-
-
-def _summed_product(eq: str, x, w):
-    """The float32 product summed over `tensor`, made in `SUM_CHUNKS` blocks of its output columns, each
-    summed as soon as it is made: a block's all-reduce can run beside the next block's product, where XLA
-    schedules the sums asynchronously. Only float contraction-last weights, whose products are XLA row
-    reductions that read a block in place (a kernel reading a stacked layer in place would get a copy of
-    the block), and widths the count divides."""
-    layer = w.stacked if isinstance(w, ops.LayerOf) else w
-    width = (w.shape_view() if isinstance(w, ops.LayerOf) else w).shape[-1]
-    n = SUM_CHUNKS
-    if n <= 1 or not isinstance(layer, ContractLast) or isinstance(layer.values, QArray) or width % n:
-        return jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS)
-    size = width // n
-    sums = [jax.lax.psum(ops.matmul(eq, x, ops.PartOf(w, i * size, size, -1), jnp.float32), AXIS) for i in range(n)]
-    return jnp.concatenate(sums, axis=-1)
 
 
 def embed(params, tokens, config: ModelConfig):
