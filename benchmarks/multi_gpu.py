@@ -119,15 +119,6 @@ def decode_tokens_per_s(params, cfg, *, batch, context, steps, impl, samples, dt
     return {"tokens_per_s": batch * steps / seconds, "step_ms": 1e3 * seconds / steps, "samples_s": times}
 
 
-def _row_parallel_cast_first(eq, x, w, residual=None, norm=None):
-    """Session 14's `tensor_parallel.row_parallel`: the sum rounded by a kernel of its own (timing only)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or tensor_parallel.AXIS not in mesh.manual_axes:
-        return ops.matmul(eq, x, w, residual=residual, norm=norm)
-    out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), tensor_parallel.AXIS).astype(x.dtype)
-    return ops.join_residual(out, residual, norm)
-
-
 def _is_all_reduce(ev) -> bool:
     names = (ev.op + " " + ev.name).lower()
     return any(w in names for w in ("all-reduce", "all_reduce", "allreduce", "nccl", "psum"))
@@ -377,8 +368,7 @@ def main(argv=None) -> None:
             # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
             # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
-                        "_nosum": {"row_parallel": ops.matmul},  # each shard's partial sum as if whole
-                        "_castfirst": {"row_parallel": _row_parallel_cast_first}}
+                        "_nosum": {"row_parallel": ops.matmul}}  # each shard's partial sum as if whole
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
                 def tp_case(t=t, switches=switches):
