@@ -8,9 +8,10 @@ Parts (default: all that fit the device count n):
          `--context`-token prompt) on one GPU and with tensor=n (and tensor=2 when n == 4); ratio to one GPU.
          Each degree several ways: the layers per shard (`tensor_parallel`, the default), XLA's partitioner
          (`_partitioner`), per shard without the row-parallel sums (`_nosum`: wrong logits, timing only,
-         what the 2 all-reduces per layer cost); `--tp-variants` picks among them. `--fori`: each also
-         through a fixed-count loop without the per-step host round trip; `--timeline STEPS`: each GPU's
-         idle time around the sums, from a trace. XLA's all-reduce kernel is the library's choice
+         what the 2 all-reduces per layer cost), and per shard with q/k/v packed per shard (`_packed`);
+         `--tp-variants` picks among them. `--fori`: each also through a fixed-count loop without the
+         per-step host round trip; `--timeline STEPS`: each GPU's idle time around the sums, from a
+         trace. XLA's all-reduce kernel is the library's choice
          (`jaxinfer.xla_flags`); a run with `XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true`
          times XLA's own default beside it.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
@@ -294,7 +295,7 @@ def main(argv=None) -> None:
                     help="tp: also each GPU's idle time around the all-reduces, from a trace of STEPS decode steps")
     ap.add_argument("--fori", action="store_true",
                     help="tp: also time each case with a fixed-count forward + argmax loop (no per-step host round trip)")
-    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which ways to time (per-shard, partitioner, nosum)")
+    ap.add_argument("--tp-variants", default="per-shard,partitioner,nosum", help="tp: which ways to time (per-shard, partitioner, nosum, packed)")
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
@@ -365,14 +366,17 @@ def main(argv=None) -> None:
         if args.profile:
             case("profile_1gpu", lambda: profile_decode_step(base_params, cfg, context=args.context, impl=args.impl, dtype=dtype))
         for t in sorted({n, 2} if n >= 4 else {n}):
-            # per-shard layers (the library default), XLA's partitioner, and the per-shard layers with the
-            # two sums per layer left out (wrong logits: isolates what the all-reduces cost)
+            # per-shard layers (the library default), XLA's partitioner, the per-shard layers with the
+            # two sums per layer left out (wrong logits: isolates what the all-reduces cost), and the
+            # per-shard layers with q/k/v packed per shard (`pack_qkv(shards=t)`, contraction-last trees)
             variants = {"": {}, "_partitioner": {"ENABLED": False},
-                        "_nosum": {"row_parallel": ops.matmul}}  # each shard's partial sum as if whole
+                        "_nosum": {"row_parallel": ops.matmul},  # each shard's partial sum as if whole
+                        "_packed": {}}
             chosen = {{"per-shard": ""}.get(v, f"_{v}") for v in args.tp_variants.split(",")}
             for suffix, switches in ((k, v) for k, v in variants.items() if k in chosen):
-                def tp_case(t=t, switches=switches):
-                    params = sh.shard_params(base_params, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
+                def tp_case(t=t, switches=switches, packed=suffix == "_packed"):
+                    tree = pack_qkv(base_params, shards=t) if packed else base_params
+                    params = sh.shard_params(tree, cfg, sh.make_mesh(tensor=t, devices=devices[:t]))
                     try:
                         with switched(tensor_parallel, switches):
                             r = decode_tokens_per_s(params, cfg, **decode_kw)

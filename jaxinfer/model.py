@@ -84,7 +84,8 @@ def layer_view(layer_params, i):
     for name, a in layer_params.items():
         if is_packed(a):
             whole = ops.LayerOf(a.values, i)  # one object: `ops.matmuls` sees the parts belong together
-            views.update({part: ops.PartOf(whole, start, size, a.axis) for part, start, size in a.offsets()})
+            parts = a.offsets(a.values.shape[a.axis])  # inside the per-shard layers: this shard's block
+            views.update({part: ops.PartOf(whole, start, size, a.axis) for part, start, size in parts})
         elif name in LAYER_MATRICES or name.endswith("norm"):
             views[name] = ops.LayerOf(a, i)
         else:

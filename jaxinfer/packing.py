@@ -10,7 +10,13 @@ A `Packed` leaf replaces `layers/q`, `layers/k` and `layers/v` by `layers/qkv`: 
 their head axis (the first output axis), plain or `ContractLast`, with the parts' names and sizes. The model
 never sees it: `model.layer_view` hands out each part as `ops.PartOf`, and `ops.matmuls` makes the three
 products as one where they come together. Float weights only (quantized q/k/v already run in one launch on
-the row kernel), and not for sharded trees (a head split of the packed axis would mix the parts).
+the row kernel).
+
+Sharded on `tensor`: `pack_qkv(params, shards=t)` lays the concatenation out per shard, [q_0 k_0 v_0 | q_1 k_1
+v_1 | ...] with each block one device's heads, so that splitting the packed axis t ways hands every device a
+packed matrix of its own q, k and v heads (the per-shard layers of `tensor_parallel` then make the three
+products as one, as on one device). Such a tree runs only split that way; the sharding rules refuse a packed
+tree whose `shards` is not the tensor degree (a head split would mix the parts).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Packed:
     values: Any  # the concatenation: an array in the stored order, or a ContractLast
     parts: tuple[tuple[str, int], ...] = struct.field(pytree_node=False)
     axis: int = struct.field(pytree_node=False, default=HEAD_AXIS)
+    shards: int = struct.field(pytree_node=False, default=1)  # blocks along `axis`, each holding every part
 
     @property
     def shape(self):
@@ -47,13 +54,29 @@ class Packed:
     def dtype(self):
         return self.values.dtype
 
-    def offsets(self):
-        """(name, start, size) of each part along the packed axis."""
+    def offsets(self, length: int | None = None):
+        """(name, start, size) of each part along the packed axis of a matrix `length` long there: the whole
+        packed axis (the default) or, for a tree packed per shard, one shard's block of it."""
+        total = sum(size for _, size in self.parts)
+        length = total if length is None else length
+        if length * self.shards != total:
+            raise ValueError(
+                f"q/k/v packed for {self.shards} tensor shards run only split that way (a matrix {length} heads "
+                f"long along the packed axis, expected {total // self.shards}): run it on a mesh with tensor="
+                f"{self.shards}, or pack the unpacked tree for this one")
         out, start = [], 0
         for name, size in self.parts:
-            out.append((name, start, size))
-            start += size
+            out.append((name, start, size // self.shards))
+            start += size // self.shards
         return tuple(out)
+
+    def axis_names(self) -> "Packed":
+        """The logical axis names of the stored values (for sharding rules), as a `Packed` of them; the packed
+        axis is named like the query heads when it is laid out per shard (so the rules split it the same
+        way), unnamed otherwise."""
+        if not isinstance(self.values, ContractLast):
+            raise ValueError("sharding a packed tree needs contraction-last weights (`contract_last`) with axis names")
+        return self.replace(values=self.values.axis_names())
 
 
 def is_packed(x) -> bool:
@@ -74,10 +97,11 @@ def stored_axis(w, axis: int) -> int:
     return axis + w.kept if axis >= -(w.kept + w.contracted) else axis  # contracted: stored last; leading: same
 
 
-def pack_qkv(params):
-    """The parameter tree with each layer's q, k, v replaced by one `Packed` `qkv` leaf (concrete or
-    abstract arrays, plain or `ContractLast`). Errors: no layer q/k/v, quantized weights, a tree already
-    packed."""
+def pack_qkv(params, shards: int = 1):
+    """The parameter tree with each layer's q, k and v replaced by one `Packed` `qkv` leaf (concrete or
+    abstract arrays, plain or `ContractLast`); `shards`: laid out for a `tensor` degree (module docstring).
+    Errors: no layer q/k/v, quantized weights, a tree already packed, a degree that does not divide the heads
+    of each part, a per-shard layout of weights without contraction-last axis names."""
     layers = params.get("layers", {}) if isinstance(params, dict) else {}
     if "qkv" in layers or has_packed(params):
         raise ValueError("the parameter tree already has q, k and v packed")
@@ -92,17 +116,35 @@ def pack_qkv(params):
     if len(kinds) != 1:
         raise ValueError(f"q, k and v must share one layout to be packed, got {[type(w).__name__ for w in ws]}")
     first = ws[0]
+    if shards > 1 and not (isinstance(first, ContractLast) and first.logical_axes):
+        raise ValueError("pack_qkv(shards=...) lays out contraction-last weights with axis names (`contract_last`)")
     axis = stored_axis(first, HEAD_AXIS)
     arrays = [w.values if isinstance(w, ContractLast) else w for w in ws]
-    packed = _concatenate(arrays, axis)
+    sizes = tuple((n, int(a.shape[axis])) for n, a in zip(QKV, arrays))
+    bad = [f"{n}={size}" for n, size in sizes if size % shards]
+    if bad:
+        raise ValueError(f"pack_qkv: {shards} shards do not divide the heads of {', '.join(bad)}")
+    blocks = [_split(a, shards, axis) for a in arrays]  # per part, its `shards` blocks of heads
+    packed = _concatenate([part[s] for s in range(shards) for part in blocks], axis)
     if isinstance(first, ContractLast):
         names = first.logical_axes
-        names = names[:HEAD_AXIS] + (None,) + names[HEAD_AXIS + 1 :] if names else None  # heads of three kinds
+        if names:  # heads of three kinds: named like the query heads only where the rules may split them
+            names = names[:HEAD_AXIS] + (names[HEAD_AXIS] if shards > 1 else None,) + names[HEAD_AXIS + 1 :]
         packed = first.replace(values=packed, logical_axes=names)
-    sizes = tuple((n, int(a.shape[axis])) for n, a in zip(QKV, arrays))
     new_layers = {k: v for k, v in layers.items() if k not in QKV}
-    new_layers["qkv"] = Packed(values=packed, parts=sizes, axis=HEAD_AXIS)
+    new_layers["qkv"] = Packed(values=packed, parts=sizes, axis=HEAD_AXIS, shards=shards)
     return {**params, "layers": new_layers}
+
+
+def _split(a, n: int, axis: int):
+    """`a` in `n` equal blocks along `axis` (concrete or abstract)."""
+    if n == 1:
+        return [a]
+    if isinstance(a, jax.ShapeDtypeStruct):
+        shape = list(a.shape)
+        shape[axis] //= n
+        return [jax.ShapeDtypeStruct(tuple(shape), a.dtype)] * n
+    return (np if isinstance(a, np.ndarray) else jnp).split(a, n, axis=axis)
 
 
 def _concatenate(arrays, axis: int):

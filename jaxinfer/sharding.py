@@ -33,7 +33,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from . import params as params_lib
 from .cache import KVCache, PagedKVCache, QuantKVCache, is_quantized_kv
 from .config import ModelConfig
-from .packing import has_packed
+from .packing import QKV, Packed, has_packed
+from .weight_layout import ContractLast
 
 MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
 DENSE_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # KVCache.k / .v
@@ -248,12 +249,10 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
     (values, scales, offsets) from the logical axes it carries (`QArray.axis_names()`); a child axis
     its mesh axes do not divide (a per-channel scale's size-1 axis, a short group axis) is replicated.
     """
-    if has_packed(params):
-        raise ValueError("q, k and v are packed into one matrix (`pack_qkv`, a one-device layout): the sharding "
-                         "rules name them apart (a head split of the packed axis would mix them); shard the "
-                         "unpacked tree")
     r = _rules(rules).resolve(config, mesh)
     specs = params_lib.param_specs(config)
+    if has_packed(params):
+        specs = _packed_specs(params, specs, mesh, r)
 
     def child(axes, array, what):
         parts = []
@@ -280,6 +279,23 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
         if "the config needs" in str(e):
             raise
         raise ValueError(f"parameter tree does not match the config's parameter specs: {e}") from None
+
+
+def _packed_specs(params, specs, mesh: Mesh, r: ShardingRules):
+    """The spec tree of a tree whose layers hold q, k and v packed (`packing.pack_qkv`): checked against the
+    mesh (laid out for its tensor degree, contraction-last with axis names) and given a `qkv` entry (the
+    leaf itself names its axes)."""
+    leaf = params.get("layers", {}).get("qkv") if isinstance(params, dict) else None
+    degree = math.prod(mesh.shape[a] for a in r.mesh_axes("q_heads") or ())
+    if not isinstance(leaf, Packed) or leaf.shards != degree:
+        shards = leaf.shards if isinstance(leaf, Packed) else 1
+        raise ValueError(f"q, k and v are packed into one matrix for {shards} tensor shard(s) (`pack_qkv`) but this "
+                         f"mesh splits the heads {degree} ways (a head split of the packed axis would mix them): "
+                         f"pack with shards={degree}, or shard the unpacked tree")
+    if not isinstance(leaf.values, ContractLast):
+        raise ValueError("sharding packed q/k/v needs contraction-last weights (`contract_last` before `pack_qkv`)")
+    layers = {k: v for k, v in specs["layers"].items() if k not in QKV}
+    return {**specs, "layers": {**layers, "qkv": specs["layers"]["q"]}}
 
 
 def param_partition_specs(config: ModelConfig, mesh: Mesh, rules=None) -> dict:

@@ -3,7 +3,8 @@
 The packed tree must give the unpacked tree's logits and tokens (float32, prefill and decode, both layouts);
 `ops.matmuls` must make one product of the three parts and `attention.rotate_write_attend` hand that
 product whole to the decode kernel (interpret mode standing in for the GPU); quantizing, sharding or packing
-a packed tree again must fail with a message naming the problem.
+a packed tree again must fail with a message naming the problem, as must a tree packed per tensor shard
+(`shards=`) run whole.
 """
 
 import functools
@@ -99,5 +100,13 @@ def test_packed_trees_refuse_what_would_split_or_change_them():
     with pytest.raises(ValueError, match="missing layers/k"):
         pack_qkv({"layers": {"q": params["layers"]["q"]}})
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    with pytest.raises(ValueError, match="shard the unpacked tree"):
+    with pytest.raises(ValueError, match="needs contraction-last weights"):
         sharding.tree_shardings(packed, CONFIG, mesh)
+    with pytest.raises(ValueError, match="lays out contraction-last weights"):
+        pack_qkv(params, shards=2)
+    last = ji.contract_last(params)
+    with pytest.raises(ValueError, match="4 shards do not divide the heads of k=2, v=2"):
+        pack_qkv(last, shards=4)
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, CONFIG.vocab_size, (1, 4)))
+    with pytest.raises(ValueError, match="run it on a mesh with tensor=2"):  # laid out for 2 shards, run on one
+        _run(pack_qkv(last, shards=2), tokens)

@@ -314,6 +314,32 @@ def test_contract_last_params_shard_and_run_per_shard():
 
 
 @needs_devices
+def test_qkv_packed_per_shard_runs_per_shard():
+    """`pack_qkv(shards=4)`: the packed axis holds one block per tensor shard, each that shard's q heads then
+    its k and v heads, so each device gets one packed matrix of its own heads; tensor=4 x data=2 gives one
+    device's logits. Packed for another degree, the rules refuse the tree."""
+    from jaxinfer import tensor_parallel
+    from jaxinfer.packing import pack_qkv
+
+    params1 = ji.contract_last(jax.device_put(random_params(CFG), jax.devices()[0]))
+    first1, second1, _ = _steps(params1, CFG)
+    mesh = sh.make_mesh(data=2, tensor=4)
+    packed = pack_qkv(params1, shards=4)
+    stored = np.asarray(packed["layers"]["qkv"].values.values)  # [L, 4 blocks x (2 q + 1 k + 1 v heads), H, D]
+    q, k, v = (np.asarray(params1["layers"][n].values) for n in "qkv")
+    np.testing.assert_array_equal(stored[:, 4:8], np.concatenate([q[:, 2:4], k[:, 1:2], v[:, 1:2]], axis=1))
+    params = sh.shard_params(packed, CFG, mesh)
+    shards = params["layers"]["qkv"].values.values.addressable_shards
+    assert {s.data.shape for s in shards} == {(CFG.num_layers, 4, 16, 64)}
+    with jax.set_mesh(mesh):
+        assert tensor_parallel.applies(CFG, params)
+    first, second, _ = _steps(params, CFG)
+    assert _rel(first, first1) < 1e-5 and _rel(second, second1) < 1e-5, (_rel(first, first1), _rel(second, second1))
+    with pytest.raises(ValueError, match="pack with shards=4"):
+        sh.shard_params(pack_qkv(params1, shards=2), CFG, mesh)
+
+
+@needs_devices
 def test_quantized_tensor_parallel_equals_one_device():
     """Quantized layers per shard (tensor=4 x data=2) give one device's logits; int4 groups that a shard
     would cut in half (the rules replicate those scales) keep XLA's partitioner, with the same result."""
