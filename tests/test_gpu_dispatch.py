@@ -80,6 +80,35 @@ def test_tensor_parallel_layers_run_the_kernels_per_shard(monkeypatch):
     assert [(L, config.ffn_dim // 2, D)] in launches, launches
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+def test_tensor_parallel_with_qkv_packed_per_shard():
+    """tensor=2 on contraction-last weights with q/k/v packed per shard (`pack_qkv(shards=2)`): the decode
+    attention launch takes each shard's packed product (rotation and cache write inside it), and prefill +
+    decode logits equal one GPU's unpacked run within bf16 rounding."""
+    from jaxinfer import sharding as sh
+    from jaxinfer.packing import pack_qkv
+
+    config = CONFIG.replace(num_kv_heads=4)
+    params = ji.contract_last(ji.init_params(config, 0, jnp.bfloat16))
+    tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 24)).astype(np.int32)
+
+    def run(params, mesh):
+        cache = sh.init_cache_on(mesh, config, 2, 64, jnp.bfloat16)
+        logits, cache = ji.prefill(params, cache, tokens, config=config, impl="auto")
+        out = [np.asarray(logits, np.float32)]
+        for t in range(4):
+            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=config, impl="auto")
+            out.append(np.asarray(logits, np.float32))
+        return np.stack(out)
+
+    ref = run(params, None)
+    mesh = sh.make_mesh(tensor=2, devices=jax.devices()[:2])
+    got = run(sh.shard_params(pack_qkv(params, shards=2), config, mesh), mesh)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 2e-2, err
+
+
 _ONE_SHOT_PROBE = """
 import sys, jax, jax.numpy as jnp, numpy as np, jaxinfer as ji
 from jaxinfer import sharding as sh
