@@ -11,9 +11,8 @@ Parts (default: all that fit the device count n):
          what the 2 all-reduces per layer cost), and per shard with q/k/v packed per shard (`_packed`);
          `--tp-variants` picks among them. `--fori`: each also through a fixed-count loop without the
          per-step host round trip; `--timeline STEPS`: each GPU's idle time around the sums, from a
-         trace. XLA's all-reduce kernel is the library's choice
-         (`jaxinfer.xla_flags`); a run with `XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true`
-         times XLA's own default beside it.
+         trace. The sums run on the library's choice of kernel (NCCL, `jaxinfer.xla_flags`); a process with
+         `XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true` times XLA's own default.
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given; decode
          also with micro-batches of different steps in flight (`pipeline.decode_loop`, `_inflight_m<M>`).

@@ -71,9 +71,9 @@ class Packed:
         return tuple(out)
 
     def axis_names(self) -> "Packed":
-        """The logical axis names of the stored values (for sharding rules), as a `Packed` of them; the packed
-        axis is named like the query heads when it is laid out per shard (so the rules split it the same
-        way), unnamed otherwise."""
+        """The logical axis names of the stored values (for sharding rules), as a `Packed` of them (`pack_qkv`
+        names the packed axis like the query heads when it lays it out per shard, so the rules split it the
+        same way, and leaves it unnamed otherwise)."""
         if not isinstance(self.values, ContractLast):
             raise ValueError("sharding a packed tree needs contraction-last weights (`contract_last`) with axis names")
         return self.replace(values=self.values.axis_names())
