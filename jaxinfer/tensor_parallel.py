@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import ops
 from . import sharding as sh
+from . import xla_flags
 from .cache import PagedKVCache, QuantKVCache
 from .config import ModelConfig
 from .quant.qarray import QArray
@@ -125,6 +126,8 @@ def decoder_layers(params, x, cache, layer_ids, rope, positions, valid, kv_lengt
     """`model.decoder_layers` on `params["layers"]`, run per shard over the context mesh (`applies`)."""
     from . import model  # (model imports this module)
 
+    if jax.default_backend() == "gpu":
+        xla_flags.warn_if_missing()  # the sums' kernel (NCCL) is chosen by a process flag
     mesh = jax.sharding.get_abstract_mesh()
     t = mesh.shape[AXIS]
     rows, rules = _region(mesh, x.shape[0])

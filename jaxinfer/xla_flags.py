@@ -9,11 +9,15 @@ changes nothing once a backend is up. A flag the user has already set, to any va
   15). Passing it as a jit compiler option does not reach the choice (tried: the kernel stayed).
 
 Only for the jaxlib versions these were tried with: XLA stops the process on a flag it does not know.
+`warn_if_missing()` tells a user whose process started its backend before importing `jaxinfer` (the
+tensor-parallel layers call it when they run on a GPU).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 FLAGS = {"xla_gpu_unsupported_use_all_reduce_one_shot_kernel": "false"}
 TESTED_JAXLIB = ("0.10.", "0.11.")
@@ -23,12 +27,33 @@ def apply(environ=os.environ) -> list[str]:
     """Adds each of `FLAGS` the user has not set to `environ["XLA_FLAGS"]`; returns the names added (none
     once a backend has started or on an untried jaxlib)."""
     import jax._src.xla_bridge as xla_bridge
-    import jaxlib
 
-    if xla_bridge.backends_are_initialized() or not jaxlib.__version__.startswith(TESTED_JAXLIB):
+    if xla_bridge.backends_are_initialized():
         return []
     current = environ.get("XLA_FLAGS", "")
-    added = [name for name in FLAGS if f"--{name}=" not in current and f"--{name} " not in current + " "]
+    added = missing(environ)
     if added:
         environ["XLA_FLAGS"] = " ".join(filter(None, [current, *(f"--{name}={FLAGS[name]}" for name in added)]))
     return added
+
+
+def missing(environ=os.environ) -> list[str]:
+    """The names of `FLAGS` absent from `environ["XLA_FLAGS"]` (on a tried jaxlib; else none)."""
+    import jaxlib
+
+    if not jaxlib.__version__.startswith(TESTED_JAXLIB):
+        return []
+    current = environ.get("XLA_FLAGS", "") + " "
+    return [name for name in FLAGS if f"--{name}=" not in current and f"--{name} " not in current]
+
+
+@functools.cache
+def warn_if_missing() -> None:
+    """Once per process: a warning naming the flags that did not reach XLA (jax started before `jaxinfer`
+    was imported), with how to set them."""
+    names = missing()
+    if names:
+        flags = " ".join(f"--{name}={FLAGS[name]}" for name in names)
+        warnings.warn(f"jaxinfer could not set XLA flags it relies on for speed (jax's backend started before "
+                      f"jaxinfer was imported): import jaxinfer first, or start with XLA_FLAGS='{flags}' "
+                      f"(jaxinfer/xla_flags.py says why)", stacklevel=2)

@@ -1,4 +1,5 @@
-"""The XLA flags jaxinfer sets at import: added when absent, a user's own setting kept, known to this XLA."""
+"""The XLA flags jaxinfer sets at import: added when absent, a user's own setting kept, known to this XLA, and
+one warning where they could not be set."""
 
 import os
 import subprocess
@@ -39,3 +40,24 @@ def test_importing_jaxinfer_sets_the_flag_and_xla_accepts_it():
     assert out.returncode == 0, out.stderr[-2000:]
     flags, total = out.stdout.split("\n")[:2]
     assert f"--{NAME}=false" in flags and float(total) == 3.0
+
+
+def test_a_missing_flag_is_named_in_one_warning(monkeypatch):
+    """A process whose backend started before `import jaxinfer` keeps XLA's default: the tensor-parallel
+    layers warn once, naming the flag and how to set it; with the flag set, nothing is said."""
+    import warnings
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    xla_flags.warn_if_missing.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        xla_flags.warn_if_missing()
+        xla_flags.warn_if_missing()
+    assert len(caught) == 1 and f"XLA_FLAGS='--{NAME}=false'" in str(caught[0].message)
+    monkeypatch.setenv("XLA_FLAGS", f"--{NAME}=true")
+    xla_flags.warn_if_missing.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        xla_flags.warn_if_missing()
+    assert caught == []
+    xla_flags.warn_if_missing.cache_clear()
