@@ -81,9 +81,9 @@ def row_parallel(eq: str, x, w, residual=None, norm=None):
     if mesh.empty or AXIS not in mesh.manual_axes or mesh.shape[AXIS] == 1:
         return ops.matmul(eq, x, w, residual=residual, norm=norm)
     out = jax.lax.psum(ops.matmul(eq, x, w, jnp.float32), AXIS)
-    if residual is None or residual.dtype != x.dtype:
-        return ops.join_residual(out.astype(x.dtype), residual, norm)
-    return ops.join_residual(out, residual, norm)  # rounds to the residual's (= x's) dtype before adding
+    if residual is None or residual.dtype != x.dtype:  # else join_residual rounds it to the residual's dtype
+        out = out.astype(x.dtype)
+    return ops.join_residual(out, residual, norm)
 
 
 def embed(params, tokens, config: ModelConfig):

@@ -33,8 +33,13 @@ def apply(environ=os.environ) -> list[str]:
     current = environ.get("XLA_FLAGS", "")
     added = missing(environ)
     if added:
-        environ["XLA_FLAGS"] = " ".join(filter(None, [current, *(f"--{name}={FLAGS[name]}" for name in added)]))
+        environ["XLA_FLAGS"] = " ".join(filter(None, [current, _settings(added)]))
     return added
+
+
+def _settings(names) -> str:
+    """`--name=value` of each of `names` (keys of `FLAGS`), as XLA_FLAGS spells them."""
+    return " ".join(f"--{name}={FLAGS[name]}" for name in names)
 
 
 def missing(environ=os.environ) -> list[str]:
@@ -53,7 +58,7 @@ def warn_if_missing() -> None:
     was imported), with how to set them."""
     names = missing()
     if names:
-        flags = " ".join(f"--{name}={FLAGS[name]}" for name in names)
+        flags = _settings(names)
         warnings.warn(f"jaxinfer could not set XLA flags it relies on for speed (jax's backend started before "
                       f"jaxinfer was imported): import jaxinfer first, or start with XLA_FLAGS='{flags}' "
                       f"(jaxinfer/xla_flags.py says why)", stacklevel=2)

@@ -43,6 +43,20 @@ def test_prefill_then_decode_matches_xla(impl):
         assert err8 < 2e-2, err8
 
 
+def _prefill_then_decode(params, mesh, config, tokens, steps=4):
+    """Float32 logits of a bf16-cache prefill of `tokens` [B, T] on `mesh` (None: one device), then of
+    `steps` decode steps fed tokens[:, t], stacked [steps + 1, B, V]."""
+    from jaxinfer import sharding as sh
+
+    cache = sh.init_cache_on(mesh, config, tokens.shape[0], 64, jnp.bfloat16)
+    logits, cache = ji.prefill(params, cache, tokens, config=config, impl="auto")
+    out = [np.asarray(logits, np.float32)]
+    for t in range(steps):
+        logits, cache = ji.decode_step(params, cache, tokens[:, t], config=config, impl="auto")
+        out.append(np.asarray(logits, np.float32))
+    return np.stack(out)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_layers_run_the_kernels_per_shard(monkeypatch):
@@ -60,19 +74,10 @@ def test_tensor_parallel_layers_run_the_kernels_per_shard(monkeypatch):
     monkeypatch.setattr(ops, "_pallas_matmuls", lambda x, products, layer: launches.append(
         [tuple(w.shape) for _, w in products]) or real(x, products, layer))
 
-    def run(params, mesh):
-        cache = sh.init_cache_on(mesh, config, 2, 64, jnp.bfloat16)
-        logits, cache = ji.prefill(params, cache, tokens, config=config, impl="auto")
-        out = [np.asarray(logits)]
-        for t in range(4):
-            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=config, impl="auto")
-            out.append(np.asarray(logits))
-        return np.stack(out)
-
-    ref = run(params, None)
+    ref = _prefill_then_decode(params, None, config, tokens)
     mesh = sh.make_mesh(tensor=2, devices=jax.devices()[:2])
     launches.clear()
-    got = run(sh.shard_params(params, config, mesh), mesh)
+    got = _prefill_then_decode(sh.shard_params(params, config, mesh), mesh, config, tokens)
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
     L, D, H = config.num_layers, config.dim, config.head_dim
@@ -83,9 +88,8 @@ def test_tensor_parallel_layers_run_the_kernels_per_shard(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_with_qkv_packed_per_shard():
-    """tensor=2 on contraction-last weights with q/k/v packed per shard (`pack_qkv(shards=2)`): the decode
-    attention launch takes each shard's packed product (rotation and cache write inside it), and prefill +
-    decode logits equal one GPU's unpacked run within bf16 rounding."""
+    """tensor=2 on contraction-last weights with q/k/v packed per shard (`pack_qkv(shards=2)`), through the
+    GPU's kernels: prefill + decode logits equal one GPU's unpacked run within bf16 rounding."""
     from jaxinfer import sharding as sh
     from jaxinfer.packing import pack_qkv
 
@@ -93,18 +97,9 @@ def test_tensor_parallel_with_qkv_packed_per_shard():
     params = ji.contract_last(ji.init_params(config, 0, jnp.bfloat16))
     tokens = np.random.default_rng(2).integers(0, config.vocab_size, (2, 24)).astype(np.int32)
 
-    def run(params, mesh):
-        cache = sh.init_cache_on(mesh, config, 2, 64, jnp.bfloat16)
-        logits, cache = ji.prefill(params, cache, tokens, config=config, impl="auto")
-        out = [np.asarray(logits, np.float32)]
-        for t in range(4):
-            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=config, impl="auto")
-            out.append(np.asarray(logits, np.float32))
-        return np.stack(out)
-
-    ref = run(params, None)
+    ref = _prefill_then_decode(params, None, config, tokens)
     mesh = sh.make_mesh(tensor=2, devices=jax.devices()[:2])
-    got = run(sh.shard_params(pack_qkv(params, shards=2), config, mesh), mesh)
+    got = _prefill_then_decode(sh.shard_params(pack_qkv(params, shards=2), config, mesh), mesh, config, tokens)
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
 

@@ -111,9 +111,11 @@ def marked_skew(planes: dict[str, list[Event]], is_marked: Callable[[Event], boo
     if n == 0 or len(marked) < 2:
         return {"pairs": n}
     out = {"pairs": n}
+    first_start = [min(m[i].start_ns for m in marked.values()) for i in range(n)]
+    first_end = [min(m[i].end_ns for m in marked.values()) for i in range(n)]
     for name, evs in marked.items():
-        late = [evs[i].start_ns - min(m[i].start_ns for m in marked.values()) for i in range(n)]
-        end = [evs[i].end_ns - min(m[i].end_ns for m in marked.values()) for i in range(n)]
+        late = [evs[i].start_ns - first_start[i] for i in range(n)]
+        end = [evs[i].end_ns - first_end[i] for i in range(n)]
         out[name] = {"start_late_median_us": statistics.median(late) / 1e3, "start_late_mean_us": statistics.fmean(late) / 1e3,
                      "end_late_median_us": statistics.median(end) / 1e3}
     return out
