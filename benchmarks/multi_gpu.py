@@ -199,10 +199,11 @@ def _inflight_loop(params, cache, tok, *, cfg, impl, microbatches, mesh, steps):
 
 
 def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, samples, dtype, phases=("prefill", "decode"),
-               inflight=False):
+               inflight=False, profile=False):
     """Prefill tokens/s (batch x context) and decode tokens/s (batch x steps) on one GPU (mesh None)
     or through the pipeline with `microbatches`; `inflight`: decode with `pipeline.decode_loop` (micro-batches
-    of different steps in flight) instead of one pipelined forward per step."""
+    of different steps in flight) instead of one pipelined forward per step; `profile`: also the device
+    time per op of one prefill on GPU 0 (a pipeline's first stage)."""
     tokens = _prompt(batch, context, cfg.vocab_size)
     max_len = bucket(context + steps + 1, 128)
     new_cache = lambda: sh.init_cache_on(mesh, cfg, batch, max_len, dtype)
@@ -221,6 +222,13 @@ def throughput(params, cfg, *, mesh, microbatches, batch, context, steps, impl, 
     if "prefill" in phases:
         pre, _ = _median_time(run_prefill, samples)
         out.update(prefill_tokens_per_s=batch * context / pre, prefill_s=pre)
+        if profile:
+            prefill = jax.jit(lambda p, c, t: _prefill_fn(p, c, t, **kw))
+            text = prefill.lower(params, new_cache(), tokens).compile().as_text()
+            prof = kernel_breakdown(lambda: prefill(params, new_cache(), tokens), text, calls=2, top=16,
+                                    device="/device:GPU:0")
+            out["prefill_profile"] = {"device_us": prof["device_us_per_call"], "ops": [
+                {k: r[k] for k in ("hlo_op", "op_name", "launches_per_call", "us_per_call")} for r in prof["ops"]]}
     if "decode" in phases:
         dec, _ = _median_time(run_decode, samples)
         out.update(decode_tokens_per_s=batch * steps / dec, decode_step_ms=1e3 * dec / steps)
@@ -289,7 +297,8 @@ def main(argv=None) -> None:
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per sample")
     ap.add_argument("--samples", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="tp: also the per-op device time of one decode step")
+    ap.add_argument("--profile", action="store_true",
+                    help="tp: also the per-op device time of one decode step; pp: of one prefill on GPU 0")
     ap.add_argument("--timeline", type=int, default=0, metavar="STEPS",
                     help="tp: also each GPU's idle time around the all-reduces, from a trace of STEPS decode steps")
     ap.add_argument("--fori", action="store_true",
@@ -405,7 +414,7 @@ def main(argv=None) -> None:
         pp_kw = dict(batch=args.pp_batch, context=args.context, steps=args.steps // 2, impl=args.impl,
                      samples=args.samples, dtype=dtype)
         case(f"throughput_b{args.pp_batch}_1gpu",
-             lambda: throughput(base_params, cfg, mesh=None, microbatches=None, **pp_kw))
+             lambda: throughput(base_params, cfg, mesh=None, microbatches=None, profile=args.profile, **pp_kw))
         pp_mesh = sh.make_mesh(pipeline=n)
         try:
             pp_params = sh.shard_params(base_params, cfg, pp_mesh)
@@ -418,7 +427,7 @@ def main(argv=None) -> None:
             name = f"throughput_b{args.pp_batch}_pp{n}_m{m}"
             phases = tuple(ph for ph, ms in (("prefill", pre_ms), ("decode", dec_ms)) if m in ms)
             case(name, lambda m=m, phases=phases: throughput(
-                pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=phases, **pp_kw))
+                pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=phases, profile=args.profile, **pp_kw))
             for ph in phases:
                 if name in results and base and f"{ph}_tokens_per_s" in base:
                     results[name][f"{ph}_speedup"] = results[name][f"{ph}_tokens_per_s"] / base[f"{ph}_tokens_per_s"]
@@ -481,9 +490,10 @@ def main(argv=None) -> None:
         if "fori" in r:
             print(f"{name + ' (fori loop)':34} " + ", ".join(f"{k}={r['fori'][k]:.4g}" for k in ("tokens_per_s", "speedup") if k in r["fori"]))
     for name, r in results.items():
-        prof = r if name.startswith("profile") else r.get("profile")
+        prof = r if name.startswith("profile") else r.get("profile") or r.get("prefill_profile")
         if prof and prof.get("device_us"):
-            print(f"\n{name}: device time of one decode step on GPU 0, {prof['device_us']:.0f} us")
+            print(f"\n{name}: device time of one {'prefill' if 'prefill_profile' in r else 'decode step'} on GPU 0,"
+                  f" {prof['device_us']:.0f} us")
             for op in prof["ops"][:10]:
                 print(f"  {op['us_per_call']:8.1f} us x{op['launches_per_call']:<5g} {op['hlo_op'][:40]:40} {op['op_name'][-60:]}")
     for name, r in results.items():
