@@ -250,7 +250,7 @@ def tp_in_processes(args) -> dict:
     n = args.tp_processes
     common = ["--tp-processes", str(n), "--coordinator", f"127.0.0.1:{port}", "--out", str(args.out),
               "--preset", args.preset, "--impl", args.impl, "--context", str(args.context),
-              "--steps", str(args.steps), "--samples", str(args.samples)]
+              "--steps", str(args.steps), "--samples", str(args.samples), "--weight-layout", args.weight_layout]
     logs = [open(args.out / f"tp_process{i}.log", "w") for i in range(n)]
     procs = [subprocess.Popen([sys.executable, __file__, "--tp-process-id", str(i), *common], stdout=logs[i],
                               stderr=subprocess.STDOUT, cwd=ROOT) for i in range(n)]
@@ -276,10 +276,14 @@ def tp_process(args) -> None:
                                process_id=args.tp_process_id, initialization_timeout=120,
                                local_device_ids=None if on_cpu else [args.tp_process_id])
     cfg = ji.ModelConfig.from_preset(args.preset)
-    params = sh.init_params(cfg, sh.make_mesh(tensor=jax.device_count()), dtype=jnp.bfloat16)
+    mesh = sh.make_mesh(tensor=jax.device_count())
+    params = sh.init_params(cfg, mesh, dtype=jnp.bfloat16)
+    if args.weight_layout == "contract-last":  # as the one-process cases, transposed in place in the shards
+        abstract = ji.contract_last(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params))
+        params = jax.jit(ji.contract_last, out_shardings=sh.tree_shardings(abstract, cfg, mesh))(params)
     r = decode_tokens_per_s(params, cfg, batch=1, context=args.context, steps=args.steps, impl=args.impl,
                             samples=args.samples, dtype=jnp.bfloat16)
-    r.update(processes=jax.process_count(), devices=[d.device_kind for d in jax.devices()])
+    r.update(processes=jax.process_count(), devices=[d.device_kind for d in jax.devices()], weight_layout=args.weight_layout)
     if jax.process_index() == 0:
         (args.out / "tp_processes.json").write_text(json.dumps(r))
     jax.distributed.shutdown()
