@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinfer as ji  # noqa: E402
-from jaxinfer import disagg, model, ops, pipeline, tensor_parallel  # noqa: E402
+from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
 from jaxinfer.bench import switched  # noqa: E402
 from jaxinfer.bench.profile import device_events, idle_report, kernel_breakdown, marked_skew  # noqa: E402
@@ -311,7 +311,7 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
-    ap.add_argument("--pp-variants", default="default", help="pp: which ways to time (default, unrolled)")
+    ap.add_argument("--pp-variants", default="default", help="pp: which ways to time (default, scan)")
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
     ap.add_argument("--pp-inflight-microbatches", default="4,8",
@@ -428,9 +428,9 @@ def main(argv=None) -> None:
         base = results.get(f"throughput_b{args.pp_batch}_1gpu")
         pre_ms = [int(m) for m in args.pp_prefill_microbatches.split(",") if m]
         dec_ms = [int(m) for m in args.pp_decode_microbatches.split(",") if m]
-        # `_unrolled`: each stage's layer scan fully unrolled (static layer indices), so a weight slice that
-        # reaches a library GEMM as a copy is the same on every tick (XLA may hoist it out of the tick loop)
-        pp_variants = {"": {}, "_unrolled": {"LAYER_UNROLL": True}}
+        # `_scan`: prefill micro-batches through the layer scan, whose weight slices reach XLA's GEMMs as a
+        # copy on every tick (the default since S16: constant layer numbers, copies made once per call)
+        pp_variants = {"": {}, "_scan": {"STATIC_LAYERS": False}}
         chosen = {{"default": ""}.get(v, f"_{v}") for v in args.pp_variants.split(",")}
         for m, (suffix, switches) in ((m, kv) for m in (sorted(set(pre_ms) | set(dec_ms)) if pp_params is not None else ())
                                       for kv in pp_variants.items() if kv[0] in chosen):
@@ -438,7 +438,7 @@ def main(argv=None) -> None:
             phases = tuple(ph for ph, ms in (("prefill", pre_ms), ("decode", dec_ms)) if m in ms)
 
             def pp_case(m=m, phases=phases, switches=switches):
-                with switched(model, switches):
+                with switched(pipeline, switches):
                     return throughput(pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=phases,
                                       profile=args.profile, **pp_kw)
             case(name, pp_case)

@@ -32,6 +32,7 @@ from .config import ModelConfig
 from .sharding import data_axis
 
 AXIS = "pipeline"
+STATIC_LAYERS = True  # False: prefill micro-batches through the layer scan too (for comparisons)
 
 
 def default_microbatches(batch: int, tokens: int, stages: int) -> int:
@@ -101,6 +102,10 @@ def forward(
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
         if not paged:
             kv = tuple(_by_microbatch(a, M) for a in kv)
+        # Micro-batches of more rows than the product kernel takes (prefill) reach XLA's GEMMs, which read
+        # a layer's weights as a copy of its slice: constant layer numbers let XLA make those copies once
+        # per call rather than on every tick (S16-4 in benchmarks/BENCHMARKS.md).
+        static_layers = STATIC_LAYERS and mb * T > ops.KERNEL_MAX_ROWS
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
 
@@ -118,7 +123,7 @@ def forward(
                 ids = jnp.arange(n_local, dtype=jnp.int32) * M + mc
             h, sub = model.decoder_layers(
                 layer_params, h, sub, ids, (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
-                config=config, impl=impl,
+                config=config, impl=impl, static_layers=static_layers,
             )
             kv = tuple(getattr(sub, n) for n in names)
             result = model.last_tokens(h, valid[mc].sum(-1).astype(jnp.int32)) if last_only else h

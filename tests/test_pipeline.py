@@ -13,7 +13,7 @@ from multidevice import needs_devices, rerun_with_devices
 from test_sharding import PROMPTS, _rel, _same_spec, _steps, paged_cache, padded, random_params
 
 import jaxinfer as ji
-from jaxinfer import pipeline
+from jaxinfer import model, ops, pipeline
 from jaxinfer import sharding as sh
 
 # Four layers so that pipeline=4 gives one layer per stage; 2 kv heads (replicated on tensor=4).
@@ -73,15 +73,21 @@ def _hlo_ops(compiled_text: str, op: str) -> int:
 
 
 @needs_devices
-@pytest.mark.parametrize("microbatches", [4, 1])
-def test_pipeline4_microbatches_flow_stage_to_stage(microbatches):
-    """pipeline=4 x tensor=2, one layer per stage: 4 micro-batches of one row each (or 1 of four) give
-    one device's logits; the compiled program passes activations with collective-permute and gathers
-    no weights."""
+@pytest.mark.parametrize("microbatches,stages,gemm_rows", [(4, 4, False), (1, 4, False), (2, 2, True), (1, 2, True)])
+def test_pipeline_microbatches_flow_stage_to_stage(microbatches, stages, gemm_rows, monkeypatch):
+    """pipeline=4 or 2 x tensor=2 (one or two layers per stage): micro-batches give one device's logits;
+    the compiled program passes activations with collective-permute and gathers no weights. With
+    `gemm_rows` the micro-batches count as GEMM-sized (more rows than the product kernel takes), so the
+    stages run their layers with constant layer numbers (`static_layers`) instead of the scan."""
     ref = _reference()
-    mesh = sh.make_mesh(pipeline=4, tensor=2)
+    if gemm_rows:
+        monkeypatch.setattr(ops, "KERNEL_MAX_ROWS", 0)
+    seen = []
+    layers = model.decoder_layers
+    monkeypatch.setattr(model, "decoder_layers", lambda *a, **k: seen.append(k["static_layers"]) or layers(*a, **k))
+    mesh = sh.make_mesh(pipeline=stages, tensor=2, devices=jax.devices()[: 2 * stages])
     params = sh.shard_params(ref["params"], CFG, mesh)
-    assert {s.data.shape[0] for s in params["layers"]["w_down"].addressable_shards} == {1}
+    assert {s.data.shape[0] for s in params["layers"]["w_down"].addressable_shards} == {4 // stages}
     B, T = len(PROMPTS), 16
     tokens, lengths = padded(PROMPTS, T)
 
@@ -98,6 +104,7 @@ def test_pipeline4_microbatches_flow_stage_to_stage(microbatches):
     logits, cache = prefill(params, cache, tokens, lengths)
     assert _rel(logits, ref["first"]) < 1e-5
     assert cache.k.sharding.is_equivalent_to(sh.cache_shardings(CFG, mesh, batch=B).k, 5)
+    assert set(seen) == {gemm_rows}
 
 
 @needs_devices
