@@ -311,7 +311,7 @@ def main(argv=None) -> None:
     ap.add_argument("--weight-layout", default=DEFAULT_LAYOUT, choices=LAYOUTS,
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
-    ap.add_argument("--pp-variants", default="default", help="pp: which ways to time (default, scan)")
+    ap.add_argument("--pp-variants", default="default", help="pp: which ways to time (default, stacked)")
     ap.add_argument("--pp-prefill-microbatches", default="4,16")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
     ap.add_argument("--pp-inflight-microbatches", default="4,8",
@@ -428,9 +428,9 @@ def main(argv=None) -> None:
         base = results.get(f"throughput_b{args.pp_batch}_1gpu")
         pre_ms = [int(m) for m in args.pp_prefill_microbatches.split(",") if m]
         dec_ms = [int(m) for m in args.pp_decode_microbatches.split(",") if m]
-        # `_scan`: prefill micro-batches through the layer scan, whose weight slices reach XLA's GEMMs as a
-        # copy on every tick (the default since S16: constant layer numbers, copies made once per call)
-        pp_variants = {"": {}, "_scan": {"STATIC_LAYERS": False}}
+        # `_stacked`: prefill micro-batches read each stage's stacked weights, whose layer slices reach XLA's
+        # GEMMs as copies made on every tick (the default since S16: each layer sliced once per call)
+        pp_variants = {"": {}, "_stacked": {"SPLIT_LAYERS": False}}
         chosen = {{"default": ""}.get(v, f"_{v}") for v in args.pp_variants.split(",")}
         for m, (suffix, switches) in ((m, kv) for m in (sorted(set(pre_ms) | set(dec_ms)) if pp_params is not None else ())
                                       for kv in pp_variants.items() if kv[0] in chosen):

@@ -93,18 +93,12 @@ def layer_view(layer_params, i):
     return views
 
 
-def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl,
-                   static_layers: bool = False):
+def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
     """The stacked layers `layer_params` (leading axis) over `x [B, T, D]` with `lax.scan`; layer i reads
     and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced).
 
     The scan runs over layer numbers and the body picks its layer from the whole stacked weights
     (`layer_view`) rather than scanning over the weights: a scanned slice reaches a kernel as a copy.
-    A library GEMM (XLA's dot on more than `ops.KERNEL_MAX_ROWS` rows) still gets its layer's slice as a
-    copy. `static_layers`: a Python loop with constant layer numbers instead of the scan, for a caller that
-    runs these layers inside its own loop (the pipeline's ticks): the slices are then the same on every
-    trip, and XLA makes each copy once, before that loop, instead of on every trip (the price: a copy of
-    these layers' matrices held for the call).
 
     Where `ops.residual_norm_fuses` (GPU decode, products off the fused row kernel) each residual add
     and the norm after it are one launch, the MLP's reaching into the next layer's attention norm, so
@@ -129,14 +123,8 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
         return (x, xn if fused else None, cache), None
 
     xn = rms_norm(x, ops.LayerOf(stacked_norms, 0), eps) if fused else None
-    carry = (x, xn, cache)
-    if static_layers:
-        for i in range(n):
-            carry, _ = layer_step(carry, (i, layer_ids[i]))
-    else:
-        local = jnp.arange(n, dtype=jnp.int32)
-        carry, _ = jax.lax.scan(layer_step, carry, (local, layer_ids), unroll=LAYER_UNROLL)
-    x, _, cache = carry
+    local = jnp.arange(n, dtype=jnp.int32)
+    (x, _, cache), _ = jax.lax.scan(layer_step, (x, xn, cache), (local, layer_ids), unroll=LAYER_UNROLL)
     return x, cache
 
 

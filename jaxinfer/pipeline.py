@@ -32,7 +32,7 @@ from .config import ModelConfig
 from .sharding import data_axis
 
 AXIS = "pipeline"
-STATIC_LAYERS = True  # False: prefill micro-batches through the layer scan too (for comparisons)
+SPLIT_LAYERS = True  # False: prefill micro-batches read the stacked weights too (for comparisons)
 
 
 def default_microbatches(batch: int, tokens: int, stages: int) -> int:
@@ -103,9 +103,11 @@ def forward(
         if not paged:
             kv = tuple(_by_microbatch(a, M) for a in kv)
         # Micro-batches of more rows than the product kernel takes (prefill) reach XLA's GEMMs, which read
-        # a layer's weights as a copy of its slice: constant layer numbers let XLA make those copies once
-        # per call rather than on every tick (S16-4 in benchmarks/BENCHMARKS.md).
-        static_layers = STATIC_LAYERS and mb * T > ops.KERNEL_MAX_ROWS
+        # a layer's weights as a copy of its slice of the stack, made on every tick (XLA does not hoist
+        # slices out of loops). `split`: each layer's weights sliced once, before the ticks, into a stack
+        # of one, which the GEMMs read in place (the price: a copy of the stage's weights for the call).
+        split = SPLIT_LAYERS and mb * T > ops.KERNEL_MAX_ROWS
+        parts = [jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n_local)] if split else [layer_params]
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
 
@@ -121,10 +123,12 @@ def forward(
             else:
                 sub = dense(*kv, kv_lengths[mc])
                 ids = jnp.arange(n_local, dtype=jnp.int32) * M + mc
-            h, sub = model.decoder_layers(
-                layer_params, h, sub, ids, (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
-                config=config, impl=impl, static_layers=static_layers,
-            )
+            for j, part in enumerate(parts):  # the stage's layers, or one layer at a time (`split`)
+                k = slice(j * len(ids) // len(parts), (j + 1) * len(ids) // len(parts))
+                h, sub = model.decoder_layers(
+                    part, h, sub, ids[k], (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
+                    config=config, impl=impl,
+                )
             kv = tuple(getattr(sub, n) for n in names)
             result = model.last_tokens(h, valid[mc].sum(-1).astype(jnp.int32)) if last_only else h
             outs = outs.at[mc].set(jnp.where(active & (s == p - 1), result, outs[mc]))
