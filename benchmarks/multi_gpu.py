@@ -312,7 +312,7 @@ def main(argv=None) -> None:
                     help="contract-last (the command line's default): every case on `ji.contract_last(params)`")
     ap.add_argument("--pp-batch", type=int, default=64)
     ap.add_argument("--pp-variants", default="default", help="pp: which ways to time (default, stacked)")
-    ap.add_argument("--pp-prefill-microbatches", default="4,16")
+    ap.add_argument("--pp-prefill-microbatches", default="16,32")
     ap.add_argument("--pp-decode-microbatches", default="1,4")
     ap.add_argument("--pp-inflight-microbatches", default="4,8",
                     help="pp: decode with micro-batches of different steps in flight (pipeline.decode_loop), M >= n")

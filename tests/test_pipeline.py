@@ -146,6 +146,17 @@ def test_decode_loop_keeps_microbatches_in_flight(stages, microbatches):
     assert _rel(staged.k, cache.k) < 1e-5 and _rel(staged.v, cache.v) < 1e-5
 
 
+def test_default_microbatches():
+    """Decode: one micro-batch per stage (or the largest divisor below); prefill: more, while each keeps
+    `PREFILL_ROWS` tokens, up to 8 per stage."""
+    assert pipeline.default_microbatches(64, 1, 4) == 4
+    assert pipeline.default_microbatches(6, 1, 4) == 3
+    assert pipeline.default_microbatches(64, 512, 4) == 32  # 2 x 512 rows each
+    assert pipeline.default_microbatches(64, 2048, 4) == 32  # capped at 8 per stage
+    assert pipeline.default_microbatches(64, 128, 4) == 8  # 8 x 128 rows each
+    assert pipeline.default_microbatches(4, 16, 4) == 4  # too few rows to split further than the stages
+
+
 @needs_devices
 def test_pipeline_bad_inputs():
     mesh = sh.make_mesh(pipeline=8)
