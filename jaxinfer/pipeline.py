@@ -10,6 +10,10 @@ i - s and hands its activations to stage s + 1 with `ppermute`, so after p - 1 t
 stages work at once (GPipe schedule, M + p - 1 ticks; a stage's idle ticks compute on masked rows and
 write nothing).
 
+A prefill's micro-batches reach XLA's GEMMs, which would copy each layer's slice of the stacked weights
+on every tick; each stage instead slices its layers once per call, when a second copy of its weights takes
+at most half of the free device memory (`SPLIT_LAYERS`, `_stage_copy_fits`).
+
 The dense cache is viewed per stage as `[L/p * M, B/M, S, K, H]` (a free reshape), so micro-batch m of
 local layer l is cache layer `l * M + m` and the model's own scan writes it in place. A paged cache
 needs no reshape: micro-batch m uses rows of the block table.
@@ -63,6 +67,19 @@ def _stages(mesh, config: ModelConfig, caller: str):
     return mesh, p
 
 
+def _stage_copy_fits(layer_params, mesh) -> bool:
+    """Whether a second copy of one device's share of the stacked layer weights takes at most half of the
+    free memory of this process's first device (free memory unknown: yes, as `memory.check_fits`)."""
+    from .memory import free_device_bytes
+
+    free, _ = free_device_bytes(jax.local_devices()[0])
+    if free is None:
+        return True
+    shards = mesh.shape[AXIS] * (mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1)
+    share = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(layer_params)) // shards
+    return share <= free // 2
+
+
 def _by_microbatch(a, M: int):
     """A stage's dense cache array `[L/p, b, ...]` as `[L/p * M, b/M, ...]` (a free reshape): micro-batch m
     of local layer l is layer l * M + m, which the model's layer scan writes in place."""
@@ -105,6 +122,8 @@ def forward(
     kv = tuple(getattr(cache, n) for n in names)
     out_t = 1 if last_only else T
 
+    split_fits = SPLIT_LAYERS and _stage_copy_fits(params["layers"], mesh)  # room for `split` (below)
+
     def stage(layer_params, kv, rows):
         s = jax.lax.axis_index(AXIS)
         n_local = jax.tree.leaves(layer_params)[0].shape[0]
@@ -116,7 +135,7 @@ def forward(
         # a layer's weights as a copy of its slice of the stack, made on every tick (XLA does not hoist
         # slices out of loops). `split`: each layer's weights sliced once, before the ticks, into a stack
         # of one, which the GEMMs read in place (the price: a copy of the stage's weights for the call).
-        split = SPLIT_LAYERS and mb * T > ops.KERNEL_MAX_ROWS
+        split = split_fits and mb * T > ops.KERNEL_MAX_ROWS
         parts = [jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n_local)] if split else [layer_params]
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
