@@ -43,12 +43,12 @@ def test_prefill_then_decode_matches_xla(impl):
         assert err8 < 2e-2, err8
 
 
-def _prefill_then_decode(params, mesh, config, tokens, steps=4):
+def _prefill_then_decode(params, mesh, config, tokens, steps=4, max_len=64):
     """Float32 logits of a bf16-cache prefill of `tokens` [B, T] on `mesh` (None: one device), then of
     `steps` decode steps fed tokens[:, t], stacked [steps + 1, B, V]."""
     from jaxinfer import sharding as sh
 
-    cache = sh.init_cache_on(mesh, config, tokens.shape[0], 64, jnp.bfloat16)
+    cache = sh.init_cache_on(mesh, config, tokens.shape[0], max_len, jnp.bfloat16)
     logits, cache = ji.prefill(params, cache, tokens, config=config, impl="auto")
     out = [np.asarray(logits, np.float32)]
     for t in range(steps):
@@ -102,6 +102,30 @@ def test_tensor_parallel_with_qkv_packed_per_shard():
     got = _prefill_then_decode(sh.shard_params(pack_qkv(params, shards=2), config, mesh), mesh, config, tokens)
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
+def test_pipeline_prefill_with_layers_split_equals_one_gpu(monkeypatch):
+    """pipeline=2 (two layers a stage): a prefill whose micro-batches have more rows than the product kernel
+    takes runs each stage's layers sliced once (stacks of one), decode steps the stacked layers; prefill +
+    decode logits equal one GPU's within bf16 rounding."""
+    from jaxinfer import model
+    from jaxinfer import sharding as sh
+
+    config = CONFIG.replace(num_layers=4)
+    params = ji.contract_last(ji.init_params(config, 0, jnp.bfloat16))
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, (4, 96)).astype(np.int32)
+    ref = _prefill_then_decode(params, None, config, tokens, max_len=128)
+    seen = []
+    layers = model.decoder_layers
+    monkeypatch.setattr(model, "decoder_layers",
+                        lambda lp, *a, **k: seen.append(jax.tree.leaves(lp["w_down"])[0].shape[0]) or layers(lp, *a, **k))
+    mesh = sh.make_mesh(pipeline=2, devices=jax.devices()[:2])
+    got = _prefill_then_decode(sh.shard_params(params, config, mesh), mesh, config, tokens, max_len=128)
+    err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert err < 2e-2, err
+    assert 1 in seen and 2 in seen, seen  # prefill: one layer per call (2 rows x 96 > 128); decode: the stack
 
 
 _ONE_SHOT_PROBE = """
