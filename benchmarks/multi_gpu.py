@@ -47,7 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxinfer as ji  # noqa: E402
-from jaxinfer import disagg, ops, pipeline, tensor_parallel  # noqa: E402
+from jaxinfer import disagg, model, ops, pipeline, tensor_parallel  # noqa: E402
 from jaxinfer import sharding as sh  # noqa: E402
 from jaxinfer.bench import switched  # noqa: E402
 from jaxinfer.bench.profile import device_events, idle_report, kernel_breakdown, marked_skew  # noqa: E402
@@ -430,7 +430,7 @@ def main(argv=None) -> None:
         dec_ms = [int(m) for m in args.pp_decode_microbatches.split(",") if m]
         # `_stacked`: prefill micro-batches read each stage's stacked weights, whose layer slices reach XLA's
         # GEMMs as copies made on every tick (the default since S16: each layer sliced once per call)
-        pp_variants = {"": {}, "_stacked": {"SPLIT_LAYERS": False}}
+        pp_variants = {"": {}, "_stacked": {"SPLIT_LAYERS": False}}  # model's switch
         chosen = {{"default": ""}.get(v, f"_{v}") for v in args.pp_variants.split(",")}
         for m, (suffix, switches) in ((m, kv) for m in (sorted(set(pre_ms) | set(dec_ms)) if pp_params is not None else ())
                                       for kv in pp_variants.items() if kv[0] in chosen):
@@ -438,7 +438,7 @@ def main(argv=None) -> None:
             phases = tuple(ph for ph, ms in (("prefill", pre_ms), ("decode", dec_ms)) if m in ms)
 
             def pp_case(m=m, phases=phases, switches=switches):
-                with switched(pipeline, switches):
+                with switched(model, switches):
                     return throughput(pp_params, cfg, mesh=pp_mesh, microbatches=m, phases=phases,
                                       profile=args.profile, **pp_kw)
             case(name, pp_case)

@@ -22,7 +22,7 @@ from .attention import check_impl
 from .bundle import Model
 from .cache import KVCache, init_cache
 from .config import ModelConfig
-from .model import forward
+from .model import forward, split_for_loop
 from .quant.qarray import compute_dtype
 from .sampling import Sampling, sample, sequence_keys
 from .sharding import init_cache_on, mesh_of
@@ -125,6 +125,7 @@ def _is_stop(tok, stop_ids, count, max_new):
 def _generate_loop(params, cache, first_logits, keys, sampling, stop_ids, max_new, *, config, impl, capacity):
     """The whole decode loop on device. Output `[B, capacity]` of token ids, NO_TOKEN after a stop."""
     B = first_logits.shape[0]
+    params = split_for_loop(params, cache, B, config)  # a large batch: each layer's weights sliced once
     first = sample(first_logits, jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, 0), sampling)
     out = jnp.full((B, capacity), NO_TOKEN, jnp.int32).at[:, 0].set(first)
     done = _is_stop(first, stop_ids, 1, max_new)

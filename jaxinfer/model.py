@@ -93,9 +93,45 @@ def layer_view(layer_params, i):
     return views
 
 
+# A loop that runs the layers on every trip with more rows than the product kernel takes (generate's decode
+# loop at a large batch, a pipeline's prefill ticks) gets them split once (`split_layers`), where there is room.
+SPLIT_LAYERS = True
+
+
+def split_layers(layer_params) -> tuple:
+    """The stacked `layer_params` as a tuple of stacks of one layer each, for `decoder_layers`.
+
+    XLA's GEMMs (products of more than `ops.KERNEL_MAX_ROWS` rows) read a layer's slice of the stack only as
+    a copy, made each time the layers run, and XLA does not hoist those copies out of an enclosing loop:
+    split once before the loop, the stacks of one are read in place on every trip. The price is a second
+    copy of the layer weights while they are in use (`split_fits`)."""
+    n = jax.tree.leaves(layer_params)[0].shape[0]
+    return tuple(jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n))
+
+
+def split_fits(layer_params, shards: int = 1) -> bool:
+    """Whether a second copy of one device's share (1 / `shards`) of `layer_params` takes at most half of
+    the free memory of this process's first device (free memory unknown: yes, as `memory.check_fits`)."""
+    from .memory import free_device_bytes
+
+    free, _ = free_device_bytes(jax.local_devices()[0])
+    share = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(layer_params)) // shards
+    return free is None or share <= free // 2
+
+
+def split_for_loop(params, cache, rows: int, config: ModelConfig):
+    """`params` with its layers split (`split_layers`) for a loop of `forward` calls on `rows` rows each,
+    where that pays and fits: more rows than the product kernel takes, layers run whole by `decoder_layers`
+    (not per tensor shard or pipeline stage, which split their own way or not at all), room for the copy."""
+    if not SPLIT_LAYERS or rows <= ops.KERNEL_MAX_ROWS or _pipelined() or tensor_parallel.applies(config, params, cache):
+        return params
+    return {**params, "layers": split_layers(params["layers"])} if split_fits(params["layers"]) else params
+
+
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):
     """The stacked layers `layer_params` (leading axis) over `x [B, T, D]` with `lax.scan`; layer i reads
-    and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced).
+    and writes cache layer `layer_ids[i]`. Returns x and the cache (lengths not advanced). A tuple of
+    stacks (`split_layers`) runs stack after stack, each with its share of `layer_ids`.
 
     The scan runs over layer numbers and the body picks its layer from the whole stacked weights
     (`layer_view`) rather than scanning over the weights: a scanned slice reaches a kernel as a copy.
@@ -103,6 +139,14 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
     Where `ops.residual_norm_fuses` (GPU decode, products off the fused row kernel) each residual add
     and the norm after it are one launch, the MLP's reaching into the next layer's attention norm, so
     the carry holds x's normalised copy too."""
+    if isinstance(layer_params, tuple):
+        start = 0
+        for part in layer_params:
+            n = jax.tree.leaves(part)[0].shape[0]
+            x, cache = decoder_layers(part, x, cache, layer_ids[start : start + n], rope, positions, valid,
+                                      kv_lengths, config=config, impl=impl)
+            start += n
+        return x, cache
     n, eps = layer_ids.shape[0], config.norm_eps
     B, T, _ = x.shape
     stacked_norms = layer_params["attn_norm"]

@@ -11,8 +11,8 @@ stages work at once (GPipe schedule, M + p - 1 ticks; a stage's idle ticks compu
 write nothing).
 
 A prefill's micro-batches reach XLA's GEMMs, which would copy each layer's slice of the stacked weights
-on every tick; each stage instead slices its layers once per call, when a second copy of its weights takes
-at most half of the free device memory (`SPLIT_LAYERS`, `_stage_copy_fits`).
+on every tick; each stage instead splits its layers once per call (`model.split_layers`, where a second
+copy of its weights takes at most half of the free device memory).
 
 The dense cache is viewed per stage as `[L/p * M, B/M, S, K, H]` (a free reshape), so micro-batch m of
 local layer l is cache layer `l * M + m` and the model's own scan writes it in place. A paged cache
@@ -36,7 +36,6 @@ from .config import ModelConfig
 from .sharding import data_axis
 
 AXIS = "pipeline"
-SPLIT_LAYERS = True  # False: prefill micro-batches read the stacked weights too (for comparisons)
 
 
 # Prefill micro-batches keep at least this many rows (tokens): more micro-batches shrink the fill/drain
@@ -65,19 +64,6 @@ def _stages(mesh, config: ModelConfig, caller: str):
     if config.num_layers % p:
         raise ValueError(f"pipeline degree {p} does not divide num_layers={config.num_layers}")
     return mesh, p
-
-
-def _stage_copy_fits(layer_params, mesh) -> bool:
-    """Whether a second copy of one device's share of the stacked layer weights takes at most half of the
-    free memory of this process's first device (free memory unknown: yes, as `memory.check_fits`)."""
-    from .memory import free_device_bytes
-
-    free, _ = free_device_bytes(jax.local_devices()[0])
-    if free is None:
-        return True
-    shards = mesh.shape[AXIS] * (mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1)
-    share = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(layer_params)) // shards
-    return share <= free // 2
 
 
 def _by_microbatch(a, M: int):
@@ -122,7 +108,8 @@ def forward(
     kv = tuple(getattr(cache, n) for n in names)
     out_t = 1 if last_only else T
 
-    split_fits = SPLIT_LAYERS and _stage_copy_fits(params["layers"], mesh)  # room for `split` (below)
+    tensor = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
+    room = model.SPLIT_LAYERS and model.split_fits(params["layers"], shards=p * tensor)  # for the split below
 
     def stage(layer_params, kv, rows):
         s = jax.lax.axis_index(AXIS)
@@ -131,12 +118,10 @@ def forward(
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
         if not paged:
             kv = tuple(_by_microbatch(a, M) for a in kv)
-        # Micro-batches of more rows than the product kernel takes (prefill) reach XLA's GEMMs, which read
-        # a layer's weights as a copy of its slice of the stack, made on every tick (XLA does not hoist
-        # slices out of loops). `split`: each layer's weights sliced once, before the ticks, into a stack
-        # of one, which the GEMMs read in place (the price: a copy of the stage's weights for the call).
-        split = split_fits and mb * T > ops.KERNEL_MAX_ROWS
-        parts = [jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n_local)] if split else [layer_params]
+        # Micro-batches of more rows than the product kernel takes (prefill) reach XLA's GEMMs, which would
+        # copy each layer's slice on every tick: the stage's layers split once, before the ticks.
+        if room and mb * T > ops.KERNEL_MAX_ROWS:
+            layer_params = model.split_layers(layer_params)
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
 
@@ -152,12 +137,10 @@ def forward(
             else:
                 sub = dense(*kv, kv_lengths[mc])
                 ids = jnp.arange(n_local, dtype=jnp.int32) * M + mc
-            for j, part in enumerate(parts):  # the stage's layers, or one layer at a time (`split`)
-                k = slice(j * len(ids) // len(parts), (j + 1) * len(ids) // len(parts))
-                h, sub = model.decoder_layers(
-                    part, h, sub, ids[k], (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
-                    config=config, impl=impl,
-                )
+            h, sub = model.decoder_layers(
+                layer_params, h, sub, ids, (cos[mc], sin[mc]), positions[mc], valid[mc] & active, kv_lengths[mc],
+                config=config, impl=impl,
+            )
             kv = tuple(getattr(sub, n) for n in names)
             result = model.last_tokens(h, valid[mc].sum(-1).astype(jnp.int32)) if last_only else h
             outs = outs.at[mc].set(jnp.where(active & (s == p - 1), result, outs[mc]))

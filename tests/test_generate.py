@@ -75,6 +75,29 @@ def test_generate_equals_stream(model):
     assert gen == streamed
 
 
+def test_large_batch_decode_loop_splits_the_layers_once(model, monkeypatch):
+    """A decode loop over more rows than the product kernel takes gets the layers split once, before the
+    loop (`model.split_for_loop`): its forward runs a tuple of stacks of one. Same tokens as the stacked
+    layers and as the per-step stream."""
+    from jaxinfer import model as model_lib
+    from jaxinfer import ops
+    from jaxinfer.bench import switched
+
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    seen = []
+    layers = model_lib.decoder_layers
+    monkeypatch.setattr(model_lib, "decoder_layers", lambda lp, *a, **k: seen.append(type(lp)) or layers(lp, *a, **k))
+    with switched(ops, {"KERNEL_MAX_ROWS": 1}):  # two rows are "many"
+        split = ji.generate(model, prompts, max_new_tokens=10).token_ids
+        assert tuple in seen
+        seen.clear()
+        with switched(model_lib, {"SPLIT_LAYERS": False}):
+            stacked = ji.generate(model, prompts, max_new_tokens=10).token_ids
+        assert tuple not in seen
+    chunks = [c.token_ids for c in ji.stream(model, prompts, max_new_tokens=10)]
+    assert split == stacked == [[int(c[i]) for c in chunks if c[i] >= 0] for i in range(2)]
+
+
 def test_per_sequence_stops(model):
     prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
     free = ji.generate(model, prompts, max_new_tokens=10).token_ids
