@@ -140,6 +140,9 @@ VARIANTS = {
                    dict(phases=("decode_fused",), profile_batches=())),
     "loop_stacked": ("Decode loop on the stacked layers (`model.SPLIT_LAYERS = False`)",
                      dict(phases=("decode_fused",), profile_batches=()), {"jaxinfer.model": {"SPLIT_LAYERS": False}}),
+    # The same loop with XLA's GEMMs from 65 rows (the product kernel up to 64 instead of 128 rows).
+    "loop_split_gemm_from_65": ("Decode loop, layers split, XLA's GEMMs from 65 rows (`ops.KERNEL_MAX_ROWS = 64`)",
+                                dict(phases=("decode_fused",), profile_batches=()), {"jaxinfer.ops": {"KERNEL_MAX_ROWS": 64}}),
     # Prefill of an 8k prompt by attention kernel (issue 5: Pallas at least 2x XLA attention): the library's
     # default (`auto`: cuDNN), `pallas` (on Hopper the Mosaic GPU kernel), `pallas` on the Triton kernel, XLA.
     **{f"prefill_8k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(8192,), profile_batches=(), **changes),
