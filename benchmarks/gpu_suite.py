@@ -133,16 +133,14 @@ VARIANTS = {
     # The add + norm kernel at 16 warps per program instead of its default.
     "add_norm_16_warps": ("The add + norm kernel at 16 warps", dict(profile_batches=()),
                           {"pallas_kernels.add_rms_norm": {"_WARPS": 16}}),
-    # The on-device decode loop at batches over the product kernel's rows, with the layers split once before
-    # the loop (the default, `model.split_for_loop`) and on the stacked layers (each trip copying every
-    # layer's slice for XLA's GEMMs); run both with `--variant-batch 256`.
+    # The on-device decode loop at large batches (over `ops.SPLIT_KERNEL_MAX_ROWS` rows), with the layers split
+    # once before the loop (the default, `model.split_for_loop`: XLA's GEMMs read them in place) and on the
+    # stacked layers (the product kernel up to 128 rows, then GEMMs copying every layer's slice on every trip);
+    # run both with e.g. `--variant-batch 96 128 256`.
     "loop_split": ("Decode loop, layers split once before the loop (the default)",
                    dict(phases=("decode_fused",), profile_batches=())),
     "loop_stacked": ("Decode loop on the stacked layers (`model.SPLIT_LAYERS = False`)",
                      dict(phases=("decode_fused",), profile_batches=()), {"jaxinfer.model": {"SPLIT_LAYERS": False}}),
-    # The same loop with XLA's GEMMs from 65 rows (the product kernel up to 64 instead of 128 rows).
-    "loop_split_gemm_from_65": ("Decode loop, layers split, XLA's GEMMs from 65 rows (`ops.KERNEL_MAX_ROWS = 64`)",
-                                dict(phases=("decode_fused",), profile_batches=()), {"jaxinfer.ops": {"KERNEL_MAX_ROWS": 64}}),
     # Prefill of an 8k prompt by attention kernel (issue 5: Pallas at least 2x XLA attention): the library's
     # default (`auto`: cuDNN), `pallas` (on Hopper the Mosaic GPU kernel), `pallas` on the Triton kernel, XLA.
     **{f"prefill_8k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(8192,), profile_batches=(), **changes),

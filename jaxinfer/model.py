@@ -93,7 +93,7 @@ def layer_view(layer_params, i):
     return views
 
 
-# A loop that runs the layers on every trip with more rows than the product kernel takes (generate's decode
+# A loop that runs the layers on every trip on more than `ops.SPLIT_KERNEL_MAX_ROWS` rows (generate's decode
 # loop at a large batch, a pipeline's prefill ticks) gets them split once (`split_layers`), where there is room.
 SPLIT_LAYERS = True
 
@@ -101,10 +101,11 @@ SPLIT_LAYERS = True
 def split_layers(layer_params) -> tuple:
     """The stacked `layer_params` as a tuple of stacks of one layer each, for `decoder_layers`.
 
-    XLA's GEMMs (products of more than `ops.KERNEL_MAX_ROWS` rows) read a layer's slice of the stack only as
-    a copy, made each time the layers run, and XLA does not hoist those copies out of an enclosing loop:
-    split once before the loop, the stacks of one are read in place on every trip. The price is a second
-    copy of the layer weights while they are in use (`split_fits`)."""
+    XLA's GEMMs read a layer's slice of the stack only as a copy, made each time the layers run, and XLA
+    does not hoist those copies out of an enclosing loop: split once before the loop, the stacks of one are
+    read in place on every trip (and the GEMMs then beat the product kernel beyond `ops.SPLIT_KERNEL_MAX_ROWS`
+    rows, not only beyond the `ops.KERNEL_MAX_ROWS` it takes). The price is a second copy of the layer weights
+    while they are in use (`split_fits`)."""
     n = jax.tree.leaves(layer_params)[0].shape[0]
     return tuple(jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n))
 
@@ -121,9 +122,9 @@ def split_fits(layer_params, shards: int = 1) -> bool:
 
 def split_for_loop(params, cache, rows: int, config: ModelConfig):
     """`params` with its layers split (`split_layers`) for a loop of `forward` calls on `rows` rows each,
-    where that pays and fits: more rows than the product kernel takes, layers run whole by `decoder_layers`
+    where that pays and fits: more than `ops.SPLIT_KERNEL_MAX_ROWS` rows, layers run whole by `decoder_layers`
     (not per tensor shard or pipeline stage, which split their own way or not at all), room for the copy."""
-    if not SPLIT_LAYERS or rows <= ops.KERNEL_MAX_ROWS or _pipelined() or tensor_parallel.applies(config, params, cache):
+    if not SPLIT_LAYERS or rows <= ops.SPLIT_KERNEL_MAX_ROWS or _pipelined() or tensor_parallel.applies(config, params, cache):
         return params
     return {**params, "layers": split_layers(params["layers"])} if split_fits(params["layers"]) else params
 

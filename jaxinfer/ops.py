@@ -46,6 +46,11 @@ KERNEL_MIN_ROWS = 1  # GPU products with [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] rows
 # (`auto`); quantized weights from QUANT_KERNEL_MIN_ROWS rows. 128: on an H200 the kernel beat the dot
 # on the scan's copied slice at 96 and 128 rows (llama-3-8b decode step 18.3 -> 10.9, 19.2 -> 12.2 ms).
 KERNEL_MAX_ROWS = 128
+# A plain layer weight from a stack of several reaches XLA's GEMM as a copy of its slice, from a stack of one
+# (`model.split_layers`) in place: against the GEMM in place the kernel wins up to this many rows. H200
+# llama-3-8b decode loop (S16-7): at 96 / 128 rows the GEMM on split layers 8.07 / 8.57 ms a step, the kernel
+# 9.10 / 9.73 ms.
+SPLIT_KERNEL_MAX_ROWS = 64
 QUANT_KERNEL_MIN_ROWS = 1
 PLAIN_KERNEL = True  # plain stacked weights take the kernel (False: the XLA paths, for comparisons)
 ROW_KERNEL = True  # one row of contraction-last layer weights may take the fused row kernel (False: never)
@@ -69,6 +74,10 @@ class LayerOf:
         """The layer's slice of every array in the weight."""
         return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, 0, keepdims=False),
                             self.stacked)
+
+    def depth(self) -> int:
+        """Layers in the stack."""
+        return jax.tree.leaves(self.stacked)[0].shape[0]
 
     def shape_view(self):
         """The layer's weight as shapes only (same type: array or QArray), for choosing a path."""
@@ -241,14 +250,14 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
             one = w.shape_view()
             spec = _parse(eq, x, one)
-            if _choose(impl, spec, x, one, stacked=True) == "pallas":
+            if _choose(impl, spec, x, one, stacked=w.depth()) == "pallas":
                 return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
         eq, w = _stored_order(eq, w.w)
     spec = _parse(eq, x, w)
-    path = _choose(impl, spec, x, w, stacked=False)
+    path = _choose(impl, spec, x, w)
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
@@ -313,9 +322,10 @@ def _parse(eq, x, w) -> _Spec:
     return _Spec(eq, x, w)
 
 
-def _choose(impl: str, spec: _Spec, x, w, *, stacked: bool = False) -> str:
+def _choose(impl: str, spec: _Spec, x, w, *, stacked: int = 0) -> str:
     """The path for this call: a forced `impl` where it applies (else `xla`, or `gemv` for one row of a
-    plain weight), or by shape, format and platform. `stacked`: w is one layer of a stacked weight."""
+    plain weight), or by shape, format and platform. `stacked`: w is one layer of a stack of that many
+    layers (0: not stacked)."""
     quantized = isinstance(w, QArray)
     fp8_ok = quantized and w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
     fallback = "gemv" if spec.rows == 1 and not quantized else "xla"
@@ -332,7 +342,8 @@ def _choose(impl: str, spec: _Spec, x, w, *, stacked: bool = False) -> str:
     wants_kernel = quantized or (stacked and PLAIN_KERNEL)  # plain weights only lose the copy in the scan
     if not quantized and spec.rows == 1 and _contraction_last(spec):
         wants_kernel = False  # one row: XLA's row reduction streams it faster (H200 llama-3-8b: 4.41 vs 4.65 ms)
-    if on_gpu and wants_kernel and first <= spec.rows <= KERNEL_MAX_ROWS and x.dtype in (jnp.bfloat16, jnp.float16) \
+    last = KERNEL_MAX_ROWS if quantized or stacked > 1 else SPLIT_KERNEL_MAX_ROWS
+    if on_gpu and wants_kernel and first <= spec.rows <= last and x.dtype in (jnp.bfloat16, jnp.float16) \
             and whole_arrays() and _kernel_supports(spec, x, w):
         return "pallas"
     if spec.rows == 1:
@@ -617,7 +628,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
             plan = None
             break
         spec = _parse(eq, x, view)
-        if _choose(impl, spec, x, view, stacked=stacked) != "pallas":
+        if _choose(impl, spec, x, view, stacked=w.depth() if stacked else 0) != "pallas":
             plan = None
             break
         plan.append((spec, w.stacked if stacked else w, w.index if stacked else None, view))

@@ -118,9 +118,9 @@ def forward(
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
         if not paged:
             kv = tuple(_by_microbatch(a, M) for a in kv)
-        # Micro-batches of more rows than the product kernel takes (prefill) reach XLA's GEMMs, which would
-        # copy each layer's slice on every tick: the stage's layers split once, before the ticks.
-        if room and mb * T > ops.KERNEL_MAX_ROWS:
+        # Micro-batches of many rows (prefill) reach XLA's GEMMs, which would copy each layer's slice on
+        # every tick: the stage's layers split once, before the ticks.
+        if room and mb * T > ops.SPLIT_KERNEL_MAX_ROWS:
             layer_params = model.split_layers(layer_params)
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)

@@ -87,7 +87,7 @@ def test_large_batch_decode_loop_splits_the_layers_once(model, monkeypatch):
     seen = []
     layers = model_lib.decoder_layers
     monkeypatch.setattr(model_lib, "decoder_layers", lambda lp, *a, **k: seen.append(type(lp)) or layers(lp, *a, **k))
-    with switched(ops, {"KERNEL_MAX_ROWS": 1}):  # two rows are "many"
+    with switched(ops, {"SPLIT_KERNEL_MAX_ROWS": 1}):  # two rows are "many"
         split = ji.generate(model, prompts, max_new_tokens=10).token_ids
         assert tuple in seen
         seen.clear()

@@ -83,7 +83,7 @@ def test_pipeline_microbatches_flow_stage_to_stage(microbatches, stages, gemm_ro
     room for that copy (`room` False: 1 KB free)."""
     ref = _reference()
     if gemm_rows:
-        monkeypatch.setattr(ops, "KERNEL_MAX_ROWS", 0)
+        monkeypatch.setattr(ops, "SPLIT_KERNEL_MAX_ROWS", 0)
     seen = []
     layers = model.decoder_layers
     monkeypatch.setattr(model, "decoder_layers",
