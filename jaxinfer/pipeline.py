@@ -40,7 +40,8 @@ AXIS = "pipeline"
 
 # Prefill micro-batches keep at least this many rows (tokens): more micro-batches shrink the fill/drain
 # bubble, (p - 1) / (M + p - 1) of the ticks, until the GEMMs get too few rows. llama-3-8b, batch 64 x 512
-# on 4x H200 (S16-5): M = 32 (1024 rows) 3.29x one GPU, M = 16 3.20x; earlier M = 8 2.7x, M = 64 worse.
+# on 4x H200 (S16-5): M = 32 (1024 rows) 3.29x one GPU, M = 16 3.20x (M = 8 and 64 measured only with
+# the per-tick weight copies: 2.7x and 2.2x, S16-4 and S4-6).
 PREFILL_ROWS = 1024
 
 
