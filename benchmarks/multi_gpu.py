@@ -16,6 +16,9 @@ Parts (default: all that fit the device count n):
 - `pp`:  (n >= 4) batch `--pp-batch` on one GPU vs pipeline=n: prefill tokens/s of `--context`-token
          prompts and decode tokens/s (an on-device greedy loop), for the micro-batch counts given; decode
          also with micro-batches of different steps in flight (`pipeline.decode_loop`, `_inflight_m<M>`).
+         `--pp-variants default,stacked`: also with the stages' layers left stacked (`_stacked`, the way before
+         session 16: XLA's GEMMs copying each layer's slice on every tick); `--profile`: the per-op device time
+         of one prefill on GPU 0.
 - `tp-processes` (alone, with `--tp-processes n`): batch-1 decode with tensor=n and one process per GPU
          (`jax.distributed`), to compare with the one-process numbers of a `tp` run just before.
 - `disagg`: prefill on the first n/2 GPUs (tensor=n/2), the cache moved to the last n/2, decode there:
