@@ -105,14 +105,18 @@ def split_layers(layer_params) -> tuple:
     does not hoist those copies out of an enclosing loop: split once before the loop, the stacks of one are
     read in place on every trip (and the GEMMs then beat the product kernel beyond `ops.SPLIT_KERNEL_MAX_ROWS`
     rows, not only beyond the `ops.KERNEL_MAX_ROWS` it takes). The price is a second copy of the layer weights
-    while they are in use (`split_fits`)."""
+    while they are in use (`split_pays`)."""
     n = jax.tree.leaves(layer_params)[0].shape[0]
     return tuple(jax.tree.map(lambda a: a[j : j + 1], layer_params) for j in range(n))
 
 
-def split_fits(layer_params, shards: int = 1) -> bool:
-    """Whether a second copy of one device's share (1 / `shards`) of `layer_params` takes at most half of
-    the free memory of this process's first device (free memory unknown: yes, as `memory.check_fits`)."""
+def split_pays(layer_params, rows: int, shards: int = 1) -> bool:
+    """Whether a loop running `layer_params` on `rows` rows a trip should split them first: `SPLIT_LAYERS`,
+    more than `ops.SPLIT_KERNEL_MAX_ROWS` rows (XLA's GEMMs), and a second copy of one device's share
+    (1 / `shards`) taking at most half of the free memory of this process's first device (free memory
+    unknown: yes, as `memory.check_fits`)."""
+    if not SPLIT_LAYERS or rows <= ops.SPLIT_KERNEL_MAX_ROWS:
+        return False
     from .memory import free_device_bytes
 
     free, _ = free_device_bytes(jax.local_devices()[0])
@@ -122,11 +126,11 @@ def split_fits(layer_params, shards: int = 1) -> bool:
 
 def split_for_loop(params, cache, rows: int, config: ModelConfig):
     """`params` with its layers split (`split_layers`) for a loop of `forward` calls on `rows` rows each,
-    where that pays and fits: more than `ops.SPLIT_KERNEL_MAX_ROWS` rows, layers run whole by `decoder_layers`
-    (not per tensor shard or pipeline stage, which split their own way or not at all), room for the copy."""
-    if not SPLIT_LAYERS or rows <= ops.SPLIT_KERNEL_MAX_ROWS or _pipelined() or tensor_parallel.applies(config, params, cache):
+    where the layers run whole by `decoder_layers` (not per tensor shard or pipeline stage, which split
+    their own way or not at all) and `split_pays`."""
+    if _pipelined() or tensor_parallel.applies(config, params, cache) or not split_pays(params["layers"], rows):
         return params
-    return {**params, "layers": split_layers(params["layers"])} if split_fits(params["layers"]) else params
+    return {**params, "layers": split_layers(params["layers"])}
 
 
 def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv_lengths, *, config: ModelConfig, impl):

@@ -109,8 +109,10 @@ def forward(
     kv = tuple(getattr(cache, n) for n in names)
     out_t = 1 if last_only else T
 
+    # Micro-batches of many rows (prefill) reach XLA's GEMMs, which would copy each layer's slice on every
+    # tick: the stages' layers split once, before the ticks, where that pays.
     tensor = mesh.shape["tensor"] if "tensor" in mesh.axis_names else 1
-    room = model.SPLIT_LAYERS and model.split_fits(params["layers"], shards=p * tensor)  # for the split below
+    split = model.split_pays(params["layers"], rows=local_b // M * T, shards=p * tensor)
 
     def stage(layer_params, kv, rows):
         s = jax.lax.axis_index(AXIS)
@@ -119,9 +121,7 @@ def forward(
         x, positions, valid, kv_lengths, cos, sin, tables = (a.reshape(M, mb, *a.shape[1:]) for a in rows)
         if not paged:
             kv = tuple(_by_microbatch(a, M) for a in kv)
-        # Micro-batches of many rows (prefill) reach XLA's GEMMs, which would copy each layer's slice on
-        # every tick: the stage's layers split once, before the ticks.
-        if room and mb * T > ops.SPLIT_KERNEL_MAX_ROWS:
+        if split:
             layer_params = model.split_layers(layer_params)
         outs = jnp.zeros((M, mb, out_t, x.shape[-1]), x.dtype)
         state = jnp.zeros(x.shape[1:], x.dtype)
