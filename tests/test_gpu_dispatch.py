@@ -107,9 +107,9 @@ def test_tensor_parallel_with_qkv_packed_per_shard():
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 GPUs")
 def test_pipeline_prefill_with_layers_split_equals_one_gpu(monkeypatch):
-    """pipeline=2 (two layers a stage): a prefill whose micro-batches have more rows than the product kernel
-    takes runs each stage's layers sliced once (stacks of one), decode steps the stacked layers; prefill +
-    decode logits equal one GPU's within bf16 rounding."""
+    """pipeline=2 (two layers a stage): a prefill whose micro-batches have more than
+    `ops.SPLIT_KERNEL_MAX_ROWS` rows runs each stage's layers sliced once (stacks of one), decode steps the
+    stacked layers; prefill + decode logits equal one GPU's within bf16 rounding."""
     from jaxinfer import model
     from jaxinfer import sharding as sh
 
@@ -126,7 +126,7 @@ def test_pipeline_prefill_with_layers_split_equals_one_gpu(monkeypatch):
     got = _prefill_then_decode(sh.shard_params(params, config, mesh), mesh, config, tokens, max_len=128)
     err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert err < 2e-2, err
-    assert "split" in seen and 2 in seen, seen  # prefill (2 rows x 96 > 128): split; decode: the stack
+    assert "split" in seen and 2 in seen, seen  # prefill (2 rows x 96 > 64): split; decode: the stack
 
 
 _ONE_SHOT_PROBE = """

@@ -78,7 +78,7 @@ def _hlo_ops(compiled_text: str, op: str) -> int:
 def test_pipeline_microbatches_flow_stage_to_stage(microbatches, stages, gemm_rows, room, monkeypatch):
     """pipeline=4 or 2 x tensor=2 (one or two layers per stage): micro-batches give one device's logits;
     the compiled program passes activations with collective-permute and gathers no weights. With
-    `gemm_rows` the micro-batches count as GEMM-sized (more rows than the product kernel takes), so each
+    `gemm_rows` the micro-batches count as GEMM-sized (more than `ops.SPLIT_KERNEL_MAX_ROWS` rows), so each
     stage slices its layers once, before the ticks, and runs them one at a time, unless the device has no
     room for that copy (`room` False: 1 KB free)."""
     ref = _reference()
