@@ -114,6 +114,11 @@ VARIANTS = {
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
+    # int4 products on the float path (codes decoded to float32 on the CUDA cores) instead of integer dot products.
+    "int4_contract_last_floats": ("int4 weights quantized after `contract_last`, the row kernel's float path "
+                                  "(`row_matmul.DP4A = False`)",
+                                  dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                  {"pallas_kernels.row_matmul": {"DP4A": False}}),
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

@@ -170,3 +170,25 @@ def int4_codes_bf16(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, j
   shape = [jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)]
   return tuple(pltriton.elementwise_inline_asm(_int4_bf16_asm(zero, high), args=[w], constraints="=r,=r,r",
                                                pack=4, result_shape_dtypes=shape)[0] for high in (False, True))
+
+
+def _dp4a_asm(a_signed: bool, b_signed: bool) -> str:
+  """$0 = $3 + the sum of the four byte products of $1 and $2 (each byte signed or not, as asked)."""
+  kind = lambda signed: "s32" if signed else "u32"  # noqa: E731
+  return f"dp4a.{kind(a_signed)}.{kind(b_signed)} $0, $1, $2, $3;"
+
+
+def dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, a_signed: bool, b_signed: bool, native: bool) -> jax.Array:
+  """c + the dot product of the four bytes of int32 words a and b, elementwise: PTX `dp4a`, one instruction for
+  four byte products summed exactly in int32 (a, b, c of one shape on the GPU: broadcast b first). Each byte is
+  read as signed or unsigned as asked. `native=False`: the same integer arithmetic in jnp."""
+  if native:
+    [d] = pltriton.elementwise_inline_asm(_dp4a_asm(a_signed, b_signed), args=[a, b, c], constraints="=r,r,r,r",
+                                          pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return d
+
+  def byte(w, i, signed):
+    v = lax.shift_right_logical(w, 8 * i) & 0xFF
+    return jnp.where(v >= 128, v - 256, v) if signed else v
+
+  return c + sum(byte(a, i, a_signed) * byte(b, i, b_signed) for i in range(4))

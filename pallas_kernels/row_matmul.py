@@ -27,7 +27,14 @@ and the (normalised) x of a step is read and converted once for all of them. Cod
 registers (`code_decode`: inline PTX on the GPU); int4 codes go straight to code * x (one logic op and one
 fused multiply-add a code), the zero point taken off once per group as zero * sum(x). Ungrouped formats
 accumulate float32 products per row and reduce at the end; grouped ones reduce each group first, scale it
-once, and gather the group sums of all rows into one tile, reduced once. Parts sharing x (q/k/v) run in one
+once, and gather the group sums of all rows into one tile, reduced once.
+
+int4 in one K step (the common case: K / g a power of two) takes integer dot products instead (`DP4A`): x,
+normalised, is written as a 20-bit fixed-point integer (one power-of-two scale per call, from its largest
+|value|) split into three bytes, and the eight codes of a 32-bit word meet four x bytes per `dp4a` (four byte
+products summed exactly in int32), all rows of the program in one tile so each byte sum is reduced once.
+About a fifth of the instructions a code of the float path, which was bound by them; the only rounding is
+x's to 20 bits of its largest value (pallas_kernels/NOTES.md, session 17). Parts sharing x (q/k/v) run in one
 launch, a static branch per part; with `epilogue="swiglu"` one program reads the same rows of both parts
 (gate, up) and writes only silu(gate) * up. Rounding follows the unfused model: the normalised row is
 rounded to x's dtype before the norm weight, products to their dtype before an epilogue.
@@ -54,6 +61,8 @@ _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K
 _WARPS = 4
 _UNROLLED_FORMATS = ("fp8",)  # K loop unrolled (H200 S8-10: fp8 down 19.9 vs 24.2 us; int8 equal, int4 slower)
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
+DP4A = True  # int4 in one K step by integer dot products (H200, session 17: gate+up 1.2x, q/k/v 1.1x the float path)
+_X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -99,12 +108,13 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype, native: bool):
+            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
   quantized) scales [L, N, chunks or 1] and (if offsets) offsets [L, N, chunks], (residual [1, N] if
-  residual), then the outputs [1, N_i] (one output for swiglu)."""
+  residual), then the outputs [1, N_i] (one output for swiglu). With `dp4a`: x [1, G, 2, g/32, 4, 4] and the
+  norm weight [L, G, 2, g/32, 4, 4] (group, half, word, byte), the codes int32 words [L, N, G, g/32, 4]."""
   f32 = jnp.float32
   refs = list(refs)
   norm_ref = refs.pop(0) if norm else None
@@ -120,6 +130,10 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   o_refs = refs
   layer = layer_ref[0]
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
+  if dp4a:
+    _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
+                 epilogue=epilogue, block_n=block_n, product_dtype=product_dtype, native=native)
+    return
   chunks, sub, width = x_ref.shape
   n_steps = chunks // gc
   dt = x_ref.dtype
@@ -209,6 +223,13 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       outs.append(out)
     return outs, rows
 
+  _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
+
+
+def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j):
+  """Each part's products (`stream(w_list, first) -> ([block_n] float32 per part, rows)`) to its output, through
+  the epilogue: silu(gate) * up, or + the residual, rounded as the unfused model rounds."""
+  f32 = jnp.float32
   if epilogue == "swiglu":
     (g, u), rows = stream(w_refs, 0)
     o_ref = o_refs[0]
@@ -229,6 +250,67 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
     return
   for (first, end), w, o_ref in zip(parts, w_refs, o_refs):
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
+
+
+def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
+                 product_dtype, native):
+  """int4 in one K step by integer dot products (module docstring): x's three bytes made once per program,
+  then per part all `block_n` rows as one [block_n, G, g/32, 4] tile of code words."""
+  f32 = jnp.float32
+  dt = x_ref.dtype
+  K = x_ref.size
+
+  def half(h):  # [1, G, g/32, 4, 4] float32: x's half h of every group, normalised as the unfused model does
+    xc = x_ref[:, :, h, :, :, :]
+    if norm:
+      xn = (xc.astype(f32) * inv_rms).astype(dt)
+      g = norm_ref[pl.ds(layer, 1), :, h, :, :, :]
+      xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
+    return xc.astype(f32)
+
+  if norm:
+    ss = sum(jnp.sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2) for h in range(2))
+    inv_rms = lax.rsqrt(ss / K + eps)
+  xs = [half(h) for h in range(2)]
+  amax = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
+  # scale = 2^(_X_BITS - 1 - e) for amax in [2^e, 2^(e + 1)), so |x| * scale < 2^_X_BITS (exponent bits: no log)
+  e = lax.shift_right_logical(lax.bitcast_convert_type(amax, jnp.int32), 23) - 127
+  scale = lax.bitcast_convert_type(lax.shift_left(jnp.clip(127 + _X_BITS - 1 - e, 1, 254), 23), f32)
+  scale = jnp.where(amax > 0, scale, 1.0)
+  words, v_sum = [], None  # per half, per byte (high, middle, low): [1, G, g/32, 4] words of four x bytes
+  for xh in xs:
+    v = jnp.floor(xh * scale + 0.5).astype(jnp.int32)
+    at = lax.broadcasted_iota(jnp.int32, v.shape, 4) * 8
+    words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - b)) & 0xFF, at), axis=4)
+                  for b in range(3)])
+    s = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, G]
+    v_sum = s if v_sum is None else v_sum + s
+  v_sum = v_sum.astype(f32)
+
+  def stream(w_list, first):
+    row0 = pl.multiple_of((j - first) * block_n, block_n)
+    rows = pl.ds(row0, block_n)
+    outs = []
+    for v_ref, s_ref, m_ref in w_list:
+      w = v_ref[layer, rows, :, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
+      nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
+      sums = []
+      for b in range(3):
+        acc = jnp.zeros(w.shape, jnp.int32)
+        for h in range(2):
+          acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
+                                 b_signed=b == 0, native=native)
+        sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, G]
+      t = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2]  # sum over the group of code * x * scale
+      if m_ref is None:
+        t = t - 8.0 * v_sum
+      t = t * s_ref[layer, rows, :].astype(f32)
+      if m_ref is not None:
+        t = t + m_ref[layer, rows, :].astype(f32) * v_sum
+      outs.append(jnp.sum(t, axis=1) / scale)
+    return outs, rows
+
+  _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
 
 
 def _stacked(a, ndim: int = 2):
@@ -321,10 +403,17 @@ def row_matmuls(
 
   sub = 2 if fmt == "int4" else 1
   chunks, width = K // chunk, chunk // sub
-  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, chunks, sub, width)]
+  dp4a = fmt == "int4" and DP4A and chunk * gc == K  # one K step (K / g a power of two)
+  # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
+  x_shape = (1, chunks, 2, chunk // 32, 4, 4) if dp4a else (chunks, sub, width)
+  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, *x_shape[int(dp4a):])]
   for v, s, m in checked:
     L, N = v.shape[:2]
-    arrays.append(v.reshape(L, N, chunks, width))
+    if dp4a:
+      words = lax.bitcast_convert_type(v.reshape(L, N, K // 8, 4), jnp.int32)
+      arrays.append(words.reshape(L, N, chunks, chunk // 32, 4))
+    else:
+      arrays.append(v.reshape(L, N, chunks, width))
     arrays += [a for a in (s, m) if a is not None]
   if epilogue == "residual":
     arrays.append(residual)
@@ -336,7 +425,7 @@ def row_matmuls(
   kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
                              norm=norm_weight is not None, eps=float(eps), epilogue=epilogue, block_n=bn, gc=gc,
                              product_dtype=product_dtype,
-                             native=not interpret and code_decode.INLINE_PTX)
+                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   outs = pl.pallas_call(
       kernel,
@@ -347,7 +436,7 @@ def row_matmuls(
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else ""),
-  )(layer, x.reshape(chunks, sub, width), *arrays)
+  )(layer, x.reshape(x_shape), *arrays)
   return tuple(outs)
 
 

@@ -89,6 +89,11 @@ def run_ptx(asm: str, inputs: dict) -> dict:
             out = _bits(np.float32(a * b + c))  # exact in float64 for these operands, then one rounding
         elif op == "mul.rn.f32":
             out = _bits(np.float32(np.float64(_f32(v[0])) * np.float64(_f32(v[1]))))
+        elif op.startswith("dp4a."):  # c + sum of the four byte products, bytes signed per .s32 / .u32
+            a_kind, b_kind = op.split(".")[1:]
+            byte = lambda w, i, kind: ((w >> 8 * i) & 0xFF) - (256 if kind == "s32" and (w >> 8 * i) & 0x80 else 0)  # noqa: E731
+            c = v[2] - (1 << 32 if v[2] & 0x80000000 else 0)
+            out = c + sum(byte(v[0], i, a_kind) * byte(v[1], i, b_kind) for i in range(4))
         elif op == "fma.rn.bf16x2":  # per half: a * b + c, one rounding to bfloat16
             a, b, c = (_bf16_halves(x) for x in v)
             out = _bf16_bits(a[0] * b[0] + c[0]) | _bf16_bits(a[1] * b[1] + c[1]) << 16
@@ -161,6 +166,22 @@ def test_int4_product_asm_multiplies_every_nibble_exactly(high):
         assert _f32_outputs(regs) == want, (hex(word), nibbles, x)
 
 
+@pytest.mark.parametrize("a_signed,b_signed", [(False, False), (False, True), (True, True), (True, False)])
+def test_dp4a_asm_equals_the_jnp_spelling(a_signed, b_signed):
+    """The dp4a instruction the row kernel emits (run through the PTX semantics above) and the jnp spelling the
+    interpreter runs give the same int32 for every byte value in every position, with accumulators near the
+    int32 limits."""
+    rng = np.random.default_rng(4)
+    a = _words(rng, np.arange(256, dtype=np.uint8))
+    b = _words(rng, np.arange(256, dtype=np.uint8))[::-1]
+    c = [int(x) for x in rng.integers(-(2**31) + 2**17, 2**31 - 2**17, len(a))]
+    want = code_decode.dp4a(*(jnp.asarray(np.asarray(w, np.uint32).view(np.int32)) for w in (a, b)),
+                            jnp.asarray(c, jnp.int32), a_signed=a_signed, b_signed=b_signed, native=False)
+    asm = code_decode._dp4a_asm(a_signed, b_signed)
+    got = [run_ptx(asm, {"$1": x, "$2": y, "$3": z & M32})["$0"] for x, y, z in zip(a, b, c)]
+    assert np.asarray(got, np.uint32).view(np.int32).tolist() == np.asarray(want).tolist()
+
+
 @pytest.mark.parametrize("kernel", ["row", "weight"])
 @pytest.mark.parametrize("fmt,group", [("int8", None), ("int4", 128)])
 def test_lowering_carries_the_ptx_only_when_switched_on(kernel, fmt, group):
@@ -174,7 +195,7 @@ def test_lowering_carries_the_ptx_only_when_switched_on(kernel, fmt, group):
         w = (sds((L, N, K // 2), jnp.uint8), sds((L, N, K // group), jnp.float16), None)
     if kernel == "row":
         fn, rows = functools.partial(row_matmuls, interpret=False, fmt=fmt, group_size=group), 1
-        marker = "prmt.b32" if fmt == "int8" else "lop3.b32"
+        marker = "prmt.b32" if fmt == "int8" else "dp4a.u32"  # int4 in one K step: integer dot products
     else:
         fn = functools.partial(weight_matmuls, interpret=False, fmt=fmt, group_size=group, transposed=True)
         rows, marker = 16, "fma.rn.bf16x2"
