@@ -1,14 +1,19 @@
-"""Probe: one-row int8 products by integer dot products (dp4a) against the row kernel, on the GPU.
+"""Probe: one-row int8 / int4 products by integer dot products (dp4a) against the row kernel, on the GPU.
 
-Question: the row kernel decodes each int8 code to float32 and multiply-adds it (about 5 instructions a
-code, issue-bound at 0.6-0.8 of the copy bandwidth: pallas_kernels/NOTES.md). If x is written as a 21-bit
-fixed-point integer (one power-of-two scale per row) split into three bytes, the product of four codes with
-one byte of four x is one `dp4a` (int8 x int8 -> int32 sum), so a code costs 3/4 of an instruction plus its
-load, and the three byte sums are combined once per row. Exact in integers; the only rounding is x's to
-21 bits (relative 2^-21 of the row's largest |x|).
+Question: the row kernel decodes each code to float32 and multiply-adds it (about 5 instructions a code,
+thought issue-bound: pallas_kernels/NOTES.md). If x is written as a 20-bit fixed-point integer (one
+power-of-two scale) split into three bytes, four codes meet one byte of four x in one `dp4a` (byte products
+summed exactly in int32), so a code costs under an instruction plus its load; the byte sums are combined
+once per row (int8) or group (int4). The only rounding is x's, relative 2^-20 of its largest |x|.
 
-Here x's bytes are made outside the kernel (the probe times the products only). Prints us per product and
-the fraction of the copy bandwidth; `--out` writes JSON.
+Kernels (configs `block_n:span:warps` for int8, `[kind@]block_n:groups_per_step:warps` for int4): one row at
+a time (`dp4a_matmul`, `dp4a_int4_matmul`), every row of a program in one tile (`2d:` / `2d@`), and int4
+with x's bytes made in the kernel from float x (`2dx@`, what a fused kernel pays); elsewhere x's bytes are
+made outside (the products alone are timed). Device time per product from the profiler (8 stacked layers,
+one call each), the fraction of the copy bandwidth, the error against float64. `--ncu` only launches the
+gate+up kernels for Nsight Compute. Results: BENCHMARKS.md, session 17.
+
+    PYTHONPATH=. python3 benchmarks/dp4a_probe.py --fmt int4 --out $OUT/r
 """
 from __future__ import annotations
 
@@ -16,9 +21,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxinfer.bench.profile import kernel_breakdown  # noqa: E402
+from pallas_kernels import code_decode  # noqa: E402
 from pallas_kernels.row_matmul import row_matmuls  # noqa: E402
 
 X_BITS = 20  # |x * scale| < 2^20: the high byte is signed in [-16, 15]
@@ -52,11 +56,12 @@ def x_bytes(x):
   return jnp.stack(words), 1.0 / scale
 
 
-def _dp4a(a, b, c, b_signed: bool):
-  t = "s32" if b_signed else "u32"
-  [d] = pltriton.elementwise_inline_asm(f"dp4a.s32.{t} $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r",
-                                        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
-  return d
+def _dp4a(a, b, c, b_signed: bool):  # signed codes (int8)
+  return code_decode.dp4a(a, b, c, a_signed=True, b_signed=b_signed, native=True)
+
+
+def _dp4a_u(a, b, c, b_signed: bool):  # unsigned codes (int4 nibbles)
+  return code_decode.dp4a(a, b, c, a_signed=False, b_signed=b_signed, native=True)
 
 
 def _kernel(layer_ref, xw_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, span, pieces):
@@ -124,14 +129,6 @@ def _int4_kernel(layer_ref, xw_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, blo
 
   out = lax.fori_loop(0, steps, step, out) if steps > 1 else step(0, out)
   o_ref[0, pl.ds(row0, block_n)] = (out * inv_ref[0]).astype(o_ref.dtype)
-
-
-def _dp4a_u(a, b, c, b_signed: bool):
-  """dp4a with a's bytes unsigned (int4 codes)."""
-  t = "s32" if b_signed else "u32"
-  [d] = pltriton.elementwise_inline_asm(f"dp4a.u32.{t} $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r",
-                                        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
-  return d
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "groups_step", "warps"))
@@ -260,16 +257,6 @@ def dp4a_int4_matmul_2dx(x, xsum, inv, words, scales, layer, *, block_n=8, group
     scales)
 
 
-def _time(fn, reps=7):
-  fn().block_until_ready()
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn().block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def _case_int8(name, N, K, L, args, copy):
   key = jax.random.key(N + K)
   codes = jax.random.randint(key, (L, N, K), -127, 128, jnp.int32).astype(jnp.int8)
@@ -281,16 +268,11 @@ def _case_int8(name, N, K, L, args, copy):
   nbytes = N * K
   row = dict(shape=name, N=N, K=K)
 
-  def timed(f, *args):  # device time of f(i, *args) for every layer in one jit (profiler), per layer
-    run = jax.jit(lambda *a: [f(i, *a) for i in range(L)])
-    prof = kernel_breakdown(lambda: run(*args)[-1].block_until_ready(), calls=3)
-    ops = {o["hlo_op"]: round(o["us_per_call"], 1) for o in prof["ops"]}
-    return prof["device_us_per_call"] / 1e6 / L, ops
-
-  base = lambda i, x, codes, scales: row_matmuls(x, ((codes, scales, None),), i, fmt="int8")[0]  # noqa: E731
+  def base(i, x, codes, scales):
+    return row_matmuls(x, ((codes, scales, None),), i, fmt="int8")[0]
   got = np.asarray(jax.jit(base)(3, x, codes, scales).astype(jnp.float32), np.float64)
   row["base_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-  t, row["row_kernel_ops"] = timed(base, x, codes, scales)
+  t, row["row_kernel_ops"] = _timed(base, L, x, codes, scales)
   row["row_kernel_us"] = t * 1e6
   row["row_kernel_of_copy"] = nbytes / t / 1e12 / copy
   for cfg in args.configs.split(","):
@@ -305,7 +287,7 @@ def _case_int8(name, N, K, L, args, copy):
           block_n=bn, span=span, warps=warps)
       got = np.asarray(jax.jit(f)(3, xw, inv, codes, scales).astype(jnp.float32), np.float64)
       err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-      t, ops = timed(f, xw, inv, codes, scales)
+      t, ops = _timed(f, L, xw, inv, codes, scales)
       row[f"dp4a_{cfg}"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy, err=err, ops=ops)
     except Exception as e:  # noqa: BLE001
       row[f"dp4a_{cfg}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -328,7 +310,8 @@ def _case_int4(name, N, K, L, args, copy, g=128):
   want = np.asarray(x.astype(jnp.float32), np.float64) @ w3.T
   nbytes = N * K // 2 + N * (K // g) * 2
   row = dict(shape=name, fmt="int4", N=N, K=K)
-  base = lambda i, x, codes, scales: row_matmuls(x, ((codes, scales, None),), i, fmt="int4", group_size=g)[0]  # noqa: E731
+  def base(i, x, codes, scales):
+    return row_matmuls(x, ((codes, scales, None),), i, fmt="int4", group_size=g)[0]
   got = np.asarray(jax.jit(base)(3, x, codes, scales).astype(jnp.float32), np.float64)
   row["base_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
   t, row["row_kernel_ops"] = _timed(base, L, x, codes, scales)
@@ -413,8 +396,9 @@ def main():
   for r in results:
     best = min((v["us"], k) for k, v in r.items() if k.startswith("dp4a_") and "us" in v) if any(
         k.startswith("dp4a_") and "us" in v for k, v in r.items()) else (None, None)
+    us, name = best
     print(r["shape"], f"{r['row_kernel_us']:.1f} ({r['row_kernel_of_copy']:.2f})",
-          best if best[0] is None else f"{best[0]:.1f} ({r[best[1]]['of_copy']:.2f}) {best[1]} err {r[best[1]]['err']:.1e}")
+          None if us is None else f"{us:.1f} ({r[name]['of_copy']:.2f}) {name} err {r[name]['err']:.1e}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ def run_ptx(asm: str, inputs: dict) -> dict:
             out = _bits(np.float32(np.float64(_f32(v[0])) * np.float64(_f32(v[1]))))
         elif op.startswith("dp4a."):  # c + sum of the four byte products, bytes signed per .s32 / .u32
             a_kind, b_kind = op.split(".")[1:]
-            byte = lambda w, i, kind: ((w >> 8 * i) & 0xFF) - (256 if kind == "s32" and (w >> 8 * i) & 0x80 else 0)  # noqa: E731
+            def byte(w, i, kind):
+                b = (w >> 8 * i) & 0xFF
+                return b - 256 if kind == "s32" and b & 0x80 else b
             c = v[2] - (1 << 32 if v[2] & 0x80000000 else 0)
             out = c + sum(byte(v[0], i, a_kind) * byte(v[1], i, b_kind) for i in range(4))
         elif op == "fma.rn.bf16x2":  # per half: a * b + c, one rounding to bfloat16

@@ -111,8 +111,7 @@ def test_quantized_swiglu_and_residual(fmt, group, zero_point):
     assert rel_err(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
 
 
-@pytest.mark.parametrize("group,zero_point", [(32, False), (64, True), (128, False)])
-@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("group,zero_point,norm", [(32, False, True), (64, True, False), (128, False, True)])
 def test_int4_integer_dot_products(group, zero_point, norm):
     """int4 in one K step takes integer dot products (`DP4A`: x as a 20-bit fixed point in three bytes):
     q/k/v-like parts against the float64 product with the dequantized weights; with an outlier 300x the typical
