@@ -119,6 +119,11 @@ VARIANTS = {
                                   "(`row_matmul.DP4A = False`)",
                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                   {"pallas_kernels.row_matmul": {"DP4A": False}}),
+    # int4 with 16 rows a program in one K step (x's bytes shared by twice the rows; 128 registers: NOTES, session 17).
+    "int4_contract_last_16rows": ("int4 weights quantized after `contract_last`, 16 rows a program "
+                                  "(`row_matmul._BLOCK_N_ONE_STEP = 16`)",
+                                  dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                  {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 16}}),
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
