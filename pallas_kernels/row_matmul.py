@@ -310,7 +310,8 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
       t = t * s_ref[layer, rows, :].astype(f32)
       if m_ref is not None:
         t = t + m_ref[layer, rows, :].astype(f32) * v_sum
-      outs.append(jnp.sum(t, axis=1) / scale)
+      # x not finite: NaN out, as the float path gives (the fixed point would turn it into finite numbers)
+      outs.append(jnp.where(amax < jnp.inf, jnp.sum(t, axis=1) / scale, jnp.nan))
     return outs, rows
 
   _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)

@@ -116,7 +116,7 @@ def test_int4_integer_dot_products(group, zero_point, norm):
     """int4 in one K step takes integer dot products (`DP4A`: x as a 20-bit fixed point in three bytes):
     q/k/v-like parts against the float64 product with the dequantized weights; with an outlier 300x the typical
     |x| (the fixed point's precision is relative to the largest |x|) still within 1e-4; the same as the float
-    path; an all-zero x gives zeros (the offsets' term included)."""
+    path; an all-zero x gives zeros (the offsets' term included), a NaN or infinite x NaNs."""
     from pallas_kernels import row_matmul as rm
 
     rng = np.random.default_rng(5)
@@ -139,6 +139,10 @@ def test_int4_integer_dot_products(group, zero_point, norm):
             assert rel_err(a, b) < tol
     for out in call(jnp.zeros((1, K), jnp.float32)):
         assert not np.asarray(out).any()
+    for bad in (np.nan, np.inf):  # not turned into finite numbers by the fixed point
+        x[0, 3] = bad
+        for out in call(jnp.asarray(x)):
+            assert np.isnan(np.asarray(out)).all()
 
 
 def test_bad_inputs_are_named():
