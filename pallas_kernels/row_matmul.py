@@ -280,6 +280,8 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
   e = lax.shift_right_logical(lax.bitcast_convert_type(amax, jnp.int32), 23) - 127
   scale = lax.bitcast_convert_type(lax.shift_left(jnp.clip(127 + _X_BITS - 1 - e, 1, 254), 23), f32)
   scale = jnp.where(amax > 0, scale, 1.0)
+  # x not finite: a NaN scale makes the outputs NaN, as the float path's are (the integers would be finite)
+  scale = jnp.where(amax < jnp.inf, scale, jnp.nan)
   words, v_sum = [], None  # per half, per byte (high, middle, low): [1, G, g/32, 4] words of four x bytes
   for xh in xs:
     v = jnp.floor(xh * scale + 0.5).astype(jnp.int32)
@@ -310,8 +312,7 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
       t = t * s_ref[layer, rows, :].astype(f32)
       if m_ref is not None:
         t = t + m_ref[layer, rows, :].astype(f32) * v_sum
-      # x not finite: NaN out, as the float path gives (the fixed point would turn it into finite numbers)
-      outs.append(jnp.where(amax < jnp.inf, jnp.sum(t, axis=1) / scale, jnp.nan))
+      outs.append(jnp.sum(t, axis=1) / scale)
     return outs, rows
 
   _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
