@@ -288,8 +288,8 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
     at = lax.broadcasted_iota(jnp.int32, v.shape, 4) * 8
     words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - b)) & 0xFF, at), axis=4)
                   for b in range(3)])
-    s = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, G]
-    v_sum = s if v_sum is None else v_sum + s
+    half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, G]: the zero point's and offsets' term
+    v_sum = half_sum if v_sum is None else v_sum + half_sum
   v_sum = v_sum.astype(f32)
 
   def stream(w_list, first):
