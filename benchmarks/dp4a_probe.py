@@ -171,23 +171,38 @@ def dp4a_matmul_2d(xw, inv, words, scales, layer, *, block_n=8, span=512, warps=
     scales)
 
 
-def _int4_kernel_2d(layer_ref, xw_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, groups_step, steps):
-  """int4 with every row of a program in one [block_n, groups, g/32, 4] tile: one reduction per limb."""
+def _int4_kernel_2d(layer_ref, x_ref, sc_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, groups_step, steps,
+                    x_in_kernel):
+  """int4 with every row of a program in one [block_n, groups, g/32, 4] tile: one reduction per byte sum for all
+  rows. x's byte words come made, [3, 1, K/g, 2, g/32, 4], or (`x_in_kernel`) are made in the kernel from float
+  x [1, K/g, 2, g/32, 4, 4] scaled by sc (what a fused kernel pays: every program converts its step's x)."""
   j = pl.program_id(0)
   layer = layer_ref[0]
   row0 = pl.multiple_of(j * block_n, block_n)
   rows = pl.ds(row0, block_n)
 
+  def x_words(gs):  # per half, per limb (high, middle, low): [1, G, g/32, 4] words of four x bytes
+    if not x_in_kernel:
+      return [[x_ref[limb, :, gs, h, :, :] for limb in range(3)] for h in range(2)]
+    words = []
+    for h in range(2):
+      xf = x_ref[:, gs, h, :, :, :]  # [1, G, g/32, 4, 4] float32
+      v = jnp.floor(xf * sc_ref[0] + 0.5).astype(jnp.int32)
+      shift = lax.broadcasted_iota(jnp.int32, xf.shape, 4) * 8
+      words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - limb)) & 0xFF, shift), axis=4)
+                    for limb in range(3)])
+    return words
+
   def step(c, out):
     gs = pl.ds(c * groups_step, groups_step)
+    words = x_words(gs)
     w = w_ref[layer, rows, gs, :, :]
     lo = w & 0x0F0F0F0F
     hi = lax.shift_right_logical(w, 4) & 0x0F0F0F0F
     acc = []
     for limb in range(3):
-      a = _dp4a_u(lo, jnp.broadcast_to(xw_ref[limb, :, gs, 0, :, :], w.shape), jnp.zeros(w.shape, jnp.int32),
-                  limb == 0)
-      acc.append(_dp4a_u(hi, jnp.broadcast_to(xw_ref[limb, :, gs, 1, :, :], w.shape), a, limb == 0))
+      a = _dp4a_u(lo, jnp.broadcast_to(words[0][limb], w.shape), jnp.zeros(w.shape, jnp.int32), limb == 0)
+      acc.append(_dp4a_u(hi, jnp.broadcast_to(words[1][limb], w.shape), a, limb == 0))
     sums = [jnp.sum(jnp.sum(a, axis=3), axis=2).astype(jnp.float32) for a in acc]  # [block_n, groups]
     grp = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2] - 8.0 * xs_ref[:, gs]
     return out + jnp.sum(grp * s_ref[layer, rows, gs].astype(jnp.float32), axis=1)
@@ -198,63 +213,19 @@ def _int4_kernel_2d(layer_ref, xw_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("block_n", "groups_step", "warps"))
-def dp4a_int4_matmul_2d(xw, xsum, inv, words, scales, layer, *, block_n=8, groups_step=32, warps=4):
+def dp4a_int4_matmul_2d(xw, xsum, inv, words, scales, layer, *, x=None, block_n=8, groups_step=32, warps=4):
+  """`_int4_kernel_2d` over x's words `xw` made outside, or over float x [K] (then `xw` is not read)."""
   L, N, G = words.shape[:3]
-  kernel = functools.partial(_int4_kernel_2d, block_n=block_n, groups_step=groups_step, steps=G // groups_step)
-  return pl.pallas_call(
-      kernel, grid=(N // block_n,), in_specs=[pl.no_block_spec] * 6, out_specs=pl.no_block_spec,
-      out_shape=jax.ShapeDtypeStruct((1, N), jnp.bfloat16),
-      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1), name="dp4a_int4_probe_2d",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), xw[:, None], xsum[None], jnp.asarray(inv, jnp.float32).reshape(1),
-    words, scales)
-
-
-def _int4_kernel_2dx(layer_ref, x_ref, sc_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, groups_step,
-                     steps):
-  """As `_int4_kernel_2d`, but x's bytes made in the kernel from float x [1, K/g, 2, g/32, 4, 4] (what a fused
-  kernel would pay: every program converts its step's x)."""
-  j = pl.program_id(0)
-  layer = layer_ref[0]
-  row0 = pl.multiple_of(j * block_n, block_n)
-  rows = pl.ds(row0, block_n)
-
-  def step(c, out):
-    gs = pl.ds(c * groups_step, groups_step)
-    words = []  # per half, per limb (high, middle, low): [1, G, g/32, 4] words of four x bytes
-    for h in range(2):
-      xf = x_ref[:, gs, h, :, :, :]  # [1, G, g/32, 4, 4] float32
-      v = jnp.floor(xf * sc_ref[0] + 0.5).astype(jnp.int32)
-      shift = lax.broadcasted_iota(jnp.int32, xf.shape, 4) * 8
-      words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - limb)) & 0xFF, shift), axis=4)
-                    for limb in range(3)])
-    w = w_ref[layer, rows, gs, :, :]
-    lo = w & 0x0F0F0F0F
-    hi = lax.shift_right_logical(w, 4) & 0x0F0F0F0F
-    acc = []
-    for limb in range(3):
-      a = _dp4a_u(lo, jnp.broadcast_to(words[0][limb], w.shape), jnp.zeros(w.shape, jnp.int32), limb == 0)
-      acc.append(_dp4a_u(hi, jnp.broadcast_to(words[1][limb], w.shape), a, limb == 0))
-    sums = [jnp.sum(jnp.sum(a, axis=3), axis=2).astype(jnp.float32) for a in acc]
-    grp = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2] - 8.0 * xs_ref[:, gs]
-    return out + jnp.sum(grp * s_ref[layer, rows, gs].astype(jnp.float32), axis=1)
-
-  out = jnp.zeros((block_n,), jnp.float32)
-  out = lax.fori_loop(0, steps, step, out) if steps > 1 else step(0, out)
-  o_ref[0, rows] = (out * inv_ref[0]).astype(o_ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("block_n", "groups_step", "warps"))
-def dp4a_int4_matmul_2dx(x, xsum, inv, words, scales, layer, *, block_n=8, groups_step=32, warps=4):
-  L, N, G = words.shape[:3]
-  g = x.shape[0] // G
-  kernel = functools.partial(_int4_kernel_2dx, block_n=block_n, groups_step=groups_step, steps=G // groups_step)
+  inv = jnp.asarray(inv, jnp.float32).reshape(1)
+  x_arg = xw[:, None] if x is None else x.astype(jnp.float32).reshape(1, G, 2, x.shape[0] // G // 32, 4, 4)
+  kernel = functools.partial(_int4_kernel_2d, block_n=block_n, groups_step=groups_step, steps=G // groups_step,
+                             x_in_kernel=x is not None)
   return pl.pallas_call(
       kernel, grid=(N // block_n,), in_specs=[pl.no_block_spec] * 7, out_specs=pl.no_block_spec,
       out_shape=jax.ShapeDtypeStruct((1, N), jnp.bfloat16),
-      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1), name="dp4a_int4_probe_2dx",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), x.astype(jnp.float32).reshape(1, G, 2, g // 32, 4, 4),
-    (1.0 / jnp.asarray(inv, jnp.float32)).reshape(1), xsum[None], jnp.asarray(inv, jnp.float32).reshape(1), words,
-    scales)
+      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+      name="dp4a_int4_probe_2d" + ("x" if x is not None else ""),
+  )(jnp.asarray(layer, jnp.int32).reshape(1), x_arg, 1.0 / inv, xsum[None], inv, words, scales)
 
 
 def _case_int8(name, N, K, L, args, copy):
@@ -327,7 +298,8 @@ def _case_int4(name, N, K, L, args, copy, g=128):
       def f(i, xw, xsum, inv, codes, scales, bn=bn, gs=gs, warps=warps, two_d=two_d, kind=kind):
         words = lax.bitcast_convert_type(codes.reshape(L, N, K // 8, 4), jnp.int32).reshape(L, N, K // g, g // 32, 4)
         if kind == "2dx":
-          return dp4a_int4_matmul_2dx(x[0], xsum, inv, words, scales, i, block_n=bn, groups_step=gs, warps=warps)
+          return dp4a_int4_matmul_2d(xw, xsum, inv, words, scales, i, x=x[0], block_n=bn, groups_step=gs,
+                                     warps=warps)
         mm = dp4a_int4_matmul_2d if two_d else dp4a_int4_matmul
         return mm(xw, xsum, inv, words, scales, i, block_n=bn, groups_step=gs, warps=warps)
       got = np.asarray(jax.jit(f)(3, xw, xsum, inv, codes, scales).astype(jnp.float32), np.float64)

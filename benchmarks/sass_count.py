@@ -93,12 +93,13 @@ def _row_int4_swiglu(dp4a: bool, block_n=None):
 def _probe_int4(block_n=8):
     """`dp4a_probe.py`'s int4 kernel with x's bytes made in the kernel (`2dx`: one part, no norm)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from dp4a_probe import dp4a_int4_matmul_2dx
+    from dp4a_probe import dp4a_int4_matmul_2d
 
     L, N, K, g = 2, 28672, 4096, 128
-    fn = functools.partial(dp4a_int4_matmul_2dx, layer=1, block_n=block_n, groups_step=K // g)
-    modules = capture_modules(fn, S((K,), jnp.bfloat16), S((K // g,), jnp.float32), S((), jnp.float32),
-                              S((L, N, K // g, g // 32, 4), jnp.int32), S((L, N, K // g), jnp.bfloat16))
+    fn = functools.partial(dp4a_int4_matmul_2d, layer=1, block_n=block_n, groups_step=K // g)
+    modules = capture_modules(fn, None, S((K // g,), jnp.float32), S((), jnp.float32),
+                              S((L, N, K // g, g // 32, 4), jnp.int32), S((L, N, K // g), jnp.bfloat16),
+                              x=S((K,), jnp.bfloat16))
     return modules[-1], 4, block_n * K // (4 * 32)
 
 
