@@ -124,6 +124,17 @@ VARIANTS = {
                                   "(`row_matmul._BLOCK_N_ONE_STEP = 16`)",
                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                   {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 16}}),
+    # int4 `down` (K = 14336, 112 groups: not one power-of-two step) on the float path's K loop, as in session 17.
+    "int4_contract_last_nosplit": ("int4 weights quantized after `contract_last`, no K split: `down` on the float "
+                                   "path (`row_matmul.DP4A_SPLIT_K = False`)",
+                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                   {"pallas_kernels.row_matmul": {"DP4A_SPLIT_K": False}}),
+    # int4 with every dp4a program taking at most 2048 / 1024 elements of K (more programs, partials summed after).
+    **{f"int4_contract_last_{k // 1024}k": (f"int4 weights quantized after `contract_last`, dp4a programs of at most "
+                                           f"{k} elements of K (`row_matmul._DP4A_MAX_K = {k}`)",
+                                           dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                           {"pallas_kernels.row_matmul": {"_DP4A_MAX_K": k}})
+       for k in (2048, 1024)},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
@@ -175,7 +186,9 @@ def run_benchmarks(args, out: Path, summary: dict):
     spec = standard_spec(args)
     prefill_spec = dataclasses.replace(spec, batches=(1,), phases=("prefill",), profile_batches=())
     variant_specs = {  # (traced op by op only where the standard set is)
-        name: dataclasses.replace(spec, batches=tuple(args.variant_batch), **{**changes, **({} if spec.profile_batches else {"profile_batches": ()})})
+        name: dataclasses.replace(spec, batches=tuple(args.variant_batch), **{
+            **changes, **({"profile_batches": tuple(args.variant_batch)} if args.variant_profile else
+                          {} if spec.profile_batches else {"profile_batches": ()})})
         for name, (_, changes, *_) in VARIANTS.items() if name in args.variants}
     check_spec_fits(spec)
     check_spec_fits(prefill_spec)
@@ -266,6 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--gemv-partials", type=int, default=None,
                    help="override jaxinfer.ops.GEMV_PARTIALS (split-K target of one-row products) for this run")
     p.add_argument("--variant-batch", type=int, nargs="+", default=[1], help="decode batches of the variants")
+    p.add_argument("--variant-profile", action="store_true", help="trace every variant op by op")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--skip-kernels", action="store_true")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),

@@ -65,6 +65,8 @@ _WARPS = 4
 _UNROLLED_FORMATS = ("fp8",)  # K loop unrolled (H200 S8-10: fp8 down 19.9 vs 24.2 us; int8 equal, int4 slower)
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
 DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int4 batch-1 step 1.037x the float path)
+DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
+_DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
 _X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
 
 
@@ -98,11 +100,23 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
     if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
       return None
     chunk, gc = group, _pow2_divisor(k // group, max(1, bk // group))
-  cap = _BLOCK_N_ONE_STEP if fmt in _ONE_STEP_FORMATS and chunk * gc == k else _BLOCK_N
+  one_step = chunk * gc == k or dp4a_splits(k, fmt, group, block_k) is not None
+  cap = _BLOCK_N_ONE_STEP if fmt in _ONE_STEP_FORMATS and one_step else _BLOCK_N
   bn = block_n or min(_pow2_divisor(n, cap) for n in widths)
   if any(n % bn for n in widths):
     return None
   return bn, chunk, gc
+
+
+def dp4a_splits(k: int, fmt: str, group: int | None, block_k: int | None = None) -> int | None:
+  """How many programs share each row block's K on the integer (dp4a) path, or None when it does not apply:
+  each takes a power-of-two number of whole groups, at most `block_k` (default `_DP4A_MAX_K`) elements in one
+  step; more than one only with `DP4A_SPLIT_K` (their float32 partials are summed outside the kernel)."""
+  if fmt != "int4" or group is None or not DP4A or not is_pow2(group) or group < 32 or k % group:
+    return None
+  groups = k // group
+  splits = groups // _pow2_divisor(groups, max(1, (block_k or _DP4A_MAX_K) // group))
+  return splits if splits == 1 or DP4A_SPLIT_K else None
 
 
 def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bool:
@@ -111,7 +125,7 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool):
+            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool, splits: int):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
@@ -134,8 +148,9 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   layer = layer_ref[0]
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
   if dp4a:
-    _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
-                 epilogue=epilogue, block_n=block_n, product_dtype=product_dtype, native=native)
+    split = pl.program_id(1) if splits > 1 else 0
+    _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
+                 epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native)
     return
   chunks, sub, width = x_ref.shape
   n_steps = chunks // gc
@@ -255,23 +270,26 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
 
 
-def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
-                 product_dtype, native):
-  """int4 in one K step by integer dot products (module docstring): x's three bytes made once per program,
-  then per part all `block_n` rows as one [block_n, G, g/32, 4] tile of code words."""
+def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
+                 splits, product_dtype, native):
+  """int4 by integer dot products (module docstring): x's three bytes made once per program, then per part all
+  `block_n` rows as one [block_n, groups, g/32, 4] tile of code words. With `splits` > 1 the program takes the
+  `split`-th of `splits` equal runs of groups and writes float32 partial products (`_write_partials`)."""
   f32 = jnp.float32
   dt = x_ref.dtype
   K = x_ref.size
+  n_groups = x_ref.shape[1] // splits
+  groups = pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
-  def half(h):  # [1, G, g/32, 4, 4] float32: x's half h of every group, normalised as the unfused model does
-    xc = x_ref[:, :, h, :, :, :]
+  def half(h):  # [1, groups, g/32, 4, 4] float32: x's half h of this program's groups, normalised as the model does
+    xc = x_ref[:, groups, h, :, :, :]
     if norm:
       xn = (xc.astype(f32) * inv_rms).astype(dt)
-      g = norm_ref[pl.ds(layer, 1), :, h, :, :, :]
+      g = norm_ref[pl.ds(layer, 1), groups, h, :, :, :]
       xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
     return xc.astype(f32)
 
-  if norm:
+  if norm:  # over the whole row, whatever part of it this program takes
     ss = sum(jnp.sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2) for h in range(2))
     inv_rms = lax.rsqrt(ss / K + eps)
   xs = [half(h) for h in range(2)]
@@ -282,13 +300,13 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
   scale = jnp.where(amax > 0, scale, 1.0)
   # x not finite: a NaN scale makes the outputs NaN, as the float path's are (the integers would be finite)
   scale = jnp.where(amax < jnp.inf, scale, jnp.nan)
-  words, v_sum = [], None  # per half, per byte (high, middle, low): [1, G, g/32, 4] words of four x bytes
+  words, v_sum = [], None  # per half, per byte (high, middle, low): [1, groups, g/32, 4] words of four x bytes
   for xh in xs:
     v = jnp.floor(xh * scale + 0.5).astype(jnp.int32)
     at = lax.broadcasted_iota(jnp.int32, v.shape, 4) * 8
     words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - b)) & 0xFF, at), axis=4)
                   for b in range(3)])
-    half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, G]: the zero point's and offsets' term
+    half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, groups]: the zero point's and offsets' term
     v_sum = half_sum if v_sum is None else v_sum + half_sum
   v_sum = v_sum.astype(f32)
 
@@ -297,7 +315,7 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
     rows = pl.ds(row0, block_n)
     outs = []
     for v_ref, s_ref, m_ref in w_list:
-      w = v_ref[layer, rows, :, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
+      w = v_ref[layer, rows, groups, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
       nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
       sums = []
       for b in range(3):
@@ -305,17 +323,48 @@ def _dp4a_kernel(layer, j, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, n
         for h in range(2):
           acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
                                  b_signed=b == 0, native=native)
-        sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, G]
+        sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, groups]
       t = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2]  # sum over the group of code * x * scale
       if m_ref is None:
         t = t - 8.0 * v_sum
-      t = t * s_ref[layer, rows, :].astype(f32)
+      t = t * s_ref[layer, rows, groups].astype(f32)
       if m_ref is not None:
-        t = t + m_ref[layer, rows, :].astype(f32) * v_sum
+        t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
       outs.append(jnp.sum(t, axis=1) / scale)
     return outs, rows
 
-  _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
+  if splits > 1:
+    _write_partials(stream, w_refs, o_refs, parts, epilogue, j, split)
+  else:
+    _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
+
+
+def _write_partials(stream, w_refs, o_refs, parts, epilogue, j, split):
+  """Each part's float32 products over this program's share of K into row `split` of its partials [splits, N_i]
+  (summed and finished outside the kernel: `_finish`)."""
+  def write(w_list, refs, first):
+    outs, rows = stream(w_list, first)
+    for out, o_ref in zip(outs, refs):
+      o_ref[pl.ds(split, 1), rows] = out[None, :]
+
+  if epilogue == "swiglu" or len(parts) == 1:
+    write(w_refs, o_refs, 0)
+    return
+  for (first, end), w, o_ref in zip(parts, w_refs, o_refs):
+    pl.when((j >= first) & (j < end))(functools.partial(write, [w], [o_ref], first))
+
+
+def _finish(prods, epilogue, residual, product_dtype):
+  """The epilogue on float32 products [1, N_i], rounded where the unfused model rounds (the products to their
+  dtype first): silu(gate) * up, or + the residual (in its dtype), or the products in their dtype."""
+  f32 = jnp.float32
+  rnd = lambda a: a.astype(product_dtype).astype(f32)  # noqa: E731
+  if epilogue == "swiglu":
+    g, u = rnd(prods[0]), rnd(prods[1])
+    return ((rnd(g * jax.nn.sigmoid(g)) * u).astype(product_dtype),)
+  if epilogue == "residual":
+    return ((rnd(prods[0]) + residual.astype(f32)).astype(residual.dtype),)
+  return tuple(p.astype(product_dtype) for p in prods)
 
 
 def _stacked(a, ndim: int = 2):
@@ -408,19 +457,21 @@ def row_matmuls(
 
   sub = 2 if fmt == "int4" else 1
   chunks, width = K // chunk, chunk // sub
-  dp4a = fmt == "int4" and DP4A and chunk * gc == K  # one K step (K / g a power of two)
+  splits = dp4a_splits(K, fmt, group_size, block_k)
+  dp4a = splits is not None
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
-  x_shape = (1, chunks, 2, chunk // 32, 4, 4) if dp4a else (chunks, sub, width)
+  x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   arrays = [] if norm_weight is None else [norm_weight.reshape(-1, *x_shape[int(dp4a):])]
   for v, s, m in checked:
     L, N = v.shape[:2]
     if dp4a:
       words = lax.bitcast_convert_type(v.reshape(L, N, K // 8, 4), jnp.int32)
-      arrays.append(words.reshape(L, N, chunks, chunk // 32, 4))
+      arrays.append(words.reshape(L, N, K // group_size, group_size // 32, 4))
     else:
       arrays.append(v.reshape(L, N, chunks, width))
     arrays += [a for a in (s, m) if a is not None]
-  if epilogue == "residual":
+  partials = dp4a and splits > 1  # the kernel writes float32 partial products; the epilogue runs after their sum
+  if epilogue == "residual" and not partials:
     arrays.append(residual)
   out_widths = widths[:1] if epilogue == "swiglu" else widths
   parts, first = [], 0
@@ -428,20 +479,27 @@ def row_matmuls(
     parts.append((first, first + n // bn))
     first += n // bn
   kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
-                             norm=norm_weight is not None, eps=float(eps), epilogue=epilogue, block_n=bn, gc=gc,
-                             product_dtype=product_dtype,
-                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a)
+                             norm=norm_weight is not None, eps=float(eps),
+                             epilogue=epilogue if not partials or epilogue == "swiglu" else "none", block_n=bn,
+                             gc=gc, product_dtype=product_dtype,
+                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits or 1)
+  if partials:
+    out_shape = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in widths]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((1, n), out_dtype) for n in out_widths]
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   outs = pl.pallas_call(
       kernel,
-      grid=(first,),
+      grid=(first, splits) if partials else (first,),
       in_specs=[pl.no_block_spec] * (2 + len(arrays)),
-      out_specs=[pl.no_block_spec] * len(out_widths),
-      out_shape=[jax.ShapeDtypeStruct((1, n), out_dtype) for n in out_widths],
+      out_specs=[pl.no_block_spec] * len(out_shape),
+      out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
       interpret=interpret,
-      name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else ""),
+      name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else "") + ("_split" if partials else ""),
   )(layer, x.reshape(x_shape), *arrays)
+  if partials:
+    return _finish([jnp.sum(o, axis=0, keepdims=True) for o in outs], epilogue, residual, product_dtype)
   return tuple(outs)
 
 
@@ -459,11 +517,4 @@ def row_matmuls_reference(x, weights, layer=None, *, fmt="plain", group_size=Non
     x = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
   prods = [jnp.dot(x.astype(f32), dequantize_codes(*map(pick, w), fmt=fmt, group_size=group_size).T,
                    precision=lax.Precision.HIGHEST) for w in weights]
-  out_dtype = jnp.dtype(out_dtype or dt)
-  rnd = lambda a: a.astype(out_dtype).astype(f32)  # noqa: E731
-  if epilogue == "swiglu":
-    g, u = rnd(prods[0]), rnd(prods[1])
-    return ((rnd(g * jax.nn.sigmoid(g)) * u).astype(out_dtype),)
-  if epilogue == "residual":
-    return ((rnd(prods[0]) + residual.astype(f32)).astype(residual.dtype),)
-  return tuple(p.astype(out_dtype) for p in prods)
+  return _finish(prods, epilogue, residual, jnp.dtype(out_dtype or dt))

@@ -145,6 +145,44 @@ def test_int4_integer_dot_products(group, zero_point, norm):
             assert np.isnan(np.asarray(out)).all()
 
 
+@pytest.mark.parametrize("K,group,block_k,epilogue,zero_point", [(448, 32, None, "residual", False),
+                                                                 (512, 64, 128, "swiglu", True),
+                                                                 (256, 32, 64, "none", False)])
+def test_int4_split_k(K, group, block_k, epilogue, zero_point):
+    """int4 whose K takes more than one dp4a step (K / g not a power of two, as llama-3-8b's `down`: 14336 / 128 =
+    7 x 16, or a `block_k` below K): programs split K, write float32 partials, and their sum is finished outside
+    (the norm over the whole row, SwiGLU, the residual): against float64 with the dequantized weights, and equal
+    to the float path's K loop (`DP4A_SPLIT_K = False`)."""
+    from pallas_kernels import row_matmul as rm
+
+    assert rm.dp4a_splits(K, "int4", group, block_k) > 1
+    rng = np.random.default_rng(K + group)
+    L = 2
+    widths = {"residual": (32,), "swiglu": (16, 16), "none": (32, 16, 8)}[epilogue]
+    norm = epilogue != "residual"
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
+    res = rng.standard_normal((1, widths[0])).astype(np.float32)
+    parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), "int4", group, zero_point) for n in widths]
+    call = functools.partial(row_matmuls, jnp.asarray(x), tuple(p[0] for p in parts), jnp.int32(1), fmt="int4",
+                             group_size=group, norm_weight=jnp.asarray(g) if norm else None, eps=1e-5,
+                             epilogue=epilogue, residual=jnp.asarray(res) if epilogue == "residual" else None,
+                             block_k=block_k, interpret=True)
+    outs = call()
+    with switched(rm, {"DP4A_SPLIT_K": False}):
+        floats = call()
+    xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
+    want = [xin @ w64[1].T for _, w64 in parts]
+    if epilogue == "residual":
+        want = [res.astype(F64) + want[0]]
+    elif epilogue == "swiglu":
+        want = [want[0] / (1 + np.exp(-want[0])) * want[1]]
+    assert len(outs) == len(want) == len(floats)
+    for out, w, f in zip(outs, want, floats):
+        assert out.shape == f.shape and out.dtype == f.dtype
+        assert rel_err(out, w) < 1e-5 and rel_err(out, f) < 1e-5
+
+
 def test_bad_inputs_are_named():
     x = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((2, 16, 64), jnp.float32)
@@ -186,6 +224,8 @@ def test_lowers_to_triton_for_the_model_shapes():
                           ("fp8", None, (sds((4, 2048, 4096), jnp.float8_e4m3fn), sds((4, 2048, 1), f32), None)),
                           ("int4", 128, (sds((4, 2048, 2048), jnp.uint8), sds((4, 2048, 32), f16), sds((4, 2048, 32), f16)))):
         cases.append(((sds((1, 4096), bf16), (w, w)), ("swiglu", fmt, group), dict(norm_weight=sds((4, 4096), bf16))))
+    down4 = (sds((4, 4096, 7168), jnp.uint8), sds((4, 4096, 112), f16), None)  # K split across programs
+    cases.append(((sds((1, 14336), bf16), (down4,)), ("residual", "int4", 128), dict(residual=sds((1, 4096), bf16))))
     for args, epilogue, kwargs in cases:
         epilogue, fmt, group = epilogue if isinstance(epilogue, tuple) else (epilogue, "plain", None)
         fn = functools.partial(row_matmuls, interpret=False, epilogue=epilogue, fmt=fmt, group_size=group)
