@@ -119,22 +119,24 @@ VARIANTS = {
                                   "(`row_matmul.DP4A = False`)",
                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                   {"pallas_kernels.row_matmul": {"DP4A": False}}),
-    # int4 with 16 rows a program in one K step (x's bytes shared by twice the rows; 128 registers: NOTES, session 17).
-    "int4_contract_last_16rows": ("int4 weights quantized after `contract_last`, 16 rows a program "
-                                  "(`row_matmul._BLOCK_N_ONE_STEP = 16`)",
-                                  dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                  {"pallas_kernels.row_matmul": {"_BLOCK_N_ONE_STEP": 16}}),
+    # int4 by integer dot products: 8 rows a program (session 17's tiling); 16 / 32 rows over 8 warps.
+    **{f"int4_contract_last_{rows}rows{'_8warps' if warps == 8 else ''}": (
+        f"int4 weights quantized after `contract_last`, {rows} rows a dp4a program, {warps} warps "
+        f"(`row_matmul._BLOCK_N_DP4A = {rows}`, `_WARPS_DP4A = {warps}`)",
+        dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+        {"pallas_kernels.row_matmul": {"_BLOCK_N_DP4A": rows, "_WARPS_DP4A": warps}})
+       for rows, warps in ((8, 4), (16, 8), (32, 8))},
     # int4 `down` (K = 14336, 112 groups: not one power-of-two step) on the float path's K loop, as in session 17.
     "int4_contract_last_nosplit": ("int4 weights quantized after `contract_last`, no K split: `down` on the float "
                                    "path (`row_matmul.DP4A_SPLIT_K = False`)",
                                    dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                    {"pallas_kernels.row_matmul": {"DP4A_SPLIT_K": False}}),
-    # int4 with every dp4a program taking at most 2048 / 1024 elements of K (more programs, partials summed after).
-    **{f"int4_contract_last_{k // 1024}k": (f"int4 weights quantized after `contract_last`, dp4a programs of at most "
-                                           f"{k} elements of K (`row_matmul._DP4A_MAX_K = {k}`)",
-                                           dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                           {"pallas_kernels.row_matmul": {"_DP4A_MAX_K": k}})
-       for k in (2048, 1024)},
+    # int8 / fp8 products over several K steps (`down`) with one step a program, partials summed after.
+    **{f"{q}_contract_last_split": (f"{q} weights quantized after `contract_last`, K steps split across programs "
+                                    f"(`row_matmul.FLOAT_SPLIT_K = True`)",
+                                    dict(quant=q, weight_layout="contract-last", profile_batches=()),
+                                    {"pallas_kernels.row_matmul": {"FLOAT_SPLIT_K": True}})
+       for q in ("int8", "fp8")},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

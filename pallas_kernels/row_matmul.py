@@ -59,6 +59,9 @@ FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
 _BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 columns: BENCHMARKS.md)
 _BLOCK_N_ONE_STEP = 8  # when the whole K is one step, for these formats (H200, session 8: 3-10 % faster than 4)
+FLOAT_SPLIT_K = False  # quantized float-path products over several K steps: one step a program, partials summed after
+_BLOCK_N_DP4A = 16  # int4 by integer dot products (H200, session 18: the int4 step 1.05x faster than with 8)
+_WARPS_DP4A = 4
 _ONE_STEP_FORMATS = ("int8", "int4", "fp8")
 _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
 _WARPS = 4
@@ -100,8 +103,12 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
     if not is_pow2(group) or group < 32 or k % group or (fmt == "plain"):
       return None
     chunk, gc = group, _pow2_divisor(k // group, max(1, bk // group))
-  one_step = chunk * gc == k or dp4a_splits(k, fmt, group, block_k) is not None
-  cap = _BLOCK_N_ONE_STEP if fmt in _ONE_STEP_FORMATS and one_step else _BLOCK_N
+  if dp4a_splits(k, fmt, group, block_k) is not None:
+    cap = _BLOCK_N_DP4A
+  elif fmt in _ONE_STEP_FORMATS and (chunk * gc == k or FLOAT_SPLIT_K):
+    cap = _BLOCK_N_ONE_STEP
+  else:
+    cap = _BLOCK_N
   bn = block_n or min(_pow2_divisor(n, cap) for n in widths)
   if any(n % bn for n in widths):
     return None
@@ -147,13 +154,13 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   o_refs = refs
   layer = layer_ref[0]
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
+  split = pl.program_id(1) if splits > 1 else 0
   if dp4a:
-    split = pl.program_id(1) if splits > 1 else 0
     _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
                  epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native)
     return
   chunks, sub, width = x_ref.shape
-  n_steps = chunks // gc
+  n_steps = chunks // gc  # of the whole K (the norm's); with splits, each program takes one of them
   dt = x_ref.dtype
 
   inv_rms = None
@@ -218,11 +225,11 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       return jax.tree.map(jnp.add, acc, tiles(c))
 
     # The first step starts the sums (no zeros to add: the final reduction's adds then fuse with the products)
-    carry = tiles(0)
-    if fmt in _UNROLLED_FORMATS:  # K steps unrolled: the loads of later steps may issue before earlier sums
+    carry = tiles(split)  # split: 0, or with splits this program's one step
+    if splits == 1 and fmt in _UNROLLED_FORMATS:  # K steps unrolled: later steps' loads may issue before earlier sums
       for c in range(1, n_steps):
         carry = add_step(c, carry)
-    else:
+    elif splits == 1:
       carry = lax.fori_loop(1, n_steps, add_step, carry)
     which = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
     outs = []
@@ -241,7 +248,10 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       outs.append(out)
     return outs, rows
 
-  _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
+  if splits > 1:
+    _write_partials(stream, w_refs, o_refs, parts, epilogue, j, split)
+  else:
+    _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
 
 
 def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j):
@@ -459,6 +469,8 @@ def row_matmuls(
   chunks, width = K // chunk, chunk // sub
   splits = dp4a_splits(K, fmt, group_size, block_k)
   dp4a = splits is not None
+  if not dp4a:  # the float path: one K step a program when split
+    splits = chunks // gc if FLOAT_SPLIT_K and fmt in _ONE_STEP_FORMATS else 1
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   arrays = [] if norm_weight is None else [norm_weight.reshape(-1, *x_shape[int(dp4a):])]
@@ -470,7 +482,7 @@ def row_matmuls(
     else:
       arrays.append(v.reshape(L, N, chunks, width))
     arrays += [a for a in (s, m) if a is not None]
-  partials = dp4a and splits > 1  # the kernel writes float32 partial products; the epilogue runs after their sum
+  partials = splits > 1  # the kernel writes float32 partial products; the epilogue runs after their sum
   if epilogue == "residual" and not partials:
     arrays.append(residual)
   out_widths = widths[:1] if epilogue == "swiglu" else widths
@@ -482,7 +494,7 @@ def row_matmuls(
                              norm=norm_weight is not None, eps=float(eps),
                              epilogue=epilogue if not partials or epilogue == "swiglu" else "none", block_n=bn,
                              gc=gc, product_dtype=product_dtype,
-                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits or 1)
+                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits)
   if partials:
     out_shape = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in widths]
   else:
@@ -494,7 +506,8 @@ def row_matmuls(
       in_specs=[pl.no_block_spec] * (2 + len(arrays)),
       out_specs=[pl.no_block_spec] * len(out_shape),
       out_shape=out_shape,
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps or _WARPS, num_stages=num_stages or _STAGES),
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps or (_WARPS_DP4A if dp4a else _WARPS),
+                                              num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else "") + ("_split" if partials else ""),
   )(layer, x.reshape(x_shape), *arrays)
