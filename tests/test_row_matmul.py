@@ -305,9 +305,13 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     parts = tuple(jnp.asarray(w, jnp.bfloat16) if fmt == "plain" else _quantized(w, fmt, group, zero_point)[0]
                   for w in ws)
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
-    for block_k in (None, 256):  # one K step, and a loop of four (fp8's unrolled)
-        got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
-                          interpret=False)
+    from pallas_kernels import row_matmul as rm
+
+    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); four split across programs on the float path
+    for block_k, switches in ((None, {}), (256, {}), (256, {"FLOAT_SPLIT_K": True, "DP4A": False})):
+        with switched(rm, switches):
+            got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
+                              interpret=False)
         for a, b in zip(got, want):
             assert rel_err(a, b) < 1e-2
 
