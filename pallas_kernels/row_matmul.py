@@ -70,6 +70,7 @@ _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed not
 DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int4 batch-1 step 1.037x the float path)
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
+DP4A_PREPARED_X = False  # x's fixed point made by a launch of its own, once per call, instead of in every program
 _X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
 
 
@@ -132,15 +133,18 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool, splits: int):
+            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool, splits: int, prepared: bool):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
   quantized) scales [L, N, chunks or 1] and (if offsets) offsets [L, N, chunks], (residual [1, N] if
   residual), then the outputs [1, N_i] (one output for swiglu). With `dp4a`: x [1, G, 2, g/32, 4, 4] and the
-  norm weight [L, G, 2, g/32, 4, 4] (group, half, word, byte), the codes int32 words [L, N, G, g/32, 4]."""
+  norm weight [L, G, 2, g/32, 4, 4] (group, half, word, byte), the codes int32 words [L, N, G, g/32, 4]; with
+  `prepared`, x is `_prepare_kernel`'s words and its terms come first in refs (no norm weight). With `splits` > 1
+  the outputs are every part's float32 partial products [splits, N_i], no epilogue."""
   f32 = jnp.float32
   refs = list(refs)
+  terms_ref = refs.pop(0) if prepared else None
   norm_ref = refs.pop(0) if norm else None
   quantized = fmt != "plain"
   n_parts = 2 if epilogue == "swiglu" else len(parts)
@@ -157,7 +161,8 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   split = pl.program_id(1) if splits > 1 else 0
   if dp4a:
     _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
-                 epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native)
+                 epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native,
+                 terms_ref=terms_ref)
     return
   chunks, sub, width = x_ref.shape
   n_steps = chunks // gc  # of the whole K (the norm's); with splits, each program takes one of them
@@ -280,18 +285,14 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
 
 
-def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
-                 splits, product_dtype, native):
-  """int4 by integer dot products (module docstring): x's three bytes made once per program, then per part all
-  `block_n` rows as one [block_n, groups, g/32, 4] tile of code words. With `splits` > 1 the program takes the
-  `split`-th of `splits` equal runs of groups and writes float32 partial products (`_write_partials`)."""
+def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
+  """x (normalised as the unfused model does, the norm over the whole row) over `groups` as a 20-bit fixed-point
+  integer: per half, per byte (high, middle, low) [1, groups, g/32, 4] int32 words of four x bytes; x's integer
+  sum per group [1, groups] (the zero point's and offsets' term); and 1 / the scale (a power of two)."""
   f32 = jnp.float32
   dt = x_ref.dtype
-  K = x_ref.size
-  n_groups = x_ref.shape[1] // splits
-  groups = pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
-  def half(h):  # [1, groups, g/32, 4, 4] float32: x's half h of this program's groups, normalised as the model does
+  def half(h):  # [1, groups, g/32, 4, 4] float32: x's half h of these groups
     xc = x_ref[:, groups, h, :, :, :]
     if norm:
       xn = (xc.astype(f32) * inv_rms).astype(dt)
@@ -299,9 +300,9 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
     return xc.astype(f32)
 
-  if norm:  # over the whole row, whatever part of it this program takes
+  if norm:
     ss = sum(jnp.sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2) for h in range(2))
-    inv_rms = lax.rsqrt(ss / K + eps)
+    inv_rms = lax.rsqrt(ss / x_ref.size + eps)
   xs = [half(h) for h in range(2)]
   amax = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
   # scale = 2^(_X_BITS - 1 - e) for amax in [2^e, 2^(e + 1)), so |x| * scale < 2^_X_BITS (exponent bits: no log)
@@ -310,15 +311,51 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
   scale = jnp.where(amax > 0, scale, 1.0)
   # x not finite: a NaN scale makes the outputs NaN, as the float path's are (the integers would be finite)
   scale = jnp.where(amax < jnp.inf, scale, jnp.nan)
-  words, v_sum = [], None  # per half, per byte (high, middle, low): [1, groups, g/32, 4] words of four x bytes
+  words, v_sum = [], None
   for xh in xs:
     v = jnp.floor(xh * scale + 0.5).astype(jnp.int32)
     at = lax.broadcasted_iota(jnp.int32, v.shape, 4) * 8
     words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - b)) & 0xFF, at), axis=4)
                   for b in range(3)])
-    half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)  # [1, groups]: the zero point's and offsets' term
+    half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)
     v_sum = half_sum if v_sum is None else v_sum + half_sum
-  v_sum = v_sum.astype(f32)
+  return words, v_sum.astype(f32), 1.0 / scale
+
+
+def _groups(split, splits: int, n_groups: int):
+  return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
+
+
+def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, splits: int):
+  """One program per split: x's fixed point (`_x_fixed_point`) into words [6, G, g/32, 4] (half * 3 + byte) and
+  terms [2, G] (x's integer group sums, 1 / scale), read by every program of the product (`prepared`)."""
+  refs = list(refs)
+  norm_ref = refs.pop(0) if norm else None
+  words_ref, terms_ref = refs
+  split = pl.program_id(0) if splits > 1 else 0
+  groups = _groups(split, splits, x_ref.shape[1] // splits)
+  words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
+  for h in range(2):
+    for b in range(3):
+      words_ref[pl.ds(3 * h + b, 1), groups, :, :] = words[h][b]
+  terms_ref[pl.ds(0, 1), groups] = v_sum
+  terms_ref[pl.ds(1, 1), groups] = jnp.broadcast_to(inv, v_sum.shape)
+
+
+def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
+                 splits, product_dtype, native, terms_ref=None):
+  """int4 by integer dot products (module docstring): x's fixed point made once per program (or, with `terms_ref`,
+  read from `_prepare_kernel`'s words in `x_ref`), then per part all `block_n` rows as one
+  [block_n, groups, g/32, 4] tile of code words. With `splits` > 1 the program takes the `split`-th of `splits`
+  equal runs of groups and writes float32 partial products (`_write_partials`)."""
+  f32 = jnp.float32
+  n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // splits
+  groups = _groups(split, splits, n_groups)
+  if terms_ref is None:
+    words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer, groups, norm=norm, eps=eps)
+  else:
+    words = [[x_ref[pl.ds(3 * h + b, 1), groups, :, :] for b in range(3)] for h in range(2)]
+    v_sum, inv = terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
 
   def stream(w_list, first):
     row0 = pl.multiple_of((j - first) * block_n, block_n)
@@ -340,7 +377,7 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       t = t * s_ref[layer, rows, groups].astype(f32)
       if m_ref is not None:
         t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
-      outs.append(jnp.sum(t, axis=1) / scale)
+      outs.append(jnp.sum(t * inv, axis=1))
     return outs, rows
 
   if splits > 1:
@@ -473,7 +510,27 @@ def row_matmuls(
     splits = chunks // gc if FLOAT_SPLIT_K and fmt in _ONE_STEP_FORMATS else 1
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
-  arrays = [] if norm_weight is None else [norm_weight.reshape(-1, *x_shape[int(dp4a):])]
+  layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
+  x = x.reshape(x_shape)
+  norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
+  prepared = dp4a and DP4A_PREPARED_X
+  arrays = []
+  if prepared:  # x's fixed point made once per call, by its own launch
+    G = K // group_size
+    x, terms = pl.pallas_call(
+        functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), splits=splits),
+        grid=(splits,),
+        in_specs=[pl.no_block_spec] * (2 + (norm_weight is not None)),
+        out_specs=[pl.no_block_spec] * 2,
+        out_shape=[jax.ShapeDtypeStruct((6, G, group_size // 32, 4), jnp.int32),
+                   jax.ShapeDtypeStruct((2, G), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=_WARPS_DP4A, num_stages=1),
+        interpret=interpret,
+        name="row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""),
+    )(layer, x, *([] if norm_weight is None else [norm_weight]))
+    arrays.append(terms)
+  elif norm_weight is not None:
+    arrays.append(norm_weight)
   for v, s, m in checked:
     L, N = v.shape[:2]
     if dp4a:
@@ -491,15 +548,15 @@ def row_matmuls(
     parts.append((first, first + n // bn))
     first += n // bn
   kernel = functools.partial(_kernel, parts=tuple(parts), fmt=fmt, grouped=group_size is not None, offsets=offsets,
-                             norm=norm_weight is not None, eps=float(eps),
+                             norm=norm_weight is not None and not prepared, eps=float(eps),
                              epilogue=epilogue if not partials or epilogue == "swiglu" else "none", block_n=bn,
                              gc=gc, product_dtype=product_dtype,
-                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits)
+                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits,
+                             prepared=prepared)
   if partials:
     out_shape = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in widths]
   else:
     out_shape = [jax.ShapeDtypeStruct((1, n), out_dtype) for n in out_widths]
-  layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   outs = pl.pallas_call(
       kernel,
       grid=(first, splits) if partials else (first,),
@@ -510,7 +567,7 @@ def row_matmuls(
                                               num_stages=num_stages or _STAGES),
       interpret=interpret,
       name=f"row_matmul_{fmt}_{epilogue}" + ("_norm" if norm_weight is not None else "") + ("_split" if partials else ""),
-  )(layer, x.reshape(x_shape), *arrays)
+  )(layer, x, *arrays)
   if partials:
     return _finish([jnp.sum(o, axis=0, keepdims=True) for o in outs], epilogue, residual, product_dtype)
   return tuple(outs)

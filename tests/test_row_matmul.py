@@ -308,7 +308,8 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     from pallas_kernels import row_matmul as rm
 
     # one K step; four (a loop, fp8's unrolled, int4's dp4a split); four split across programs on the float path
-    for block_k, switches in ((None, {}), (256, {}), (256, {"FLOAT_SPLIT_K": True, "DP4A": False})):
+    for block_k, switches in ((None, {}), (256, {}), (256, {"FLOAT_SPLIT_K": True, "DP4A": False}),
+                              (None, {"DP4A_PREPARED_X": True}), (256, {"DP4A_PREPARED_X": True})):
         with switched(rm, switches):
             got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                               interpret=False)
