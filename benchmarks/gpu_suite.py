@@ -126,13 +126,17 @@ VARIANTS = {
         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
         {"pallas_kernels.row_matmul": {"_BLOCK_N_DP4A": rows, "_WARPS_DP4A": warps}})
        for rows, warps in ((8, 4), (16, 8), (32, 8))},
-    # int4 with x's fixed point made once per call by a launch of its own, not in every program (16 / 32 rows).
-    **{f"int4_contract_last_prepared{f'_{rows}rows' if rows != 16 else ''}": (
-        f"int4 weights quantized after `contract_last`, x's fixed point made once per call "
-        f"(`row_matmul.DP4A_PREPARED_X = True`), {rows} rows a program",
-        dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-        {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": True, "_BLOCK_N_DP4A": rows}})
-       for rows in (16, 32)},
+    # int4 with x's fixed point made once per call by launches of its own (a scale per group), not in every
+    # program: for every product, or only where x is normalised (q/k/v, gate+up, the head).
+    "int4_contract_last_prepared": ("int4 weights quantized after `contract_last`, x's fixed point made once per call "
+                                    "(`row_matmul.DP4A_PREPARED_X = True`)",
+                                    dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                    {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": True}}),
+    "int4_contract_last_prepared_norm": ("int4 weights quantized after `contract_last`, x's fixed point made once per "
+                                         "call where x is normalised (`DP4A_PREPARE_PLAIN = False`)",
+                                         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                         {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": True,
+                                                                        "DP4A_PREPARE_PLAIN": False}}),
     # int4 `down` (K = 14336, 112 groups: not one power-of-two step) on the float path's K loop, as in session 17.
     "int4_contract_last_nosplit": ("int4 weights quantized after `contract_last`, no K split: `down` on the float "
                                    "path (`row_matmul.DP4A_SPLIT_K = False`)",

@@ -71,6 +71,9 @@ DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
 DP4A_PREPARED_X = False  # x's fixed point made by a launch of its own, once per call, instead of in every program
+DP4A_PREPARE_PLAIN = True  # ... also for an x without a norm (o, down, an unnormed head)
+_PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
+_PREPARE_WARPS = 1
 _X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
 
 
@@ -326,14 +329,15 @@ def _groups(split, splits: int, n_groups: int):
   return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
 
-def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, splits: int):
-  """One program per split: x's fixed point (`_x_fixed_point`) into words [6, G, g/32, 4] (half * 3 + byte) and
-  terms [2, G] (x's integer group sums, 1 / scale), read by every program of the product (`prepared`)."""
+def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
+  """x's fixed point (`_x_fixed_point`) into words [6, G, g/32, 4] (half * 3 + byte) and terms [2, G] (x's
+  integer group sums, 1 / scale), read by every program of the product (`prepared`). Each program takes
+  `n_groups` groups with a scale of their own (the norm's statistic over the whole row): short programs with
+  no cross-warp reductions at one warp, and a finer scale than one per row."""
   refs = list(refs)
   norm_ref = refs.pop(0) if norm else None
   words_ref, terms_ref = refs
-  split = pl.program_id(0) if splits > 1 else 0
-  groups = _groups(split, splits, x_ref.shape[1] // splits)
+  groups = pl.ds(pl.multiple_of(pl.program_id(0) * n_groups, n_groups), n_groups)
   words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
   for h in range(2):
     for b in range(3):
@@ -513,18 +517,19 @@ def row_matmuls(
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   x = x.reshape(x_shape)
   norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
-  prepared = dp4a and DP4A_PREPARED_X
+  prepared = dp4a and DP4A_PREPARED_X and (norm_weight is not None or DP4A_PREPARE_PLAIN)
   arrays = []
   if prepared:  # x's fixed point made once per call, by its own launch
     G = K // group_size
+    n_groups = _pow2_divisor(G, _PREPARE_GROUPS)
     x, terms = pl.pallas_call(
-        functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), splits=splits),
-        grid=(splits,),
+        functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups),
+        grid=(G // n_groups,),
         in_specs=[pl.no_block_spec] * (2 + (norm_weight is not None)),
         out_specs=[pl.no_block_spec] * 2,
         out_shape=[jax.ShapeDtypeStruct((6, G, group_size // 32, 4), jnp.int32),
                    jax.ShapeDtypeStruct((2, G), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=_WARPS_DP4A, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_WARPS, num_stages=1),
         interpret=interpret,
         name="row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""),
     )(layer, x, *([] if norm_weight is None else [norm_weight]))
