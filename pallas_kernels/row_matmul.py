@@ -29,13 +29,15 @@ fused multiply-add a code), the zero point taken off once per group as zero * su
 accumulate float32 products per row and reduce at the end; grouped ones reduce each group first, scale it
 once, and gather the group sums of all rows into one tile, reduced once.
 
-int4 in one K step (the common case: K / g a power of two) takes integer dot products instead (`DP4A`): x,
-normalised, is written as a 20-bit fixed-point integer (one power-of-two scale per call, from its largest
-|value|) split into three bytes, and a 32-bit word's four low (or high) nibbles meet four x bytes in one `dp4a`
-(four byte products summed exactly in int32); all rows of a program form one tile, so each byte's sums are
-reduced once. Fewer instructions and registers than the float path (whose 128 registers a thread left a
-quarter of the warp slots filled); the only rounding is x's, to 20 bits of its largest |value|
-(pallas_kernels/NOTES.md, session 17).
+int4 takes integer dot products instead (`DP4A`): x, normalised, is written as a 20-bit fixed-point integer
+(a power-of-two scale per group, from its largest |value|) split into three bytes, and a 32-bit word's four low
+(or high) nibbles meet four x bytes in one `dp4a` (four byte products summed exactly in int32); all rows of a
+program form one tile, so each byte's sums are reduced once. Fewer instructions and registers than the float
+path; the only rounding is x's, to 20 bits of its group's largest |value| (pallas_kernels/NOTES.md, sessions
+17-18). x's fixed point is made once per call by short one-warp programs of its own (`DP4A_PREPARED_X`; made
+in every program it cost more than the launch). A K longer than one step (`down`: 14336 = 7 x 2048) is split
+across programs (`dp4a_splits`), whose float32 partial products are summed and finished (`_finish`: the
+epilogue, rounded as the unfused model rounds) outside the kernel.
 
 Parts sharing x (q/k/v) run in one launch, a static branch per part; with `epilogue="swiglu"` one program
 reads the same rows of both parts (gate, up) and writes only silu(gate) * up. Rounding follows the unfused
@@ -70,7 +72,7 @@ _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed not
 DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int4 batch-1 step 1.037x the float path)
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
-DP4A_PREPARED_X = False  # x's fixed point made by a launch of its own, once per call, instead of in every program
+DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
 DP4A_PREPARE_PLAIN = True  # ... also for an x without a norm (o, down, an unnormed head)
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
 _PREPARE_WARPS = 1

@@ -111,12 +111,14 @@ def test_quantized_swiglu_and_residual(fmt, group, zero_point):
     assert rel_err(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
 
 
+@pytest.mark.parametrize("prepared", [True, False], ids=["x-once-per-call", "x-in-every-program"])
 @pytest.mark.parametrize("group,zero_point,norm", [(32, False, True), (64, True, False), (128, False, True)])
-def test_int4_integer_dot_products(group, zero_point, norm):
+def test_int4_integer_dot_products(group, zero_point, norm, prepared):
     """int4 in one K step takes integer dot products (`DP4A`: x as a 20-bit fixed point in three bytes):
     q/k/v-like parts against the float64 product with the dequantized weights; with an outlier 300x the typical
     |x| (the fixed point's precision is relative to the largest |x|) still within 1e-4; the same as the float
-    path; an all-zero x gives zeros (the offsets' term included), a NaN or infinite x NaNs."""
+    path; an all-zero x gives zeros (the offsets' term included), a NaN or infinite x NaNs. x's fixed point made
+    once per call (a scale per group) or in every program (one scale)."""
     from pallas_kernels import row_matmul as rm
 
     rng = np.random.default_rng(5)
@@ -125,24 +127,25 @@ def test_int4_integer_dot_products(group, zero_point, norm):
     parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), "int4", group, zero_point) for n in widths]
     call = functools.partial(row_matmuls, weights=tuple(p[0] for p in parts), layer=jnp.int32(1), fmt="int4",
                              group_size=group, norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, interpret=True)
-    x = rng.standard_normal((1, K)).astype(np.float32)
-    for outlier, tol in ((None, 1e-5), (300.0, 1e-4)):
-        if outlier:
-            x[0, 7] = outlier
-        xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
-        outs = call(jnp.asarray(x))
-        for out, (_, w64) in zip(outs, parts):
-            assert rel_err(out, xin @ w64[1].T) < tol
-        with switched(rm, {"DP4A": False}):
-            floats = call(jnp.asarray(x))
-        for a, b in zip(outs, floats):
-            assert rel_err(a, b) < tol
-    for out in call(jnp.zeros((1, K), jnp.float32)):
-        assert not np.asarray(out).any()
-    for bad in (np.nan, np.inf):  # not turned into finite numbers by the fixed point
-        x[0, 3] = bad
-        for out in call(jnp.asarray(x)):
-            assert np.isnan(np.asarray(out)).all()
+    with switched(rm, {"DP4A_PREPARED_X": prepared}):  # x made once per call, or in every program
+        x = rng.standard_normal((1, K)).astype(np.float32)
+        for outlier, tol in ((None, 1e-5), (300.0, 1e-4)):
+            if outlier:
+                x[0, 7] = outlier
+            xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
+            outs = call(jnp.asarray(x))
+            for out, (_, w64) in zip(outs, parts):
+                assert rel_err(out, xin @ w64[1].T) < tol
+            with switched(rm, {"DP4A": False}):
+                floats = call(jnp.asarray(x))
+            for a, b in zip(outs, floats):
+                assert rel_err(a, b) < tol
+        for out in call(jnp.zeros((1, K), jnp.float32)):
+            assert not np.asarray(out).any()
+        for bad in (np.nan, np.inf):  # not turned into finite numbers by the fixed point
+            x[0, 3] = bad
+            for out in call(jnp.asarray(x)):
+                assert np.isnan(np.asarray(out)).all()
 
 
 @pytest.mark.parametrize("K,group,block_k,epilogue,zero_point", [(448, 32, None, "residual", False),
@@ -283,9 +286,15 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops, "ROW_FORMATS", (fmt,))
     jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
-    kernels = [n for n in pallas_call_names(jaxpr.jaxpr) if n.startswith("row_matmul")]
+    names = [n for n in pallas_call_names(jaxpr.jaxpr) if n.startswith("row_matmul")]
+    kernels = [n for n in names if "prepare_x" not in n]
     layer = [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")]
     assert kernels == layer + [f"row_matmul_{fmt}_none"], kernels  # the output head last
+    if fmt == "int4":  # integer products: x's fixed point made by a launch of its own before each
+        preps = [f"row_matmul_int4_prepare_x{'_norm' if k.endswith('_norm') else ''}" for k in kernels]
+        assert names == [n for pair in zip(preps, kernels) for n in pair], names
+    else:
+        assert names == kernels, names
     got, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     got, want = np.asarray(got, F64), np.asarray(want, F64)
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max(), np.abs(got - want).max()
@@ -307,9 +316,10 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
     from pallas_kernels import row_matmul as rm
 
-    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); four split across programs on the float path
+    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); four split across programs on the float path;
+    # int4's x made in every program instead of once per call
     for block_k, switches in ((None, {}), (256, {}), (256, {"FLOAT_SPLIT_K": True, "DP4A": False}),
-                              (None, {"DP4A_PREPARED_X": True}), (256, {"DP4A_PREPARED_X": True})):
+                              (None, {"DP4A_PREPARED_X": False}), (256, {"DP4A_PREPARED_X": False})):
         with switched(rm, switches):
             got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                               interpret=False)
