@@ -126,17 +126,21 @@ VARIANTS = {
         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
         {"pallas_kernels.row_matmul": {"_BLOCK_N_DP4A": rows, "_WARPS_DP4A": warps}})
        for rows, warps in ((8, 4), (16, 8), (32, 8))},
-    # int4 with x's fixed point made once per call by launches of its own (a scale per group), not in every
-    # program: for every product, or only where x is normalised (q/k/v, gate+up, the head).
-    "int4_contract_last_prepared": ("int4 weights quantized after `contract_last`, x's fixed point made once per call "
-                                    "(`row_matmul.DP4A_PREPARED_X = True`)",
-                                    dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                    {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": True}}),
+    # int4 with x's fixed point made in every program (session 17), or once per call only where x is normalised
+    # (q/k/v, gate+up, the head); its preparation at 2 / 4 warps a program (one group each).
+    "int4_contract_last_x_in_kernel": ("int4 weights quantized after `contract_last`, x's fixed point made in every "
+                                       "program (`row_matmul.DP4A_PREPARED_X = False`)",
+                                       dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                       {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": False}}),
     "int4_contract_last_prepared_norm": ("int4 weights quantized after `contract_last`, x's fixed point made once per "
                                          "call where x is normalised (`DP4A_PREPARE_PLAIN = False`)",
                                          dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                         {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": True,
-                                                                        "DP4A_PREPARE_PLAIN": False}}),
+                                         {"pallas_kernels.row_matmul": {"DP4A_PREPARE_PLAIN": False}}),
+    **{f"int4_contract_last_prepare_{w}warps": (f"int4 weights quantized after `contract_last`, x's preparation at "
+                                                f"{w} warps a program (`row_matmul._PREPARE_WARPS = {w}`)",
+                                                dict(quant="int4", weight_layout="contract-last", profile_batches=()),
+                                                {"pallas_kernels.row_matmul": {"_PREPARE_WARPS": w}})
+       for w in (2, 4)},
     # int4 `down` (K = 14336, 112 groups: not one power-of-two step) on the float path's K loop, as in session 17.
     "int4_contract_last_nosplit": ("int4 weights quantized after `contract_last`, no K split: `down` on the float "
                                    "path (`row_matmul.DP4A_SPLIT_K = False`)",
