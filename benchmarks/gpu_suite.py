@@ -119,23 +119,18 @@ VARIANTS = {
                                   "(`row_matmul.DP4A = False`)",
                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                   {"pallas_kernels.row_matmul": {"DP4A": False}}),
-    # int4 by integer dot products: 8 rows a program (session 17's tiling); 16 / 32 rows over 8 warps.
+    # int4 by integer dot products: 16 rows a program over 4 warps, 16 / 32 rows over 8 warps.
     **{f"int4_contract_last_{rows}rows{'_8warps' if warps == 8 else ''}": (
         f"int4 weights quantized after `contract_last`, {rows} rows a dp4a program, {warps} warps "
         f"(`row_matmul._BLOCK_N_DP4A = {rows}`, `_WARPS_DP4A = {warps}`)",
         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
         {"pallas_kernels.row_matmul": {"_BLOCK_N_DP4A": rows, "_WARPS_DP4A": warps}})
-       for rows, warps in ((8, 4), (16, 8), (32, 8))},
-    # int4 with x's fixed point made in every program (session 17), or once per call only where x is normalised
-    # (q/k/v, gate+up, the head); its preparation at 2 / 4 warps a program (one group each).
+       for rows, warps in ((16, 4), (16, 8), (32, 8))},
+    # int4 with x's fixed point made in every program (session 17); its preparation at 2 / 4 warps a program.
     "int4_contract_last_x_in_kernel": ("int4 weights quantized after `contract_last`, x's fixed point made in every "
                                        "program (`row_matmul.DP4A_PREPARED_X = False`)",
                                        dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                        {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": False}}),
-    "int4_contract_last_prepared_norm": ("int4 weights quantized after `contract_last`, x's fixed point made once per "
-                                         "call where x is normalised (`DP4A_PREPARE_PLAIN = False`)",
-                                         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                         {"pallas_kernels.row_matmul": {"DP4A_PREPARE_PLAIN": False}}),
     **{f"int4_contract_last_prepare_{w}warps": (f"int4 weights quantized after `contract_last`, x's preparation at "
                                                 f"{w} warps a program (`row_matmul._PREPARE_WARPS = {w}`)",
                                                 dict(quant="int4", weight_layout="contract-last", profile_batches=()),
@@ -146,12 +141,6 @@ VARIANTS = {
                                    "path (`row_matmul.DP4A_SPLIT_K = False`)",
                                    dict(quant="int4", weight_layout="contract-last", profile_batches=()),
                                    {"pallas_kernels.row_matmul": {"DP4A_SPLIT_K": False}}),
-    # int8 / fp8 products over several K steps (`down`) with one step a program, partials summed after.
-    **{f"{q}_contract_last_split": (f"{q} weights quantized after `contract_last`, K steps split across programs "
-                                    f"(`row_matmul.FLOAT_SPLIT_K = True`)",
-                                    dict(quant=q, weight_layout="contract-last", profile_batches=()),
-                                    {"pallas_kernels.row_matmul": {"FLOAT_SPLIT_K": True}})
-       for q in ("int8", "fp8")},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

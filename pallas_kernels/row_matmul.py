@@ -61,8 +61,8 @@ FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
 _BLOCK_N = 4  # output rows per program (H200 sweeps over 2-16 rows x 256-4096 columns: BENCHMARKS.md)
 _BLOCK_N_ONE_STEP = 8  # when the whole K is one step, for these formats (H200, session 8: 3-10 % faster than 4)
-FLOAT_SPLIT_K = False  # quantized float-path products over several K steps: one step a program, partials summed after
-_BLOCK_N_DP4A = 16  # int4 by integer dot products (H200, session 18: the int4 step 1.05x faster than with 8)
+_BLOCK_N_DP4A = 8  # int4 by integer dot products (H200, session 18: x made once per call, 8 rows 2.092 ms a step
+# against 16 rows' 2.139; with x made in every program 16 rows had won, 2.297 against 2.408)
 _WARPS_DP4A = 4
 _ONE_STEP_FORMATS = ("int8", "int4", "fp8")
 _BLOCK_K = 4096  # K elements per loop step (the largest power of two dividing K, up to this)
@@ -73,7 +73,6 @@ DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
 DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
-DP4A_PREPARE_PLAIN = True  # ... also for an x without a norm (o, down, an unnormed head)
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
 _PREPARE_WARPS = 1
 _X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
@@ -111,7 +110,7 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
     chunk, gc = group, _pow2_divisor(k // group, max(1, bk // group))
   if dp4a_splits(k, fmt, group, block_k) is not None:
     cap = _BLOCK_N_DP4A
-  elif fmt in _ONE_STEP_FORMATS and (chunk * gc == k or FLOAT_SPLIT_K):
+  elif fmt in _ONE_STEP_FORMATS and chunk * gc == k:
     cap = _BLOCK_N_ONE_STEP
   else:
     cap = _BLOCK_N
@@ -163,14 +162,14 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   o_refs = refs
   layer = layer_ref[0]
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
-  split = pl.program_id(1) if splits > 1 else 0
   if dp4a:
+    split = pl.program_id(1) if splits > 1 else 0
     _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
                  epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native,
                  terms_ref=terms_ref)
     return
   chunks, sub, width = x_ref.shape
-  n_steps = chunks // gc  # of the whole K (the norm's); with splits, each program takes one of them
+  n_steps = chunks // gc
   dt = x_ref.dtype
 
   inv_rms = None
@@ -235,11 +234,11 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       return jax.tree.map(jnp.add, acc, tiles(c))
 
     # The first step starts the sums (no zeros to add: the final reduction's adds then fuse with the products)
-    carry = tiles(split)  # split: 0, or with splits this program's one step
-    if splits == 1 and fmt in _UNROLLED_FORMATS:  # K steps unrolled: later steps' loads may issue before earlier sums
+    carry = tiles(0)
+    if fmt in _UNROLLED_FORMATS:  # K steps unrolled: the loads of later steps may issue before earlier sums
       for c in range(1, n_steps):
         carry = add_step(c, carry)
-    elif splits == 1:
+    else:
       carry = lax.fori_loop(1, n_steps, add_step, carry)
     which = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
     outs = []
@@ -258,10 +257,7 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       outs.append(out)
     return outs, rows
 
-  if splits > 1:
-    _write_partials(stream, w_refs, o_refs, parts, epilogue, j, split)
-  else:
-    _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
+  _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
 
 
 def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j):
@@ -512,14 +508,13 @@ def row_matmuls(
   chunks, width = K // chunk, chunk // sub
   splits = dp4a_splits(K, fmt, group_size, block_k)
   dp4a = splits is not None
-  if not dp4a:  # the float path: one K step a program when split
-    splits = chunks // gc if FLOAT_SPLIT_K and fmt in _ONE_STEP_FORMATS else 1
+  splits = splits or 1
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   x = x.reshape(x_shape)
   norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
-  prepared = dp4a and DP4A_PREPARED_X and (norm_weight is not None or DP4A_PREPARE_PLAIN)
+  prepared = dp4a and DP4A_PREPARED_X
   arrays = []
   if prepared:  # x's fixed point made once per call, by its own launch
     G = K // group_size

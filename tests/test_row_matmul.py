@@ -186,36 +186,6 @@ def test_int4_split_k(K, group, block_k, epilogue, zero_point):
         assert rel_err(out, w) < 1e-5 and rel_err(out, f) < 1e-5
 
 
-@pytest.mark.parametrize("fmt,group,zero_point", QUANT, ids=[f"{f}-g{g}{'-offsets' if z else ''}" for f, g, z in QUANT])
-def test_float_path_split_k(fmt, group, zero_point):
-    """The float path with its K steps split across programs (`FLOAT_SPLIT_K`: one step a program, float32 partials
-    summed after): q/k/v-like parts with the norm (over the whole row) and a residual product, equal to float64
-    and to the K loop of one program."""
-    from pallas_kernels import row_matmul as rm
-
-    rng = np.random.default_rng(9)
-    L, K = 2, 256
-    x = rng.standard_normal((1, K)).astype(np.float32)
-    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
-    res = rng.standard_normal((1, 32)).astype(np.float32)
-    parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), fmt, group, zero_point) for n in (32, 8)]
-    calls = [functools.partial(row_matmuls, jnp.asarray(x), tuple(p[0] for p in parts), jnp.int32(1),
-                               norm_weight=jnp.asarray(g), eps=1e-5),
-             functools.partial(row_matmuls, jnp.asarray(x), (parts[0][0],), jnp.int32(0), epilogue="residual",
-                               residual=jnp.asarray(res))]
-    xin = _norm64(x, g[1], 1e-5)
-    wants = [[xin @ w64[1].T for _, w64 in parts], [res.astype(F64) + x.astype(F64) @ parts[0][1][0].T]]
-    for call, want in zip(calls, wants):
-        call = functools.partial(call, fmt=fmt, group_size=group, block_k=64, interpret=True)
-        with switched(rm, {"FLOAT_SPLIT_K": True, "DP4A": False}):
-            outs = call()
-        with switched(rm, {"DP4A": False}):
-            loop = call()
-        for out, w, f in zip(outs, want, loop):
-            assert out.shape == f.shape and out.dtype == f.dtype
-            assert rel_err(out, w) < 1e-5 and rel_err(out, f) < 1e-5
-
-
 def test_bad_inputs_are_named():
     x = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((2, 16, 64), jnp.float32)
@@ -316,10 +286,9 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
     from pallas_kernels import row_matmul as rm
 
-    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); four split across programs on the float path;
-    # int4's x made in every program instead of once per call
-    for block_k, switches in ((None, {}), (256, {}), (256, {"FLOAT_SPLIT_K": True, "DP4A": False}),
-                              (None, {"DP4A_PREPARED_X": False}), (256, {"DP4A_PREPARED_X": False})):
+    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); int4's x made in every program, not once per call
+    for block_k, switches in ((None, {}), (256, {}), (None, {"DP4A_PREPARED_X": False}),
+                              (256, {"DP4A_PREPARED_X": False})):
         with switched(rm, switches):
             got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                               interpret=False)
