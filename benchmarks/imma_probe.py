@@ -73,9 +73,9 @@ def _nibbles(b, native: bool):
   return lo, hi
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "warps", "stages", "batch", "interpret"))
-def imma_int4_matmul(digits, sums, weights, codes, scales, layer, *, block_n=64, warps=4, stages=3, batch=1,
-                     interpret=False):
+@functools.partial(jax.jit, static_argnames=("block_n", "warps", "stages", "groups_step", "batch", "interpret"))
+def imma_int4_matmul(digits, sums, weights, codes, scales, layer, *, block_n=64, warps=4, stages=3, groups_step=1,
+                     batch=1, interpret=False):
   """x @ dequantize(codes[layer]).T for x given as digits (x_digits): [batch, N] float32."""
   L, N, Kh = codes.shape
   G = scales.shape[2]
@@ -87,16 +87,27 @@ def imma_int4_matmul(digits, sums, weights, codes, scales, layer, *, block_n=64,
     lay = layer_ref[0]
     rows = pl.ds(pl.multiple_of(pl.program_id(0) * block_n, block_n), block_n)
 
-    def body(gi, acc):
+    def group_terms(gi):  # the group's scales [bn, 1] and digit sums [1, C] (loads that feed no dot: not pipelined)
+      return sc_ref[lay, rows, pl.ds(gi, 1)].astype(jnp.float32), s_sum_ref[pl.ds(gi, 1), :]
+
+    def group_sum(gi, dsum):  # [bn, C]: sum over the group of (code - 8) * digit, exact in int32
       b = c_ref[lay, rows, pl.ds(pl.multiple_of(gi * (g // 2), g // 2), g // 2)]  # uint8 [bn, g/2]
       lo, hi = _nibbles(b, native)
       x_lo = d_ref[pl.ds(pl.multiple_of(gi * g, g), g // 2), :]  # int8 [g/2, C]
       x_hi = d_ref[pl.ds(pl.multiple_of(gi * g + g // 2, g // 2), g // 2), :]
-      t = (jnp.dot(lo, x_lo, preferred_element_type=jnp.int32) + jnp.dot(hi, x_hi, preferred_element_type=jnp.int32)
-           - 8 * s_sum_ref[pl.ds(gi, 1), :])  # [bn, C]: sum over the group of (code - 8) * digit, exact
-      return acc + t.astype(jnp.float32) * sc_ref[lay, rows, pl.ds(gi, 1)].astype(jnp.float32)
+      return (jnp.dot(lo, x_lo, preferred_element_type=jnp.int32) + jnp.dot(hi, x_hi, preferred_element_type=jnp.int32)
+              - 8 * dsum)
 
-    acc = lax.fori_loop(0, G, body, jnp.zeros((block_n, C), jnp.float32))
+    def body(step, carry):  # `groups_step` groups, independent dots; their terms loaded a step ahead
+      acc, terms = carry
+      first = step * groups_step
+      ahead = [group_terms(jnp.minimum(first + groups_step + i, G - 1)) for i in range(groups_step)]
+      for i, (scale, dsum) in enumerate(terms):
+        acc = acc + group_sum(first + i, dsum).astype(jnp.float32) * scale
+      return acc, ahead
+
+    acc, _ = lax.fori_loop(0, G // groups_step, body, (jnp.zeros((block_n, C), jnp.float32),
+                                                       [group_terms(i) for i in range(groups_step)]))
     w = w_ref[...]
     cols = lax.broadcasted_iota(jnp.int32, (1, C), 1) // 3
     for r in range(batch):
@@ -127,7 +138,8 @@ def check_interpret():
   N, K, L, g = 128, 512, 2, 128
   for batch in (1, 6):
     codes, scales, x = _inputs(N, K, L, g, batch)
-    got = imma_int4_matmul(*x_digits(x, g), codes, scales, 1, block_n=32, batch=batch, interpret=True)
+    got = imma_int4_matmul(*x_digits(x, g), codes, scales, 1, block_n=32, groups_step=2, batch=batch,
+                           interpret=True)
     want = _want(codes, scales, x, 1, g)
     err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
     print(f"interpret batch {batch}: rel err {err:.2e}")
@@ -138,14 +150,14 @@ def sass(configs):
   from benchmarks.sass_count import capture_modules, sass_counts
   S = jax.ShapeDtypeStruct
   L, N, K, g = 2, 28672, 4096, 128
-  for bn, warps, stages in configs:
-    fn = functools.partial(imma_int4_matmul, block_n=bn, warps=warps, stages=stages)
+  for bn, warps, stages, gs in configs:
+    fn = functools.partial(imma_int4_matmul, block_n=bn, warps=warps, stages=stages, groups_step=gs)
     [m] = capture_modules(fn, S((K, COLUMNS), jnp.int8), S((K // g, COLUMNS), jnp.int32), S((COLUMNS,), jnp.float32),
                           S((L, N, K // 2), jnp.uint8), S((L, N, K // g), jnp.bfloat16), S((), jnp.int32))
     c = sass_counts(m, warps)
     codes = bn * g // (warps * 32)  # codes a thread per loop iteration (the loop body is counted once)
     top = ", ".join(f"{op} {n}" for op, n in c["ops"].most_common(14))
-    print(f"bn {bn} warps {warps} stages {stages}: {c['resources']}, {c['instructions']} static instructions "
+    print(f"bn {bn} warps {warps} stages {stages} groups {gs}: {c['resources']}, {c['instructions']} static instructions "
           f"({codes} codes a thread an iteration); {top}", flush=True)
 
 
@@ -162,10 +174,11 @@ def main():
   ap.add_argument("--check", action="store_true", help="interpret-mode check only (CPU)")
   ap.add_argument("--out")
   ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--configs", default="64:4:3,128:4:3,128:4:4,256:8:3")
+  ap.add_argument("--configs", default="64:4:3:1,64:4:3:2,64:4:3:4,32:4:3:2,128:4:3:2",
+                  help="block_n:warps:stages:groups_step,...")
   ap.add_argument("--batches", default="1,16")
   args = ap.parse_args()
-  configs = [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
+  configs = [tuple(map(int, (c + ":1").split(":")[:4])) for c in args.configs.split(",")]
   if args.check:
     return check_interpret()
   if args.sass:
@@ -201,13 +214,14 @@ def main():
         t, _ = _timed(wk, L, x, codes, scales)
         row[f"weight_kernel_b{batch}"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy,
                                               err=float(np.linalg.norm(got - want) / np.linalg.norm(want)))
-      for bn, warps, stages in configs:
-        key = f"imma_b{batch}_{bn}:{warps}:{stages}"
-        if N % bn:
+      for bn, warps, stages, gs in configs:
+        key = f"imma_b{batch}_{bn}:{warps}:{stages}:{gs}"
+        if N % bn or (K // g) % gs:
           continue
         try:
-          f = lambda i, d, s, w, codes, scales, bn=bn, warps=warps, stages=stages, batch=batch: imma_int4_matmul(  # noqa: E731
-              d, s, w, codes, scales, i, block_n=bn, warps=warps, stages=stages, batch=batch)
+          f = lambda i, d, s, w, codes, scales, bn=bn, warps=warps, stages=stages, gs=gs, batch=batch: (  # noqa: E731
+              imma_int4_matmul(d, s, w, codes, scales, i, block_n=bn, warps=warps, stages=stages, groups_step=gs,
+                               batch=batch))
           got = np.asarray(jax.jit(f)(3, d, s, w, codes, scales), np.float64)
           t, _ = _timed(f, L, d, s, w, codes, scales)
           row[key] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy,
