@@ -12,7 +12,7 @@ low nibble and j + g/2 in its high nibble), scales [L, N, K/g]; zero point 8 (no
 prepared x). Device time per product from the profiler (8 stacked layers, one call each), its fraction of the
 copy bandwidth and the error against float64; `--sass` counts the kernel's SASS offline instead (no GPU).
 
-    PYTHONPATH=. python3 benchmarks/imma_probe.py --out $OUT/r
+    PYTHONPATH=. python3 benchmarks/imma_probe.py --out $OUT/r   # results: BENCHMARKS.md, session 18
     python benchmarks/imma_probe.py --sass
 """
 from __future__ import annotations
