@@ -324,6 +324,7 @@ def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
 
 
 def _groups(split, splits: int, n_groups: int):
+  """The `split`-th of `splits` runs of `n_groups` groups (a static start when there is one run)."""
   return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
 
@@ -335,7 +336,8 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   refs = list(refs)
   norm_ref = refs.pop(0) if norm else None
   words_ref, terms_ref = refs
-  groups = pl.ds(pl.multiple_of(pl.program_id(0) * n_groups, n_groups), n_groups)
+  programs = x_ref.shape[1] // n_groups
+  groups = _groups(pl.program_id(0) if programs > 1 else 0, programs, n_groups)
   words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
   for h in range(2):
     for b in range(3):
