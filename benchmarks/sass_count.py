@@ -74,8 +74,9 @@ def sass_counts(ttir: str, num_warps: int) -> dict:
             "instructions": sum(ops.values()), "ops": ops}
 
 
-def _row_int4_swiglu(dp4a: bool, block_n=None):
-    """The model's int4 gate+up launch (two parts, SwiGLU, the norm; llama-3-8b, groups of 128)."""
+def _row_int4_swiglu(dp4a: bool, block_n=None, prepared=True, preparation=False):
+    """The model's int4 gate+up launch (two parts, SwiGLU, the norm; llama-3-8b, groups of 128): the product, or
+    (`preparation`) the launch making x's fixed point before it ("codes": the x elements a thread's norm reads)."""
     from jaxinfer.bench import switched
     from pallas_kernels import row_matmul as rm
 
@@ -83,10 +84,12 @@ def _row_int4_swiglu(dp4a: bool, block_n=None):
     w = (S((L, N, K // 2), jnp.uint8), S((L, N, K // g), jnp.bfloat16), None)
     fn = functools.partial(rm.row_matmuls, fmt="int4", group_size=g, epilogue="swiglu", interpret=False,
                            block_n=block_n)
-    with switched(rm, {"DP4A": dp4a}):
+    with switched(rm, {"DP4A": dp4a, "DP4A_PREPARED_X": prepared}):
         modules = capture_modules(fn, S((1, K), jnp.bfloat16), (w, w), layer=S((), jnp.int32),
                                   norm_weight=S((L, K), jnp.bfloat16))
-    codes_per_thread = 2 * (block_n or 8) * K // (4 * 32)
+    if preparation:
+        return modules[0], rm._PREPARE_WARPS, K // (32 * rm._PREPARE_WARPS)
+    codes_per_thread = 2 * (block_n or rm._BLOCK_N_DP4A) * K // (4 * 32)
     return modules[-1], 4, codes_per_thread
 
 
@@ -106,9 +109,11 @@ def _probe_int4(block_n=8):
 CASES = {
     "row-int4-swiglu-float": functools.partial(_row_int4_swiglu, False),
     "row-int4-swiglu-dp4a": functools.partial(_row_int4_swiglu, True),
-    "row-int4-swiglu-dp4a-4rows": functools.partial(_row_int4_swiglu, True, 4),
-    "probe-int4-2dx": _probe_int4,
     "row-int4-swiglu-dp4a-16rows": functools.partial(_row_int4_swiglu, True, 16),
+    "row-int4-swiglu-dp4a-x-in-kernel": functools.partial(_row_int4_swiglu, True, prepared=False),
+    "row-int4-swiglu-dp4a-x-in-kernel-16rows": functools.partial(_row_int4_swiglu, True, 16, prepared=False),
+    "row-int4-prepare-x-norm": functools.partial(_row_int4_swiglu, True, preparation=True),
+    "probe-int4-2dx": _probe_int4,
 }
 
 
