@@ -83,15 +83,18 @@ def _kernel(layer_ref, xw_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, span, p
   o_ref[0, pl.ds(row0, block_n)] = (out * scales * inv_ref[0]).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_n", "span", "warps"))
-def dp4a_matmul(xw, inv, words, scales, layer, *, block_n=8, span=512, warps=4):
+@functools.partial(jax.jit, static_argnames=("block_n", "span", "warps", "two_d"))
+def dp4a_matmul(xw, inv, words, scales, layer, *, block_n=8, span=512, warps=4, two_d=False):
+  """int8 one-row product by dp4a: rows one at a time, or (`two_d`) every row of a program in one tile."""
   L, N, KW = words.shape
-  kernel = functools.partial(_kernel, block_n=block_n, span=span, pieces=KW // span)
+  kernel = functools.partial(_kernel_2d if two_d else _kernel, block_n=block_n, span=span, pieces=KW // span)
   return pl.pallas_call(
       kernel, grid=(N // block_n,), in_specs=[pl.no_block_spec] * 5, out_specs=pl.no_block_spec,
       out_shape=jax.ShapeDtypeStruct((1, N), jnp.bfloat16),
-      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1), name="dp4a_probe",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), xw, jnp.asarray(inv, jnp.float32).reshape(1), words, scales)
+      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+      name="dp4a_probe_2d" if two_d else "dp4a_probe",
+  )(jnp.asarray(layer, jnp.int32).reshape(1), xw[:, None, :] if two_d else xw, jnp.asarray(inv, jnp.float32).reshape(1),
+    words, scales)
 
 
 def x_bytes_int4(x, g):
@@ -157,18 +160,6 @@ def _kernel_2d(layer_ref, xw_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, span
   out = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2]
   scales = jnp.sum(s_ref[layer, rows, :].astype(jnp.float32), axis=1)
   o_ref[0, rows] = (out * scales * inv_ref[0]).astype(o_ref.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("block_n", "span", "warps"))
-def dp4a_matmul_2d(xw, inv, words, scales, layer, *, block_n=8, span=512, warps=4):
-  L, N, KW = words.shape
-  kernel = functools.partial(_kernel_2d, block_n=block_n, span=span, pieces=KW // span)
-  return pl.pallas_call(
-      kernel, grid=(N // block_n,), in_specs=[pl.no_block_spec] * 5, out_specs=pl.no_block_spec,
-      out_shape=jax.ShapeDtypeStruct((1, N), jnp.bfloat16),
-      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1), name="dp4a_probe_2d",
-  )(jnp.asarray(layer, jnp.int32).reshape(1), xw[:, None, :], jnp.asarray(inv, jnp.float32).reshape(1), words,
-    scales)
 
 
 def _int4_kernel_2d(layer_ref, x_ref, sc_ref, xs_ref, inv_ref, w_ref, s_ref, o_ref, *, block_n, groups_step, steps,
@@ -243,7 +234,7 @@ def _case_int8(name, N, K, L, args, copy):
     return row_matmuls(x, ((codes, scales, None),), i, fmt="int8")[0]
   got = np.asarray(jax.jit(base)(3, x, codes, scales).astype(jnp.float32), np.float64)
   row["base_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-  t, row["row_kernel_ops"] = _timed(base, L, x, codes, scales)
+  t, row["row_kernel_ops"] = timed(base, L, x, codes, scales)
   row["row_kernel_us"] = t * 1e6
   row["row_kernel_of_copy"] = nbytes / t / 1e12 / copy
   for cfg in args.configs.split(","):
@@ -252,19 +243,22 @@ def _case_int8(name, N, K, L, args, copy):
     if (K // 4) % span or N % bn:
       continue
     try:
-      f = lambda i, xw, inv, codes, scales, bn=bn, span=span, warps=warps, mm=(  # noqa: E731
-          dp4a_matmul_2d if two_d else dp4a_matmul): mm(
+      f = lambda i, xw, inv, codes, scales, bn=bn, span=span, warps=warps, two_d=two_d: dp4a_matmul(  # noqa: E731
           xw, inv, lax.bitcast_convert_type(codes.reshape(L, N, K // 4, 4), jnp.int32), scales, i,
-          block_n=bn, span=span, warps=warps)
+          block_n=bn, span=span, warps=warps, two_d=two_d)
       got = np.asarray(jax.jit(f)(3, xw, inv, codes, scales).astype(jnp.float32), np.float64)
       err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-      t, ops = _timed(f, L, xw, inv, codes, scales)
+      t, ops = timed(f, L, xw, inv, codes, scales)
       row[f"dp4a_{cfg}"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy, err=err, ops=ops)
     except Exception as e:  # noqa: BLE001
       row[f"dp4a_{cfg}"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
   return row
 
-def _timed(f, L, *args):
+# llama-3-8b's one-row products (N, K): q/k/v and gate+up packed
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate+up": (28672, 4096), "down": (4096, 14336)}
+
+
+def timed(f, L, *args):
   """Device time of f(i, *args) for every layer in one jit (profiler), per layer; the ops seen."""
   run = jax.jit(lambda *a: [f(i, *a) for i in range(L)])
   prof = kernel_breakdown(lambda: run(*args)[-1].block_until_ready(), calls=3)
@@ -285,7 +279,7 @@ def _case_int4(name, N, K, L, args, copy, g=128):
     return row_matmuls(x, ((codes, scales, None),), i, fmt="int4", group_size=g)[0]
   got = np.asarray(jax.jit(base)(3, x, codes, scales).astype(jnp.float32), np.float64)
   row["base_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-  t, row["row_kernel_ops"] = _timed(base, L, x, codes, scales)
+  t, row["row_kernel_ops"] = timed(base, L, x, codes, scales)
   row["row_kernel_us"] = t * 1e6
   row["row_kernel_of_copy"] = nbytes / t / 1e12 / copy
   for cfg in args.configs4.split(","):
@@ -304,7 +298,7 @@ def _case_int4(name, N, K, L, args, copy, g=128):
         return mm(xw, xsum, inv, words, scales, i, block_n=bn, groups_step=gs, warps=warps)
       got = np.asarray(jax.jit(f)(3, xw, xsum, inv, codes, scales).astype(jnp.float32), np.float64)
       err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-      t, ops = _timed(f, L, xw, xsum, inv, codes, scales)
+      t, ops = timed(f, L, xw, xsum, inv, codes, scales)
       row[f"dp4a_{cfg}"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy, err=err, ops=ops)
     except Exception as e:  # noqa: BLE001
       row[f"dp4a_{cfg}"] = dict(error=f"{type(e).__name__}: {str(e)[:400]}")
@@ -338,6 +332,14 @@ def launch_only(fmt):
   print(fmt, "launched", flush=True)
 
 
+def save_results(out, name, copy, results):
+  """The probe's rows with the run's copy bandwidth and card as <out>/<name> (nothing without --out)."""
+  if out:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, name), "w") as f:
+      json.dump(dict(copy_tb_s=copy, results=results, device=str(jax.devices()[0].device_kind)), f, indent=1)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--ncu", action="store_true", help="only launch the gate+up kernels (for Nsight Compute)")
@@ -353,17 +355,13 @@ def main():
   ceil = measure_ceilings()
   copy = ceil.copy_bytes_per_s / 1e12
   print(f"copy {copy:.3f} TB/s ({ceil.copy_method})", flush=True)
-  shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate+up": (28672, 4096), "down": (4096, 14336)}
   results = []
   L = args.layers
-  for name, (N, K) in shapes.items():
+  for name, (N, K) in SHAPES.items():
     row = _case_int4(name, N, K, L, args, copy) if args.fmt == "int4" else _case_int8(name, N, K, L, args, copy)
     print(json.dumps(row), flush=True)
     results.append(row)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dp4a_probe.json"), "w") as f:
-      json.dump(dict(copy_tb_s=copy, results=results, device=str(jax.devices()[0].device_kind)), f, indent=1)
+  save_results(args.out, "dp4a_probe.json", copy, results)
   print("\nshape | row kernel us (of copy) | best dp4a us (of copy) cfg")
   for r in results:
     best = min((v["us"], k) for k, v in r.items() if k.startswith("dp4a_") and "us" in v) if any(

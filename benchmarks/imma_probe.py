@@ -161,13 +161,6 @@ def sass(configs):
           f"({codes} codes a thread an iteration); {top}", flush=True)
 
 
-def _timed(f, L, *args):
-  from jaxinfer.bench.profile import kernel_breakdown
-  run = jax.jit(lambda *a: [f(i, *a) for i in range(L)])
-  prof = kernel_breakdown(lambda: run(*args)[-1].block_until_ready(), calls=3)
-  return prof["device_us_per_call"] / 1e6 / L, {o["hlo_op"]: round(o["us_per_call"], 1) for o in prof["ops"]}
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sass", action="store_true")
@@ -183,15 +176,15 @@ def main():
     return check_interpret()
   if args.sass:
     return sass(configs)
+  from benchmarks.dp4a_probe import SHAPES, save_results, timed
   from jaxinfer.bench.ceilings import measure_ceilings
   from pallas_kernels.row_matmul import row_matmuls
   from pallas_kernels.weight_matmul import weight_matmul
   ceil = measure_ceilings()
   copy = ceil.copy_bytes_per_s / 1e12
   print(f"copy {copy:.3f} TB/s ({ceil.copy_method})", flush=True)
-  shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate+up": (28672, 4096), "down": (4096, 14336)}
   L, g, results = args.layers, 128, []
-  for name, (N, K) in shapes.items():
+  for name, (N, K) in SHAPES.items():
     codes, scales, x1 = _inputs(N, K, L, g, 1)
     nbytes = N * K // 2 + N * (K // g) * 2
     row = dict(shape=name, N=N, K=K)
@@ -200,7 +193,7 @@ def main():
       return row_matmuls(x, ((codes, scales, None),), i, fmt="int4", group_size=g)[0]
     want = _want(codes, scales, x1, 3, g)
     got = np.asarray(jax.jit(base)(3, x1, codes, scales).astype(jnp.float32), np.float64)
-    t, _ = _timed(base, L, x1, codes, scales)
+    t, _ = timed(base, L, x1, codes, scales)
     row["row_kernel"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy,
                              err=float(np.linalg.norm(got - want) / np.linalg.norm(want)))
     for batch in map(int, args.batches.split(",")):
@@ -211,7 +204,7 @@ def main():
         def wk(i, x, codes, scales):
           return weight_matmul(x, codes, scales, None, i, fmt="int4", group_size=g, transposed=True)
         got = np.asarray(jax.jit(wk)(3, x, codes, scales), np.float64)
-        t, _ = _timed(wk, L, x, codes, scales)
+        t, _ = timed(wk, L, x, codes, scales)
         row[f"weight_kernel_b{batch}"] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy,
                                               err=float(np.linalg.norm(got - want) / np.linalg.norm(want)))
       for bn, warps, stages, gs in configs:
@@ -223,17 +216,14 @@ def main():
               imma_int4_matmul(d, s, w, codes, scales, i, block_n=bn, warps=warps, stages=stages, groups_step=gs,
                                batch=batch))
           got = np.asarray(jax.jit(f)(3, d, s, w, codes, scales), np.float64)
-          t, _ = _timed(f, L, d, s, w, codes, scales)
+          t, _ = timed(f, L, d, s, w, codes, scales)
           row[key] = dict(us=t * 1e6, of_copy=nbytes / t / 1e12 / copy,
                           err=float(np.linalg.norm(got - want) / np.linalg.norm(want)))
         except Exception as e:  # noqa: BLE001
           row[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
     print(json.dumps(row), flush=True)
     results.append(row)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "imma_probe.json"), "w") as f:
-      json.dump(dict(copy_tb_s=copy, results=results, device=str(jax.devices()[0].device_kind)), f, indent=1)
+  save_results(args.out, "imma_probe.json", copy, results)
   print("\nshape | row kernel us (of copy) | best int8-dot us (of copy) per batch")
   for r in results:
     line = f"{r['shape']} | {r['row_kernel']['us']:.1f} ({r['row_kernel']['of_copy']:.2f})"
