@@ -114,33 +114,21 @@ VARIANTS = {
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
-    # int4 products on the float path (codes decoded to float32 on the CUDA cores) instead of integer dot products.
-    "int4_contract_last_floats": ("int4 weights quantized after `contract_last`, the row kernel's float path "
-                                  "(`row_matmul.DP4A = False`)",
-                                  dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                  {"pallas_kernels.row_matmul": {"DP4A": False}}),
-    # int4 by integer dot products: 16 rows a program over 4 warps, 16 / 32 rows over 8 warps.
-    **{f"int4_contract_last_{rows}rows{'_8warps' if warps == 8 else ''}": (
-        f"int4 weights quantized after `contract_last`, {rows} rows a dp4a program, {warps} warps "
-        f"(`row_matmul._BLOCK_N_DP4A = {rows}`, `_WARPS_DP4A = {warps}`)",
+    # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
+    **{f"int4_contract_last_{suffix}": (
+        f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",
         dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-        {"pallas_kernels.row_matmul": {"_BLOCK_N_DP4A": rows, "_WARPS_DP4A": warps}})
-       for rows, warps in ((16, 4), (16, 8), (32, 8))},
-    # int4 with x's fixed point made in every program (session 17); its preparation at 2 / 4 warps a program.
-    "int4_contract_last_x_in_kernel": ("int4 weights quantized after `contract_last`, x's fixed point made in every "
-                                       "program (`row_matmul.DP4A_PREPARED_X = False`)",
-                                       dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                       {"pallas_kernels.row_matmul": {"DP4A_PREPARED_X": False}}),
-    **{f"int4_contract_last_prepare_{w}warps": (f"int4 weights quantized after `contract_last`, x's preparation at "
-                                                f"{w} warps a program (`row_matmul._PREPARE_WARPS = {w}`)",
-                                                dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                                {"pallas_kernels.row_matmul": {"_PREPARE_WARPS": w}})
-       for w in (2, 4)},
-    # int4 `down` (K = 14336, 112 groups: not one power-of-two step) on the float path's K loop, as in session 17.
-    "int4_contract_last_nosplit": ("int4 weights quantized after `contract_last`, no K split: `down` on the float "
-                                   "path (`row_matmul.DP4A_SPLIT_K = False`)",
-                                   dict(quant="int4", weight_layout="contract-last", profile_batches=()),
-                                   {"pallas_kernels.row_matmul": {"DP4A_SPLIT_K": False}}),
+        {"pallas_kernels.row_matmul": switches})
+       for suffix, what, switches in (
+           ("floats", "the float path (codes decoded to float32) instead of integer dot products", {"DP4A": False}),
+           ("16rows", "16 rows a dp4a program", {"_BLOCK_N_DP4A": 16}),
+           ("16rows_8warps", "16 rows a dp4a program over 8 warps", {"_BLOCK_N_DP4A": 16, "_WARPS_DP4A": 8}),
+           ("32rows_8warps", "32 rows a dp4a program over 8 warps", {"_BLOCK_N_DP4A": 32, "_WARPS_DP4A": 8}),
+           ("x_in_kernel", "x's fixed point made in every program (session 17)", {"DP4A_PREPARED_X": False}),
+           ("prepare_2warps", "x's preparation at 2 warps a program", {"_PREPARE_WARPS": 2}),
+           ("prepare_4warps", "x's preparation at 4 warps a program", {"_PREPARE_WARPS": 4}),
+           ("nosplit", "no K split: `down` (112 groups, not one power-of-two step) on the float path's K loop",
+            {"DP4A_SPLIT_K": False}))},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
