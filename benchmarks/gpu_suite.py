@@ -128,7 +128,11 @@ VARIANTS = {
            ("prepare_2warps", "x's preparation at 2 warps a program", {"_PREPARE_WARPS": 2}),
            ("prepare_4warps", "x's preparation at 4 warps a program", {"_PREPARE_WARPS": 4}),
            ("nosplit", "no K split: `down` (112 groups, not one power-of-two step) on the float path's K loop",
-            {"DP4A_SPLIT_K": False}))},
+            {"DP4A_SPLIT_K": False}),
+           ("x15", "x's fixed point in two bytes (15 bits) instead of three", {"_X_BYTES": 2}),
+           ("x15_16rows", "x's fixed point in two bytes, 16 rows a dp4a program", {"_X_BYTES": 2, "_BLOCK_N_DP4A": 16}),
+           ("x15_16rows_8warps", "x's fixed point in two bytes, 16 rows a dp4a program over 8 warps",
+            {"_X_BYTES": 2, "_BLOCK_N_DP4A": 16, "_WARPS_DP4A": 8}))},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
@@ -166,6 +170,14 @@ VARIANTS = {
            ("_triton", "Prefill 8192 tokens, Pallas attention on the Triton kernel (`flash_attention.MOSAIC = False`)",
             dict(impl="pallas"), ({"pallas_kernels.flash_attention": {"MOSAIC": False}},)),
            ("_xla", "Prefill 8192 tokens, XLA attention", dict(impl="xla"), ())]},
+    # Prefill of a 4k prompt, bf16 against fp8 weights (issue 6: fp8 prefill at least 1.5x bf16; native fp8
+    # products), in both weight orders.
+    **{f"prefill_4k{suffix}": (title, dict(phases=("prefill",), prompt_lens=(4096,), profile_batches=(), **changes))
+       for suffix, title, changes in [
+           ("", "Prefill 4096 tokens, bf16", {}),
+           ("_fp8", "Prefill 4096 tokens, fp8 weights (native fp8 products)", dict(quant="fp8")),
+           ("_stored", "Prefill 4096 tokens, bf16, weights in the stored order", dict(weight_layout="stored")),
+           ("_fp8_stored", "Prefill 4096 tokens, fp8 weights in the stored order", dict(quant="fp8", weight_layout="stored"))]},
 }
 
 

@@ -75,7 +75,10 @@ _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two)
 DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
 _PREPARE_WARPS = 1
-_X_BITS = 20  # x as an integer below 2^20 in magnitude: three bytes, the high one signed in [-16, 16]
+_X_BYTES = 3  # bytes of x's fixed point: 3 (below 2^20 in magnitude, the high byte signed in [-16, 16]) or 2
+# (below 2^15, the high byte signed): 2 is a third fewer x words to load and dp4a to issue, at x rounded to 2^-15 of
+# its group's largest |value| instead of 2^-20
+_X_BITS = {3: 20, 2: 15}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -288,7 +291,7 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
 
 def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
   """x (normalised as the unfused model does, the norm over the whole row) over `groups` as a 20-bit fixed-point
-  integer: per half, per byte (high, middle, low) [1, groups, g/32, 4] int32 words of four x bytes; x's integer
+  integer: per half, per byte (high first; `_X_BYTES` of them) [1, groups, g/32, 4] int32 words of four x bytes; x's integer
   sum per group [1, groups] (the zero point's and offsets' term); and 1 / the scale (a power of two)."""
   f32 = jnp.float32
   dt = x_ref.dtype
@@ -306,18 +309,22 @@ def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
     inv_rms = lax.rsqrt(ss / x_ref.size + eps)
   xs = [half(h) for h in range(2)]
   amax = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
-  # scale = 2^(_X_BITS - 1 - e) for amax in [2^e, 2^(e + 1)), so |x| * scale < 2^_X_BITS (exponent bits: no log)
+  # scale = 2^(bits - 1 - e) for amax in [2^e, 2^(e + 1)), so |x| * scale < 2^bits (exponent bits: no log)
+  n_bytes = _X_BYTES
+  bits = _X_BITS[n_bytes]
   e = lax.shift_right_logical(lax.bitcast_convert_type(amax, jnp.int32), 23) - 127
-  scale = lax.bitcast_convert_type(lax.shift_left(jnp.clip(127 + _X_BITS - 1 - e, 1, 254), 23), f32)
+  scale = lax.bitcast_convert_type(lax.shift_left(jnp.clip(127 + bits - 1 - e, 1, 254), 23), f32)
   scale = jnp.where(amax > 0, scale, 1.0)
   # x not finite: a NaN scale makes the outputs NaN, as the float path's are (the integers would be finite)
   scale = jnp.where(amax < jnp.inf, scale, jnp.nan)
   words, v_sum = [], None
   for xh in xs:
     v = jnp.floor(xh * scale + 0.5).astype(jnp.int32)
+    if n_bytes == 2:  # |x| * scale rounds up to 2^15 at most: kept inside the signed high byte
+      v = jnp.clip(v, -(2**bits) + 1, 2**bits - 1)
     at = lax.broadcasted_iota(jnp.int32, v.shape, 4) * 8
-    words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (2 - b)) & 0xFF, at), axis=4)
-                  for b in range(3)])
+    words.append([jnp.sum(lax.shift_left(lax.shift_right_arithmetic(v, 8 * (n_bytes - 1 - b)) & 0xFF, at), axis=4)
+                  for b in range(n_bytes)])
     half_sum = jnp.sum(jnp.sum(jnp.sum(v, axis=4), axis=3), axis=2)
     v_sum = half_sum if v_sum is None else v_sum + half_sum
   return words, v_sum.astype(f32), 1.0 / scale
@@ -329,7 +336,7 @@ def _groups(split, splits: int, n_groups: int):
 
 
 def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
-  """x's fixed point (`_x_fixed_point`) into words [6, G, g/32, 4] (half * 3 + byte) and terms [2, G] (x's
+  """x's fixed point (`_x_fixed_point`) into words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`) and terms [2, G] (x's
   integer group sums, 1 / scale), read by every program of the product (`prepared`). Each program takes
   `n_groups` groups with a scale of their own (the norm's statistic over the whole row): short programs with
   no cross-warp reductions at one warp, and a finer scale than one per row."""
@@ -340,8 +347,8 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   groups = _groups(pl.program_id(0) if programs > 1 else 0, programs, n_groups)
   words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
   for h in range(2):
-    for b in range(3):
-      words_ref[pl.ds(3 * h + b, 1), groups, :, :] = words[h][b]
+    for b, word in enumerate(words[h]):
+      words_ref[pl.ds(len(words[h]) * h + b, 1), groups, :, :] = word
   terms_ref[pl.ds(0, 1), groups] = v_sum
   terms_ref[pl.ds(1, 1), groups] = jnp.broadcast_to(inv, v_sum.shape)
 
@@ -358,7 +365,8 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
   if terms_ref is None:
     words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer, groups, norm=norm, eps=eps)
   else:
-    words = [[x_ref[pl.ds(3 * h + b, 1), groups, :, :] for b in range(3)] for h in range(2)]
+    n_bytes = x_ref.shape[0] // 2
+    words = [[x_ref[pl.ds(n_bytes * h + b, 1), groups, :, :] for b in range(n_bytes)] for h in range(2)]
     v_sum, inv = terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
 
   def stream(w_list, first):
@@ -369,13 +377,15 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       w = v_ref[layer, rows, groups, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
       nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
       sums = []
-      for b in range(3):
+      for b in range(len(words[0])):
         acc = jnp.zeros(w.shape, jnp.int32)
         for h in range(2):
           acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
                                  b_signed=b == 0, native=native)
         sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, groups]
-      t = sums[0] * 65536.0 + sums[1] * 256.0 + sums[2]  # sum over the group of code * x * scale
+      t = sums[0]
+      for byte_sum in sums[1:]:
+        t = t * 256.0 + byte_sum  # the high byte's sum first: sum over the group of code * x * scale
       if m_ref is None:
         t = t - 8.0 * v_sum
       t = t * s_ref[layer, rows, groups].astype(f32)
@@ -526,7 +536,7 @@ def row_matmuls(
         grid=(G // n_groups,),
         in_specs=[pl.no_block_spec] * (2 + (norm_weight is not None)),
         out_specs=[pl.no_block_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct((6, G, group_size // 32, 4), jnp.int32),
+        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
                    jax.ShapeDtypeStruct((2, G), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_WARPS, num_stages=1),
         interpret=interpret,

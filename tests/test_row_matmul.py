@@ -111,14 +111,20 @@ def test_quantized_swiglu_and_residual(fmt, group, zero_point):
     assert rel_err(y, res.astype(F64) + np.asarray(h, F64) @ d64[1].T) < 1e-5
 
 
+# x's fixed point in three bytes (20 bits) or two (15): errors against float64 without and with a 300x outlier
+X_BYTES_TOLERANCES = {3: (1e-5, 1e-4), 2: (1e-4, 1e-3)}
+
+
+@pytest.mark.parametrize("x_bytes", [3, 2], ids=["x-20-bits", "x-15-bits"])
 @pytest.mark.parametrize("prepared", [True, False], ids=["x-once-per-call", "x-in-every-program"])
 @pytest.mark.parametrize("group,zero_point,norm", [(32, False, True), (64, True, False), (128, False, True)])
-def test_int4_integer_dot_products(group, zero_point, norm, prepared):
-    """int4 in one K step takes integer dot products (`DP4A`: x as a 20-bit fixed point in three bytes):
-    q/k/v-like parts against the float64 product with the dequantized weights; with an outlier 300x the typical
-    |x| (the fixed point's precision is relative to the largest |x|) still within 1e-4; the same as the float
-    path; an all-zero x gives zeros (the offsets' term included), a NaN or infinite x NaNs. x's fixed point made
-    once per call (a scale per group) or in every program (one scale)."""
+def test_int4_integer_dot_products(group, zero_point, norm, prepared, x_bytes):
+    """int4 in one K step takes integer dot products (`DP4A`: x as a 20-bit fixed point in three bytes, or a
+    15-bit one in two): q/k/v-like parts against the float64 product with the dequantized weights, also with an
+    outlier 300x the typical |x| (the fixed point's precision is relative to the largest |x|), within
+    `X_BYTES_TOLERANCES`; the same as the float path; an all-zero x gives zeros (the offsets' term included), a
+    NaN or infinite x NaNs. x's fixed point made once per call (a scale per group) or in every program (one
+    scale)."""
     from pallas_kernels import row_matmul as rm
 
     rng = np.random.default_rng(5)
@@ -127,9 +133,9 @@ def test_int4_integer_dot_products(group, zero_point, norm, prepared):
     parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), "int4", group, zero_point) for n in widths]
     call = functools.partial(row_matmuls, weights=tuple(p[0] for p in parts), layer=jnp.int32(1), fmt="int4",
                              group_size=group, norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, interpret=True)
-    with switched(rm, {"DP4A_PREPARED_X": prepared}):  # x made once per call, or in every program
+    with switched(rm, {"DP4A_PREPARED_X": prepared, "_X_BYTES": x_bytes}):  # x made once per call, or in every program
         x = rng.standard_normal((1, K)).astype(np.float32)
-        for outlier, tol in ((None, 1e-5), (300.0, 1e-4)):
+        for outlier, tol in zip((None, 300.0), X_BYTES_TOLERANCES[x_bytes]):
             if outlier:
                 x[0, 7] = outlier
             xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
@@ -286,9 +292,10 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     want = row_matmuls_reference(x, parts, 1, fmt=fmt, group_size=group, norm_weight=g)
     from pallas_kernels import row_matmul as rm
 
-    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); int4's x made in every program, not once per call
+    # one K step; four (a loop, fp8's unrolled, int4's dp4a split); int4's x made in every program, not once per
+    # call; int4's x in two bytes
     for block_k, switches in ((None, {}), (256, {}), (None, {"DP4A_PREPARED_X": False}),
-                              (256, {"DP4A_PREPARED_X": False})):
+                              (256, {"DP4A_PREPARED_X": False}), (None, {"_X_BYTES": 2}), (256, {"_X_BYTES": 2})):
         with switched(rm, switches):
             got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                               interpret=False)

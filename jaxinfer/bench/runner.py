@@ -66,7 +66,7 @@ class BenchSpec:
     prefill_calls: int = 2
     gpu_hour_price: float | None = None
     seed: int = 0
-    profile_batches: tuple[int, ...] = ()  # decode batches to trace kernel by kernel
+    profile_batches: tuple[int, ...] = ()  # batches (decode, and prefill) to trace kernel by kernel
     kv_dtype: str | None = None  # decode cache dtype: None = `dtype`; "int8" / "float8_e4m3fn" quantized
     # "contract-last": `weight_layout.contract_last` (XLA's row-reduction layout; the command line's default, while
     # a spec built in code keeps the stored order unless told)
@@ -230,7 +230,13 @@ def _time_prefill(params, spec: BenchSpec, batch: int, length: int):
         return logits
 
     timing = time_calls(call, calls=spec.prefill_calls, samples=spec.samples, warmup=1)
-    return timing, timing.median, costs.prefill_cost(config, batch, length, dtype, spec.quant), None
+    breakdown = None
+    if batch in spec.profile_batches:
+        text = _gen._prefill.lower(params, state["cache"], tokens, lengths, config=config,
+                                   impl=spec.impl).compile().as_text()
+        breakdown = kernel_breakdown(call, text, calls=2, top=PROFILE_TOP)
+        breakdown["hlo_text"] = text
+    return timing, timing.median, costs.prefill_cost(config, batch, length, dtype, spec.quant), breakdown
 
 
 def _decode_call(params, spec: BenchSpec, batch: int, context: int):
