@@ -129,16 +129,22 @@ VARIANTS = {
            ("prepare_4warps", "x's preparation at 4 warps a program", {"_PREPARE_WARPS": 4}),
            ("nosplit", "no K split: `down` (112 groups, not one power-of-two step) on the float path's K loop",
             {"DP4A_SPLIT_K": False}),
-           ("x15", "x's fixed point in two bytes (15 bits) instead of three", {"_X_BYTES": 2}),
-           ("x15_16rows", "x's fixed point in two bytes, 16 rows a dp4a program", {"_X_BYTES": 2, "_BLOCK_N_DP4A": 16}),
-           ("x15_16rows_8warps", "x's fixed point in two bytes, 16 rows a dp4a program over 8 warps",
-            {"_X_BYTES": 2, "_BLOCK_N_DP4A": 16, "_WARPS_DP4A": 8}))},
+           ("x20", "x's fixed point in three bytes (20 bits) instead of two", {"_X_BYTES": 3}),
+           ("k_steps", "`down`'s K walked by one program in 7 runs, codes loaded a run ahead (no partials)",
+            {"DP4A_K_STEPS": True}),
+           ("k_steps_16rows", "`down`'s K walked by one program, 16 rows a program",
+            {"DP4A_K_STEPS": True, "_BLOCK_N_DP4A": 16}),
+           ("k_steps_4rows", "`down`'s K walked by one program, 4 rows a program",
+            {"DP4A_K_STEPS": True, "_BLOCK_N_DP4A": 4}))},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
     # The rotation and the cache write in their own launch (`rope_write`) before the decode attention's.
     "separate_rope_write": ("Rotation and cache write in `rope_write`'s own launch (`attention.APPEND_KERNEL = False`)",
                             dict(profile_batches=()), {"jaxinfer.attention": {"APPEND_KERNEL": False}}),
+    # bf16 products on the fused row kernel too (norm, residual and SwiGLU fused; XLA's row reductions otherwise).
+    "bf16_row_kernel": ("bf16 products on the fused row kernel (`ops.ROW_FORMATS` with plain weights)",
+                        dict(profile_batches=()), {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")}}),
     # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
     "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),
