@@ -345,8 +345,11 @@ def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
 
 
 def _groups(split, splits: int, n_groups: int):
-  """The `split`-th of `splits` runs of `n_groups` groups (a static start when there is one run)."""
-  return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
+  """The `split`-th of `splits` runs of `n_groups` groups (a static start when there is one run or `split` is a
+  Python int)."""
+  if splits == 1 or isinstance(split, int):
+    return pl.ds(split * n_groups if splits > 1 else 0, n_groups)
+  return pl.ds(pl.multiple_of(split * n_groups, n_groups), n_groups)
 
 
 def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
@@ -406,6 +409,10 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
     return jnp.sum(t * inv, axis=1)
 
+  if steps == 1:  # as one run: x's terms read (or made) before anything else
+    groups = _groups(split, splits, n_groups)
+    terms = x_terms(groups)
+
   def stream(w_list, first):
     row0 = pl.multiple_of((j - first) * block_n, block_n)
     rows = pl.ds(row0, block_n)
@@ -416,8 +423,9 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       terms = x_terms(run(c))
       return [run_sum(w, s_ref, m_ref, rows, run(c), terms) for w, (_, s_ref, m_ref) in zip(ws, w_list)]
 
-    if steps == 1:
-      return sums(0, codes(0)), rows
+    if steps == 1:  # x's terms first, then part by part its codes (loaded all at once they cost registers)
+      return [run_sum(v_ref[layer, rows, groups, :, :], s_ref, m_ref, rows, groups, terms)
+              for v_ref, s_ref, m_ref in w_list], rows
 
     def step(c, carry):  # the next run's codes are loaded before this run's are summed
       acc, ws = carry
