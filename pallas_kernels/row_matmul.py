@@ -71,7 +71,6 @@ _UNROLLED_FORMATS = ("fp8",)  # K loop unrolled (H200 S8-10: fp8 down 19.9 vs 24
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
 DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int4 batch-1 step 1.037x the float path)
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
-DP4A_K_STEPS = False  # ... or K walked in runs by one program, the next run's codes loaded ahead (no partials)
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
 DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
@@ -125,25 +124,15 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
   return bn, chunk, gc
 
 
-def _dp4a_runs(k: int, fmt: str, group: int | None, block_k: int | None = None) -> int | None:
-  """How many runs of a power-of-two number of whole groups, each at most `block_k` (default `_DP4A_MAX_K`)
-  elements, K takes on the integer (dp4a) path, or None when that path does not apply."""
+def dp4a_splits(k: int, fmt: str, group: int | None, block_k: int | None = None) -> int | None:
+  """How many programs share each row block's K on the integer (dp4a) path, or None when it does not apply:
+  each takes a power-of-two number of whole groups, at most `block_k` (default `_DP4A_MAX_K`) elements in one
+  step; more than one only with `DP4A_SPLIT_K` (their float32 partials are summed outside the kernel)."""
   if fmt != "int4" or group is None or not DP4A or not is_pow2(group) or group < 32 or k % group:
     return None
   groups = k // group
-  return groups // _pow2_divisor(groups, max(1, (block_k or _DP4A_MAX_K) // group))
-
-
-def dp4a_splits(k: int, fmt: str, group: int | None, block_k: int | None = None) -> int | None:
-  """How many programs share each row block's K on the integer (dp4a) path, or None when it does not apply:
-  K's runs (`_dp4a_runs`) split across programs with `DP4A_SPLIT_K` (their float32 partials are summed outside
-  the kernel), or walked by one program with `DP4A_K_STEPS`."""
-  runs = _dp4a_runs(k, fmt, group, block_k)
-  if runs is None or runs == 1:
-    return runs
-  if DP4A_K_STEPS:
-    return 1
-  return runs if DP4A_SPLIT_K else None
+  splits = groups // _pow2_divisor(groups, max(1, (block_k or _DP4A_MAX_K) // group))
+  return splits if splits == 1 or DP4A_SPLIT_K else None
 
 
 def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bool:
@@ -152,8 +141,7 @@ def supports(k: int, widths, fmt: str = "plain", group: int | None = None) -> bo
 
 
 def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, eps: float, epilogue: str,
-            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool, splits: int, prepared: bool,
-            steps: int = 1):
+            block_n: int, gc: int, product_dtype, native: bool, dp4a: bool, splits: int, prepared: bool):
   """One program: output rows [j * block_n, (j + 1) * block_n) of the part its block falls in.
 
   refs: (norm weight [L, chunks, sub, width] if norm), per part the codes [L, N, chunks, width] and (if
@@ -161,8 +149,7 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   residual), then the outputs [1, N_i] (one output for swiglu). With `dp4a`: x [1, G, 2, g/32, 4, 4] and the
   norm weight [L, G, 2, g/32, 4, 4] (group, half, word, byte), the codes int32 words [L, N, G, g/32, 4]; with
   `prepared`, x is `_prepare_kernel`'s words and its terms come first in refs (no norm weight). With `splits` > 1
-  the outputs are every part's float32 partial products [splits, N_i], no epilogue; `steps`: K runs a dp4a program
-  walks."""
+  the outputs are every part's float32 partial products [splits, N_i], no epilogue."""
   f32 = jnp.float32
   refs = list(refs)
   terms_ref = refs.pop(0) if prepared else None
@@ -182,8 +169,8 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   if dp4a:
     split = pl.program_id(1) if splits > 1 else 0
     _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
-                 epilogue=epilogue, block_n=block_n, splits=splits, steps=steps, product_dtype=product_dtype,
-                 native=native, terms_ref=terms_ref)
+                 epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native,
+                 terms_ref=terms_ref)
     return
   chunks, sub, width = x_ref.shape
   n_steps = chunks // gc
@@ -345,11 +332,8 @@ def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
 
 
 def _groups(split, splits: int, n_groups: int):
-  """The `split`-th of `splits` runs of `n_groups` groups (a static start when there is one run or `split` is a
-  Python int)."""
-  if splits == 1 or isinstance(split, int):
-    return pl.ds(split * n_groups if splits > 1 else 0, n_groups)
-  return pl.ds(pl.multiple_of(split * n_groups, n_groups), n_groups)
+  """The `split`-th of `splits` runs of `n_groups` groups (a static start when there is one run)."""
+  return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
 
 def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
@@ -371,69 +355,45 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
 
 
 def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
-                 splits, steps, product_dtype, native, terms_ref=None):
+                 splits, product_dtype, native, terms_ref=None):
   """int4 by integer dot products (module docstring): x's fixed point made once per program (or, with `terms_ref`,
   read from `_prepare_kernel`'s words in `x_ref`), then per part all `block_n` rows as one
   [block_n, groups, g/32, 4] tile of code words. With `splits` > 1 the program takes the `split`-th of `splits`
-  equal runs of groups and writes float32 partial products (`_write_partials`). With `steps` > 1 it walks its
-  groups in `steps` runs, each run's code words loaded while the run before is summed."""
+  equal runs of groups and writes float32 partial products (`_write_partials`)."""
   f32 = jnp.float32
-  n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // (splits * steps)
-
-  def x_terms(groups):  # x's words per half and byte, its integer group sums and 1 / scale, for these groups
-    if terms_ref is None:
-      return _x_fixed_point(x_ref, norm_ref, layer, groups, norm=norm, eps=eps)
+  n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // splits
+  groups = _groups(split, splits, n_groups)
+  if terms_ref is None:
+    words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer, groups, norm=norm, eps=eps)
+  else:
     n_bytes = x_ref.shape[0] // 2
     words = [[x_ref[pl.ds(n_bytes * h + b, 1), groups, :, :] for b in range(n_bytes)] for h in range(2)]
-    return words, terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
-
-  def run_sum(w, s_ref, m_ref, rows, groups, terms):
-    """[block_n] float32 products of the code words w [block_n, groups, g/32, 4] over these groups."""
-    words, v_sum, inv = terms
-    # byte i of word k of a group: elements 4k + i (low nibble), g/2 + 4k + i (high nibble)
-    nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
-    sums = []
-    for b in range(len(words[0])):
-      acc = jnp.zeros(w.shape, jnp.int32)
-      for h in range(2):
-        acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
-                               b_signed=b == 0, native=native)
-      sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, groups]
-    t = sums[0]
-    for byte_sum in sums[1:]:
-      t = t * 256.0 + byte_sum  # the high byte's sum first: sum over the group of code * x * scale
-    if m_ref is None:
-      t = t - 8.0 * v_sum
-    t = t * s_ref[layer, rows, groups].astype(f32)
-    if m_ref is not None:
-      t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
-    return jnp.sum(t * inv, axis=1)
-
-  if steps == 1:  # as one run: x's terms read (or made) before anything else
-    groups = _groups(split, splits, n_groups)
-    terms = x_terms(groups)
+    v_sum, inv = terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
 
   def stream(w_list, first):
     row0 = pl.multiple_of((j - first) * block_n, block_n)
     rows = pl.ds(row0, block_n)
-    run = lambda c: _groups(split * steps + c, splits * steps, n_groups)  # noqa: E731  the c-th run of this program
-    codes = lambda c: [v_ref[layer, rows, run(c), :, :] for v_ref, _, _ in w_list]  # noqa: E731
-
-    def sums(c, ws):  # x's terms once for every part
-      terms = x_terms(run(c))
-      return [run_sum(w, s_ref, m_ref, rows, run(c), terms) for w, (_, s_ref, m_ref) in zip(ws, w_list)]
-
-    if steps == 1:  # x's terms first, then part by part its codes (loaded all at once they cost registers)
-      return [run_sum(v_ref[layer, rows, groups, :, :], s_ref, m_ref, rows, groups, terms)
-              for v_ref, s_ref, m_ref in w_list], rows
-
-    def step(c, carry):  # the next run's codes are loaded before this run's are summed
-      acc, ws = carry
-      ahead = codes(jnp.minimum(c + 1, steps - 1))
-      return [a + t for a, t in zip(acc, sums(c, ws))], ahead
-
-    acc, _ = lax.fori_loop(0, steps, step, ([jnp.zeros((block_n,), f32) for _ in w_list], codes(0)))
-    return acc, rows
+    outs = []
+    for v_ref, s_ref, m_ref in w_list:
+      w = v_ref[layer, rows, groups, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
+      nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
+      sums = []
+      for b in range(len(words[0])):
+        acc = jnp.zeros(w.shape, jnp.int32)
+        for h in range(2):
+          acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
+                                 b_signed=b == 0, native=native)
+        sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, groups]
+      t = sums[0]
+      for byte_sum in sums[1:]:
+        t = t * 256.0 + byte_sum  # the high byte's sum first: sum over the group of code * x * scale
+      if m_ref is None:
+        t = t - 8.0 * v_sum
+      t = t * s_ref[layer, rows, groups].astype(f32)
+      if m_ref is not None:
+        t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
+      outs.append(jnp.sum(t * inv, axis=1))
+    return outs, rows
 
   if splits > 1:
     _write_partials(stream, w_refs, o_refs, parts, epilogue, j, split)
@@ -562,7 +522,6 @@ def row_matmuls(
   splits = dp4a_splits(K, fmt, group_size, block_k)
   dp4a = splits is not None
   splits = splits or 1
-  steps = _dp4a_runs(K, fmt, group_size, block_k) // splits if dp4a else 1  # runs one program walks
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
@@ -607,7 +566,7 @@ def row_matmuls(
                              norm=norm_weight is not None and not prepared, eps=float(eps),
                              epilogue=epilogue if not partials or epilogue == "swiglu" else "none", block_n=bn,
                              gc=gc, product_dtype=product_dtype,
-                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits, steps=steps,
+                             native=not interpret and code_decode.INLINE_PTX, dp4a=dp4a, splits=splits,
                              prepared=prepared)
   if partials:
     out_shape = [jax.ShapeDtypeStruct((splits, n), jnp.float32) for n in widths]

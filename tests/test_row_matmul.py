@@ -169,7 +169,7 @@ def test_int4_split_k(K, group, block_k, epilogue, zero_point):
     """int4 whose K takes more than one dp4a step (K / g not a power of two, as llama-3-8b's `down`: 14336 / 128 =
     7 x 16, or a `block_k` below K): programs split K, write float32 partials, and their sum is finished outside
     (the norm over the whole row, SwiGLU, the residual): against float64 with the dequantized weights, and equal
-    to the float path's K loop (`DP4A_SPLIT_K = False`) and to one program walking K's runs (`DP4A_K_STEPS`)."""
+    to the float path's K loop (`DP4A_SPLIT_K = False`)."""
     from pallas_kernels import row_matmul as rm
 
     assert rm.dp4a_splits(K, "int4", group, block_k) > 1
@@ -188,10 +188,6 @@ def test_int4_split_k(K, group, block_k, epilogue, zero_point):
     outs = call()
     with switched(rm, {"DP4A_SPLIT_K": False}):
         floats = call()
-    with switched(rm, {"DP4A_K_STEPS": True}):  # K's runs walked by one program: the same sums, in the same order
-        assert rm.dp4a_splits(K, "int4", group, block_k) == 1
-        for out, walked in zip(outs, call()):
-            assert rel_err(walked, out) < 1e-6
     xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
     want = [xin @ w64[1].T for _, w64 in parts]
     if epilogue == "residual":
@@ -305,10 +301,9 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
     from pallas_kernels import row_matmul as rm
 
     # one K step; four (a loop, fp8's unrolled, int4's dp4a split); int4's x made in every program, not once per
-    # call; int4's x in three bytes (two by default); int4's K runs walked by one program
+    # call; int4's x in three bytes (two by default)
     for block_k, switches in ((None, {}), (256, {}), (None, {"DP4A_PREPARED_X": False}),
-                              (256, {"DP4A_PREPARED_X": False}), (None, {"_X_BYTES": 3}), (256, {"_X_BYTES": 3}),
-                              (256, {"DP4A_K_STEPS": True})):
+                              (256, {"DP4A_PREPARED_X": False}), (None, {"_X_BYTES": 3}), (256, {"_X_BYTES": 3})):
         with switched(rm, switches):
             got = row_matmuls(x, parts, jnp.int32(1), fmt=fmt, group_size=group, norm_weight=g, block_k=block_k,
                               interpret=False)
