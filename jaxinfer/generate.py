@@ -24,7 +24,7 @@ from .cache import KVCache, init_cache
 from .config import ModelConfig
 from .model import forward, split_for_loop
 from .quant.qarray import compute_dtype
-from .sampling import Sampling, any_drawn, sample, sequence_keys
+from .sampling import Sampling, sample, sequence_keys
 from .sharding import init_cache_on, mesh_of
 
 MIN_BUCKET = 16
@@ -109,12 +109,11 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _next_token(params, cache, tok, done, keys, step, sampling, config, impl, draws=None):
-    """One decode step and one sample (`draws`: as `sample` takes it); finished rows neither advance the cache
-    nor emit a token."""
+def _next_token(params, cache, tok, done, keys, step, sampling, config, impl):
+    """One decode step and one sample; finished rows neither advance the cache nor emit a token."""
     logits, cache = forward(params, cache, tok[:, None], (~done).astype(jnp.int32), config=config, impl=impl)
     step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    nxt = sample(logits[:, 0], step_keys, sampling, draws=draws)
+    nxt = sample(logits[:, 0], step_keys, sampling)
     return jnp.where(done, NO_TOKEN, nxt), cache
 
 
@@ -135,19 +134,15 @@ def _generate_loop(params, cache, first_logits, keys, sampling, stop_ids, max_ne
         step, _, done, _, _ = state
         return (step < capacity) & ~jnp.all(done)
 
-    def loop(draws: bool):
-        def body(state):
-            step, tok, done, out, cache = state
-            nxt, cache = _next_token(params, cache, tok, done, keys, step, sampling, config, impl, draws)
-            out = out.at[:, step].set(nxt)
-            done = done | _is_stop(nxt, stop_ids, step + 1, max_new)
-            return step + 1, nxt, done, out, cache
+    def body(state):
+        step, tok, done, out, cache = state
+        nxt, cache = _next_token(params, cache, tok, done, keys, step, sampling, config, impl)
+        out = out.at[:, step].set(nxt)
+        done = done | _is_stop(nxt, stop_ids, step + 1, max_new)
+        return step + 1, nxt, done, out, cache
 
-        return jax.lax.while_loop(cond, body, (jnp.int32(1), first, done, out, cache))[3:]
-
-    # Greedy or drawing is decided once for the whole loop, not by a `lax.cond` in every step (on a GPU each
-    # waits for its predicate on the host): the loop is compiled for both, new sampling values still reuse it.
-    return jax.lax.cond(any_drawn(sampling), lambda: loop(True), lambda: loop(False))
+    _, _, _, out, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), first, done, out, cache))
+    return out, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))

@@ -49,27 +49,17 @@ def sequence_keys(seed, batch: int) -> jax.Array:
     return jax.vmap(jax.random.key)(seeds)
 
 
-def sample(logits, keys, sampling: Sampling, *, draws: bool | None = None):
+def sample(logits, keys, sampling: Sampling):
     """Draw one token per row of `logits [B, V]` with `keys [B]`; returns int32 `[B]`.
 
-    When every row is greedy the sort over the vocabulary is skipped at run time (`lax.cond`). A loop that
-    samples many times may decide that once (`any_drawn`) and pass it as the static `draws`: False takes the
-    argmax of every row, True draws (rows at temperature 0 still take their argmax), with no `lax.cond` per call
-    (on a GPU each one waits for its predicate on the host).
+    When every row is greedy the sort over the vocabulary is skipped at run time (`lax.cond`).
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temperature = jnp.broadcast_to(jnp.asarray(sampling.temperature, jnp.float32), greedy.shape)
-    if draws is not None:
-        return _draw(logits, keys, sampling, temperature, greedy) if draws else greedy
     return jax.lax.cond(
-        any_drawn(sampling), lambda: _draw(logits, keys, sampling, temperature, greedy), lambda: greedy
+        jnp.any(temperature > 0), lambda: _draw(logits, keys, sampling, temperature, greedy), lambda: greedy
     )
-
-
-def any_drawn(sampling: Sampling) -> jax.Array:
-    """Whether any row samples (temperature > 0) rather than taking the argmax: a traced bool."""
-    return jnp.any(jnp.asarray(sampling.temperature, jnp.float32) > 0)
 
 
 def _draw(logits, keys, sampling: Sampling, temperature, greedy):

@@ -75,34 +75,6 @@ def test_generate_equals_stream(model):
     assert gen == streamed
 
 
-def test_decode_loop_body_has_no_per_step_branch(model):
-    """Greedy or drawing is decided once for the on-device loop (one `cond` around two loops), not by a `cond`
-    in every step (on a GPU each waits for its predicate on the host); both loops are still one program."""
-    import importlib
-
-    from jax.extend.core import jaxprs_in_params
-
-    gm = importlib.import_module("jaxinfer.generate")  # the module (`jaxinfer.generate` is also a function)
-    B = 2
-    cache = ji.init_cache(CONFIG, B, 32, jnp.float32)
-    args = (model.params, cache, jnp.zeros((B, CONFIG.vocab_size), jnp.float32), sequence_keys(0, B),
-            ji.Sampling(temperature=0.5).for_batch(B), jnp.asarray([2] + [-2] * 7), jnp.asarray([8, 8]))
-    jaxpr = jax.make_jaxpr(lambda *a: gm._generate_loop(*a, config=CONFIG, impl="xla", capacity=16))(*args)
-
-    def eqns(j):
-        for e in j.eqns:
-            yield e
-            for sub in jaxprs_in_params(e.params):
-                yield from eqns(sub)
-
-    # the decode loops: whiles whose body runs the model (its layers are a scan)
-    decode_loops = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "while"
-                    and any(x.primitive.name == "scan" for x in eqns(e.params["body_jaxpr"].jaxpr))]
-    assert len(decode_loops) == 2  # the greedy loop and the drawing loop
-    for loop in decode_loops:
-        assert not [e for e in loop.params["body_jaxpr"].jaxpr.eqns if e.primitive.name == "cond"]
-
-
 def test_large_batch_decode_loop_splits_the_layers_once(model, monkeypatch):
     """A decode loop over more rows than the product kernel takes gets the layers split once, before the
     loop (`model.split_for_loop`): its forward runs a tuple of stacks of one. Same tokens as the stacked
