@@ -139,9 +139,6 @@ VARIANTS = {
     # bf16 products on the fused row kernel too (norm, residual and SwiGLU fused; XLA's row reductions otherwise).
     "bf16_row_kernel": ("bf16 products on the fused row kernel (`ops.ROW_FORMATS` with plain weights)",
                         dict(profile_batches=()), {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")}}),
-    # The decode split combine with one program per (sequence, kv head) at every batch (session 18's form).
-    "combine_per_kv_head": ("Split combine with a program per (sequence, kv head) (`common.COMBINE_MIN_PROGRAMS = 1`)",
-                            dict(profile_batches=()), {"pallas_kernels.common": {"COMBINE_MIN_PROGRAMS": 1}}),
     # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
     "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),

@@ -252,9 +252,6 @@ def combine_splits_reference(o, m, l, out_dtype):
 # thread at 4 warps, so B=1 (33 splits) needs few loop steps and nothing spills.
 _COMBINE_TILE = 8192
 _COMBINE_WARPS = 4
-# Fewer (batch, kv head) programs than this: one program per query head instead (B=1: 32 programs of one
-# head's splits, one loop step each, instead of 8 of four heads' in two steps)
-COMBINE_MIN_PROGRAMS = 128
 
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
@@ -304,8 +301,7 @@ def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
 
 
 def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
-  """combine_splits_reference as one pallas_call over grid (B, K), or (B, K, G) when B * K is below
-  `COMBINE_MIN_PROGRAMS`: one launch instead of XLA's 2-3.
+  """combine_splits_reference as one pallas_call over grid (B, K): one launch instead of XLA's 2-3.
 
   Also used for one split (then it is o / l), so every decode call is exactly two launches.
   interpret=None interprets unless the default backend is a GPU.
@@ -317,23 +313,14 @@ def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
     raise ValueError(f"head dim H must be a power of two, got {head_dim}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  rows = 1 if batch * kv_heads < COMBINE_MIN_PROGRAMS else group  # query heads a program merges
-  fit = max(1, _COMBINE_TILE // (next_pow2(rows) * head_dim))  # splits a chunk may hold
+  fit = max(1, _COMBINE_TILE // (next_pow2(group) * head_dim))  # splits a chunk may hold
   chunk = min(next_pow2(splits), 1 << (fit.bit_length() - 1))
-  if rows == group:
-    grid = (batch, kv_heads)
-    part = lambda *tail: pl.BlockSpec((None, None) + tail, lambda b, h: (b, h) + (0,) * len(tail))  # noqa: E731
-    o_spec, ml_spec, out_spec = part(splits, group, head_dim), part(splits, group), part(group, head_dim)
-  else:  # one query head g of kv head h
-    grid = (batch, kv_heads, group)
-    o_spec = pl.BlockSpec((None, None, splits, 1, head_dim), lambda b, h, g: (b, h, 0, g, 0))
-    ml_spec = pl.BlockSpec((None, None, splits, 1), lambda b, h, g: (b, h, 0, g))
-    out_spec = pl.BlockSpec((None, None, 1, head_dim), lambda b, h, g: (b, h, g, 0))
+  part = lambda *tail: pl.BlockSpec((None, None) + tail, lambda b, h: (b, h) + (0,) * len(tail))  # noqa: E731
   out = pl.pallas_call(
       functools.partial(_combine_kernel, chunk=chunk),
-      grid=grid,
-      in_specs=[o_spec, ml_spec, ml_spec],
-      out_specs=out_spec,
+      grid=(batch, kv_heads),
+      in_specs=[part(splits, group, head_dim), part(splits, group), part(splits, group)],
+      out_specs=part(group, head_dim),
       out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, head_dim), out_dtype),
       compiler_params=pltriton.CompilerParams(num_warps=_COMBINE_WARPS, num_stages=1),
       interpret=interpret,
