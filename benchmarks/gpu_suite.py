@@ -177,7 +177,8 @@ VARIANTS = {
            ("", "Prefill 4096 tokens, bf16", {}),
            ("_fp8", "Prefill 4096 tokens, fp8 weights (native fp8 products)", dict(quant="fp8")),
            ("_stored", "Prefill 4096 tokens, bf16, weights in the stored order", dict(weight_layout="stored")),
-           ("_fp8_stored", "Prefill 4096 tokens, fp8 weights in the stored order", dict(quant="fp8", weight_layout="stored"))]},
+           ("_fp8_stored", "Prefill 4096 tokens, fp8 weights in the stored order",
+            dict(quant="fp8", weight_layout="stored"))]},
 }
 
 

@@ -32,9 +32,9 @@ once, and gather the group sums of all rows into one tile, reduced once.
 int4 takes integer dot products instead (`DP4A`): x, normalised, is written as a 15-bit fixed-point integer
 (a power-of-two scale per group, from its largest |value|) split into two bytes (`_X_BYTES`: or 20 bits in
 three), and a 32-bit word's four low (or high) nibbles meet four x bytes in one `dp4a` (four byte products summed
-exactly in int32); all rows of a program form one tile, so each byte's sums are reduced once. Fewer instructions and registers than the float
-path; the only rounding is x's, to 15 bits of its group's largest |value| (pallas_kernels/NOTES.md, sessions
-17-19). x's fixed point is made once per call by short one-warp programs of its own (`DP4A_PREPARED_X`; made
+exactly in int32); all rows of a program form one tile, so each byte's sums are reduced once. Fewer instructions
+and registers than the float path; the only rounding is x's, to 15 bits of its group's largest |value|
+(pallas_kernels/NOTES.md, sessions 17-19). x's fixed point is made once per call by short one-warp programs of its own (`DP4A_PREPARED_X`; made
 in every program it cost more than the launch). A K longer than one step (`down`: 14336 = 7 x 2048) is split
 across programs (`dp4a_splits`), whose float32 partial products are summed and finished (`_finish`: the
 epilogue, rounded as the unfused model rounds) outside the kernel.
@@ -79,7 +79,7 @@ _X_BYTES = 2  # bytes of x's fixed point: 2 (below 2^15 in magnitude, the high b
 # byte in [-16, 16]). Two are a third fewer x words to load and dp4a to issue, at x rounded to 2^-15 of its group's
 # largest |value| instead of 2^-20 (products within 1e-4 of float64, 1e-3 beside a 300x outlier; bf16 outputs round
 # at 4e-3). H200, session 19: the int4 step 1.977 ms against 2.091 with three (gate+up 18.1 against 20.2 us)
-_X_BITS = {3: 20, 2: 15}
+_X_BITS = {3: 20, 2: 15}  # x's magnitude bits by its bytes
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -291,9 +291,10 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
 
 
 def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
-  """x (normalised as the unfused model does, the norm over the whole row) over `groups` as a 15- or 20-bit fixed-point
-  integer: per half, per byte (high first; `_X_BYTES` of them) [1, groups, g/32, 4] int32 words of four x bytes; x's integer
-  sum per group [1, groups] (the zero point's and offsets' term); and 1 / the scale (a power of two)."""
+  """x (normalised as the unfused model does, the norm over the whole row) over `groups` as a 15- or 20-bit
+  fixed-point integer: per half, per byte (high first; `_X_BYTES` of them) [1, groups, g/32, 4] int32 words of four
+  x bytes; x's integer sum per group [1, groups] (the zero point's and offsets' term); and 1 / the scale (a power
+  of two)."""
   f32 = jnp.float32
   dt = x_ref.dtype
 
@@ -337,8 +338,8 @@ def _groups(split, splits: int, n_groups: int):
 
 
 def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
-  """x's fixed point (`_x_fixed_point`) into words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`) and terms [2, G] (x's
-  integer group sums, 1 / scale), read by every program of the product (`prepared`). Each program takes
+  """x's fixed point (`_x_fixed_point`) into words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`) and terms
+  [2, G] (x's integer group sums, 1 / scale), read by every program of the product (`prepared`). Each program takes
   `n_groups` groups with a scale of their own (the norm's statistic over the whole row): short programs with
   no cross-warp reductions at one warp, and a finer scale than one per row."""
   refs = list(refs)
