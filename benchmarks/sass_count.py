@@ -90,7 +90,7 @@ def _row_int4_swiglu(dp4a: bool, block_n=None, prepared=True, preparation=False)
     if preparation:
         return modules[0], rm._PREPARE_WARPS, K // (32 * rm._PREPARE_WARPS)
     codes_per_thread = 2 * (block_n or rm._BLOCK_N_DP4A) * K // (4 * 32)
-    return modules[-1], 4, codes_per_thread
+    return modules[-1], rm._WARPS_DP4A if dp4a else rm._WARPS, codes_per_thread
 
 
 def _probe_int4(block_n=8):

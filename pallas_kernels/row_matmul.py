@@ -34,10 +34,10 @@ int4 takes integer dot products instead (`DP4A`): x, normalised, is written as a
 three), and a 32-bit word's four low (or high) nibbles meet four x bytes in one `dp4a` (four byte products summed
 exactly in int32); all rows of a program form one tile, so each byte's sums are reduced once. Fewer instructions
 and registers than the float path; the only rounding is x's, to 15 bits of its group's largest |value|
-(pallas_kernels/NOTES.md, sessions 17-19). x's fixed point is made once per call by short one-warp programs of its own (`DP4A_PREPARED_X`; made
-in every program it cost more than the launch). A K longer than one step (`down`: 14336 = 7 x 2048) is split
-across programs (`dp4a_splits`), whose float32 partial products are summed and finished (`_finish`: the
-epilogue, rounded as the unfused model rounds) outside the kernel.
+(pallas_kernels/NOTES.md, sessions 17-19). x's fixed point is made once per call by short one-warp programs of
+its own (`DP4A_PREPARED_X`; made in every program it cost more than the launch). A K longer than one step
+(`down`: 14336 = 7 x 2048) is split across programs (`dp4a_splits`), whose float32 partial products are summed
+and finished (`_finish`: the epilogue, rounded as the unfused model rounds) outside the kernel.
 
 Parts sharing x (q/k/v) run in one launch, a static branch per part; with `epilogue="swiglu"` one program
 reads the same rows of both parts (gate, up) and writes only silu(gate) * up. Rounding follows the unfused
@@ -346,7 +346,7 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   norm_ref = refs.pop(0) if norm else None
   words_ref, terms_ref = refs
   programs = x_ref.shape[1] // n_groups
-  groups = _groups(pl.program_id(0) if programs > 1 else 0, programs, n_groups)
+  groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
   words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
   for h in range(2):
     for b, word in enumerate(words[h]):
