@@ -331,18 +331,19 @@ def test_native_inline_ptx_decodes_exactly(fmt, group, zero_point, epilogue):
         call = functools.partial(row_matmuls, x, tuple(p[0] for p in parts), jnp.int32(1), fmt=fmt, group_size=group,
                                  epilogue=epilogue, out_dtype=jnp.float32, block_n=block_n, block_k=block_k,
                                  interpret=False)
-        with switched(rm, {"_X_BYTES": 3}):
+
+        def native_equals_jnp():  # the native launch, bit for bit the jnp spelling's
             got = call()
-            if epilogue == "none":
-                for out, (_, w64) in zip(got, parts):
-                    assert rel_err(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
             with switched(code_decode, {"INLINE_PTX": False}):  # traced afresh, restored after
-                plain = call()
-        for a, b in zip(got, plain):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        if fmt == "int4":  # x in two bytes (the default): still bit for bit the jnp spelling
-            got = call()
-            with switched(code_decode, {"INLINE_PTX": False}):
                 plain = call()
             for a, b in zip(got, plain):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            return got
+
+        with switched(rm, {"_X_BYTES": 3}):
+            got = native_equals_jnp()
+        if epilogue == "none":
+            for out, (_, w64) in zip(got, parts):
+                assert rel_err(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
+        if fmt == "int4":  # x in two bytes (the default)
+            native_equals_jnp()
