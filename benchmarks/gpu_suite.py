@@ -139,9 +139,6 @@ VARIANTS = {
     # bf16 products on the fused row kernel too (norm, residual and SwiGLU fused; XLA's row reductions otherwise).
     "bf16_row_kernel": ("bf16 products on the fused row kernel (`ops.ROW_FORMATS` with plain weights)",
                         dict(profile_batches=()), {"jaxinfer.ops": {"ROW_FORMATS": ("int8", "int4", "fp8", "plain")}}),
-    # Decode attention's splits merged by a second launch (`combine_splits`) instead of inside its own.
-    "two_launch_combine": ("Decode attention's splits merged by a second launch (`common.FUSED_COMBINE = False`)",
-                           dict(profile_batches=()), {"pallas_kernels.common": {"FUSED_COMBINE": False}}),
     # The residual adds and norms as XLA ops (`pallas_kernels/add_rms_norm.py` off).
     "unfused_add_norm": ("Residual adds and norms as XLA ops (`ops.ADD_NORM_KERNEL = False`)",
                          dict(profile_batches=()), {"jaxinfer.ops": {"ADD_NORM_KERNEL": False}}),

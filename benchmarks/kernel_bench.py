@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import json
 import os
 import statistics
@@ -26,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinfer.bench.measure import switched
-from pallas_kernels import common, decode_attention, flash_attention, paged_decode_attention
+from pallas_kernels import decode_attention, flash_attention, paged_decode_attention
 
 
 def _time_chain(step: Callable, q, *args, calls: int, reps: int) -> float:
@@ -136,9 +134,8 @@ def _decode_lengths(batch, max_len, ragged, seed=0):
 
 def bench_decode(batch, max_len, *, ragged, num_heads=32, num_kv=8, head_dim=128, page_size=16,
                  configs=(None,), paged_configs=(None,), baselines=True, calls=20,
-                 reps=7, two_launch=False) -> list[dict[str, Any]]:
-  """One query token per sequence against a cache of max_len; TB/s counts valid K+V bytes. `two_launch`: each
-  Pallas config also with its splits merged by a second launch (`common.FUSED_COMBINE = False`, impl "...-2")."""
+                 reps=7) -> list[dict[str, Any]]:
+  """One query token per sequence against a cache of max_len; TB/s counts valid K+V bytes."""
   k1, k2, k3 = jax.random.split(jax.random.key(batch), 3)
   q = jax.random.normal(k1, (batch, num_heads, head_dim), jnp.bfloat16)
   k = jax.random.normal(k2, (batch, max_len, num_kv, head_dim), jnp.bfloat16)
@@ -163,11 +160,10 @@ def bench_decode(batch, max_len, *, ragged, num_heads=32, num_kv=8, head_dim=128
                                            implementation=impl)
         return out[:, 0]
       add(impl, None, *_try(_time_chain, step, q, k, v, calls=calls, reps=reps))
-  for config, two in itertools.product(configs, (False, True) if two_launch else (False,)):
+  for config in configs:
     step = functools.partial(decode_attention, lengths=lengths, **(config or {}))
-    with switched(common, {"FUSED_COMBINE": not two}):
-      add("pallas-2" if two else "pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
-                                                          calls=calls, reps=reps))
+    add("pallas", config, *_try(_time_chain, lambda q, k, v: step(q, k, v), q, k, v,
+                                calls=calls, reps=reps))
   if paged_configs:
     # The same cache as a shuffled page pool: logical page j of sequence b is pool page perm[..].
     pages_per_seq = max_len // page_size
@@ -177,13 +173,12 @@ def bench_decode(batch, max_len, *, ragged, num_heads=32, num_kv=8, head_dim=128
     v_pages = v.reshape(batch * pages_per_seq, page_size, num_kv, head_dim)[inverse]
     table = jnp.asarray(perm.reshape(batch, pages_per_seq), jnp.int32)
     del k, v
-    for config, two in itertools.product(paged_configs, (False, True) if two_launch else (False,)):
+    for config in paged_configs:
       step = functools.partial(paged_decode_attention, block_table=table, lengths=lengths,
                                **(config or {}))
-      with switched(common, {"FUSED_COMBINE": not two}):
-        add(f"pallas-paged{page_size}" + ("-2" if two else ""), config,
-            *_try(_time_chain, lambda q, kp, vp: step(q, kp, vp), q, k_pages, v_pages,
-                  calls=calls, reps=reps))
+      add(f"pallas-paged{page_size}", config,
+          *_try(_time_chain, lambda q, kp, vp: step(q, kp, vp), q, k_pages, v_pages,
+                calls=calls, reps=reps))
   return rows
 
 
@@ -221,22 +216,6 @@ def bench_decode_stacked(batch, length, max_len, *, configs=(None,), layers=32, 
                      time_us=None if seconds is None else seconds * 1e6,
                      tb_s=None if seconds is None else kv_bytes / seconds / 1e12))
   return rows
-
-
-def _stacked_two_ways(*args, **kwargs):
-  """bench_decode_stacked with the splits merged in the kernel's launch, then by a second launch ("pallas-2")."""
-  rows = bench_decode_stacked(*args, **kwargs)
-  with switched(common, {"FUSED_COMBINE": False}):
-    rows += [dict(r, impl="pallas-2") for r in bench_decode_stacked(*args, **kwargs)]
-  return rows
-
-
-def decode_combine_jobs():
-  """Issue 5's decode cases and the model's stacked call, each with the splits merged in one launch and in two."""
-  return ([functools.partial(bench_decode, batch, max_len, ragged=ragged, two_launch=True)
-           for batch, max_len, ragged in [(1, 8192, False), (16, 8192, True), (64, 4096, False)]]
-          + [functools.partial(_stacked_two_ways, batch, length, max_len)
-             for batch, length, max_len in ((1, 1040, 1152), (32, 1040, 1152), (16, 4112, 4224))])
 
 
 def stacked_decode_jobs():
@@ -302,7 +281,7 @@ def paged_jobs():
 
 def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
                           quick: bool = False, stacked: bool = False, paged: bool = False,
-                          prefill: bool = False, decode: bool = False) -> list[dict[str, Any]]:
+                          prefill: bool = False) -> list[dict[str, Any]]:
   """Times the kernels (defaults, or sweeps) and the cuDNN / XLA baselines on the current GPU."""
   if jax.default_backend() != "gpu":
     raise RuntimeError("kernel benchmarks need a GPU (jax.default_backend() == 'gpu')")
@@ -312,8 +291,6 @@ def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
                                      error=None, **ceilings)]
   if prefill:
     jobs = prefill_length_jobs()
-  elif decode:
-    jobs = decode_combine_jobs()
   elif stacked:
     jobs = stacked_decode_jobs()
   elif paged:
@@ -402,11 +379,9 @@ def main():
                       help="only the model's decode attention (stacked cache) over splits and block sizes")
   parser.add_argument("--paged", action="store_true", help="only paged vs dense decode over the paged kernel's configs")
   parser.add_argument("--prefill", action="store_true", help="only prefill over 2k-16k keys, each backend")
-  parser.add_argument("--decode", action="store_true",
-                      help="only decode (issue 5's cases, the stacked call), splits merged in one launch and in two")
   args = parser.parse_args()
   rows = run_kernel_benchmarks(args.out, sweep=args.sweep, quick=args.quick, stacked=args.stacked, paged=args.paged,
-                               prefill=args.prefill, decode=args.decode)
+                               prefill=args.prefill)
   print(format_table(rows))
   best: dict[tuple[str, str], dict[str, Any]] = {}
   for r in rows:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -220,36 +219,19 @@ def load_q_tile(q_ref, rows: int, cols=slice(None)):
   return pltriton.load(q_ref.at[pl.ds(0, rows), cols], mask=ok[:, None], other=0)
 
 
-class SplitSlot(NamedTuple):
-  """Part of a whole [B, K, splits, G(, H)] partials array (the one-launch combine's outputs): `index` leads every
-  access, written as one indexer (neither Triton's lowering nor the interpreter's masked access takes a view of a
-  view)."""
-  ref: Any
-  index: tuple
-
-  @property
-  def shape(self):
-    return self.ref.shape[len(self.index):]
-
-
-def _one_indexer(r, idx: tuple):
-  """(ref, index) reaching `idx` of r, a ref or a SplitSlot, in one indexer."""
-  return (r.ref, (*r.index, *idx)) if isinstance(r, SplitSlot) else (r, idx)
-
-
 def store_partials(o_ref, m_ref, l_ref, carry):
-  """Writes the real G rows of an unnormalised partial (acc, m, l); the refs are [G(, H)] blocks or SplitSlots."""
+  """Writes the real G rows of an unnormalised partial (acc, m, l)."""
   acc, m, l = carry
   group, rows = o_ref.shape[0], acc.shape[0]
   if rows == group:
-    for r, x in ((o_ref, acc), (m_ref, m), (l_ref, l)):
-      base, idx = _one_indexer(r, (slice(None),) * x.ndim)
-      base[idx if isinstance(r, SplitSlot) else ...] = x
+    o_ref[...] = acc
+    m_ref[...] = m
+    l_ref[...] = l
     return
   ok = jnp.arange(rows) < group
-  for r, x, mask in ((o_ref, acc, ok[:, None]), (m_ref, m, ok), (l_ref, l, ok)):
-    base, idx = _one_indexer(r, (pl.ds(0, rows),) + (slice(None),) * (x.ndim - 1))
-    pltriton.store(base.at[idx], x, mask=mask)
+  pltriton.store(o_ref.at[pl.ds(0, rows), :], acc, mask=ok[:, None])
+  pltriton.store(m_ref.at[pl.ds(0, rows)], m, mask=ok)
+  pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=ok)
 
 
 def combine_splits_reference(o, m, l, out_dtype):
@@ -273,7 +255,7 @@ _COMBINE_WARPS = 4
 
 
 def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
-  """One (batch, kv head): o [splits, G, H], m and l [splits, G] (blocks or SplitSlots) -> out [G, H].
+  """One (batch, kv head): o [splits, G, H], m and l [splits, G] -> out [G, H].
 
   Tiles are padded to powers of two (G to `rows`, splits to multiples of `chunk`); padded entries
   load as empty splits (m = M_INIT, l = o = 0), which weigh nothing. m_max comes from all splits at
@@ -286,15 +268,15 @@ def _combine_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
 
   def load(ref, start, size, other):
     # [size, rows(, H)] of splits [start, start + size); masked only where the tile overhangs.
-    base, idx = _one_indexer(ref, (pl.ds(start, size), pl.ds(0, rows)) + (slice(None),) * (len(ref.shape) - 2))
+    idx = (pl.ds(start, size), pl.ds(0, rows)) + (slice(None),) * (len(ref.shape) - 2)
     # a traced start is a multiple of `size` below `splits`
     fits = start + size <= splits if isinstance(start, int) else splits % size == 0
     if fits and not g_pad:
-      return base[idx]
+      return ref[idx]
     ok = ((start + jnp.arange(size)) < splits)[:, None] & g_ok[None, :]
     if len(ref.shape) == 3:
       ok = ok[:, :, None]
-    return pltriton.load(base.at[idx], mask=ok, other=other)
+    return pltriton.load(ref.at[idx], mask=ok, other=other)
 
   m_max = load(m_ref, 0, next_pow2(splits), M_INIT).max(axis=0)  # [rows]
 
@@ -331,7 +313,8 @@ def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
     raise ValueError(f"head dim H must be a power of two, got {head_dim}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  chunk = _combine_chunk(splits, group, head_dim)
+  fit = max(1, _COMBINE_TILE // (next_pow2(group) * head_dim))  # splits a chunk may hold
+  chunk = min(next_pow2(splits), 1 << (fit.bit_length() - 1))
   part = lambda *tail: pl.BlockSpec((None, None) + tail, lambda b, h: (b, h) + (0,) * len(tail))  # noqa: E731
   out = pl.pallas_call(
       functools.partial(_combine_kernel, chunk=chunk),
@@ -346,105 +329,46 @@ def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
   return out.reshape(batch, kv_heads * group, head_dim)  # free: G heads of a kv head are adjacent
 
 
-# Whether a split-K decode call merges its splits inside its own launch (the last split of each sequence and kv
-# head to finish combines them, found by an atomic count) instead of a second `combine_splits` launch.
-FUSED_COMBINE = True
-
-
-def _combine_chunk(splits: int, group: int, head_dim: int) -> int:
-  """Splits one step of the combine holds at once (a power of two, at most `_COMBINE_TILE` elements of o)."""
-  fit = max(1, _COMBINE_TILE // (next_pow2(group) * head_dim))
-  return min(next_pow2(splits), 1 << (fit.bit_length() - 1))
-
-
 def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,
                         group: int, head_dim: int, out_dtype, num_warps: int, num_stages: int,
-                        interpret: bool, name: str, extra_outputs=(), input_output_aliases=None,
-                        fused_combine: bool | None = None):
-  """pallas_call of a split-K decode kernel over grid (batch, kv head, split) and the merge of its splits.
+                        interpret: bool, name: str, extra_outputs=(), input_output_aliases=None):
+  """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine
+  kernel: two launches per call.
 
   The kernel's outputs are one split's unnormalised partial: o [G, H], m [G], l [G] (float32, as
   store_partials writes them), then `extra_outputs` ((spec, shape) pairs, e.g. a cache the kernel
-  writes in place through `input_output_aliases`, whose output indices count from the first extra output).
-  Returns a function of the kernel's inputs giving [B, K*G, H], or that and the extra outputs.
-
-  fused_combine (default `FUSED_COMBINE`): one launch. Each program stores its partial, counts itself in with
-  an atomic add on its (sequence, kv head)'s counter, and the program that arrives last merges all splits
-  (the combine kernel's code, reading the partials the others stored) and sets the counter back to zero.
-  Why: at batch 1 the second launch cost ~2.7 us a layer whatever its bytes (benchmarks/BENCHMARKS.md,
-  session 19). Otherwise two launches: the kernel, then `combine_splits`.
+  writes in place through `input_output_aliases`). Returns a function of the kernel's inputs giving
+  [B, K*G, H], or that and the extra outputs.
   """
-  fused_combine = FUSED_COMBINE if fused_combine is None else fused_combine
   part_shape = (batch, num_kv_heads, num_splits, group)
-  part_shapes = [jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
-                 jax.ShapeDtypeStruct(part_shape, jnp.float32),
-                 jax.ShapeDtypeStruct(part_shape, jnp.float32)]
-  extra_specs = [spec for spec, _ in extra_outputs]
-  extra_shapes = [shape for _, shape in extra_outputs]
-  params = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  if not fused_combine:
-    call = pl.pallas_call(
-        kernel,
-        grid=(batch, num_kv_heads, num_splits),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
-            *extra_specs,
-        ],
-        out_shape=[*part_shapes, *extra_shapes],
-        input_output_aliases={i: 3 + j for i, j in (input_output_aliases or {}).items()},
-        compiler_params=params,
-        interpret=interpret,
-        name=name,
-    )
-
-    def run(*args):
-      o, m, l, *extras = call(*args)
-      out = combine_splits(o, m, l, out_dtype, interpret=interpret)
-      return (out, *extras) if extras else out
-
-    return run
-
-  n_in = len(in_specs)
-  chunk = _combine_chunk(num_splits, group, head_dim)
-
-  def fused(*refs):
-    ins, count_in, (out_ref, o_all, m_all, l_all, counts, *extras) = refs[:n_in], refs[n_in], refs[n_in + 1:]
-    del count_in  # the same buffer as `counts`
-    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    kernel(*ins, *(SplitSlot(r, (b, h, s)) for r in (o_all, m_all, l_all)), *extras)
-    if not interpret:  # every thread's partial stored before one thread counts the program in (release)
-      pltriton.debug_barrier()
-    arrived = pltriton.atomic_add(counts, (b, h), jnp.int32(1))  # acquire-release at GPU scope
-
-    @pl.when(arrived == num_splits - 1)
-    def _():
-      _combine_kernel(*(SplitSlot(r, (b, h)) for r in (o_all, m_all, l_all)), out_ref, chunk=chunk)
-      counts[b, h] = 0  # ready for the next call
-
-  whole = pl.no_block_spec
   call = pl.pallas_call(
-      fused,
+      kernel,
       grid=(batch, num_kv_heads, num_splits),
-      in_specs=[*in_specs, whole],
-      out_specs=[pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                 whole, whole, whole, whole, *extra_specs],
-      out_shape=[jax.ShapeDtypeStruct((batch, num_kv_heads, group, head_dim), out_dtype), *part_shapes,
-                 jax.ShapeDtypeStruct((batch, num_kv_heads), jnp.int32), *extra_shapes],
-      input_output_aliases={n_in: 4, **{i: 5 + j for i, j in (input_output_aliases or {}).items()}},
-      compiler_params=params,
+      in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+          pl.BlockSpec((None, None, None, group), lambda b, h, s: (b, h, s, 0)),
+          *(spec for spec, _ in extra_outputs),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(part_shape + (head_dim,), jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+          jax.ShapeDtypeStruct(part_shape, jnp.float32),
+          *(shape for _, shape in extra_outputs),
+      ],
+      input_output_aliases=input_output_aliases or {},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name=name,
   )
 
-  def run_fused(*args):
-    out, _, _, _, _, *extras = call(*args, jnp.zeros((batch, num_kv_heads), jnp.int32))
-    out = out.reshape(batch, num_kv_heads * group, head_dim)  # free: G heads of a kv head are adjacent
+  def run(*args):
+    o, m, l, *extras = call(*args)
+    out = combine_splits(o, m, l, out_dtype, interpret=interpret)
     return (out, *extras) if extras else out
 
-  return run_fused
+  return run
 
 
 def check_rotary_inputs(cos, sin, positions, batch: int, head_dim: int):

@@ -300,7 +300,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
     args = append
     first_cache = len(specs) + 1  # after the layer
     extra_outputs = ((pl.no_block_spec, whole_k), (pl.no_block_spec, whole_v))
-    aliases = {first_cache: 0, first_cache + 1: 1}  # the extra outputs: the caches
+    aliases = {first_cache: 3, first_cache + 1: 4}  # outputs: o, m, l, then the caches
   scales = (k_scale, v_scale) if quantized else ()
   if stacked:
     specs += [pl.no_block_spec] * (3 + len(scales))

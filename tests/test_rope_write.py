@@ -128,7 +128,7 @@ def test_model_decode_step_uses_one_launch_per_layer(monkeypatch):
 
 def test_model_decode_step_attends_in_the_same_launch(monkeypatch):
     """With the decode attention kernel on as well (interpret mode for the GPU's kernels), the rotation and the
-    write ride in its launch (`decode_attention_append`, which also merges its splits: one launch a layer): the
+    write ride in its launch (`decode_attention_append`: the split kernel and the combine, once per layer): the
     XLA ops' first cache layer exactly (later layers see attention outputs rounded differently), the rest and
     the logits to bf16 attention's rounding."""
     params = ji.init_params(CONFIG, jax.random.key(3, impl="rbg"), jnp.bfloat16)
@@ -142,7 +142,7 @@ def test_model_decode_step_attends_in_the_same_launch(monkeypatch):
     monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
     step = functools.partial(ji.forward, config=CONFIG, impl="auto")
     jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
-    assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention"]  # its splits merged in its launch
+    assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention", "combine_splits"]
     got_logits, got_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
     assert rel_err(got_logits, want_logits) < 1e-2
     np.testing.assert_array_equal(np.asarray(got_cache.lengths), np.asarray(want_cache.lengths))
