@@ -279,9 +279,18 @@ def paged_jobs():
           for b, s, r in cases]
 
 
+def long_decode_jobs():
+  """Decode over long caches (16k-64k keys) beside cuDNN: where a batch-1 call stops being latency-bound (an 8k
+  call moves 34 MB in ~20 us, 0.4 of copy), over splits and key blocks."""
+  configs = ([None] + [dict(num_splits=s) for s in (16, 66, 132)]
+             + [dict(block_k=bk, num_stages=st) for bk, st in ((64, 3), (128, 2), (128, 3))])
+  cases = [(1, 16384, False), (1, 32768, False), (1, 65536, False), (4, 32768, False), (16, 32768, True)]
+  return [functools.partial(bench_decode, b, s, ragged=r, configs=configs, paged_configs=[None]) for b, s, r in cases]
+
+
 def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
                           quick: bool = False, stacked: bool = False, paged: bool = False,
-                          prefill: bool = False) -> list[dict[str, Any]]:
+                          prefill: bool = False, long: bool = False) -> list[dict[str, Any]]:
   """Times the kernels (defaults, or sweeps) and the cuDNN / XLA baselines on the current GPU."""
   if jax.default_backend() != "gpu":
     raise RuntimeError("kernel benchmarks need a GPU (jax.default_backend() == 'gpu')")
@@ -291,6 +300,8 @@ def run_kernel_benchmarks(out_dir: str | None = None, *, sweep: bool = False,
                                      error=None, **ceilings)]
   if prefill:
     jobs = prefill_length_jobs()
+  elif long:
+    jobs = long_decode_jobs()
   elif stacked:
     jobs = stacked_decode_jobs()
   elif paged:
@@ -379,9 +390,10 @@ def main():
                       help="only the model's decode attention (stacked cache) over splits and block sizes")
   parser.add_argument("--paged", action="store_true", help="only paged vs dense decode over the paged kernel's configs")
   parser.add_argument("--prefill", action="store_true", help="only prefill over 2k-16k keys, each backend")
+  parser.add_argument("--long", action="store_true", help="only decode over 16k-64k keys, splits and key blocks")
   args = parser.parse_args()
   rows = run_kernel_benchmarks(args.out, sweep=args.sweep, quick=args.quick, stacked=args.stacked, paged=args.paged,
-                               prefill=args.prefill)
+                               prefill=args.prefill, long=args.long)
   print(format_table(rows))
   best: dict[tuple[str, str], dict[str, Any]] = {}
   for r in rows:
