@@ -129,7 +129,9 @@ VARIANTS = {
            ("prepare_4warps", "x's preparation at 4 warps a program", {"_PREPARE_WARPS": 4}),
            ("nosplit", "no K split: `down` (112 groups, not one power-of-two step) on the float path's K loop",
             {"DP4A_SPLIT_K": False}),
-           ("x20", "x's fixed point in three bytes (20 bits) instead of two", {"_X_BYTES": 3}))},
+           ("x20", "x's fixed point in three bytes (20 bits) instead of two", {"_X_BYTES": 3}),
+           ("merge_first", "decode attention's splits merged by `combine_splits` before o's preparation",
+            {"MERGE_IN_PREPARATION": False}))},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

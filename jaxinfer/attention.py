@@ -57,7 +57,9 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
     Where the one-token kernel of `rotate_and_write` applies and the dense decode kernel would attend, both
     are one launch (`pallas_kernels.decode_attention_append`): llama-3-8b batch-1 decode on an H200 ran
     `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md). q, k and v may be parts of one product's
-    output (`ops.Sliced`, packed q/k/v weights): that kernel reads them inside it, everything else cuts them."""
+    output (`ops.Sliced`, packed q/k/v weights): that kernel reads them inside it, everything else cuts them.
+    That launch's output is `ops.Unmerged` (its key splits not merged yet): the output product merges them in
+    its own preparation of x where it makes one, any other consumer with `combine_splits`' launch."""
     import pallas_kernels as pk
 
     if (APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q)
@@ -66,10 +68,11 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
         at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
         whole = ops.whole_of((q, k, v), axis=2)  # packed q/k/v: their one product [B, T, N + 2K, H]
         heads = (whole[:, 0], None, None) if whole is not None else (ops.value(t)[:, 0] for t in (q, k, v))
-        out, k_cache, v_cache = pk.decode_attention_append(
+        partials, k_cache, v_cache = pk.decode_attention_append(
             *heads, cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
-            sliding_window=sliding_window, interpret=jax.default_backend() != "gpu")
-        return out[:, None], cache.replace(k=k_cache, v=v_cache)
+            sliding_window=sliding_window, interpret=jax.default_backend() != "gpu", merge=False)
+        B, _, N, H = q.shape
+        return ops.Unmerged(partials, (B, 1, N, H)), cache.replace(k=k_cache, v=v_cache)
     q, k, v = ops.value(q), ops.value(k), ops.value(v)
     q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)

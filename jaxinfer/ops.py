@@ -148,9 +148,26 @@ class Sliced:
         return jax.lax.slice_in_dim(self.whole, self.start, self.start + self.size, axis=self.axis)
 
 
+@dataclass(frozen=True)
+class Unmerged:
+    """A decode attention output `shape` ([B, 1, N, H]) whose key splits are not merged yet
+    (`pallas_kernels.common.Partials`): the attention output product's row kernel merges them in its own
+    preparation of x where it makes one (int4), saving the merge's launch; every other consumer takes `value()`."""
+
+    partials: Any
+    shape: tuple
+
+    @property
+    def dtype(self):
+        return self.partials.dtype
+
+    def value(self):
+        return self.partials.merge(interpret=jax.default_backend() != "gpu").reshape(self.shape)
+
+
 def value(x):
-    """An activation that may still be lazy (`Normed`, `Sliced`) as an array."""
-    return x.value() if isinstance(x, (Normed, Sliced)) else x
+    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`) as an array."""
+    return x.value() if isinstance(x, (Normed, Sliced, Unmerged)) else x
 
 
 def _one_after_another(parts, total: int) -> bool:
@@ -698,7 +715,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         return None
     if impl == "auto" and not on_gpu():
         return None
-    xv = x.x if isinstance(x, Normed) else x
+    xv = x.x if isinstance(x, Normed) else jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Unmerged) else x
     if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():
         return None
     flats, index, spec0, fmt = [], None, None, None
@@ -751,7 +768,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
 
     def run(*, epilogue, out_dtype):
         outs = rm.row_matmuls(
-            xv.reshape(1, spec0.k), tuple(f[0] for f in flats), index, fmt=kind, group_size=group, norm_weight=norm,
+            x.partials if isinstance(x, Unmerged) else xv.reshape(1, spec0.k), tuple(f[0] for f in flats), index, fmt=kind, group_size=group, norm_weight=norm,
             eps=x.eps if norm is not None else 1e-6, epilogue=epilogue,
             residual=None if residual is None else residual.reshape(1, -1),
             out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")

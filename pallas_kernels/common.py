@@ -13,8 +13,10 @@ values, and trace to the ops the kernels traced before they were shared.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -329,16 +331,37 @@ def combine_splits(o, m, l, out_dtype, *, interpret: bool | None = None):
   return out.reshape(batch, kv_heads * group, head_dim)  # free: G heads of a kv head are adjacent
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["o", "m", "l"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Partials:
+  """A split-K decode call's output before its splits are merged: o [B, K, splits, G, H], m and l [B, K, splits, G]
+  float32 (as `store_partials` writes them) and the dtype the merge rounds to. `merge()` is `combine_splits`; a
+  consumer may merge them inside its own launch instead (`row_matmul`'s int4 preparation of x)."""
+  o: jax.Array
+  m: jax.Array
+  l: jax.Array
+  dtype: Any
+
+  @property
+  def shape(self):  # of the merged output [B, K * G, H]
+    batch, kv_heads, _, group, head_dim = self.o.shape
+    return (batch, kv_heads * group, head_dim)
+
+  def merge(self, *, interpret: bool | None = None):
+    return combine_splits(self.o, self.m, self.l, self.dtype, interpret=interpret)
+
+
 def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,
                         group: int, head_dim: int, out_dtype, num_warps: int, num_stages: int,
-                        interpret: bool, name: str, extra_outputs=(), input_output_aliases=None):
+                        interpret: bool, name: str, extra_outputs=(), input_output_aliases=None,
+                        merge: bool = True):
   """pallas_call of a split-K decode kernel over grid (batch, kv head, split), then the combine
-  kernel: two launches per call.
+  kernel: two launches per call (`merge=False`: one, returning the `Partials`).
 
   The kernel's outputs are one split's unnormalised partial: o [G, H], m [G], l [G] (float32, as
   store_partials writes them), then `extra_outputs` ((spec, shape) pairs, e.g. a cache the kernel
   writes in place through `input_output_aliases`). Returns a function of the kernel's inputs giving
-  [B, K*G, H], or that and the extra outputs.
+  [B, K*G, H] (or `Partials`), or that and the extra outputs.
   """
   part_shape = (batch, num_kv_heads, num_splits, group)
   call = pl.pallas_call(
@@ -365,7 +388,9 @@ def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_
 
   def run(*args):
     o, m, l, *extras = call(*args)
-    out = combine_splits(o, m, l, out_dtype, interpret=interpret)
+    out = Partials(o, m, l, out_dtype)
+    if merge:
+      out = out.merge(interpret=interpret)
     return (out, *extras) if extras else out
 
   return run

@@ -130,7 +130,7 @@ def _decode_kernel(
 
 _jit_with_static_options = functools.partial(  # the launch options of both entry points are static
     jax.jit, static_argnames=("sliding_window", "softcap", "scale", "num_splits", "block_k", "num_warps",
-                              "num_stages", "interpret"))
+                              "num_stages", "interpret", "merge"))
 
 
 def supports_append(head_dim: int) -> bool:
@@ -169,6 +169,7 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
+    merge: bool = True,
 ) -> jax.Array:  # [B, N, H]
   """Attention of one query per sequence (at position lengths[b] - 1) over its cache.
 
@@ -177,11 +178,11 @@ def decode_attention(
   num_splits=None picks enough splits to fill the GPU. With `layer`, k and v are a whole stacked cache
   `[L, B, S, K, H]` and the kernel reads that layer in place (a sliced layer would reach it as a copy).
   With `k_scale`/`v_scale`, k and v are int8 / fp8 codes: the dots take the codes, the scales multiply
-  the logits and the probabilities.
+  the logits and the probabilities. `merge=False` returns the splits' `common.Partials` (one launch).
   """
   return _launch(q, k, v, lengths=lengths, layer=layer, k_scale=k_scale, v_scale=v_scale, append=None,
                  sliding_window=sliding_window, softcap=softcap, scale=scale, num_splits=num_splits,
-                 block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                 block_k=block_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret, merge=merge)
 
 
 @_jit_with_static_options
@@ -205,6 +206,7 @@ def decode_attention_append(
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
+    merge: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [B, N, H], k_cache, v_cache
   """One decode token per sequence in one launch (plus the combine): q and k_new rotated (as
   `rope_write`), the rotated key and v_new stored at `[layer, b, positions[b]]` of the stacked caches,
@@ -217,7 +219,8 @@ def decode_attention_append(
   A sequence whose position is outside the cache (padded, finished) attends `lengths` keys of the cache.
   With k_new and v_new None, q holds the query heads, then the new key's, then the value's (one product of
   the three weights packed together, `jaxinfer.packing`): each is read in place, no slices copied out.
-  Donate or drop the caches passed in: the returned ones share their buffers.
+  Donate or drop the caches passed in: the returned ones share their buffers. `merge=False` returns the
+  splits' `common.Partials` instead of out (one launch; their consumer merges them, e.g. inside its own).
   """
   if k_cache.ndim != 5:
     raise ValueError(f"k_cache must be a stacked cache [L, B, S, K, H], got shape {k_cache.shape}")
@@ -236,11 +239,11 @@ def decode_attention_append(
                  append=(positions.astype(jnp.int32), cos, sin, k_new, v_new), packed=packed,
                  sliding_window=sliding_window,
                  softcap=softcap, scale=scale, num_splits=num_splits, block_k=block_k, num_warps=num_warps,
-                 num_stages=num_stages, interpret=interpret)
+                 num_stages=num_stages, interpret=interpret, merge=merge)
 
 
 def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window, softcap, scale, num_splits,
-            block_k, num_warps, num_stages, interpret, packed=False):
+            block_k, num_warps, num_stages, interpret, packed=False, merge=True):
   """Checks, tiling and the pallas_call shared by `decode_attention` and `decode_attention_append` (`packed`:
   q is [B, N + 2K, H] and holds the new keys and values too)."""
   qkv = q
@@ -315,7 +318,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
       batch=batch, num_kv_heads=num_kv_heads, num_splits=num_splits, group=group,
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
       num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention",
-      extra_outputs=extra_outputs, input_output_aliases=aliases)
+      extra_outputs=extra_outputs, input_output_aliases=aliases, merge=merge)
   return run(lengths.astype(jnp.int32), q_arg, *args)
 
 

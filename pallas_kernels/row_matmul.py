@@ -55,7 +55,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import code_decode
-from pallas_kernels.common import dequantize_codes, is_pow2
+from pallas_kernels.common import M_INIT, Partials, dequantize_codes, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
@@ -75,6 +75,8 @@ _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two)
 DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
 _PREPARE_WARPS = 1
+MERGE_IN_PREPARATION = True  # x given as attention partials: merged by x's preparation where it makes one
+_PREPARE_PARTIALS_WARPS = 4  # x's preparation merging attention partials (a head's splits: [S, g] float32 a program)
 _X_BYTES = 2  # bytes of x's fixed point: 2 (below 2^15 in magnitude, the high byte signed) or 3 (below 2^20, the high
 # byte in [-16, 16]). Two are a third fewer x words to load and dp4a to issue, at x rounded to 2^-15 of its group's
 # largest |value| instead of 2^-20 (products within 1e-4 of float64, 1e-3 beside a 300x outlier; bf16 outputs round
@@ -290,11 +292,9 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
 
 
-def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
-  """x (normalised as the unfused model does, the norm over the whole row) over `groups` as a 15- or 20-bit
-  fixed-point integer: per half, per byte (high first; `_X_BYTES` of them) [1, groups, g/32, 4] int32 words of four
-  x bytes; x's integer sum per group [1, groups] (the zero point's and offsets' term); and 1 / the scale (a power
-  of two)."""
+def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps):
+  """x's two halves of `groups` as [1, groups, g/32, 4, 4] float32, normalised as the unfused model does (the norm
+  over the whole row)."""
   f32 = jnp.float32
   dt = x_ref.dtype
 
@@ -309,7 +309,14 @@ def _x_fixed_point(x_ref, norm_ref, layer, groups, *, norm, eps):
   if norm:
     ss = sum(jnp.sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2) for h in range(2))
     inv_rms = lax.rsqrt(ss / x_ref.size + eps)
-  xs = [half(h) for h in range(2)]
+  return [half(h) for h in range(2)]
+
+
+def _x_fixed_point(xs):
+  """x's halves `xs` (`_x_halves`) as a 15- or 20-bit fixed-point integer: per half, per byte (high first;
+  `_X_BYTES` of them) [1, groups, g/32, 4] int32 words of four x bytes; x's integer sum per group [1, groups] (the
+  zero point's and offsets' term); and 1 / the scale (a power of two)."""
+  f32 = jnp.float32
   amax = jnp.maximum(jnp.max(jnp.abs(xs[0])), jnp.max(jnp.abs(xs[1])))
   # scale = 2^(bits - 1 - e) for amax in [2^e, 2^(e + 1)), so |x| * scale < 2^bits (exponent bits: no log)
   n_bytes = _X_BYTES
@@ -337,22 +344,49 @@ def _groups(split, splits: int, n_groups: int):
   return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
 
-def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
-  """x's fixed point (`_x_fixed_point`) into words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`) and terms
-  [2, G] (x's integer group sums, 1 / scale), read by every program of the product (`prepared`). Each program takes
-  `n_groups` groups with a scale of their own (the norm's statistic over the whole row): short programs with
-  no cross-warp reductions at one warp, and a finer scale than one per row."""
-  refs = list(refs)
-  norm_ref = refs.pop(0) if norm else None
-  words_ref, terms_ref = refs
-  programs = x_ref.shape[1] // n_groups
-  groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
-  words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
+def _store_prepared(words_ref, terms_ref, groups, words, v_sum, inv):
+  """One program's share of the preparation's outputs: words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`)
+  and terms [2, G] (x's integer group sums, 1 / scale) at `groups`."""
   for h in range(2):
     for b, word in enumerate(words[h]):
       words_ref[pl.ds(len(words[h]) * h + b, 1), groups, :, :] = word
   terms_ref[pl.ds(0, 1), groups] = v_sum
   terms_ref[pl.ds(1, 1), groups] = jnp.broadcast_to(inv, v_sum.shape)
+
+
+def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
+  """x's fixed point (`_x_fixed_point`) into words and terms (`_store_prepared`), read by every program of the
+  product (`prepared`). Each program takes `n_groups` groups with a scale of their own (the norm's statistic over
+  the whole row): short programs with no cross-warp reductions at one warp, and a finer scale than one per row."""
+  refs = list(refs)
+  norm_ref = refs.pop(0) if norm else None
+  words_ref, terms_ref = refs
+  programs = x_ref.shape[1] // n_groups
+  groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
+  xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
+  _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs))
+
+
+def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype):
+  """`_prepare_kernel` for x given as a split-K attention's partials, one group = one query head a program: the
+  head's splits merged as `combine_splits` merges them (rounded to `dtype`), then the fixed point. o [K, S, G, 2,
+  g/32, 4, 4], m and l [K, S, G] (one row's): saves the merge's own launch (decode attention's second)."""
+  f32 = jnp.float32
+  _, splits, group = m_ref.shape
+  head = pl.program_id(0)
+  kv, r = head // group, head % group
+  padded = next_pow2(splits)
+  ok = jnp.arange(padded) < splits
+  span = pl.ds(0, padded)
+  m = pltriton.load(m_ref.at[kv, span, r], mask=ok, other=M_INIT)
+  w = jnp.exp2(m - jnp.max(m))  # empty splits (m == M_INIT, l == 0) weigh nothing
+  l_sum = jnp.sum(pltriton.load(l_ref.at[kv, span, r], mask=ok, other=0.0) * w)
+  xs = []
+  for h in range(2):
+    o = pltriton.load(o_ref.at[kv, span, r, jnp.int32(h)], mask=ok[:, None, None, None], other=0.0)  # [S, g/32, 4, 4]
+    x = jnp.sum(o * w[:, None, None, None], axis=0) / jnp.where(l_sum > 0, l_sum, 1.0)  # no key -> zeros
+    xs.append(x.astype(dtype).astype(f32)[None, None])
+  _store_prepared(words_ref, terms_ref, pl.ds(head, 1), *_x_fixed_point(xs))
 
 
 def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
@@ -365,7 +399,7 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
   n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // splits
   groups = _groups(split, splits, n_groups)
   if terms_ref is None:
-    words, v_sum, inv = _x_fixed_point(x_ref, norm_ref, layer, groups, norm=norm, eps=eps)
+    words, v_sum, inv = _x_fixed_point(_x_halves(x_ref, norm_ref, layer, groups, norm=norm, eps=eps))
   else:
     n_bytes = x_ref.shape[0] // 2
     words = [[x_ref[pl.ds(n_bytes * h + b, 1), groups, :, :] for b in range(n_bytes)] for h in range(2)]
@@ -459,7 +493,7 @@ def _check_part(K, dt, fmt, group, values, scales, offsets, layers):
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "eps", "epilogue", "out_dtype", "block_n",
                                              "block_k", "num_warps", "num_stages", "interpret"))
 def row_matmuls(
-    x: jax.Array,  # [1, K] bf16 / f16 / f32
+    x: jax.Array | Partials,  # [1, K] bf16 / f16 / f32, or a split-K attention's partials of one row (K = N * H)
     weights: tuple,  # per part (values, scales, offsets) as in the module docstring, each with a leading layer axis or not
     layer: jax.Array | int | None = None,  # which layer of stacked weights (int32 scalar)
     *,
@@ -477,7 +511,14 @@ def row_matmuls(
     interpret: bool | None = None,
 ) -> tuple:  # per part [1, N_i] (swiglu: one [1, N])
   """x @ dequantize(W_i[layer]).T for one row x and weights stored [N_i, K], with the fused prologue and
-  epilogue."""
+  epilogue. x given as `Partials` (a decode attention's output before its splits are merged): where x's fixed
+  point is prepared by its own launch (int4, dp4a) from groups of one head each, that launch merges them
+  (`_prepare_partials_kernel`: one launch fewer); otherwise they are merged first (`combine_splits`)."""
+  partials = x if isinstance(x, Partials) else None
+  if partials is not None:
+    if partials.o.shape[0] != 1:
+      raise ValueError(f"row_matmuls takes the partials of one row, got a batch of {partials.o.shape[0]}")
+    x = jax.ShapeDtypeStruct((1, partials.shape[1] * partials.shape[2]), partials.dtype)
   if x.ndim != 2 or x.shape[0] != 1:
     raise ValueError(f"row_matmuls takes one row x [1, K], got shape {x.shape}")
   if fmt not in FORMATS:
@@ -526,11 +567,30 @@ def row_matmuls(
   # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-  x = x.reshape(x_shape)
-  norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
   prepared = dp4a and DP4A_PREPARED_X
+  merge_in_preparation = (MERGE_IN_PREPARATION and partials is not None and prepared and norm_weight is None
+                          and group_size == partials.o.shape[-1])
+  if partials is not None and not merge_in_preparation:
+    x = partials.merge(interpret=interpret).reshape(1, K)
+  x = None if merge_in_preparation else x.reshape(x_shape)
+  norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
   arrays = []
-  if prepared:  # x's fixed point made once per call, by its own launch
+  if merge_in_preparation:  # x's fixed point made from the partials, merged in the same launch
+    G = K // group_size
+    _, kv_heads, n_splits, group, _ = partials.o.shape
+    x, terms = pl.pallas_call(
+        functools.partial(_prepare_partials_kernel, dtype=partials.dtype),
+        grid=(G,),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=[pl.no_block_spec] * 2,
+        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
+                   jax.ShapeDtypeStruct((2, G), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_PARTIALS_WARPS, num_stages=1),
+        interpret=interpret,
+        name="row_matmul_int4_prepare_x_merge",
+    )(partials.o.reshape(kv_heads, n_splits, group, 2, group_size // 32, 4, 4), partials.m[0], partials.l[0])
+    arrays.append(terms)
+  elif prepared:  # x's fixed point made once per call, by its own launch
     G = K // group_size
     n_groups = _pow2_divisor(G, _PREPARE_GROUPS)
     x, terms = pl.pallas_call(

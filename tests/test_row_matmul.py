@@ -19,6 +19,7 @@ from jaxinfer import quant as Q
 from jaxinfer.bench import switched
 from jaxinfer.quant.qarray import dequantize, quantize_array
 from kernel_tools import cuda_lowering, pallas_call_names, rel_err
+from pallas_kernels.common import Partials
 from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
 
 F64 = np.float64
@@ -200,6 +201,41 @@ def test_int4_split_k(K, group, block_k, epilogue, zero_point):
         assert rel_err(out, w) < _tol("int4") and rel_err(out, f) < _tol("int4")
 
 
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.gpu)], ids=["interpret", "native"])
+@pytest.mark.parametrize("group,merged_in_preparation", [(64, True), (32, False)], ids=["group-is-head", "group-32"])
+def test_int4_takes_decode_attention_partials(group, merged_in_preparation, interpret):
+    """x given as a decode attention's partials (`merge=False`: its key splits not merged, empty splits among them)
+    gives what the merged x gives (bit for bit in interpret mode): with groups of one head, x's preparation merges them in its launch
+    (`row_matmul_int4_prepare_x_merge`, no `combine_splits`); with smaller groups they are merged first. Against
+    float64 of the float64 attention, and a sequence of length 0 gives zero attention (the offsets' term only)."""
+    from pallas_kernels import decode_attention, decode_attention_reference
+
+    rng = np.random.default_rng(group)
+    N, KV, H, S, width = 4, 2, 64, 96, 48
+    q = jnp.asarray(rng.standard_normal((1, N, H)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, S, KV, H)), jnp.bfloat16) for _ in range(2))
+    (w,), (w64,) = zip(_quantized(rng.standard_normal((2, width, N * H)).astype(np.float32), "int4", group, True))
+    res = jnp.asarray(rng.standard_normal((1, width)), jnp.bfloat16)
+    call = functools.partial(row_matmuls, weights=(w,), layer=jnp.int32(1), fmt="int4", group_size=group,
+                             epilogue="residual", residual=res, interpret=interpret)
+    for length in (70, 0):
+        lengths = jnp.asarray([length], jnp.int32)
+        partials = decode_attention(q, k, v, lengths=lengths, num_splits=5, block_k=16, interpret=interpret,
+                                    merge=False)
+        merged = partials.merge(interpret=interpret)
+        (got,) = call(partials)
+        (want,) = call(merged.reshape(1, N * H))
+        if interpret:
+            np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        else:  # the two merges' sums over the splits may round apart by an ulp of float32 (then of bf16)
+            assert rel_err(got, want) < 2e-3
+        x64 = np.asarray(decode_attention_reference(q, k, v, lengths=lengths), F64).reshape(1, N * H)
+        assert rel_err(got, np.asarray(res, F64) + x64 @ w64[1].T) < 1e-2  # x rounded to bf16 twice on the way
+        names = pallas_call_names(jax.make_jaxpr(call)(partials).jaxpr)
+        assert ("row_matmul_int4_prepare_x_merge" in names) == merged_in_preparation, names
+        assert names.count("combine_splits") == (0 if merged_in_preparation else 1), names
+
+
 def test_bad_inputs_are_named():
     x = jnp.ones((1, 64), jnp.float32)
     w = jnp.ones((2, 16, 64), jnp.float32)
@@ -243,6 +279,9 @@ def test_lowers_to_triton_for_the_model_shapes():
         cases.append(((sds((1, 4096), bf16), (w, w)), ("swiglu", fmt, group), dict(norm_weight=sds((4, 4096), bf16))))
     down4 = (sds((4, 4096, 7168), jnp.uint8), sds((4, 4096, 112), f16), None)  # K split across programs
     cases.append(((sds((1, 14336), bf16), (down4,)), ("residual", "int4", 128), dict(residual=sds((1, 4096), bf16))))
+    o4 = (sds((4, 4096, 2048), jnp.uint8), sds((4, 4096, 32), f16), None)  # x: decode attention's partials
+    attention = Partials(sds((1, 8, 33, 4, 128), f32), sds((1, 8, 33, 4), f32), sds((1, 8, 33, 4), f32), bf16)
+    cases.append(((attention, (o4,)), ("residual", "int4", 128), dict(residual=sds((1, 4096), bf16))))
     for args, epilogue, kwargs in cases:
         epilogue, fmt, group = epilogue if isinstance(epilogue, tuple) else (epilogue, "plain", None)
         fn = functools.partial(row_matmuls, interpret=False, epilogue=epilogue, fmt=fmt, group_size=group)
@@ -283,6 +322,36 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     got, want = np.asarray(got, F64), np.asarray(want, F64)
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max(), np.abs(got - want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_model_merges_attention_splits_in_the_output_products_preparation(monkeypatch):
+    """int4 groups of one head (head dim 32, groups of 32), decode on the GPU's kernels (interpret mode): the decode
+    attention launch leaves its splits unmerged and the attention output product's preparation of x merges them
+    (no `combine_splits` launch); logits equal the XLA path's within bf16 rounding, and the same as with the
+    merge's own launch (`MERGE_IN_PREPARATION = False`) bit for bit."""
+    from pallas_kernels import row_matmul as rm
+
+    params = Q.quantize(ji.contract_last(ji.init_params(CONFIG, jax.random.key(6, impl="rbg"), jnp.bfloat16)),
+                        Q.Recipe("int4", CONFIG.head_dim, zero_point=True))
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, (1, 6)))
+    cache = ji.init_cache(CONFIG, 1, 16, jnp.bfloat16)
+    _, cache = ji.forward(params, cache, tokens[:, :-1], config=CONFIG)
+    want, _ = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(params, cache, tokens[:, -1:])
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ROW_FORMATS", ("int4",))
+    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
+    got = {}
+    for merge_in_preparation in (True, False):
+        with switched(rm, {"MERGE_IN_PREPARATION": merge_in_preparation}):
+            names = pallas_call_names(jax.make_jaxpr(step)(params, cache, tokens[:, -1:]).jaxpr)
+            assert names.count("decode_attention") == 1, names  # (the scan's body: once for every layer)
+            merges = names.count("row_matmul_int4_prepare_x_merge"), names.count("combine_splits")
+            assert merges == ((1, 0) if merge_in_preparation else (0, 1)), names
+            got[merge_in_preparation] = np.asarray(jax.jit(step)(params, cache, tokens[:, -1:])[0], F64)
+    np.testing.assert_array_equal(got[True], got[False])
+    want = np.asarray(want, F64)
+    assert np.abs(got[True] - want).max() < 0.02 * np.abs(want).max(), np.abs(got[True] - want).max()
+    assert (got[True].argmax(-1) == want.argmax(-1)).all()
 
 
 @pytest.mark.gpu
