@@ -131,7 +131,9 @@ VARIANTS = {
             {"DP4A_SPLIT_K": False}),
            ("x20", "x's fixed point in three bytes (20 bits) instead of two", {"_X_BYTES": 3}),
            ("merge_first", "decode attention's splits merged by `combine_splits` before o's preparation",
-            {"MERGE_IN_PREPARATION": False}))},
+            {"MERGE_IN_PREPARATION": False}),
+           *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
+              {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
