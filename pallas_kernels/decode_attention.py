@@ -9,7 +9,8 @@ program reads a contiguous share of one sequence's valid key blocks for one kv h
 heads of that kv head as rows of one tile (padded to 16 rows for the Triton dot), so each K/V byte is
 read once and batch 1 still fills the GPU. Blocks at or beyond the sequence's length are never read.
 K/V are read in place through strided views: no transposed copies. Each split writes an unnormalised
-partial (acc, m, l); a second small kernel (`common.combine_splits`) merges the splits.
+partial (acc, m, l); a second small kernel (`common.combine_splits`) merges the splits, or (`merge=False`) the
+partials are returned for their consumer to merge (`row_matmul`'s int4 preparation of x does, in its own launch).
 
 `decode_attention_append` is the same launch for a model's decode step: it also rotates q and the new
 key and writes the new key and value into the stacked cache, the work of `rope_write`'s launch.

@@ -35,7 +35,9 @@ three), and a 32-bit word's four low (or high) nibbles meet four x bytes in one 
 exactly in int32); all rows of a program form one tile, so each byte's sums are reduced once. Fewer instructions
 and registers than the float path; the only rounding is x's, to 15 bits of its group's largest |value|
 (pallas_kernels/NOTES.md, sessions 17-19). x's fixed point is made once per call by short one-warp programs of
-its own (`DP4A_PREPARED_X`; made in every program it cost more than the launch). A K longer than one step
+its own (`DP4A_PREPARED_X`; made in every program it cost more than the launch); when x is a decode attention's
+output whose key splits are not merged yet (`common.Partials`) and a group is one head, those programs merge the
+head's splits first (`MERGE_IN_PREPARATION`: the merge's own launch saved). A K longer than one step
 (`down`: 14336 = 7 x 2048) is split across programs (`dp4a_splits`), whose float32 partial products are summed
 and finished (`_finish`: the epilogue, rounded as the unfused model rounds) outside the kernel.
 
