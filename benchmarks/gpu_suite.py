@@ -134,11 +134,6 @@ VARIANTS = {
             {"MERGE_IN_PREPARATION": False}),
            *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
               {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
-    # int8 on the float path (codes decoded to float32) instead of integer dot products.
-    "int8_contract_last_floats": ("int8 weights quantized after `contract_last`, the float path (`row_matmul`: "
-                                  "DP4A_FORMATS int4 only)", dict(quant="int8", weight_layout="contract-last",
-                                                                  profile_batches=()),
-                                  {"pallas_kernels.row_matmul": {"DP4A_FORMATS": ("int4",)}}),
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
