@@ -72,8 +72,6 @@ _WARPS = 4
 _UNROLLED_FORMATS = ("fp8",)  # K loop unrolled (H200 S8-10: fp8 down 19.9 vs 24.2 us; int8 equal, int4 slower)
 _STAGES = 1  # loads that feed no dot are not pipelined: more stages changed nothing (H200 sweep)
 DP4A = True  # int4 in one K step by integer dot products (H200, session 17: int4 batch-1 step 1.037x the float path)
-DP4A_FORMATS = ("int4", "int8")  # formats taking integer dot products (int8: four signed codes a word)
-_X_GROUP = 128  # x's fixed-point groups where the weight has none (int8 per row)
 DP4A_SPLIT_K = True  # int4 over a longer K (or K / g not a power of two) by integer dot products too, K split
 _DP4A_MAX_K = 4096  # K elements one dp4a program takes at most (a power of two); longer K is split across programs
 DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its own (H200, session 18: 1.095x step)
@@ -130,24 +128,14 @@ def plan(k: int, widths, fmt: str = "plain", group: int | None = None, block_n: 
   return bn, chunk, gc
 
 
-def dp4a_group(fmt: str, group: int | None) -> int | None:
-  """Elements of x one fixed-point scale covers on the integer path: the weight's group, or `_X_GROUP` for int8
-  scaled per row; None where the format takes no integer products."""
-  if not DP4A or fmt not in DP4A_FORMATS:
-    return None
-  return group if group is not None else _X_GROUP if fmt == "int8" else None
-
-
 def dp4a_splits(k: int, fmt: str, group: int | None, block_k: int | None = None) -> int | None:
   """How many programs share each row block's K on the integer (dp4a) path, or None when it does not apply:
-  each takes a power-of-two number of whole x groups (`dp4a_group`), at most `block_k` (default `_DP4A_MAX_K`)
-  elements in one step; more than one only with `DP4A_SPLIT_K` (their float32 partials are summed outside the
-  kernel)."""
-  xg = dp4a_group(fmt, group)
-  if xg is None or not is_pow2(xg) or xg < 32 or k % xg:
+  each takes a power-of-two number of whole groups, at most `block_k` (default `_DP4A_MAX_K`) elements in one
+  step; more than one only with `DP4A_SPLIT_K` (their float32 partials are summed outside the kernel)."""
+  if fmt != "int4" or group is None or not DP4A or not is_pow2(group) or group < 32 or k % group:
     return None
-  groups = k // xg
-  splits = groups // _pow2_divisor(groups, max(1, (block_k or _DP4A_MAX_K) // xg))
+  groups = k // group
+  splits = groups // _pow2_divisor(groups, max(1, (block_k or _DP4A_MAX_K) // group))
   return splits if splits == 1 or DP4A_SPLIT_K else None
 
 
@@ -184,9 +172,9 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
   if dp4a:
     split = pl.program_id(1) if splits > 1 else 0
-    _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, fmt=fmt, grouped=grouped, parts=parts,
-                 norm=norm, eps=eps, epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype,
-                 native=native, terms_ref=terms_ref)
+    _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
+                 epilogue=epilogue, block_n=block_n, splits=splits, product_dtype=product_dtype, native=native,
+                 terms_ref=terms_ref)
     return
   chunks, sub, width = x_ref.shape
   n_steps = chunks // gc
@@ -403,13 +391,12 @@ def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype
   _store_prepared(words_ref, terms_ref, pl.ds(head, 1), *_x_fixed_point(xs))
 
 
-def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, fmt, grouped, parts, norm, eps,
-                 epilogue, block_n, splits, product_dtype, native, terms_ref=None):
-  """int4 / int8 by integer dot products (module docstring): x's fixed point made once per program (or, with
-  `terms_ref`, read from `_prepare_kernel`'s words in `x_ref`), then per part all `block_n` rows as one tile of
-  code words, [block_n, groups, g/32, 4] (int4: a word's low nibbles meet x's first half, its high ones the second)
-  or [block_n, groups, 2, g/32, 4] (int8: four signed codes a word, half by half). With `splits` > 1 the program
-  takes the `split`-th of `splits` equal runs of groups and writes float32 partial products (`_write_partials`)."""
+def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
+                 splits, product_dtype, native, terms_ref=None):
+  """int4 by integer dot products (module docstring): x's fixed point made once per program (or, with `terms_ref`,
+  read from `_prepare_kernel`'s words in `x_ref`), then per part all `block_n` rows as one
+  [block_n, groups, g/32, 4] tile of code words. With `splits` > 1 the program takes the `split`-th of `splits`
+  equal runs of groups and writes float32 partial products (`_write_partials`)."""
   f32 = jnp.float32
   n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // splits
   groups = _groups(split, splits, n_groups)
@@ -425,25 +412,21 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, f
     rows = pl.ds(row0, block_n)
     outs = []
     for v_ref, s_ref, m_ref in w_list:
-      if fmt == "int4":
-        w = v_ref[layer, rows, groups, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
-        halves = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
-      else:  # int8: byte i of word k of half h: element h g/2 + 4k + i
-        halves = tuple(v_ref[layer, rows, groups, h, :, :] for h in range(2))
-      shape = halves[0].shape
+      w = v_ref[layer, rows, groups, :, :]  # byte i of word k of a group: elements 4k + i (low), g/2 + 4k + i (high)
+      nibbles = (w & 0x0F0F0F0F, lax.shift_right_logical(w, 4) & 0x0F0F0F0F)
       sums = []
       for b in range(len(words[0])):
-        acc = jnp.zeros(shape, jnp.int32)
+        acc = jnp.zeros(w.shape, jnp.int32)
         for h in range(2):
-          acc = code_decode.dp4a(halves[h], jnp.broadcast_to(words[h][b], shape), acc, a_signed=fmt == "int8",
+          acc = code_decode.dp4a(nibbles[h], jnp.broadcast_to(words[h][b], w.shape), acc, a_signed=False,
                                  b_signed=b == 0, native=native)
         sums.append(jnp.sum(jnp.sum(acc, axis=3), axis=2).astype(f32))  # [block_n, groups]
       t = sums[0]
       for byte_sum in sums[1:]:
         t = t * 256.0 + byte_sum  # the high byte's sum first: sum over the group of code * x * scale
-      if fmt == "int4" and m_ref is None:
+      if m_ref is None:
         t = t - 8.0 * v_sum
-      t = t * (s_ref[layer, rows, groups] if grouped else s_ref[layer, rows, :]).astype(f32)  # per row: [block_n, 1]
+      t = t * s_ref[layer, rows, groups].astype(f32)
       if m_ref is not None:
         t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
       outs.append(jnp.sum(t * inv, axis=1))
@@ -533,11 +516,11 @@ def row_matmuls(
   epilogue. x given as `Partials` (a decode attention's output before its splits are merged): where x's fixed
   point is prepared by its own launch (int4, dp4a) from groups of one head each, that launch merges them
   (`_prepare_partials_kernel`: one launch fewer); otherwise they are merged first (`combine_splits`)."""
-  unmerged = x if isinstance(x, Partials) else None
-  if unmerged is not None:
-    if unmerged.o.shape[0] != 1:
-      raise ValueError(f"row_matmuls takes the partials of one row, got a batch of {unmerged.o.shape[0]}")
-    x = jax.ShapeDtypeStruct((1, unmerged.shape[1] * unmerged.shape[2]), unmerged.dtype)
+  partials = x if isinstance(x, Partials) else None
+  if partials is not None:
+    if partials.o.shape[0] != 1:
+      raise ValueError(f"row_matmuls takes the partials of one row, got a batch of {partials.o.shape[0]}")
+    x = jax.ShapeDtypeStruct((1, partials.shape[1] * partials.shape[2]), partials.dtype)
   if x.ndim != 2 or x.shape[0] != 1:
     raise ValueError(f"row_matmuls takes one row x [1, K], got shape {x.shape}")
   if fmt not in FORMATS:
@@ -583,59 +566,54 @@ def row_matmuls(
   splits = dp4a_splits(K, fmt, group_size, block_k)
   dp4a = splits is not None
   splits = splits or 1
-  xg = dp4a_group(fmt, group_size)  # dp4a: x's fixed-point groups
-  # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight nibbles (int4) or
-  # four codes (int8), a bitcast
-  x_shape = (1, K // xg, 2, xg // 32, 4, 4) if dp4a else (chunks, sub, width)
+  # dp4a: x and the norm weight as (group, half, word, byte), the codes as int32 words of eight (a bitcast)
+  x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   prepared = dp4a and DP4A_PREPARED_X
-  merge_in_preparation = (MERGE_IN_PREPARATION and unmerged is not None and prepared and norm_weight is None
-                          and xg == unmerged.o.shape[-1])
-  if unmerged is not None and not merge_in_preparation:
-    x = unmerged.merge(interpret=interpret).reshape(1, K)
+  merge_in_preparation = (MERGE_IN_PREPARATION and partials is not None and prepared and norm_weight is None
+                          and group_size == partials.o.shape[-1])
+  if partials is not None and not merge_in_preparation:
+    x = partials.merge(interpret=interpret).reshape(1, K)
   x = None if merge_in_preparation else x.reshape(x_shape)
   norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
   arrays = []
   if merge_in_preparation:  # x's fixed point made from the partials, merged in the same launch
-    G = K // xg
-    _, kv_heads, n_splits, group, _ = unmerged.o.shape
+    G = K // group_size
+    _, kv_heads, n_splits, group, _ = partials.o.shape
     x, terms = pl.pallas_call(
-        functools.partial(_prepare_partials_kernel, dtype=unmerged.dtype),
+        functools.partial(_prepare_partials_kernel, dtype=partials.dtype),
         grid=(G,),
         in_specs=[pl.no_block_spec] * 3,
         out_specs=[pl.no_block_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, xg // 32, 4), jnp.int32),
+        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
                    jax.ShapeDtypeStruct((2, G), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_PARTIALS_WARPS, num_stages=1),
         interpret=interpret,
-        name=f"row_matmul_{fmt}_prepare_x_merge",
-    )(unmerged.o.reshape(kv_heads, n_splits, group, 2, xg // 32, 4, 4), unmerged.m[0], unmerged.l[0])
+        name="row_matmul_int4_prepare_x_merge",
+    )(partials.o.reshape(kv_heads, n_splits, group, 2, group_size // 32, 4, 4), partials.m[0], partials.l[0])
     arrays.append(terms)
   elif prepared:  # x's fixed point made once per call, by its own launch
-    G = K // xg
+    G = K // group_size
     n_groups = _pow2_divisor(G, _PREPARE_GROUPS)
     x, terms = pl.pallas_call(
         functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups),
         grid=(G // n_groups,),
         in_specs=[pl.no_block_spec] * (2 + (norm_weight is not None)),
         out_specs=[pl.no_block_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, xg // 32, 4), jnp.int32),
+        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
                    jax.ShapeDtypeStruct((2, G), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_WARPS, num_stages=1),
         interpret=interpret,
-        name=f"row_matmul_{fmt}_prepare_x" + ("_norm" if norm_weight is not None else ""),
+        name="row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""),
     )(layer, x, *([] if norm_weight is None else [norm_weight]))
     arrays.append(terms)
   elif norm_weight is not None:
     arrays.append(norm_weight)
   for v, s, m in checked:
     L, N = v.shape[:2]
-    if dp4a and fmt == "int4":  # a group's word k: elements 4k..4k+3 (low nibbles) and g/2 + 4k.. (high)
+    if dp4a:
       words = lax.bitcast_convert_type(v.reshape(L, N, K // 8, 4), jnp.int32)
-      arrays.append(words.reshape(L, N, K // xg, xg // 32, 4))
-    elif dp4a:  # int8: a group's half h, word k: elements h g/2 + 4k..4k+3, as x's words are laid out
-      words = lax.bitcast_convert_type(v.reshape(L, N, K // 4, 4), jnp.int32)
-      arrays.append(words.reshape(L, N, K // xg, 2, xg // 32, 4))
+      arrays.append(words.reshape(L, N, K // group_size, group_size // 32, 4))
     else:
       arrays.append(v.reshape(L, N, chunks, width))
     arrays += [a for a in (s, m) if a is not None]

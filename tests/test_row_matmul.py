@@ -76,11 +76,10 @@ X_BYTES_TOLERANCES = {3: (1e-5, 1e-4), 2: (1e-4, 1e-3)}
 
 
 def _tol(fmt):
-    """Relative error against float64 of a product in `fmt` (integer dot products: x's fixed point at the kernel's
-    default bytes)."""
+    """Relative error against float64 of a product in `fmt` (int4: x's fixed point at the kernel's default bytes)."""
     from pallas_kernels import row_matmul as rm
 
-    return X_BYTES_TOLERANCES[rm._X_BYTES][0] if rm.DP4A and fmt in rm.DP4A_FORMATS else 1e-5
+    return X_BYTES_TOLERANCES[rm._X_BYTES][0] if fmt == "int4" else 1e-5
 
 
 def _quantized(w, fmt, group, zero_point):
@@ -162,41 +161,6 @@ def test_int4_integer_dot_products(group, zero_point, norm, prepared, x_bytes):
             x[0, 3] = bad
             for out in call(jnp.asarray(x)):
                 assert np.isnan(np.asarray(out)).all()
-
-
-@pytest.mark.parametrize("x_bytes", [3, 2], ids=["x-20-bits", "x-15-bits"])
-@pytest.mark.parametrize("group,norm,K", [(None, True, 512), (32, False, 512), (None, False, 384)],
-                         ids=["per-row-norm", "g32", "per-row-K-split"])
-def test_int8_integer_dot_products(group, norm, K, x_bytes):
-    """int8 takes integer dot products too (four signed codes a word against x's fixed-point bytes; x's groups of
-    `_X_GROUP` where the scales are per row; K = 384 split across three programs): against the float64 product
-    with the dequantized weights (also beside a 300x outlier) within `X_BYTES_TOLERANCES`, the same as the float
-    path, zeros for a zero x and NaN for a NaN x."""
-    from pallas_kernels import row_matmul as rm
-
-    rng = np.random.default_rng(K + (group or 0))
-    L, widths = 2, (32, 16)
-    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
-    parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), "int8", group, False) for n in widths]
-    call = functools.partial(row_matmuls, weights=tuple(p[0] for p in parts), layer=jnp.int32(1), fmt="int8",
-                             group_size=group, norm_weight=jnp.asarray(g) if norm else None, eps=1e-5, interpret=True)
-    assert rm.dp4a_splits(K, "int8", group) == (3 if K == 384 else 1)
-    with switched(rm, {"_X_BYTES": x_bytes}):
-        x = rng.standard_normal((1, K)).astype(np.float32)
-        for outlier, tol in zip((None, 300.0), X_BYTES_TOLERANCES[x_bytes]):
-            if outlier:
-                x[0, 7] = outlier
-            xin = _norm64(x, g[1], 1e-5) if norm else x.astype(F64)
-            outs = call(jnp.asarray(x))
-            with switched(rm, {"DP4A_FORMATS": ("int4",)}):
-                floats = call(jnp.asarray(x))
-            for out, f, (_, w64) in zip(outs, floats, parts):
-                assert rel_err(out, xin @ w64[1].T) < tol and rel_err(out, f) < tol
-        for out in call(jnp.zeros((1, K), jnp.float32)):
-            assert not np.asarray(out).any()
-        x[0, 3] = np.nan
-        for out in call(jnp.asarray(x)):
-            assert np.isnan(np.asarray(out)).all()
 
 
 @pytest.mark.parametrize("K,group,block_k,epilogue,zero_point", [(448, 32, None, "residual", False),
@@ -333,8 +297,6 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     path on (interpret mode standing in for the GPU) every layer runs three fused calls (norm + q/k/v, norm
     + SwiGLU, and o and down with their residual adds), the output head one more, and the logits equal
     the unfused XLA path's within bf16 rounding."""
-    from pallas_kernels import row_matmul as rm
-
     params = ji.contract_last(ji.init_params(CONFIG, jax.random.key(5, impl="rbg"), jnp.bfloat16))
     fmt = "plain"
     if recipe is not None:
@@ -349,17 +311,13 @@ def test_model_runs_the_fused_layers(monkeypatch, recipe):
     jaxpr = jax.make_jaxpr(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     names = [n for n in pallas_call_names(jaxpr.jaxpr) if n.startswith("row_matmul")]
     kernels = [n for n in names if "prepare_x" not in n]
-    products = [("none_norm", CONFIG.dim), ("residual", CONFIG.num_heads * CONFIG.head_dim),
-                ("swiglu_norm", CONFIG.dim), ("residual", CONFIG.ffn_dim), ("none", CONFIG.dim)]  # the head last
-    assert kernels == [f"row_matmul_{fmt}_{k}" for k, _ in products], kernels
-    want_names = []  # integer products (int4; int8 where K holds whole x groups): x's fixed point made first
-    group = Q.get_recipe(recipe).group_size if recipe is not None else None
-    for k, K in products:
-        if rm.dp4a_splits(K, fmt, group) is not None:
-            want_names.append(f"row_matmul_{fmt}_prepare_x{'_norm' if k.endswith('_norm') else ''}")
-        want_names.append(f"row_matmul_{fmt}_{k}")
-    assert names == want_names, names
-    assert fmt not in ("int4", "int8") or len(names) > len(kernels)  # (int8 here: o and down, K = 128)
+    layer = [f"row_matmul_{fmt}_{k}" for k in ("none_norm", "residual", "swiglu_norm", "residual")]
+    assert kernels == layer + [f"row_matmul_{fmt}_none"], kernels  # the output head last
+    if fmt == "int4":  # integer products: x's fixed point made by a launch of its own before each
+        preps = [f"row_matmul_int4_prepare_x{'_norm' if k.endswith('_norm') else ''}" for k in kernels]
+        assert names == [n for pair in zip(preps, kernels) for n in pair], names
+    else:
+        assert names == kernels, names
     got, _ = jax.jit(functools.partial(ji.forward, config=CONFIG))(params, cache, tokens[:, -1:])
     got, want = np.asarray(got, F64), np.asarray(want, F64)
     assert np.abs(got - want).max() < 0.02 * np.abs(want).max(), np.abs(got - want).max()
@@ -427,9 +385,8 @@ def test_native_kernel_equals_the_reference(fmt, group, zero_point):
 @pytest.mark.parametrize("epilogue", ["none", "swiglu"])
 def test_native_inline_ptx_decodes_exactly(fmt, group, zero_point, epilogue):
     """The inline-PTX code decoding (`code_decode`) is exact: float32 products equal the float64 product
-    of the dequantized weights to float32 rounding (int4's and int8's integer products with x in three bytes, 20
-    bits: x's rounding is then below float32's for bf16 x; int8's float path too), and they are bit for bit those
-    of the jnp spelling of
+    of the dequantized weights to float32 rounding (int4's integer products with x in three bytes, 20 bits: x's
+    rounding is then below float32's for bf16 x), and they are bit for bit those of the jnp spelling of
     the same decoding (same sums in the same order), for 4 and 8 rows per program and K steps of 256 and
     the whole row."""
     from pallas_kernels import code_decode
@@ -452,15 +409,10 @@ def test_native_inline_ptx_decodes_exactly(fmt, group, zero_point, epilogue):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
             return got
 
-        def exact(got):
-            if epilogue == "none":
-                for out, (_, w64) in zip(got, parts):
-                    assert rel_err(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
-
         with switched(rm, {"_X_BYTES": 3}):
-            exact(native_equals_jnp())
-        if fmt in rm.DP4A_FORMATS:  # x in two bytes (the default)
+            got = native_equals_jnp()
+        if epilogue == "none":
+            for out, (_, w64) in zip(got, parts):
+                assert rel_err(out, np.asarray(x, F64) @ w64[1].T) < 1e-6
+        if fmt == "int4":  # x in two bytes (the default)
             native_equals_jnp()
-        if fmt == "int8":  # the float path's decoding (where integer products do not apply)
-            with switched(rm, {"DP4A_FORMATS": ("int4",)}):
-                exact(native_equals_jnp())
