@@ -767,8 +767,9 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     lead = xv.shape[:-c]
 
     def run(*, epilogue, out_dtype):
+        row = x.partials if isinstance(x, Unmerged) else xv.reshape(1, spec0.k)  # partials: merged by the kernel
         outs = rm.row_matmuls(
-            x.partials if isinstance(x, Unmerged) else xv.reshape(1, spec0.k), tuple(f[0] for f in flats), index, fmt=kind, group_size=group, norm_weight=norm,
+            row, tuple(f[0] for f in flats), index, fmt=kind, group_size=group, norm_weight=norm,
             eps=x.eps if norm is not None else 1e-6, epilogue=epilogue,
             residual=None if residual is None else residual.reshape(1, -1),
             out_dtype=out_dtype, interpret=jax.default_backend() != "gpu")

@@ -78,7 +78,8 @@ DP4A_PREPARED_X = True  # x's fixed point made once per call by a launch of its 
 _PREPARE_GROUPS = 1  # groups per program of x's preparation (each with its own scale)
 _PREPARE_WARPS = 1
 MERGE_IN_PREPARATION = True  # x given as attention partials: merged by x's preparation where it makes one
-_PREPARE_PARTIALS_WARPS = 1  # x's preparation merging attention partials (H200, S20-4: 2.7 us a launch at 1 warp, 3.0 at 2, 3.6 at 4)
+# x's preparation merging attention partials: warps a program (H200, S20-4: 2.7 us a launch at 1, 3.0 at 2, 3.6 at 4)
+_PREPARE_PARTIALS_WARPS = 1
 _X_BYTES = 2  # bytes of x's fixed point: 2 (below 2^15 in magnitude, the high byte signed) or 3 (below 2^20, the high
 # byte in [-16, 16]). Two are a third fewer x words to load and dp4a to issue, at x rounded to 2^-15 of its group's
 # largest |value| instead of 2^-20 (products within 1e-4 of float64, 1e-3 beside a 300x outlier; bf16 outputs round

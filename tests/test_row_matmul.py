@@ -205,9 +205,10 @@ def test_int4_split_k(K, group, block_k, epilogue, zero_point):
 @pytest.mark.parametrize("group,merged_in_preparation", [(64, True), (32, False)], ids=["group-is-head", "group-32"])
 def test_int4_takes_decode_attention_partials(group, merged_in_preparation, interpret):
     """x given as a decode attention's partials (`merge=False`: its key splits not merged, empty splits among them)
-    gives what the merged x gives (bit for bit in interpret mode): with groups of one head, x's preparation merges them in its launch
-    (`row_matmul_int4_prepare_x_merge`, no `combine_splits`); with smaller groups they are merged first. Against
-    float64 of the float64 attention, and a sequence of length 0 gives zero attention (the offsets' term only)."""
+    gives what the merged x gives (bit for bit in interpret mode): with groups of one head, x's preparation merges
+    them in its launch (`row_matmul_int4_prepare_x_merge`, no `combine_splits`); with smaller groups they are
+    merged first. Against float64 of the float64 attention, and a sequence of length 0 gives zero attention (the
+    offsets' term only)."""
     from pallas_kernels import decode_attention, decode_attention_reference
 
     rng = np.random.default_rng(group)
