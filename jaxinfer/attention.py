@@ -71,8 +71,7 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
         partials, k_cache, v_cache = pk.decode_attention_append(
             *heads, cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
             sliding_window=sliding_window, interpret=jax.default_backend() != "gpu", merge=False)
-        B, _, N, H = q.shape
-        return ops.Unmerged(partials, (B, 1, N, H)), cache.replace(k=k_cache, v=v_cache)
+        return ops.Unmerged(partials), cache.replace(k=k_cache, v=v_cache)
     q, k, v = ops.value(q), ops.value(k), ops.value(v)
     q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)

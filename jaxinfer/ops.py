@@ -150,12 +150,16 @@ class Sliced:
 
 @dataclass(frozen=True)
 class Unmerged:
-    """A decode attention output `shape` ([B, 1, N, H]) whose key splits are not merged yet
+    """A one-token decode attention output `[B, 1, N, H]` whose key splits are not merged yet
     (`pallas_kernels.common.Partials`): the attention output product's row kernel merges them in its own
     preparation of x where it makes one (int4), saving the merge's launch; every other consumer takes `value()`."""
 
     partials: Any
-    shape: tuple
+
+    @property
+    def shape(self):
+        batch, heads, head_dim = self.partials.shape
+        return (batch, 1, heads, head_dim)
 
     @property
     def dtype(self):

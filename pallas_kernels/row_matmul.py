@@ -392,6 +392,22 @@ def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype
   _store_prepared(words_ref, terms_ref, pl.ds(head, 1), *_x_fixed_point(xs))
 
 
+def _preparation_call(kernel, programs: int, n_inputs: int, G: int, group: int, warps: int, name: str, interpret):
+  """The pallas_call of a launch making x's fixed point (`_prepare_kernel`, `_prepare_partials_kernel`): `programs`
+  programs over whole inputs, writing words [2 B, G, g/32, 4] int32 and terms [2, G] float32."""
+  return pl.pallas_call(
+      kernel,
+      grid=(programs,),
+      in_specs=[pl.no_block_spec] * n_inputs,
+      out_specs=[pl.no_block_spec] * 2,
+      out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group // 32, 4), jnp.int32),
+                 jax.ShapeDtypeStruct((2, G), jnp.float32)],
+      compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+      interpret=interpret,
+      name=name,
+  )
+
+
 def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, parts, norm, eps, epilogue, block_n,
                  splits, product_dtype, native, terms_ref=None):
   """int4 by integer dot products (module docstring): x's fixed point made once per program (or, with `terms_ref`,
@@ -517,11 +533,11 @@ def row_matmuls(
   epilogue. x given as `Partials` (a decode attention's output before its splits are merged): where x's fixed
   point is prepared by its own launch (int4, dp4a) from groups of one head each, that launch merges them
   (`_prepare_partials_kernel`: one launch fewer); otherwise they are merged first (`combine_splits`)."""
-  partials = x if isinstance(x, Partials) else None
-  if partials is not None:
-    if partials.o.shape[0] != 1:
-      raise ValueError(f"row_matmuls takes the partials of one row, got a batch of {partials.o.shape[0]}")
-    x = jax.ShapeDtypeStruct((1, partials.shape[1] * partials.shape[2]), partials.dtype)
+  unmerged = x if isinstance(x, Partials) else None
+  if unmerged is not None:
+    if unmerged.o.shape[0] != 1:
+      raise ValueError(f"row_matmuls takes the partials of one row, got a batch of {unmerged.o.shape[0]}")
+    x = jax.ShapeDtypeStruct((1, unmerged.shape[1] * unmerged.shape[2]), unmerged.dtype)
   if x.ndim != 2 or x.shape[0] != 1:
     raise ValueError(f"row_matmuls takes one row x [1, K], got shape {x.shape}")
   if fmt not in FORMATS:
@@ -571,41 +587,27 @@ def row_matmuls(
   x_shape = (1, K // group_size, 2, group_size // 32, 4, 4) if dp4a else (chunks, sub, width)
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   prepared = dp4a and DP4A_PREPARED_X
-  merge_in_preparation = (MERGE_IN_PREPARATION and partials is not None and prepared and norm_weight is None
-                          and group_size == partials.o.shape[-1])
-  if partials is not None and not merge_in_preparation:
-    x = partials.merge(interpret=interpret).reshape(1, K)
+  merge_in_preparation = (MERGE_IN_PREPARATION and unmerged is not None and prepared and norm_weight is None
+                          and group_size == unmerged.o.shape[-1])
+  if unmerged is not None and not merge_in_preparation:
+    x = unmerged.merge(interpret=interpret).reshape(1, K)
   x = None if merge_in_preparation else x.reshape(x_shape)
   norm_weight = None if norm_weight is None else norm_weight.reshape(-1, *x_shape[int(dp4a):])
   arrays = []
+  G = K // group_size if prepared else None
   if merge_in_preparation:  # x's fixed point made from the partials, merged in the same launch
-    G = K // group_size
-    _, kv_heads, n_splits, group, _ = partials.o.shape
-    x, terms = pl.pallas_call(
-        functools.partial(_prepare_partials_kernel, dtype=partials.dtype),
-        grid=(G,),
-        in_specs=[pl.no_block_spec] * 3,
-        out_specs=[pl.no_block_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
-                   jax.ShapeDtypeStruct((2, G), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_PARTIALS_WARPS, num_stages=1),
-        interpret=interpret,
-        name="row_matmul_int4_prepare_x_merge",
-    )(partials.o.reshape(kv_heads, n_splits, group, 2, group_size // 32, 4, 4), partials.m[0], partials.l[0])
+    _, kv_heads, n_splits, group, _ = unmerged.o.shape
+    x, terms = _preparation_call(
+        functools.partial(_prepare_partials_kernel, dtype=unmerged.dtype), G, 3, G, group_size,
+        _PREPARE_PARTIALS_WARPS, "row_matmul_int4_prepare_x_merge", interpret,
+    )(unmerged.o.reshape(kv_heads, n_splits, group, 2, group_size // 32, 4, 4), unmerged.m[0], unmerged.l[0])
     arrays.append(terms)
   elif prepared:  # x's fixed point made once per call, by its own launch
-    G = K // group_size
     n_groups = _pow2_divisor(G, _PREPARE_GROUPS)
-    x, terms = pl.pallas_call(
+    x, terms = _preparation_call(
         functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups),
-        grid=(G // n_groups,),
-        in_specs=[pl.no_block_spec] * (2 + (norm_weight is not None)),
-        out_specs=[pl.no_block_spec] * 2,
-        out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group_size // 32, 4), jnp.int32),
-                   jax.ShapeDtypeStruct((2, G), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=_PREPARE_WARPS, num_stages=1),
-        interpret=interpret,
-        name="row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""),
+        G // n_groups, 2 + (norm_weight is not None), G, group_size, _PREPARE_WARPS,
+        "row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""), interpret,
     )(layer, x, *([] if norm_weight is None else [norm_weight]))
     arrays.append(terms)
   elif norm_weight is not None:
