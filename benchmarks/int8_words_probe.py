@@ -10,6 +10,10 @@ every word against x_j). For each `llama-3-8b` batch-1 product (8 stacked layers
 weight in L2) the profiler's device time per layer: bf16 `ops.gemv`, int8 as a plain conversion, int8 as
 words, and the library's int8 row kernel (`ops.matmul` on a quantized weight). Also checks the words' sums
 against the conversion's. Prints one JSON line per row and a table last. Not used by the library.
+
+Caveat (seen in the first run, BENCHMARKS.md session 21): the scan makes a `memcpy` of each layer's slice where the
+product reads it through a bitcast (the words) or hands it to a kernel, so those rows' totals include the copy and
+their reductions may read the freshly copied slice from L2; compare the reduction fusions' own times.
 """
 from __future__ import annotations
 
