@@ -7,11 +7,12 @@ session 6: the int8 step on XLA 4.750 ms against bf16's 4.468), and the Pallas r
 on gate+up and 0.58 on the small products. Here the codes are viewed as int32 words [N, K/4] (a free bitcast)
 and each word's four signed bytes come out by two shifts, multiplied with x held planar ([4, K/4], byte j of
 every word against x_j). For each `llama-3-8b` batch-1 product (8 stacked layers, so no layer finds its
-weight in L2) the profiler's device time per layer: bf16 `ops.gemv`, int8 as a plain conversion, int8 as
-words, and the library's int8 row kernel (`ops.matmul` on a quantized weight). Also checks the words' sums
+weight in L2) the profiler's device time per layer: bf16 and the int8 codes through `ops.gemv` (the conversion
+inside the fusion), int8 as words, and the library's int8 row kernel (`ops.matmul` on a quantized weight). Also checks the words' sums
 against the conversion's. Prints one JSON line per row and a table last. Not used by the library.
 
-Caveat (seen in the first run, BENCHMARKS.md session 21): the scan makes a `memcpy` of each layer's slice where the
+S21-1 (BENCHMARKS.md session 21) ran an earlier spelling of the int8 conversion: a plain row reduction, without
+`ops.gemv`'s chunks for `down`'s long rows. Caveat (seen in that run): the scan makes a `memcpy` of each layer's slice where the
 product reads it through a bitcast (the words) or hands it to a kernel, so those rows' totals include the copy and
 their reductions may read the freshly copied slice from L2; compare the reduction fusions' own times.
 """
@@ -49,8 +50,9 @@ def words_gemv(codes, x, splits: int = 1):
     return jnp.sum(jax.lax.optimization_barrier(r), axis=1)
 
 
-def convert_gemv(codes, x):
-    return jnp.sum(codes.astype(jnp.float32) * x.astype(jnp.float32), axis=1)
+def xla_gemv(w, x):
+    """The library's XLA row reduction (`ops.gemv`: float32 conversion in the fusion, long rows in chunks)."""
+    return ops.gemv("k,nk->n", x, w)
 
 
 def chain(product, ws, x):
@@ -79,12 +81,12 @@ def main(argv=None) -> int:
         codes = q.values
         x = jax.random.normal(jax.random.key(1), (k,), jnp.bfloat16)
         splits = ops.ROW_SPLITS if k >= ops.ROW_SPLIT_MIN_K else 1
-        want = convert_gemv(codes[0], x)
+        want = xla_gemv(codes[0], x)
         got = words_gemv(codes[0], x, splits)
         err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
         variants = {
-            "bf16_xla": (wf, lambda w, x: ops.gemv("k,nk->n", x, w), n * k * 2),
-            "int8_convert_xla": (codes, convert_gemv, n * k),
+            "bf16_xla": (wf, xla_gemv, n * k * 2),
+            "int8_convert_xla": (codes, xla_gemv, n * k),
             "int8_words_xla": (codes, lambda w, x: words_gemv(w, x, splits), n * k),
             "int8_row_kernel": (q, lambda w, x: ops.matmul("bk,nk->bn", x[None], w)[0], n * k),
         }
