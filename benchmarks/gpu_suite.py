@@ -134,11 +134,6 @@ VARIANTS = {
             {"MERGE_IN_PREPARATION": False}),
            *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
               {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
-    # The decode kernels letting the next launch start while they run (`common.EARLY_LAUNCH`, PDL's trigger).
-    **{f"{q}_contract_last_early_launch": (
-        f"{q} weights quantized after `contract_last`, decode kernels triggering the next launch early "
-        "(`common.EARLY_LAUNCH`)", dict(quant=q, weight_layout="contract-last", profile_batches=()),
-        {"pallas_kernels.common": {"EARLY_LAUNCH": True}}) for q in ("int8", "int4")},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

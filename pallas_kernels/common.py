@@ -39,22 +39,6 @@ MIN_DOT_ROWS = 16  # Triton dots need every dimension >= 16
 # vs 22.5 us; the minimum only binds for short caches (see pallas_kernels/NOTES.md).
 TARGET_PROGRAMS = 264
 MIN_BLOCKS_PER_SPLIT = 1
-# Whether decode kernels let the next launch in the stream start while they run (PDL): see `early_launch`.
-EARLY_LAUNCH = False
-
-
-def early_launch(native: bool):
-  """0 as an int32 scalar, read after a `griddepcontrol.launch_dependents` when `EARLY_LAUNCH` and `native`
-  (else the Python 0): a kernel that adds it to its program id lets the stream's next kernel be scheduled
-  while this one still runs. XLA (jax 0.11, Hopper) launches kernels with programmatic dependent launch and
-  a `griddepcontrol.wait` at their start, so the next kernel reads nothing before this one has finished."""
-  if not (EARLY_LAUNCH and native):
-    return 0
-  v = jnp.zeros((1,), jnp.int32)
-  [t] = pltriton.elementwise_inline_asm("griddepcontrol.launch_dependents;\nmov.b32 $0, $1;", args=[v],
-                                        constraints="=r,r", pack=1,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, v.dtype)])
-  return jnp.sum(t)
 
 
 def next_pow2(x: int) -> int:

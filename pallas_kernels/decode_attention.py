@@ -27,8 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import (
-    MASK_VALUE, MIN_DOT_ROWS, check_decode_args, check_rotary_inputs, default_num_splits, early_launch, init_carry,
-    load_q_tile,
+    MASK_VALUE, MIN_DOT_ROWS, check_decode_args, check_rotary_inputs, default_num_splits, init_carry, load_q_tile,
     next_pow2, online_softmax_fold_key, online_softmax_step, rotate_halves, scale_logits, split_block_range,
     split_k_decode_call, store_partials)
 
@@ -57,14 +56,13 @@ def _decode_kernel(
     stacked: bool,
     quantized: bool,
     append: bool,
-    native: bool = False,
 ):
   f32 = jnp.float32
   if append:
     pos_ref, cos_ref, sin_ref, k_new_ref, v_new_ref, *refs = refs
   if stacked:
     layer_ref, *refs = refs
-    layer, b, h = layer_ref[0], pl.program_id(0) + early_launch(native), pl.program_id(1)
+    layer, b, h = layer_ref[0], pl.program_id(0), pl.program_id(1)
     kv_at = lambda ref, span, cols=slice(None): ref.at[layer, b, span, h, cols]  # noqa: E731  in place
     scale_at = lambda ref, span: ref.at[layer, b, span, h]  # noqa: E731
   else:
@@ -289,7 +287,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
 
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
-                             append=append is not None, native=not interpret)
+                             append=append is not None)
   # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
   q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
   q_arg = qkv

@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import code_decode
-from pallas_kernels.common import M_INIT, Partials, dequantize_codes, early_launch, is_pow2, next_pow2
+from pallas_kernels.common import M_INIT, Partials, dequantize_codes, is_pow2, next_pow2
 
 FORMATS = ("plain", "int8", "fp8", "int4")
 EPILOGUES = ("none", "residual", "swiglu")
@@ -170,7 +170,7 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   res_ref = refs.pop(0) if epilogue == "residual" else None
   o_refs = refs
   layer = layer_ref[0]
-  j = pl.program_id(0) + early_launch(native)  # read here: interpret mode does not see program ids in pl.when
+  j = pl.program_id(0)  # read here: interpret mode does not see program ids inside a pl.when branch
   if dp4a:
     split = pl.program_id(1) if splits > 1 else 0
     _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, parts=parts, norm=norm, eps=eps,
@@ -360,7 +360,7 @@ def _store_prepared(words_ref, terms_ref, groups, words, v_sum, inv):
   terms_ref[pl.ds(1, 1), groups] = jnp.broadcast_to(inv, v_sum.shape)
 
 
-def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int, native: bool = False):
+def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
   """x's fixed point (`_x_fixed_point`) into words and terms (`_store_prepared`), read by every program of the
   product (`prepared`). Each program takes `n_groups` groups with a scale of their own (the norm's statistic over
   the whole row): short programs with no cross-warp reductions at one warp, and a finer scale than one per row."""
@@ -368,18 +368,18 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   norm_ref = refs.pop(0) if norm else None
   words_ref, terms_ref = refs
   programs = x_ref.shape[1] // n_groups
-  groups = _groups(pl.program_id(0) + early_launch(native), programs, n_groups)  # (static when one program)
+  groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
   xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
   _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs))
 
 
-def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype, native: bool = False):
+def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype):
   """`_prepare_kernel` for x given as a split-K attention's partials, one group = one query head a program: the
   head's splits merged as `combine_splits` merges them (rounded to `dtype`), then the fixed point. o [K, S, G, 2,
   g/32, 4, 4], m and l [K, S, G] (one row's): saves the merge's own launch (decode attention's second)."""
   f32 = jnp.float32
   _, splits, group = m_ref.shape
-  head = pl.program_id(0) + early_launch(native)
+  head = pl.program_id(0)
   kv, r = head // group, head % group
   padded = next_pow2(splits)
   ok = jnp.arange(padded) < splits
@@ -601,15 +601,14 @@ def row_matmuls(
   if merge_in_preparation:  # x's fixed point made from the partials, merged in the same launch
     _, kv_heads, n_splits, group, _ = unmerged.o.shape
     x, terms = _preparation_call(
-        functools.partial(_prepare_partials_kernel, dtype=unmerged.dtype, native=not interpret), G, 3, G, group_size,
+        functools.partial(_prepare_partials_kernel, dtype=unmerged.dtype), G, 3, G, group_size,
         _PREPARE_PARTIALS_WARPS, "row_matmul_int4_prepare_x_merge", interpret,
     )(unmerged.o.reshape(kv_heads, n_splits, group, 2, group_size // 32, 4, 4), unmerged.m[0], unmerged.l[0])
     arrays.append(terms)
   elif prepared:  # x's fixed point made once per call, by its own launch
     n_groups = _pow2_divisor(G, _PREPARE_GROUPS)
     x, terms = _preparation_call(
-        functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups,
-                          native=not interpret),
+        functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups),
         G // n_groups, 2 + (norm_weight is not None), G, group_size, _PREPARE_WARPS,
         "row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""), interpret,
     )(layer, x, *([] if norm_weight is None else [norm_weight]))
