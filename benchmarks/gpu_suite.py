@@ -132,8 +132,15 @@ VARIANTS = {
            ("x20", "x's fixed point in three bytes (20 bits) instead of two", {"_X_BYTES": 3}),
            ("merge_first", "decode attention's splits merged by `combine_splits` before o's preparation",
             {"MERGE_IN_PREPARATION": False}),
+           ("norm_in_preparation", "x's normed preparation reading the whole row for the norm (before session 22)",
+            {"NORM_IN_PRODUCT": False}),
            *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
               {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
+    # The layer scan with more layers an iteration (`model.LAYER_UNROLL`; 32: no loop): fewer loop-control kernels.
+    **{f"int4_contract_last_unroll{u}": (f"int4 weights quantized after `contract_last`, {u} layers an iteration of "
+                                         "the layer scan", dict(quant="int4", weight_layout="contract-last",
+                                                                profile_batches=()),
+                                         {"jaxinfer.model": {"LAYER_UNROLL": u}}) for u in (8, 32)},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),

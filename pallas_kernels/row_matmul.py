@@ -85,6 +85,11 @@ _X_BYTES = 2  # bytes of x's fixed point: 2 (below 2^15 in magnitude, the high b
 # largest |value| instead of 2^-20 (products within 1e-4 of float64, 1e-3 beside a 300x outlier; bf16 outputs round
 # at 4e-3). H200, session 19: the int4 step 1.977 ms against 2.091 with three (gate+up 18.1 against 20.2 us)
 _X_BITS = {3: 20, 2: 15}  # x's magnitude bits by its bytes
+# x's normed preparation leaves the norm's 1 / rms to the product: each preparation program reads only its own group
+# (the fixed point's per-group scale makes the integers independent of 1 / rms) and writes the group's sum of squares
+# beside its terms; the product sums those and scales its outputs. x is then not rounded to its dtype between the
+# norm and the norm weight (the unfused model's rounding, which needs 1 / rms): a finer x, not the same bits.
+NORM_IN_PRODUCT = True
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -295,21 +300,23 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
 
 
-def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps):
+def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps, unscaled=False):
   """x's two halves of `groups` as [1, groups, g/32, 4, 4] float32, normalised as the unfused model does (the norm
-  over the whole row)."""
+  over the whole row); with `unscaled`, x times the norm weight only, in float32 (`NORM_IN_PRODUCT`)."""
   f32 = jnp.float32
   dt = x_ref.dtype
 
   def half(h):  # [1, groups, g/32, 4, 4] float32: x's half h of these groups
     xc = x_ref[:, groups, h, :, :, :]
     if norm:
-      xn = (xc.astype(f32) * inv_rms).astype(dt)
       g = norm_ref[pl.ds(layer, 1), groups, h, :, :, :]
+      if unscaled:
+        return g.astype(f32) * xc.astype(f32)
+      xn = (xc.astype(f32) * inv_rms).astype(dt)
       xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
     return xc.astype(f32)
 
-  if norm:
+  if norm and not unscaled:
     # The halves' squares added first and the group axis summed before the rest: 672 instructions a one-warp
     # program against 952 for a sum over all axes at once per half (offline SASS, `benchmarks/sass_count.py`)
     squares = sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2 for h in range(2))
@@ -350,14 +357,17 @@ def _groups(split, splits: int, n_groups: int):
   return pl.ds(pl.multiple_of(split * n_groups, n_groups) if splits > 1 else 0, n_groups)
 
 
-def _store_prepared(words_ref, terms_ref, groups, words, v_sum, inv):
+def _store_prepared(words_ref, terms_ref, groups, words, v_sum, inv, squares=None):
   """One program's share of the preparation's outputs: words [2 B, G, g/32, 4] (half * B + byte, B = `_X_BYTES`)
-  and terms [2, G] (x's integer group sums, 1 / scale) at `groups`."""
+  and terms [2, G] (x's integer group sums, 1 / scale) at `groups`; [3, G] with x's group sums of squares
+  (`squares`, `NORM_IN_PRODUCT`)."""
   for h in range(2):
     for b, word in enumerate(words[h]):
       words_ref[pl.ds(len(words[h]) * h + b, 1), groups, :, :] = word
   terms_ref[pl.ds(0, 1), groups] = v_sum
   terms_ref[pl.ds(1, 1), groups] = jnp.broadcast_to(inv, v_sum.shape)
+  if squares is not None:
+    terms_ref[pl.ds(2, 1), groups] = squares
 
 
 def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: int):
@@ -369,8 +379,13 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   words_ref, terms_ref = refs
   programs = x_ref.shape[1] // n_groups
   groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
-  xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps)
-  _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs))
+  unscaled = norm and terms_ref.shape[0] == 3  # NORM_IN_PRODUCT: the norm's 1 / rms left to the product
+  xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps, unscaled=unscaled)
+  squares = None
+  if unscaled:  # [1, groups]: the halves' squares added first, then the word and byte axes
+    sq = sum(x_ref[:, groups, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
+    squares = jnp.sum(jnp.sum(jnp.sum(sq, axis=4), axis=3), axis=2)
+  _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs), squares=squares)
 
 
 def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype):
@@ -395,16 +410,17 @@ def _prepare_partials_kernel(o_ref, m_ref, l_ref, words_ref, terms_ref, *, dtype
   _store_prepared(words_ref, terms_ref, pl.ds(head, 1), *_x_fixed_point(xs))
 
 
-def _preparation_call(kernel, programs: int, n_inputs: int, G: int, group: int, warps: int, name: str, interpret):
+def _preparation_call(kernel, programs: int, n_inputs: int, G: int, group: int, warps: int, name: str, interpret,
+                      terms: int = 2):
   """The pallas_call of a launch making x's fixed point (`_prepare_kernel`, `_prepare_partials_kernel`): `programs`
-  programs over whole inputs, writing words [2 B, G, g/32, 4] int32 and terms [2, G] float32."""
+  programs over whole inputs, writing words [2 B, G, g/32, 4] int32 and terms [`terms`, G] float32."""
   return pl.pallas_call(
       kernel,
       grid=(programs,),
       in_specs=[pl.no_block_spec] * n_inputs,
       out_specs=[pl.no_block_spec] * 2,
       out_shape=[jax.ShapeDtypeStruct((2 * _X_BYTES, G, group // 32, 4), jnp.int32),
-                 jax.ShapeDtypeStruct((2, G), jnp.float32)],
+                 jax.ShapeDtypeStruct((terms, G), jnp.float32)],
       compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
       interpret=interpret,
       name=name,
@@ -426,6 +442,10 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
     n_bytes = x_ref.shape[0] // 2
     words = [[x_ref[pl.ds(n_bytes * h + b, 1), groups, :, :] for b in range(n_bytes)] for h in range(2)]
     v_sum, inv = terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
+  inv_rms = None
+  if terms_ref is not None and terms_ref.shape[0] == 3:  # NORM_IN_PRODUCT: the norm's 1 / rms, from every group
+    G = terms_ref.shape[1]
+    inv_rms = lax.rsqrt(jnp.sum(terms_ref[pl.ds(2, 1), :]) / (G * x_ref.shape[2] * 32) + eps)
 
   def stream(w_list, first):
     row0 = pl.multiple_of((j - first) * block_n, block_n)
@@ -449,7 +469,8 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
       t = t * s_ref[layer, rows, groups].astype(f32)
       if m_ref is not None:
         t = t + m_ref[layer, rows, groups].astype(f32) * v_sum
-      outs.append(jnp.sum(t * inv, axis=1))
+      out = jnp.sum(t * inv, axis=1)
+      outs.append(out if inv_rms is None else out * inv_rms)
     return outs, rows
 
   if splits > 1:
@@ -611,6 +632,7 @@ def row_matmuls(
         functools.partial(_prepare_kernel, norm=norm_weight is not None, eps=float(eps), n_groups=n_groups),
         G // n_groups, 2 + (norm_weight is not None), G, group_size, _PREPARE_WARPS,
         "row_matmul_int4_prepare_x" + ("_norm" if norm_weight is not None else ""), interpret,
+        terms=3 if norm_weight is not None and NORM_IN_PRODUCT else 2,
     )(layer, x, *([] if norm_weight is None else [norm_weight]))
     arrays.append(terms)
   elif norm_weight is not None:

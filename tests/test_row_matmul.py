@@ -18,7 +18,7 @@ from jaxinfer import ops
 from jaxinfer import quant as Q
 from jaxinfer.bench import switched
 from jaxinfer.quant.qarray import dequantize, quantize_array
-from kernel_tools import cuda_lowering, pallas_call_names, rel_err
+from kernel_tools import cuda_lowering, pallas_call_name, pallas_call_names, pallas_calls, rel_err
 from pallas_kernels.common import Partials
 from pallas_kernels.row_matmul import row_matmuls, row_matmuls_reference
 
@@ -161,6 +161,35 @@ def test_int4_integer_dot_products(group, zero_point, norm, prepared, x_bytes):
             x[0, 3] = bad
             for out in call(jnp.asarray(x)):
                 assert np.isnan(np.asarray(out)).all()
+
+
+def test_int4_norm_in_product():
+    """`NORM_IN_PRODUCT`: x's normed preparation writes its groups' sums of squares instead of reading the whole row,
+    and the product applies 1 / rms. A float32 x: the same products as the norm made in the preparation, within the
+    fixed point's precision; a bfloat16 x (the model's): within bf16 rounding of those, since x is no longer rounded
+    between the norm and its weight; both against the float64 product."""
+    from pallas_kernels import row_matmul as rm
+
+    rng = np.random.default_rng(9)
+    L, K, widths, group = 2, 512, (32, 16), 128
+    g = (1 + 0.2 * rng.standard_normal((L, K))).astype(np.float32)
+    parts = [_quantized(rng.standard_normal((L, n, K)).astype(np.float32), "int4", group, False) for n in widths]
+    call = functools.partial(row_matmuls, weights=tuple(p[0] for p in parts), layer=jnp.int32(1), fmt="int4",
+                             group_size=group, norm_weight=jnp.asarray(g), eps=1e-5, interpret=True)
+    x = (3 * rng.standard_normal((1, K))).astype(np.float32)
+    want = [_norm64(x, g[1], 1e-5) @ w64[1].T for _, w64 in parts]
+    for dtype, tol in ((jnp.float32, 1e-4), (jnp.bfloat16, 1e-2)):
+        xin = jnp.asarray(x, dtype)
+        got = {}
+        for in_product in (True, False):
+            with switched(rm, {"NORM_IN_PRODUCT": in_product}):
+                [prep] = [e for e in pallas_calls(jax.make_jaxpr(call)(xin).jaxpr) if "prepare" in pallas_call_name(e)]
+                terms = prep.outvars[1].aval.shape
+                assert terms == ((3 if in_product else 2), K // group)  # the group sums of squares beside the terms
+                got[in_product] = call(xin)
+        for a, b, w in zip(got[True], got[False], want):
+            assert rel_err(a, b) < tol
+            assert rel_err(a, w) < tol
 
 
 @pytest.mark.parametrize("K,group,block_k,epilogue,zero_point", [(448, 32, None, "residual", False),
