@@ -136,6 +136,11 @@ VARIANTS = {
             {"NORM_IN_PRODUCT": False}),
            *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
               {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
+    # int8 with the norm's 1 / rms applied to x before the products, as before session 22 (`NORM_IN_PRODUCT`).
+    "int8_contract_last_norm_first": ("int8 weights quantized after `contract_last`, x normalised before the products "
+                                      "(`row_matmul.NORM_IN_PRODUCT = False`)",
+                                      dict(quant="int8", weight_layout="contract-last", profile_batches=()),
+                                      {"pallas_kernels.row_matmul": {"NORM_IN_PRODUCT": False}}),
     # The layer scan with more layers an iteration (`model.LAYER_UNROLL`; 32: no loop): fewer loop-control kernels.
     **{f"int4_contract_last_unroll{u}": (f"int4 weights quantized after `contract_last`, {u} layers an iteration of "
                                          "the layer scan", dict(quant="int4", weight_layout="contract-last",

@@ -85,10 +85,11 @@ _X_BYTES = 2  # bytes of x's fixed point: 2 (below 2^15 in magnitude, the high b
 # largest |value| instead of 2^-20 (products within 1e-4 of float64, 1e-3 beside a 300x outlier; bf16 outputs round
 # at 4e-3). H200, session 19: the int4 step 1.977 ms against 2.091 with three (gate+up 18.1 against 20.2 us)
 _X_BITS = {3: 20, 2: 15}  # x's magnitude bits by its bytes
-# x's normed preparation leaves the norm's 1 / rms to the product: each preparation program reads only its own group
+# The norm's 1 / rms applied to a normed product's outputs, not to x: int4's preparation then reads only its own group
 # (the fixed point's per-group scale makes the integers independent of 1 / rms) and writes the group's sum of squares
-# beside its terms; the product sums those and scales its outputs. x is then not rounded to its dtype between the
-# norm and the norm weight (the unfused model's rounding, which needs 1 / rms): a finer x, not the same bits.
+# beside its terms, which the product sums; the float path multiplies its codes by g * x and computes the statistic
+# after the products. x is then not rounded to its dtype between the norm and the norm weight (the unfused model's
+# rounding, which needs 1 / rms): a finer x, not the same bits.
 NORM_IN_PRODUCT = True
 
 
@@ -186,15 +187,17 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   n_steps = chunks // gc
   dt = x_ref.dtype
 
-  inv_rms = None
-  if norm:
+  def norm_statistic():  # 1 / rms of the whole row
     def squares(c, acc):
       for h in range(sub):
         xc = x_ref[pl.ds(c * gc, gc), h, :].astype(f32)
         acc = acc + xc * xc
       return acc
     ss = lax.fori_loop(0, n_steps, squares, jnp.zeros((gc, width), f32))
-    inv_rms = lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
+    return lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
+
+  late_norm = norm and NORM_IN_PRODUCT  # the products of g * x, scaled by 1 / rms at the end
+  inv_rms = norm_statistic() if norm else None
 
   def x_chunks(c):  # per half: [gc, width] float32 of the (normalised) row
     out = []
@@ -202,6 +205,9 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       xc = x_ref[pl.ds(c * gc, gc), h, :]
       if norm:
         g = norm_ref[layer, pl.ds(c * gc, gc), h, :]
+        if late_norm:
+          out.append(g.astype(f32) * xc.astype(f32))
+          continue
         xn = (xc.astype(f32) * inv_rms).astype(dt)
         xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
       out.append(xc.astype(f32))
@@ -269,6 +275,8 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
       if quantized and not grouped:  # one scale per row
         out = out * jnp.sum(s_ref[layer, rows, pl.ds(0, 1)].astype(f32), axis=1)
       outs.append(out)
+    if late_norm:
+      outs = [out * inv_rms for out in outs]
     return outs, rows
 
   _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, j)
@@ -300,29 +308,33 @@ def _epilogues(stream, w_refs, res_ref, o_refs, parts, epilogue, product_dtype, 
     pl.when((j >= first) & (j < end))(functools.partial(part, w, o_ref, first))
 
 
-def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps, unscaled=False):
+def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps, late_norm=False):
   """x's two halves of `groups` as [1, groups, g/32, 4, 4] float32, normalised as the unfused model does (the norm
-  over the whole row); with `unscaled`, x times the norm weight only, in float32 (`NORM_IN_PRODUCT`)."""
+  over the whole row); with `late_norm` (`NORM_IN_PRODUCT`), x times the norm weight only, in float32, the norm's
+  1 / rms left to the caller."""
   f32 = jnp.float32
   dt = x_ref.dtype
+  inv_rms = _x_inv_rms(x_ref, eps) if norm and not late_norm else None
 
   def half(h):  # [1, groups, g/32, 4, 4] float32: x's half h of these groups
     xc = x_ref[:, groups, h, :, :, :]
     if norm:
       g = norm_ref[pl.ds(layer, 1), groups, h, :, :, :]
-      if unscaled:
+      if late_norm:
         return g.astype(f32) * xc.astype(f32)
       xn = (xc.astype(f32) * inv_rms).astype(dt)
       xc = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
     return xc.astype(f32)
 
-  if norm and not unscaled:
-    # The halves' squares added first and the group axis summed before the rest: 672 instructions a one-warp
-    # program against 952 for a sum over all axes at once per half (offline SASS, `benchmarks/sass_count.py`)
-    squares = sum(x_ref[:, :, h, :, :, :].astype(f32) ** 2 for h in range(2))
-    ss = jnp.sum(jnp.sum(squares, axis=1))
-    inv_rms = lax.rsqrt(ss / x_ref.size + eps)
   return [half(h) for h in range(2)]
+
+
+def _x_inv_rms(x_ref, eps):
+  """1 / rms of the whole row x [1, G, 2, g/32, 4, 4]. The halves' squares added first and the group axis summed
+  before the rest: 672 instructions a one-warp preparation program against 952 for a sum over all axes at once per
+  half (offline SASS, `benchmarks/sass_count.py`)."""
+  squares = sum(x_ref[:, :, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
+  return lax.rsqrt(jnp.sum(jnp.sum(squares, axis=1)) / x_ref.size + eps)
 
 
 def _x_fixed_point(xs):
@@ -379,10 +391,10 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   words_ref, terms_ref = refs
   programs = x_ref.shape[1] // n_groups
   groups = _groups(pl.program_id(0), programs, n_groups)  # (static when there is one program)
-  unscaled = norm and terms_ref.shape[0] == 3  # NORM_IN_PRODUCT: the norm's 1 / rms left to the product
-  xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps, unscaled=unscaled)
+  late_norm = norm and terms_ref.shape[0] == 3  # NORM_IN_PRODUCT: the norm's 1 / rms left to the product
+  xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps, late_norm=late_norm)
   squares = None
-  if unscaled:  # [1, groups]: the halves' squares added first, then the word and byte axes
+  if late_norm:  # [1, groups]: the halves' squares added first, then the word and byte axes
     sq = sum(x_ref[:, groups, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
     squares = jnp.sum(jnp.sum(jnp.sum(sq, axis=4), axis=3), axis=2)
   _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs), squares=squares)
@@ -436,13 +448,16 @@ def _dp4a_kernel(layer, j, split, x_ref, norm_ref, w_refs, res_ref, o_refs, *, p
   f32 = jnp.float32
   n_groups = (terms_ref.shape[1] if terms_ref is not None else x_ref.shape[1]) // splits
   groups = _groups(split, splits, n_groups)
+  inv_rms = None
   if terms_ref is None:
-    words, v_sum, inv = _x_fixed_point(_x_halves(x_ref, norm_ref, layer, groups, norm=norm, eps=eps))
+    late_norm = norm and NORM_IN_PRODUCT
+    words, v_sum, inv = _x_fixed_point(_x_halves(x_ref, norm_ref, layer, groups, norm=norm, eps=eps,
+                                                 late_norm=late_norm))
+    inv_rms = _x_inv_rms(x_ref, eps) if late_norm else None
   else:
     n_bytes = x_ref.shape[0] // 2
     words = [[x_ref[pl.ds(n_bytes * h + b, 1), groups, :, :] for b in range(n_bytes)] for h in range(2)]
     v_sum, inv = terms_ref[pl.ds(0, 1), groups], terms_ref[pl.ds(1, 1), groups]
-  inv_rms = None
   if terms_ref is not None and terms_ref.shape[0] == 3:  # NORM_IN_PRODUCT: the norm's 1 / rms, from every group
     G = terms_ref.shape[1]
     inv_rms = lax.rsqrt(jnp.sum(terms_ref[pl.ds(2, 1), :]) / (G * x_ref.shape[2] * 32) + eps)
@@ -689,8 +704,13 @@ def row_matmuls_reference(x, weights, layer=None, *, fmt="plain", group_size=Non
   if norm_weight is not None:
     g = norm_weight[0 if layer is None else layer] if norm_weight.ndim == 2 else norm_weight
     xf = x.astype(f32)
-    xn = (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dt)
-    x = (g.astype(f32) * xn.astype(f32)).astype(jnp.promote_types(g.dtype, dt))
+    inv_rms = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if NORM_IN_PRODUCT:  # the products of g * x in float32, scaled by 1 / rms
+      x = g.astype(f32) * xf
+    else:
+      x = (g.astype(f32) * (xf * inv_rms).astype(dt).astype(f32)).astype(jnp.promote_types(g.dtype, dt))
   prods = [jnp.dot(x.astype(f32), dequantize_codes(*map(pick, w), fmt=fmt, group_size=group_size).T,
                    precision=lax.Precision.HIGHEST) for w in weights]
+  if norm_weight is not None and NORM_IN_PRODUCT:
+    prods = [p * inv_rms for p in prods]
   return _finish(prods, epilogue, residual, jnp.dtype(out_dtype or dt))
