@@ -1,17 +1,18 @@
-"""Does XLA launch Pallas (Triton) kernels with programmatic dependent launch (PDL), and what is a launch worth?
+"""Does XLA launch Pallas (Triton) kernels with programmatic dependent launch (PDL), and can a kernel use it better?
 
 On Hopper a kernel launched with programmatic stream serialization may start while the kernel before it in
 the stream drains; its `griddepcontrol.wait` holds it until that kernel's writes are visible. A batch-1
-decode step is ~350 short, latency-bound launches, so the overlap of one kernel's tail with the next one's
-start is what PDL could buy. XLA inserts the wait and sets the launch attribute itself
-(`--xla_gpu_enable_pdl`); whether its Triton path does so for Pallas calls is what this measures.
+decode step is ~350 short, latency-bound launches. XLA inserts the wait and sets the launch attribute itself
+(`--xla_gpu_enable_pdl`, on by default in jax 0.11).
 
     PYTHONPATH=. python3 benchmarks/pdl_probe.py --out $OUT
 
-For each setting of the flag (jax's default, true, false; one child process each, since XLA reads its flags
-once): jax / jaxlib versions, whether the compiled PTX of a Pallas kernel and of an XLA fusion holds
-`griddepcontrol` instructions, and the wall time per launch of a chain of dependent tiny launches (Pallas
-kernels; XLA fusions), median of several calls.
+For jax's default and for `--xla_gpu_enable_pdl=false` (one child process each, since XLA reads its flags once):
+the wall time per launch of a chain of dependent tiny launches (Pallas kernels; XLA fusions), and per step of a
+chain of 32 dependent row products (`row_chain_step`) in four forms: plain, an early trigger of the next launch,
+the weight rows loaded before an explicit wait, the explicit wait alone, timed interleaved, with their outputs
+compared bit for bit. Also where XLA's dumps mention `griddepcontrol` or PDL (on jax 0.11.2 only the inline
+assembly's own text: XLA dumps no PTX). Results: benchmarks/BENCHMARKS.md, session 22.
 """
 from __future__ import annotations
 
@@ -148,8 +149,6 @@ def child(setting: str, dump: str) -> dict:
         return x
     ref = jax.jit(reference)(w, x).astype(jnp.float32)
     out["row_plain_max_err_vs_xla"] = float(jnp.max(jnp.abs(results["plain"].astype(jnp.float32) - ref)))
-    files = sorted(str(p.relative_to(dump)) for p in Path(dump).rglob("*") if p.is_file())
-    out["dump_files"] = files[:30]
     hits = {}
     for p in Path(dump).rglob("*"):
         if p.is_file():
@@ -162,8 +161,6 @@ def child(setting: str, dump: str) -> dict:
     for p in Path(dump).rglob("*thunk_sequence*.txt"):
         pdl_lines += [ln.strip()[:200] for ln in p.read_text(errors="replace").splitlines() if "pdl" in ln.lower()][:4]
     out["thunk_pdl_lines"] = pdl_lines[:12]
-    first = next(iter(sorted(Path(dump).rglob("*jit_chain.thunk_sequence.txt"))), None)
-    out["thunk_sample"] = first.read_text(errors="replace")[:1500] if first else None
     return out
 
 
