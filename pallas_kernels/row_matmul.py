@@ -190,19 +190,16 @@ def _kernel(layer_ref, x_ref, *refs, parts, fmt, grouped, offsets, norm: bool, e
   n_steps = chunks // gc
   dt = x_ref.dtype
 
-  def norm_statistic():  # 1 / rms of the whole row
+  inv_rms = None
+  if norm:  # (first, also with NORM_IN_PRODUCT: after the products it kept x live, int8 gate+up 96 -> 128 registers)
     def squares(c, acc):
       for h in range(sub):
         xc = x_ref[pl.ds(c * gc, gc), h, :].astype(f32)
         acc = acc + xc * xc
       return acc
     ss = lax.fori_loop(0, n_steps, squares, jnp.zeros((gc, width), f32))
-    return lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
-
-  # NORM_IN_PRODUCT: the products of g * x, scaled by 1 / rms at the end. (The statistic still comes first: after
-  # the products it kept x live beside them, 96 -> 128 registers for int8 gate+up, offline SASS.)
-  late_norm = norm and NORM_IN_PRODUCT
-  inv_rms = norm_statistic() if norm else None
+    inv_rms = lax.rsqrt(jnp.sum(ss) / (chunks * sub * width) + eps)
+  late_norm = norm and NORM_IN_PRODUCT  # the products of g * x, scaled by 1 / rms at the end
 
   def x_chunks(c):  # per half: [gc, width] float32 of the (normalised) row
     out = []
@@ -334,12 +331,16 @@ def _x_halves(x_ref, norm_ref, layer, groups, *, norm, eps, late_norm=False):
   return [half(h) for h in range(2)]
 
 
+def _x_squares(x_ref, groups):
+  """x's squares at `groups` of x [1, G, 2, g/32, 4, 4], the two halves added: [1, groups, g/32, 4, 4] float32.
+  Adding the halves first and then summing the group axis before the rest took a one-warp preparation program from
+  952 to 672 instructions against a sum over all axes at once per half (offline SASS, `benchmarks/sass_count.py`)."""
+  return sum(x_ref[:, groups, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
+
+
 def _x_inv_rms(x_ref, eps):
-  """1 / rms of the whole row x [1, G, 2, g/32, 4, 4]. The halves' squares added first and the group axis summed
-  before the rest: 672 instructions a one-warp preparation program against 952 for a sum over all axes at once per
-  half (offline SASS, `benchmarks/sass_count.py`)."""
-  squares = sum(x_ref[:, :, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
-  return lax.rsqrt(jnp.sum(jnp.sum(squares, axis=1)) / x_ref.size + eps)
+  """1 / rms of the whole row x [1, G, 2, g/32, 4, 4]."""
+  return lax.rsqrt(jnp.sum(jnp.sum(_x_squares(x_ref, slice(None)), axis=1)) / x_ref.size + eps)
 
 
 def _x_fixed_point(xs):
@@ -401,9 +402,8 @@ def _prepare_kernel(layer_ref, x_ref, *refs, norm: bool, eps: float, n_groups: i
   late_norm = norm and terms_ref.shape[0] == 3  # NORM_IN_PRODUCT: the norm's 1 / rms left to the product
   xs = _x_halves(x_ref, norm_ref, layer_ref[0], groups, norm=norm, eps=eps, late_norm=late_norm)
   squares = None
-  if late_norm:  # [1, groups]: the halves' squares added first, then the word and byte axes
-    sq = sum(x_ref[:, groups, h, :, :, :].astype(jnp.float32) ** 2 for h in range(2))
-    squares = jnp.sum(jnp.sum(jnp.sum(sq, axis=4), axis=3), axis=2)
+  if late_norm:  # [1, groups]
+    squares = jnp.sum(jnp.sum(jnp.sum(_x_squares(x_ref, groups), axis=4), axis=3), axis=2)
   _store_prepared(words_ref, terms_ref, groups, *_x_fixed_point(xs), squares=squares)
 
 
