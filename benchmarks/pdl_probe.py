@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CHAIN = 256  # dependent launches per call
@@ -79,15 +78,10 @@ def row_chain_step(w, x, layer: int, mode: str):
 
 
 def _timed(f, *args, calls: int = 20) -> float:
-    import jax
+    """Median seconds of one synchronised call of `f(*args)` over `calls` samples, after one warm-up call."""
+    from jaxinfer.bench import time_calls
 
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return time_calls(lambda: f(*args), calls=1, samples=calls, warmup=1).median
 
 
 def child(setting: str, dump: str) -> dict:
