@@ -64,11 +64,11 @@ FUSED = {"qkv": ("q", "kv", "kv"), "gateup": ("gate", "gate")}  # products shari
 LAYERS = 8  # stacked layers per weight (enough to defeat the L2 cache: >= 64 MB per weight stack)
 
 
-def chain_seconds(product, x, w, *, calls=32, reps=5) -> tuple[float, float | None]:
+def chain_seconds(product, x, w, *, calls=32, reps=5, ops: list | None = None) -> tuple[float, float | None]:
     """(wall, device) seconds per call of `product(x, w, layer) -> [M, N]`, `calls` chained through the
     output in one jit (a Python loop: no device loop between calls). Wall: median of `reps` runs over
     calls; device: the profiler's kernel time per call (the product's kernels plus the small chaining
-    slice), free of launch gaps."""
+    slice), free of launch gaps. `ops`, when given, receives the profiler's per-op rows (us per chain)."""
     K = x.shape[1]
 
     @jax.jit
@@ -84,7 +84,10 @@ def chain_seconds(product, x, w, *, calls=32, reps=5) -> tuple[float, float | No
         t0 = time.perf_counter()
         jax.block_until_ready(run(x, w))
         times.append(time.perf_counter() - t0)
-    device = kernel_breakdown(lambda: run(x, w), calls=2).get("device_us_per_call")
+    breakdown = kernel_breakdown(lambda: run(x, w), calls=2)
+    if ops is not None:
+        ops.extend(breakdown.get("ops", []))
+    device = breakdown.get("device_us_per_call")
     return statistics.median(times) / calls, (device * 1e-6 / calls if device else None)
 
 

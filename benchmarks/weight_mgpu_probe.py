@@ -359,6 +359,7 @@ GROUP = 128
 OFFSETS = False  # int4 mgpu timings with offsets (--int4-offsets)
 INT4_FORMATS = ("int4", "int4f")  # --int4-formats
 SKIP_INT8 = False  # --skip-int8
+BREAKDOWN = False  # --breakdown: print each case's kernels (us a product)
 BASELINES_ONLY_BF16 = False  # --no-triton: the Triton kernels not timed
 
 
@@ -479,8 +480,10 @@ def main(argv=None):
     p.add_argument("--no-triton", action="store_true")
     p.add_argument("--int4-formats", nargs="+", default=["int4", "int4f"], choices=["int4", "int4f"])
     p.add_argument("--skip-int8", action="store_true", help="no int8 mgpu cases")
+    p.add_argument("--breakdown", action="store_true", help="print each case's kernels, us a product")
     args = p.parse_args(argv)
-    global OFFSETS, BASELINES_ONLY_BF16, INT4_FORMATS, SKIP_INT8
+    global OFFSETS, BASELINES_ONLY_BF16, INT4_FORMATS, SKIP_INT8, BREAKDOWN
+    BREAKDOWN = args.breakdown
     INT4_FORMATS = tuple(args.int4_formats)
     SKIP_INT8 = args.skip_int8
     BASELINES_ONLY_BF16 = args.no_triton
@@ -517,12 +520,17 @@ def main(argv=None):
                 nbytes = sum(a.size * (0.5 if a.dtype == jnp.int4 else a.dtype.itemsize)
                              for a in jax.tree.leaves(w)) / LAYERS  # int4 is packed two to a byte
                 try:
-                    wall, dev = chain_seconds(fn, x, w, calls=32, reps=3)
+                    ops = []
+                    wall, dev = chain_seconds(fn, x, w, calls=32, reps=3, ops=ops)
                     t = dev or wall
                     row = {"shape": name, "rows": m, "case": label, "us": t * 1e6, "wall_us": wall * 1e6,
-                           "bytes": nbytes, "of_copy": nbytes / t / copy}
+                           "bytes": nbytes, "of_copy": nbytes / t / copy,
+                           "ops_us_per_product": {o["hlo_op"]: o["us_per_call"] / 32 for o in ops}}
                     print(f"{name:7s} M={m:3d} {label:28s} {t * 1e6:8.1f} us  {nbytes / t / 1e12:5.2f} TB/s "
                           f"({nbytes / t / copy:.2f} of copy)", flush=True)
+                    if BREAKDOWN:
+                        print("    " + ", ".join(f"{k} {v:.2f}" for k, v in row["ops_us_per_product"].items()
+                                                 if v >= 0.05), flush=True)
                 except Exception as e:  # noqa: BLE001
                     row = {"shape": name, "rows": m, "case": label, "error": f"{type(e).__name__}: {e}"[:2000]}
                     print(f"{name:7s} M={m:3d} {label:28s} FAILED {type(e).__name__}: {str(e)[:800]}", flush=True)
