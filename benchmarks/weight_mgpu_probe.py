@@ -1,10 +1,14 @@
 """Probe: decode-shaped int8 / int4 products on Hopper's tensor cores through Mosaic GPU, measured against
-bf16 (XLA's dot), the Triton weight kernel and the row kernel on `llama-3-8b`'s gate+up and down shapes.
-Not used by the library: it did not beat the row kernel where the step spends its time (benchmarks/
-BENCHMARKS.md and pallas_kernels/NOTES.md, session 14).
+bf16 (XLA's dot), the Triton weight kernel and the row kernel on `llama-3-8b`'s product shapes.
+Not used by the library. Session 14: with Mosaic's own upcast layouts it did not beat the row kernel where the
+step spends its time. Session 23: with the int4 codes packed in wgmma's fragment order (`int4f`) it beats the
+Triton weight kernel at 16 rows (gate+up 27.8 vs 35.1 us, down 16.8 vs 24.9; benchmarks/BENCHMARKS.md and
+pallas_kernels/NOTES.md, those sessions).
 
     PYTHONPATH=. python3 benchmarks/weight_mgpu_probe.py --out $OUT [--rows 1 16] [--configs step,stages,splits ...]
-    (--check-only int8-0-1: one correctness check alone; --ncu: each kernel launched twice, for Nsight Compute)
+    (--check-only int8-0-1: one correctness check alone; --ncu: each kernel launched twice, for Nsight Compute;
+    session 23's runs: --rows 16 1 --shapes gateup down qkv o --int4-formats int4f --skip-int8 [--int4-offsets]
+    --configs 256,3,0,1 512,2,0,1 ...)
 
 The kernel: TMA streams weight tiles (64 rows of W, contraction-last) and x's matching columns into a ring of
 shared-memory slots (`plgpu.emit_pipeline`); the warpgroup loads the codes in Mosaic GPU's upcast layouts
@@ -290,7 +294,8 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, step, chunk, steps_per_split,
     pl.run_scoped(store, plgpu.SMEM((cta_rows, mp), jnp.float32, transforms=_transforms(plgpu, jnp.float32, mp)))
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "step", "splits", "stages", "overlap", "tiles", "fold"))
+@functools.partial(jax.jit,
+                   static_argnames=("fmt", "group_size", "step", "splits", "stages", "overlap", "tiles", "fold"))
 def weight_matmul_mgpu(x: jax.Array, values: jax.Array, scales: jax.Array, offsets: jax.Array | None = None,
                        layer: jax.Array | int = 0, *, fmt: str, group_size: int | None = None,
                        step: int | None = None, splits: int | None = None, stages: int | None = None,
