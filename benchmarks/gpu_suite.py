@@ -114,6 +114,11 @@ VARIANTS = {
     **{f"{q.replace('-', '_')}_contract_last": (f"{q} weights quantized after `contract_last` (the fused row kernel)",
                                                  dict(quant=q, weight_layout="contract-last", profile_batches=()))
        for q in ("int8", "fp8", "int4")},
+    # int4 in the tensor cores' fragment order (`weight_layout.fragment_order`): batched products on
+    # `pallas_kernels/fragment_matmul.py`, one row too (no row kernel for this order).
+    "int4_fragments": ("int4 weights quantized after `contract_last`, codes in the fragment order "
+                       "(`fragment_matmul`, Mosaic GPU)",
+                       dict(quant="int4", weight_layout="fragments", profile_batches=())),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

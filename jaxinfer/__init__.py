@@ -23,7 +23,7 @@ from .quant import QArray, Recipe, load_quantized, quantize, save_quantized
 from .params import abstract_params, init_params, param_axes, param_specs
 from .sampling import Sampling, sample
 from .sharding import ShardingRules, cache_shardings, make_mesh, param_shardings, shard_cache, shard_params
-from .weight_layout import ContractLast, contract_last
+from .weight_layout import ContractLast, contract_last, fragment_order
 
 __all__ = [
     "abstract_params",
@@ -36,6 +36,7 @@ __all__ = [
     "disagg",
     "DoesNotFit",
     "forward",
+    "fragment_order",
     "generate",
     "GenerateResult",
     "init_cache",

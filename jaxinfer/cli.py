@@ -35,7 +35,8 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--weight-layout", default="auto", choices=["auto", *LAYOUTS],
                    help="contract-last: matrices stored contraction-last (`contract_last`, before --quant): one-row "
                         "decode takes XLA's row reduction (bf16, q/k/v packed into one matrix) or the fused row "
-                        "kernel (quantized, GPU). auto "
+                        "kernel (quantized, GPU). fragments: contract-last, then int4 codes in the tensor cores' "
+                        "fragment order (`fragment_order`; needs --quant int4*): batched decode on Hopper. auto "
                         "(default): contract-last, or stored with --calibrate / --keep-quantized")
 
 
@@ -76,7 +77,7 @@ def _load(args):
                  keep_quantized=args.keep_quantized)
     from .packing import PACK_FLOAT_QKV, has_packed
 
-    if layout == "contract-last":
+    if layout in ("contract-last", "fragments"):
         from .weight_layout import contract_last
 
         model = model.replace(params=contract_last(model.params, pack_qkv=PACK_FLOAT_QKV and not args.quant))
@@ -85,10 +86,15 @@ def _load(args):
 
         importance = activation_stats(model, _read_text(args.calibrate)) if args.calibrate else None
         model = model.replace(params=quantize(model.params, args.quant, importance=importance))
+    if layout == "fragments":
+        from .weight_layout import fragment_order
+
+        model = model.replace(params=fragment_order(model.params))
     how = [args.quant] if args.quant else []
     how += ["calibrated"] if args.calibrate else []
     how += ["kept quantized"] if args.keep_quantized else []
     how += ["contraction-last"] if layout == "contract-last" else []
+    how += ["contraction-last, int4 in fragment order"] if layout == "fragments" else []
     how += ["q/k/v packed"] if has_packed(model.params) else []
     print(f"loaded {model.name}{' (' + ', '.join(how) + ')' if how else ''} in {time.perf_counter() - t0:.1f}s",
           file=sys.stderr)
@@ -99,8 +105,11 @@ def _weight_layout(args) -> str:
     """The layout the loaded weights get: `DEFAULT_LAYOUT` unless the trees must keep the checkpoint's order
     (GGUF blocks kept quantized; calibration, which observes the stored matrices)."""
     keeps_order = args.calibrate or args.keep_quantized
-    if args.weight_layout == "contract-last" and keeps_order:
-        raise ValueError("--weight-layout contract-last takes float weights: not with --calibrate or --keep-quantized")
+    if args.weight_layout in ("contract-last", "fragments") and keeps_order:
+        raise ValueError(f"--weight-layout {args.weight_layout} takes float weights: not with --calibrate or "
+                         "--keep-quantized")
+    if args.weight_layout == "fragments" and not (args.quant or "").startswith("int4"):
+        raise ValueError("--weight-layout fragments lays out int4 codes: it needs --quant int4 (or int4-g32/64/128)")
     if args.weight_layout == "auto":
         return "stored" if keeps_order else DEFAULT_LAYOUT
     return args.weight_layout

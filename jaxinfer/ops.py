@@ -17,6 +17,9 @@ Paths (all compute the same math, float32 accumulation):
   as `LayerOf` (contraction-last ones from 2 rows) and quantized ones in any form and either order; not
   under a mesh with automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel`
   runs the layers per shard instead);
+- `fragments`: int4 weights in the tensor cores' fragment order (`weight_layout.fragment_order`) for 1-64
+  rows on the GPU: `pallas_kernels.fragment_matmul` (Mosaic GPU, wgmma), the stacked weight read in place;
+  such weights take no other kernel (the `row` and `pallas` kernels read row order);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
@@ -39,7 +42,7 @@ from .quant.calibrate import Observed, record
 from .quant.qarray import FP8, FP8_MAX, QArray, codes, dequantize
 from .weight_layout import ContractLast
 
-MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")
+MATMUL_IMPLS = ("auto", "xla", "gemv", "pallas", "fp8")  # `pallas` also forces `fragments` where it applies
 FP8_MIN_ROWS = 256  # below this many rows (tokens), native fp8 loses to streaming the weight (decode)
 FP8_OUT_NARROW = True  # native fp8 dots return the activation dtype (bf16), not float32
 KERNEL_MIN_ROWS = 1  # GPU products with [KERNEL_MIN_ROWS, KERNEL_MAX_ROWS] rows take the Pallas kernel
@@ -271,8 +274,11 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
             one = w.shape_view()
             spec = _parse(eq, x, one)
-            if _choose(impl, spec, x, one, stacked=w.depth()) == "pallas":
+            path = _choose(impl, spec, x, one, stacked=w.depth())
+            if path == "pallas":
                 return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
+            if path == "fragments":
+                return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
@@ -281,6 +287,8 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
     path = _choose(impl, spec, x, w)
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
+    if path == "fragments":
+        return _fragment_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
@@ -297,8 +305,8 @@ def embed(table, tokens):
         table = table.w
     if not isinstance(table, QArray):
         return jnp.take(table, tokens, axis=0)
-    if table.ndim != 2 or table.reduce_axes != (-1,):
-        raise ValueError(f"a quantized embedding must be scaled per row (reduce axis -1), got {table!r}")
+    if table.ndim != 2 or table.reduce_axes != (-1,) or table.order != "rows":
+        raise ValueError(f"a quantized embedding must be scaled per row (reduce axis -1) in row order, got {table!r}")
     take = lambda a: None if a is None else jnp.take(a, tokens, axis=0)
     rows = table.replace(scales=take(table.scales), values=take(table.values), offsets=take(table.offsets))
     return dequantize(rows)
@@ -348,6 +356,8 @@ def _choose(impl: str, spec: _Spec, x, w, *, stacked: int = 0) -> str:
     plain weight), or by shape, format and platform. `stacked`: w is one layer of a stack of that many
     layers (0: not stacked)."""
     quantized = isinstance(w, QArray)
+    if quantized and w.order == "fragments":
+        return "fragments" if impl in ("auto", "pallas") and _fragment_kernel_applies(spec, x, w) else "xla"
     fp8_ok = quantized and w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
     fallback = "gemv" if spec.rows == 1 and not quantized else "xla"
     if impl == "gemv":
@@ -569,7 +579,7 @@ def _kernel_supports(spec: _Spec, x, w) -> bool:
         return False
     if isinstance(w, QArray):
         fmt, group = w.fmt, w.group_size
-        if set(spec.reduce_letters) != set(spec.contracted):
+        if set(spec.reduce_letters) != set(spec.contracted) or w.order != "rows":
             return False
     else:
         fmt, group = "plain", None
@@ -620,6 +630,32 @@ def _pallas_matmuls(x, products, layer):
     outs = wm.weight_matmuls(x.reshape(-1, spec0.k), tuple(a[0] for a in args), layer, fmt=args[0][1],
                              group_size=args[0][2], transposed=transposed)
     return [out.reshape(*x.shape[:-c], *a[3]) for out, a in zip(outs, args)]
+
+
+def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
+    """The fragment kernel takes: a GPU, whole arrays, bf16/f16 x of at most its row count, a contraction-last
+    product whose contracted letters are the weight's reduce axes (the order's blocks were cut that way).
+    Not `on_gpu()`, which tests patch to run kernels interpreted: Mosaic GPU's interpreter cannot run it."""
+    if not (jax.default_backend() == "gpu" and whole_arrays() and x.dtype in (jnp.bfloat16, jnp.float16)):
+        return False
+    c = len(spec.contracted)
+    if not _contraction_last(spec) or spec.x[-c:] != spec.contracted:
+        return False
+    if set(spec.reduce_letters) != set(spec.contracted):
+        return False
+    from pallas_kernels import fragment_matmul as fm
+
+    return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-c]), w.group_size)
+
+
+def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given."""
+    from pallas_kernels import fragment_matmul as fm
+
+    (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
+    out = fm.fragment_matmul(x.reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
+                             out_dtype=jnp.float32)
+    return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
@@ -685,7 +721,7 @@ def _packed_product(products):
 
 
 def _format(w) -> tuple:
-    return (w.fmt, w.group_size, w.offsets is not None) if isinstance(w, QArray) else ("plain", w.dtype)
+    return (w.fmt, w.group_size, w.offsets is not None, w.order) if isinstance(w, QArray) else ("plain", w.dtype)
 
 
 def swiglu(x, gate, up, *, impl: str = "auto"):
@@ -736,7 +772,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         if isinstance(inner, Observed):
             return None
         if isinstance(view, QArray):
-            if view.offsets is not None and view.fmt != "int4":
+            if (view.offsets is not None and view.fmt != "int4") or view.order != "rows":
                 return None
         elif view.dtype != xv.dtype:
             return None

@@ -34,10 +34,10 @@ import numpy as np
 from flax import struct
 
 from .params import LAYER_MATRICES, axes_by_path, contracted_axes, path_names
-from .quant.qarray import QArray
+from .quant.qarray import QArray, to_fragment_order
 
 
-LAYOUTS = ("stored", "contract-last")
+LAYOUTS = ("stored", "contract-last", "fragments")  # fragments: contract-last, then int4 in `fragment_order`
 DEFAULT_LAYOUT = "contract-last"  # the command line's layout for float weights (see above)
 
 
@@ -145,3 +145,31 @@ def _transpose(leaf, order):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(tuple(leaf.shape[i] for i in order), leaf.dtype, sharding=None)
     return np.transpose(leaf, order) if isinstance(leaf, np.ndarray) else jnp.transpose(leaf, order)
+
+
+def fragment_order(params):
+    """Return the tree with every int4 matrix of a quantized contract-last tree whose shape allows it in the
+    tensor cores' fragment order (`quant/fragments.py`): the same shapes and bytes permuted, for batched
+    decode on Hopper (`pallas_kernels.fragment_matmul`, 1-64 rows). One-row products of these weights lose
+    the fused row kernel (it reads row order), so this is a layout for batched serving. Matrices whose
+    shape does not fit (N a multiple of 64, K of 256, groups dividing 256) stay in row order.
+
+    Errors: a tree with no contract-last int4 matrix, or none that fits."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_contract_last)
+    out, int4, moved = [], 0, 0
+    for key_path, leaf in leaves:
+        if is_contract_last(leaf) and isinstance(leaf.values, QArray) and leaf.values.fmt == "int4":
+            int4 += 1
+            try:
+                leaf = leaf.replace(values=to_fragment_order(leaf.values))
+                moved += 1
+            except ValueError:
+                pass  # stays in row order (see the docstring)
+        out.append(leaf)
+    if not int4:
+        raise ValueError("fragment_order takes a contract-last tree quantized to int4 "
+                         "(quantize(contract_last(params), 'int4')); this tree has no such matrix")
+    if not moved:
+        raise ValueError("no int4 matrix of this tree fits the fragment order (N a multiple of 64, K of 256, "
+                         "groups of 32-256)")
+    return treedef.unflatten(out)

@@ -31,7 +31,7 @@ from ..config import ModelConfig
 from ..params import init_params
 from ..sampling import Sampling, sequence_keys
 from .. import packing
-from ..weight_layout import LAYOUTS, contract_last
+from ..weight_layout import LAYOUTS, contract_last, fragment_order
 from . import costs
 from .ceilings import Ceilings, measure_ceilings
 from .measure import Timing, time_calls
@@ -80,6 +80,8 @@ class BenchSpec:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.weight_layout not in LAYOUTS:
             raise ValueError(f"unknown weight layout {self.weight_layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.weight_layout == "fragments" and not (self.quant or "").startswith("int4"):
+            raise ValueError("weight layout 'fragments' lays out int4 codes: it needs quant='int4' (or int4-g*)")
         if min(self.batches) < 1 or min(self.prompt_lens) < 1 or min(self.contexts) < 0 or self.steps < 2:
             raise ValueError("batches and prompt lengths must be >= 1, contexts >= 0, steps >= 2")
 
@@ -169,10 +171,10 @@ def evaluate(phase: str, batch: int, length: int, timing: Timing, seconds: float
 
 def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = None, layout: str = "stored"):
     """Random weights (normal, never zeros) drawn on the device in `dtype`, then quantized or laid out
-    contraction-last (`layout`) if asked."""
+    contraction-last (`layout`) if asked; `fragments`: contraction-last, quantized, then `fragment_order`."""
     key = jax.random.key(seed, impl="rbg")  # compiles in a fraction of threefry's time
     params = jax.jit(init_params, static_argnums=(0, 2))(config, key, dtype)
-    if layout == "contract-last":  # before quantizing: the codes are laid out when they are made
+    if layout in ("contract-last", "fragments"):  # before quantizing: the codes are laid out when they are made
         # float trees as the command line lays them out: q/k/v packed into one matrix (`packing`)
         params = contract_last(params, pack_qkv=packing.PACK_FLOAT_QKV and quant is None)
     if quant is not None:
@@ -181,6 +183,8 @@ def build_params(config: ModelConfig, dtype, seed: int = 0, quant: str | None = 
         except ImportError as e:
             raise ValueError(f"quantization recipe {quant!r} asked for, but jaxinfer.quant is not available") from e
         params = quantize(params, quant)
+    if layout == "fragments":
+        params = fragment_order(params)
     return params
 
 

@@ -14,6 +14,9 @@ reduce axis (scales have that axis divided by the group size). int4 codes are pa
 along that axis, GGUF style: within each group, byte j holds element j in its low nibble and element
 j + group/2 in its high nibble, so a packed byte never straddles groups (or shards of that axis).
 
+`order="fragments"` (int4 only): the same bytes permuted for the tensor cores' batched product
+(`fragments.py`, `to_fragment_order`); `codes` and `dequantize` read either order.
+
 Axes are stored counted from the end (negative), so slicing leading axes off (as `lax.scan` does over
 the stacked `layers` axis) leaves the metadata valid. The leaf's logical axis names travel with it so
 sharding rules still apply (`axis_names`). Knows nothing about models or kernels.
@@ -27,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from . import fragments
 
 FORMATS = ("int8", "int4", "fp8")
 FP8 = jnp.float8_e4m3fn
@@ -47,6 +52,7 @@ class QArray:
     group_size: int | None = struct.field(pytree_node=False, default=None)
     dtype_name: str = struct.field(pytree_node=False, default="bfloat16")  # the dequantized dtype
     logical_axes: tuple[str | None, ...] | None = struct.field(pytree_node=False, default=None)
+    order: str = struct.field(pytree_node=False, default="rows")  # int4: "rows" or "fragments" (fragments.py)
 
     # -- shape information (works on concrete and abstract children alike) -------------------------------
 
@@ -93,7 +99,9 @@ class QArray:
         if not hasattr(self.values, "shape"):  # a tree of something else (axis names, shapes, ...)
             return f"QArray(scales={self.scales!r}, values={self.values!r}, offsets={self.offsets!r}, fmt={self.fmt!r})"
         group = f", group_size={self.group_size}" if self.group_size else ", per-channel"
-        return f"QArray({self.fmt}{group}, shape={self.shape}, dtype={self.dtype_name}, reduce_axes={self.reduce_axes})"
+        order = ", order=fragments" if self.order != "rows" else ""
+        return (f"QArray({self.fmt}{group}, shape={self.shape}, dtype={self.dtype_name}, "
+                f"reduce_axes={self.reduce_axes}{order})")
 
 
 def _nbytes(a) -> int:
@@ -406,9 +414,48 @@ def _round_scale(scale, scale_dtype):
     return scale.astype(scale_dtype).astype(jnp.float32)
 
 
+def _fragment_view(q: QArray) -> tuple[tuple[int, ...], int, int]:
+    """(leading shape, N, K) of an int4 `QArray` whose trailing axes are its reduce axes (K, flattened) and
+    whose axis before them is N; a ValueError naming the problem otherwise."""
+    r = len(q.reduce_axes)
+    if q.fmt != "int4" or q.group_size is None or q.reduce_axes != tuple(range(-r, 0)) or q.ndim < r + 1:
+        raise ValueError(f"the fragment order takes int4 weights grouped along trailing reduce axes after an "
+                         f"output axis, got {q!r}")
+    lead, n, k = q.shape[:-r - 1], q.shape[-r - 1], math.prod(q.shape[-r:])
+    fragments.check_fragment_shape(n, k, q.group_size, what=repr(q))
+    return lead, n, k
+
+
+def to_fragment_order(q: QArray) -> QArray:
+    """An int4 `QArray` with its bytes in the tensor cores' fragment order (`fragments.py`), shapes and dtypes
+    unchanged: values and group parameters flattened to [..., N, K] around the trailing reduce axes (as the
+    products flatten them). Already in that order: returned as is."""
+    if q.order == "fragments":
+        return q
+    lead, n, k = _fragment_view(q)
+    u = unpack_int4(q.values.reshape(*lead, n, k // 2), -1, q.group_size)
+    perm = lambda a: fragments.permute_group_params(a.reshape(*lead, n, -1)).reshape(a.shape)  # noqa: E731
+    return q.replace(values=fragments.pack_codes(u).reshape(q.values.shape), scales=perm(q.scales),
+                     offsets=None if q.offsets is None else perm(q.offsets), order="fragments")
+
+
+def to_row_order(q: QArray) -> QArray:
+    """Inverse of `to_fragment_order` (row-ordered arrays returned as they are)."""
+    if q.order == "rows":
+        return q
+    if q.order != "fragments":
+        raise ValueError(f"unknown QArray order {q.order!r}; choose one of {', '.join(fragments.ORDERS)}")
+    lead, n, k = _fragment_view(q)
+    u = fragments.unpack_codes(q.values.reshape(*lead, n, k // 2))
+    unperm = lambda a: fragments.unpermute_group_params(a.reshape(*lead, n, -1)).reshape(a.shape)  # noqa: E731
+    return q.replace(values=pack_int4(u, -1, q.group_size).reshape(q.values.shape), scales=unperm(q.scales),
+                     offsets=None if q.offsets is None else unperm(q.offsets), order="rows")
+
+
 def codes(q: QArray):
     """The integer (or fp8) values of `q` unpacked to the logical shape, as float32 ready to scale:
     int4 symmetric codes are centred (u - 8); asymmetric ones stay in [0, 15]."""
+    q = to_row_order(q)
     if q.fmt == "int4":
         u = unpack_int4(q.values, q.group_axis, q.group_size).astype(jnp.float32)
         return u if q.offsets is not None else u - INT4_CENTER
@@ -418,6 +465,7 @@ def codes(q: QArray):
 def dequantize(q: QArray, dtype=None):
     """The float array `q` stands for, in `dtype` (default: the dtype it was quantized from)."""
     dtype = dtype or q.dtype
+    q = to_row_order(q)
     c = codes(q)
     scales = q.scales.astype(jnp.float32)
     offsets = None if q.offsets is None else q.offsets.astype(jnp.float32)

@@ -55,6 +55,7 @@ def save_quantized(path, params, config: ModelConfig | None = None, recipe: Reci
                 "kind": "qarray", "dtypes": dtypes, "fmt": leaf.fmt, "reduce_axes": list(leaf.reduce_axes),
                 "group_size": leaf.group_size, "dtype_name": leaf.dtype_name,
                 "logical_axes": None if leaf.logical_axes is None else list(leaf.logical_axes),
+                "order": leaf.order,
             }
         else:
             tensors[name], dtype = _to_numpy(leaf)
@@ -103,6 +104,7 @@ def load_quantized(path, abstract: bool = False, device=None):
                     fmt=info["fmt"], reduce_axes=tuple(info["reduce_axes"]), group_size=info["group_size"],
                     dtype_name=info["dtype_name"],
                     logical_axes=None if info["logical_axes"] is None else tuple(info["logical_axes"]),
+                    order=info.get("order", "rows"),
                 )
             elif info["kind"] == "array":
                 leaf = read(name, info["dtype"])

@@ -1,0 +1,180 @@
+"""int4 weights in the tensor cores' fragment order: the byte layout, its inverse, the tree transform, the
+model on it (XLA's path on the CPU), serialization; natively on the GPU the fragment kernel against float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinfer as ji
+from jaxinfer import ops
+from jaxinfer.quant import fragments
+from jaxinfer.quant.qarray import dequantize, quantize_array, to_fragment_order, to_row_order
+
+# Every matrix fits the order: N (head_dim, dim, ffn_dim, vocab) multiples of 64, K (dim, heads x head_dim,
+# ffn_dim) multiples of 256.
+CONFIG = ji.ModelConfig(vocab_size=256, dim=256, ffn_dim=512, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=64, max_seq_len=64)
+
+
+def test_pack_codes_puts_each_code_where_the_layout_says():
+    """Code (n, k) of a 64 x 256 block sits in the word of step s = (k % 256) // 16 and thread
+    t = 32 w + 4 r + c at bit 16 e + 4 (2 j + h), where n % 64 = 16 w + 8 h + r and k % 16 = 8 j + 2 c + e;
+    word (s, t) of block (b, kb) is the 4 bytes at 4 (128 s + t) of the block read row-major."""
+    rng = np.random.default_rng(0)
+    u = rng.integers(0, 16, (128, 512)).astype(np.uint8)
+    v = np.asarray(fragments.pack_codes(jnp.asarray(u)))
+    assert v.shape == (128, 256) and v.dtype == np.uint8
+    for n in range(128):
+        for k in range(512):
+            b, nr = divmod(n, 64)
+            kb, kr = divmod(k, 256)
+            s, kk = divmod(kr, 16)
+            w, rest = divmod(nr, 16)
+            h, r = divmod(rest, 8)
+            j, rest = divmod(kk, 8)
+            c, e = divmod(rest, 2)
+            t = 32 * w + 4 * r + c
+            block = v[64 * b:64 * b + 64, 128 * kb:128 * kb + 128].reshape(-1)
+            word = int.from_bytes(bytes(block[4 * (128 * s + t):4 * (128 * s + t) + 4]), "little")
+            assert (word >> (16 * e + 4 * (2 * j + h))) & 0xF == u[n, k], (n, k)
+    np.testing.assert_array_equal(np.asarray(fragments.unpack_codes(jnp.asarray(v))), u)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("shape,reduce_axes,group", [((2, 128, 512), (-1,), 128), ((64, 4, 128), (-2, -1), 64),
+                                                     ((3, 64, 256), (-1,), 32)])
+def test_fragment_order_round_trips_and_dequantizes_the_same(zero_point, shape, reduce_axes, group):
+    w = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    q = quantize_array(w, "int4", reduce_axes, group, zero_point=zero_point)
+    f = to_fragment_order(q)
+    assert f.order == "fragments" and f.shape == q.shape and f.values.shape == q.values.shape
+    assert not np.array_equal(np.asarray(f.values), np.asarray(q.values))  # the bytes did move
+    for a, b in zip(jax.tree.leaves(to_row_order(f)), jax.tree.leaves(q)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(dequantize(f)), np.asarray(dequantize(q)))
+    assert to_fragment_order(f) is f
+
+
+def test_fragment_order_errors_name_the_problem():
+    w = jnp.ones((96, 512), jnp.float32)
+    with pytest.raises(ValueError, match="N a multiple of 64"):
+        to_fragment_order(quantize_array(w, "int4", (-1,), 64))
+    with pytest.raises(ValueError, match="int4"):
+        to_fragment_order(quantize_array(jnp.ones((64, 256)), "int8", (-1,)))
+    with pytest.raises(ValueError, match="groups of 32, 64, 128 or 256"):
+        to_fragment_order(quantize_array(jnp.ones((64, 1024)), "int4", (-1,), 512))
+    params = ji.init_params(CONFIG, 0, jnp.float32)
+    with pytest.raises(ValueError, match="quantized to int4"):
+        ji.fragment_order(ji.contract_last(params))
+    small = ji.ModelConfig(vocab_size=96, dim=96, ffn_dim=192, num_layers=1, num_heads=3, num_kv_heads=1, head_dim=32)
+    tree = ji.quantize(ji.contract_last(ji.init_params(small, 0, jnp.float32)), "int4-g32")
+    with pytest.raises(ValueError, match="fits the fragment order"):
+        ji.fragment_order(tree)
+
+
+def _trees(dtype=jnp.float32):
+    params = ji.init_params(CONFIG, 0, dtype)
+    rows = ji.quantize(ji.contract_last(params), "int4-g64")
+    return rows, ji.fragment_order(rows)
+
+
+def test_model_on_fragment_order_matches_row_order():
+    rows, frags = _trees()
+    orders = [leaf.values.order for leaf in jax.tree.leaves(frags, is_leaf=ji.weight_layout.is_contract_last)
+              if ji.weight_layout.is_contract_last(leaf)]
+    assert orders and set(orders) == {"fragments"}
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 12)).astype(np.int32)
+
+    def run(params):
+        cache = ji.init_cache(CONFIG, 2, 32, jnp.float32)
+        logits, cache = ji.prefill(params, cache, tokens, config=CONFIG)
+        out = [logits]
+        for t in range(3):
+            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=CONFIG)
+            out.append(logits)
+        return np.stack([np.asarray(o) for o in out])
+
+    np.testing.assert_array_equal(run(frags), run(rows))
+
+
+def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
+    w = jax.random.normal(jax.random.key(2), (256, 512), jnp.float32)
+    q = to_fragment_order(quantize_array(w, "int4", (-1,), 128, zero_point=True))
+    x = jax.random.normal(jax.random.key(3), (5, 512), jnp.float32)
+    got = ops.matmul("mk,nk->mn", x, q, jnp.float32)
+    want = np.asarray(x, np.float64) @ np.asarray(dequantize(to_row_order(q), jnp.float32), np.float64).T
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="row order"):
+        ops.embed(q, jnp.array([0, 3]))
+
+
+def test_save_and_load_keep_the_order(tmp_path):
+    _, frags = _trees()
+    path = ji.save_quantized(tmp_path / "f.safetensors", frags)
+    back, _ = ji.load_quantized(path)
+    saved = frags["layers"]["w_up"].values
+    loaded = back["layers"]["w_up"]["values"]  # (the file keeps a contract-last leaf's children by path)
+    assert loaded.order == "fragments"
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- the kernel, natively on the GPU -------------------------------------------------------------------------
+
+
+def _reference(x, q, layer):
+    w = np.asarray(dequantize(to_row_order(q), jnp.float32), np.float64)[layer]
+    return np.asarray(x, np.float64) @ w.T
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 5, 16, 24, 64])
+@pytest.mark.parametrize("group,zero_point", [(128, True), (64, False), (32, True), (256, False)])
+def test_fragment_kernel_matches_float64(rows, group, zero_point):
+    from pallas_kernels import fragment_matmul as fm
+
+    L, N, K = 3, 384, 2048
+    w = jax.random.normal(jax.random.key(rows), (L, N, K), jnp.float32)
+    q = to_fragment_order(quantize_array(w, "int4", (-1,), group, zero_point=zero_point))
+    x = jax.random.normal(jax.random.key(7), (rows, K), jnp.float32).astype(jnp.bfloat16)
+    got = fm.fragment_matmul(x, q.values, q.scales, q.offsets, jnp.int32(2), group_size=group,
+                             out_dtype=jnp.float32)
+    want = _reference(x, q, 2)
+    err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+    assert err < 1e-5, err
+
+
+@pytest.mark.gpu
+def test_fragment_kernel_runs_the_model_on_the_gpu(monkeypatch):
+    """Batched prefill and decode on a fragment-ordered tree take the kernel and give the row-ordered tree's
+    logits (which take the Triton weight kernel)."""
+    from pallas_kernels import fragment_matmul as fm
+
+    rows, frags = _trees(jnp.bfloat16)
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 12)).astype(np.int32)
+    calls = []
+    kernel = fm.fragment_matmul
+    monkeypatch.setattr(fm, "fragment_matmul", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+
+    def run(params):
+        cache = ji.init_cache(CONFIG, 4, 32, jnp.bfloat16)
+        logits, cache = ji.prefill(params, cache, tokens, config=CONFIG)
+        out = [logits]
+        for t in range(3):
+            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=CONFIG)
+            out.append(logits)
+        return np.stack([np.asarray(o, np.float32) for o in out])
+
+    ref = run(rows)
+    assert not calls
+    got = run(frags)
+    assert calls
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-2
+
+
+def test_the_fragments_layout_needs_int4():
+    from jaxinfer.bench.runner import BenchSpec
+
+    with pytest.raises(ValueError, match="needs quant='int4'"):
+        BenchSpec(config=CONFIG, weight_layout="fragments", quant="int8")
