@@ -730,7 +730,7 @@ def swiglu(x, gate, up, *, impl: str = "auto"):
     row = _row_plan(impl, x, [_stored_order(*gate), _stored_order(*up)], swiglu=True)
     if row is not None:
         return row(epilogue="swiglu", out_dtype=None)[0]
-    g, u = matmuls(x, gate, up, impl=impl)
+    g, u = (value(o) for o in matmuls(x, gate, up, impl=impl))  # parts of a packed gate/up come `Sliced`
     return jax.nn.silu(g) * u
 
 

@@ -9,8 +9,10 @@ together. The three as one [6144, 4096] matrix took 13.6 us against 15.7 for the
 A `Packed` leaf replaces `layers/q`, `layers/k` and `layers/v` by `layers/qkv`: the weights concatenated along
 their head axis (the first output axis), plain or `ContractLast`, with the parts' names and sizes. The model
 never sees it: `model.layer_view` hands out each part as `ops.PartOf`, and `ops.matmuls` makes the three
-products as one where they come together. Float weights only (quantized q/k/v already run in one launch on
-the row kernel).
+products as one where they come together. Float weights, and int4 weights in the tensor cores' fragment order
+(`weight_layout.fragment_order`, which packs them with `pack_gate_up` too: no other kernel reads that order, so
+one product a group of them is how they share a launch); other quantized q/k/v already run in one launch of the
+row kernel or the weight kernel.
 
 Sharded on `tensor`: `pack_qkv(params, shards=t)` lays the concatenation out per shard, [q_0 k_0 v_0 | q_1 k_1
 v_1 | ...] with each block one device's heads, so that splitting the packed axis t ways hands every device a
@@ -33,6 +35,7 @@ from .weight_layout import ContractLast
 
 PACK_FLOAT_QKV = True  # the command line and the bench pack float contract-last trees (False: for comparisons)
 QKV = ("q", "k", "v")
+GATE_UP = ("w_gate", "w_up")  # packed along their output (ffn) axis, the last logical one
 HEAD_AXIS = -2  # the parts' concatenated logical axis: q [.., D, N, H], k and v [.., D, K, H]
 
 
@@ -100,39 +103,60 @@ def stored_axis(w, axis: int) -> int:
 def pack_qkv(params, shards: int = 1):
     """The parameter tree with each layer's q, k and v replaced by one `Packed` `qkv` leaf (concrete or
     abstract arrays, plain or `ContractLast`); `shards`: laid out for a `tensor` degree (module docstring).
-    Errors: no layer q/k/v, quantized weights, a tree already packed, a degree that does not divide the heads
-    of each part, a per-shard layout of weights without contraction-last axis names."""
+    Errors: no layer q/k/v, quantized weights (but fragment-ordered int4 on one shard), a tree already packed,
+    a degree that does not divide the heads of each part, a per-shard layout of weights without
+    contraction-last axis names."""
+    return _pack(params, QKV, "qkv", HEAD_AXIS, shards)
+
+
+def pack_gate_up(params):
+    """The tree with each layer's w_gate and w_up as one `Packed` `w_gate_up` leaf (concatenated along the
+    ffn axis): for fragment-ordered int4 weights (`weight_layout.fragment_order`), unsharded."""
+    return _pack(params, GATE_UP, "w_gate_up", -1, 1)
+
+
+def _fragment_ordered(w) -> bool:
+    v = w.values if isinstance(w, ContractLast) else w
+    return isinstance(v, QArray) and v.order == "fragments"
+
+
+def _pack(params, names: tuple[str, ...], packed_name: str, logical_axis: int, shards: int):
     layers = params.get("layers", {}) if isinstance(params, dict) else {}
-    if "qkv" in layers or has_packed(params):
-        raise ValueError("the parameter tree already has q, k and v packed")
-    missing = [n for n in QKV if n not in layers]
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    if packed_name in layers:
+        raise ValueError(f"the parameter tree already has {listed} packed")
+    missing = [n for n in names if n not in layers]
     if missing:
-        raise ValueError(f"pack_qkv needs the layers' q, k and v weights; missing layers/{', layers/'.join(missing)}")
-    ws = [layers[n] for n in QKV]
-    if any(isinstance(w, QArray) or isinstance(getattr(w, "values", None), QArray) for w in ws):
-        raise ValueError("pack_qkv takes float weights (quantized q, k and v already run in one launch of the "
-                         "row kernel): keep a quantized tree unpacked")
+        raise ValueError(f"packing needs the layers' {', '.join(names)} weights; missing layers/"
+                         f"{', layers/'.join(missing)}")
+    ws = [layers[n] for n in names]
+    quantized = [isinstance(w, QArray) or isinstance(getattr(w, "values", None), QArray) for w in ws]
+    if any(quantized) and not (all(_fragment_ordered(w) for w in ws) and shards == 1):
+        raise ValueError(f"packing {listed} takes float weights, or int4 weights in the fragment order "
+                         "on one shard (other quantized weights already run in one launch of a kernel): keep a "
+                         "quantized tree unpacked")
     kinds = {type(w) for w in ws}
     if len(kinds) != 1:
-        raise ValueError(f"q, k and v must share one layout to be packed, got {[type(w).__name__ for w in ws]}")
+        raise ValueError(f"{listed} must share one layout to be packed, got {[type(w).__name__ for w in ws]}")
     first = ws[0]
     if shards > 1 and not (isinstance(first, ContractLast) and first.logical_axes):
         raise ValueError("pack_qkv(shards=...) lays out contraction-last weights with axis names (`contract_last`)")
-    axis = stored_axis(first, HEAD_AXIS)
+    axis = stored_axis(first, logical_axis)
     arrays = [w.values if isinstance(w, ContractLast) else w for w in ws]
-    sizes = tuple((n, int(a.shape[axis])) for n, a in zip(QKV, arrays))
+    sizes = tuple((n, int(a.shape[axis])) for n, a in zip(names, arrays))
     bad = [f"{n}={size}" for n, size in sizes if size % shards]
     if bad:
         raise ValueError(f"pack_qkv: {shards} shards do not divide the heads of {', '.join(bad)}")
     blocks = [_split(a, shards, axis) for a in arrays]  # per part, its `shards` blocks of heads
     packed = _concatenate([part[s] for s in range(shards) for part in blocks], axis)
     if isinstance(first, ContractLast):
-        names = first.logical_axes
-        if names:  # heads of three kinds: named like the query heads only where the rules may split them
-            names = names[:HEAD_AXIS] + (names[HEAD_AXIS] if shards > 1 else None,) + names[HEAD_AXIS + 1 :]
-        packed = first.replace(values=packed, logical_axes=names)
-    new_layers = {k: v for k, v in layers.items() if k not in QKV}
-    new_layers["qkv"] = Packed(values=packed, parts=sizes, axis=HEAD_AXIS, shards=shards)
+        names_ = first.logical_axes
+        if names_:  # parts of several kinds: named like the first only where the rules may split them
+            names_ = (names_[:logical_axis] + (names_[logical_axis] if shards > 1 else None,)
+                      + (names_[logical_axis + 1:] if logical_axis != -1 else ()))
+        packed = first.replace(values=packed, logical_axes=names_)
+    new_layers = {k: v for k, v in layers.items() if k not in names}
+    new_layers[packed_name] = Packed(values=packed, parts=sizes, axis=logical_axis, shards=shards)
     return {**params, "layers": new_layers}
 
 
@@ -148,6 +172,10 @@ def _split(a, n: int, axis: int):
 
 
 def _concatenate(arrays, axis: int):
+    if isinstance(arrays[0], QArray):  # (not the group axis: scales and offsets share its position)
+        cat = lambda xs: None if xs[0] is None else _concatenate(xs, axis)  # noqa: E731
+        return arrays[0].replace(values=cat([a.values for a in arrays]), scales=cat([a.scales for a in arrays]),
+                                 offsets=cat([a.offsets for a in arrays]))
     if isinstance(arrays[0], jax.ShapeDtypeStruct):
         shape = list(arrays[0].shape)
         shape[axis] = sum(a.shape[axis] for a in arrays)

@@ -285,6 +285,9 @@ def _packed_specs(params, specs, mesh: Mesh, r: ShardingRules):
     """The spec tree of a tree whose layers hold q, k and v packed (`packing.pack_qkv`): checked against the
     mesh (laid out for its tensor degree, contraction-last with axis names) and given a `qkv` entry (the
     leaf itself names its axes)."""
+    if isinstance(params, dict) and "w_gate_up" in params.get("layers", {}):
+        raise ValueError("gate and up are packed into one matrix for the fragment order (`fragment_order`), "
+                         "which runs unsharded: shard a tree without it")
     leaf = params.get("layers", {}).get("qkv") if isinstance(params, dict) else None
     degree = math.prod(mesh.shape[a] for a in r.mesh_axes("q_heads") or ())
     if not isinstance(leaf, Packed) or leaf.shards != degree:

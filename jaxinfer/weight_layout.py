@@ -147,12 +147,14 @@ def _transpose(leaf, order):
     return np.transpose(leaf, order) if isinstance(leaf, np.ndarray) else jnp.transpose(leaf, order)
 
 
-def fragment_order(params):
+def fragment_order(params, *, pack: bool = True):
     """Return the tree with every int4 matrix of a quantized contract-last tree whose shape allows it in the
     tensor cores' fragment order (`quant/fragments.py`): the same shapes and bytes permuted, for batched
     decode on Hopper (`pallas_kernels.fragment_matmul`, 1-64 rows). One-row products of these weights lose
     the fused row kernel (it reads row order), so this is a layout for batched serving. Matrices whose
-    shape does not fit (N a multiple of 64, K of 256, groups dividing 256) stay in row order.
+    shape does not fit (N a multiple of 64, K of 256, groups dividing 256) stay in row order. With `pack`, each
+    layer's q/k/v and gate/up (when all of them moved) become one matrix each (`packing.pack_qkv`,
+    `pack_gate_up`): one launch a group of products, as the row-order kernels fuse them.
 
     Errors: a tree with no contract-last int4 matrix, or none that fits."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_contract_last)
@@ -172,4 +174,13 @@ def fragment_order(params):
     if not moved:
         raise ValueError("no int4 matrix of this tree fits the fragment order (N a multiple of 64, K of 256, "
                          "groups of 32-256)")
-    return treedef.unflatten(out)
+    params = treedef.unflatten(out)
+    if pack:  # no other kernel reads this order: products of one input share a launch only as one matrix
+        from .packing import GATE_UP, QKV, _fragment_ordered, pack_gate_up, pack_qkv
+
+        layers = params.get("layers", {}) if isinstance(params, dict) else {}
+        if all(n in layers and _fragment_ordered(layers[n]) for n in QKV):
+            params = pack_qkv(params)
+        if all(n in layers and _fragment_ordered(layers[n]) for n in GATE_UP):
+            params = pack_gate_up(params)
+    return params

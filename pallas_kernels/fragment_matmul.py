@@ -40,7 +40,6 @@ STAGES = 3  # ring slots: at 16 rows ~17 KB a slot, so three or four CTAs share 
 MAX_ROWS = 64
 TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 GROUPS = (32, 64, 128, 256)
-MIN_SUMS_COLS = 32  # x's group sums streamed as rows of at least 128 bytes (TMA slots stay 128-byte aligned)
 
 
 def _plgpu():
@@ -65,9 +64,13 @@ def plan_splits(k: int, n: int) -> int:
     return splits
 
 
-def _sums_cols(mp: int) -> int:
-    """Columns of x's group-sum rows: whole 128-byte multiples, so that every ring slot stays aligned."""
-    return -(-max(mp, MIN_SUMS_COLS) // MIN_SUMS_COLS) * MIN_SUMS_COLS
+def _sums_cols(mp: int, group: int) -> int:
+    """Columns of x's group-sum rows: x's rows, widened until a step's slot (STEP / group rows) is a whole
+    multiple of 128 bytes, so that every slot of the ring stays aligned (no padding at 16 rows, groups <= 128)."""
+    cols = mp
+    while (STEP // group) * cols * 4 % 128:
+        cols += 8
+    return cols
 
 
 def _x_transforms(plgpu, group: int):
@@ -112,7 +115,7 @@ def _widen(plgpu, words_smem, group: int):
 
 
 def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp):
-    sums_cols = _sums_cols(mp)
+    sums_cols = _sums_cols(mp, group)
     plgpu = _plgpu()
     m_ref, sums_ref, o_ref = refs if offsets else (None, None, refs[0])
     layer = layer_ref[0]
@@ -197,7 +200,7 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
         sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T  # [G, mp]
-        sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp) - mp)))
+        sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp, group_size) - mp)))
         arrays += [offsets.reshape(L, N // ROWS, G, ROWS), sums]
     splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,

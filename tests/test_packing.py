@@ -95,7 +95,7 @@ def test_packed_trees_refuse_what_would_split_or_change_them():
         pack_qkv(packed)
     with pytest.raises(ValueError, match="quantize the unpacked tree"):
         ji.quantize(packed, "int8")
-    with pytest.raises(ValueError, match="pack_qkv takes float weights"):
+    with pytest.raises(ValueError, match="packing q, k and v takes float weights"):
         pack_qkv(ji.quantize(params, "int8"))
     with pytest.raises(ValueError, match="missing layers/k"):
         pack_qkv({"layers": {"q": params["layers"]["q"]}})
