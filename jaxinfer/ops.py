@@ -755,6 +755,8 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         return None
     if impl == "auto" and not on_gpu():
         return None
+    if any(isinstance(w, PartOf) for _, w in products):  # parts of a packed weight: `matmuls` makes them as one
+        return None
     xv = x.x if isinstance(x, Normed) else jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Unmerged) else x
     if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():
         return None

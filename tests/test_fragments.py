@@ -99,6 +99,24 @@ def test_model_on_fragment_order_matches_row_order():
     assert {"qkv", "w_gate_up"} <= set(frags["layers"]) and "w_gate" not in frags["layers"]
 
 
+def test_gpu_dispatch_takes_a_fragment_ordered_tree(monkeypatch):
+    """With the GPU-only kernels' dispatch switched on (interpreted here), a fragment-ordered tree, its q/k/v
+    and gate/up packed, runs decode: no kernel that reads row order takes its weights."""
+    rows, frags = _trees(jnp.bfloat16)
+    tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 6)).astype(np.int32)
+
+    def step(params):  # (the cache is donated: a fresh one each time)
+        _, cache = ji.prefill(params, ji.init_cache(CONFIG, 2, 16, jnp.bfloat16), tokens, config=CONFIG)
+        return ji.decode_step(params, cache, tokens[:, 0], config=CONFIG, impl="auto")[0]
+
+    want = step(rows)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
+    got = step(frags)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
 def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
     w = jax.random.normal(jax.random.key(2), (256, 512), jnp.float32)
     q = to_fragment_order(quantize_array(w, "int4", (-1,), 128, zero_point=True))
