@@ -65,8 +65,9 @@ def plan_splits(k: int, n: int) -> int:
 
 
 def _sums_cols(mp: int, group: int) -> int:
-    """Columns of x's group-sum rows: whole multiples of 128 bytes (32 floats). Rows of 64 bytes made the
-    model's kernel fail on the H200 (S23-8), as 32- and 64-byte rows of a TMA ring faulted in session 14."""
+    """Columns of x's group-sum rows: whole multiples of 128 bytes (32 floats), as session 14 found that 32- and
+    64-byte rows of a TMA ring fault. (S23-8 tried rows of x's own width where each slot stayed 128-byte aligned;
+    it failed, but alongside another fault of that code, so which one failed it is not known.)"""
     del group
     return -(-mp // 32) * 32
 
