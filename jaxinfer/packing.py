@@ -115,7 +115,8 @@ def pack_gate_up(params):
     return _pack(params, GATE_UP, "w_gate_up", -1, 1)
 
 
-def _fragment_ordered(w) -> bool:
+def fragment_ordered(w) -> bool:
+    """Whether `w` (a QArray, or one inside a `ContractLast`) is int4 in the fragment order."""
     v = w.values if isinstance(w, ContractLast) else w
     return isinstance(v, QArray) and v.order == "fragments"
 
@@ -131,7 +132,7 @@ def _pack(params, names: tuple[str, ...], packed_name: str, logical_axis: int, s
                          f"{', layers/'.join(missing)}")
     ws = [layers[n] for n in names]
     quantized = [isinstance(w, QArray) or isinstance(getattr(w, "values", None), QArray) for w in ws]
-    if any(quantized) and not (all(_fragment_ordered(w) for w in ws) and shards == 1):
+    if any(quantized) and not (all(fragment_ordered(w) for w in ws) and shards == 1):
         raise ValueError(f"packing {listed} takes float weights, or int4 weights in the fragment order "
                          "on one shard (other quantized weights already run in one launch of a kernel): keep a "
                          "quantized tree unpacked")
@@ -150,11 +151,11 @@ def _pack(params, names: tuple[str, ...], packed_name: str, logical_axis: int, s
     blocks = [_split(a, shards, axis) for a in arrays]  # per part, its `shards` blocks of heads
     packed = _concatenate([part[s] for s in range(shards) for part in blocks], axis)
     if isinstance(first, ContractLast):
-        names_ = first.logical_axes
-        if names_:  # parts of several kinds: named like the first only where the rules may split them
-            names_ = (names_[:logical_axis] + (names_[logical_axis] if shards > 1 else None,)
-                      + (names_[logical_axis + 1:] if logical_axis != -1 else ()))
-        packed = first.replace(values=packed, logical_axes=names_)
+        axis_names = first.logical_axes
+        if axis_names:  # parts of several kinds: named like the first only where the rules may split them
+            axis_names = (axis_names[:logical_axis] + (axis_names[logical_axis] if shards > 1 else None,)
+                          + (axis_names[logical_axis + 1:] if logical_axis != -1 else ()))
+        packed = first.replace(values=packed, logical_axes=axis_names)
     new_layers = {k: v for k, v in layers.items() if k not in names}
     new_layers[packed_name] = Packed(values=packed, parts=sizes, axis=logical_axis, shards=shards)
     return {**params, "layers": new_layers}

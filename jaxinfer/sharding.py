@@ -34,6 +34,7 @@ from . import params as params_lib
 from .cache import KVCache, PagedKVCache, QuantKVCache, is_quantized_kv
 from .config import ModelConfig
 from .packing import QKV, Packed, has_packed
+from .quant.qarray import QArray
 from .weight_layout import ContractLast
 
 MESH_AXES = ("data", "pipeline", "tensor")  # mesh axis order: tensor innermost (neighbouring devices)
@@ -266,9 +267,11 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
         what = jax.tree_util.keystr(path)
         names = getattr(leaf, "axis_names", None)
         if callable(names):  # a QArray: shard each child by its own logical axes
-            return jax.tree.map(
+            shardings = jax.tree.map(
                 lambda axes, a: child(axes, a, what), names(), leaf, is_leaf=lambda x: isinstance(x, tuple)
             )
+            _check_fragment_split(leaf, shardings, what)
+            return shardings
         if tuple(leaf.shape) != spec.shape:
             raise ValueError(f"parameter {what} has shape {tuple(leaf.shape)}, the config needs {spec.shape}")
         return NamedSharding(mesh, r.spec(spec.axes, what))
@@ -279,6 +282,29 @@ def tree_shardings(params, config: ModelConfig, mesh: Mesh, rules: ShardingRules
         if "the config needs" in str(e):
             raise
         raise ValueError(f"parameter tree does not match the config's parameter specs: {e}") from None
+
+
+def _check_fragment_split(leaf, shardings, what: str):
+    """A fragment-ordered int4 weight (`quant/fragments.py`) is permuted in blocks of 64 rows x 256 K: it may be
+    split along its output rows in whole blocks, never along its contracted axes (row-parallel products)."""
+    while not isinstance(leaf, QArray) and hasattr(leaf, "values"):  # Packed / ContractLast wrappers
+        leaf, shardings = leaf.values, shardings.values
+    if not isinstance(leaf, QArray) or leaf.order != "fragments":
+        return
+    spec = tuple(shardings.values.spec) + (None,) * (leaf.ndim - len(shardings.values.spec))
+    mesh = shardings.values.mesh
+    r = len(leaf.reduce_axes)
+
+    def ways(axes) -> int:
+        return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+    if any(ways(a) > 1 for a in spec[-r:]):
+        raise ValueError(f"{what}: an int4 weight in the fragment order cannot be split along its contracted axes "
+                         "(row-parallel); shard a row-ordered tree, or keep this one unsharded")
+    rows = leaf.shape[-r - 1] // ways(spec[-r - 1])
+    if rows % 64:
+        raise ValueError(f"{what}: an int4 weight in the fragment order splits only in whole blocks of 64 rows; "
+                         f"this mesh leaves {rows} a shard")
 
 
 def _packed_specs(params, specs, mesh: Mesh, r: ShardingRules):

@@ -157,9 +157,9 @@ def fragment_order(params, *, pack: bool = True):
     `pack_gate_up`): one launch a group of products, as the row-order kernels fuse them.
 
     Errors: a tree with no contract-last int4 matrix, or none that fits."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_contract_last)
+    leaves, treedef = jax.tree.flatten(params, is_leaf=is_contract_last)
     out, int4, moved = [], 0, 0
-    for key_path, leaf in leaves:
+    for leaf in leaves:
         if is_contract_last(leaf) and isinstance(leaf.values, QArray) and leaf.values.fmt == "int4":
             int4 += 1
             try:
@@ -176,11 +176,11 @@ def fragment_order(params, *, pack: bool = True):
                          "groups of 32-256)")
     params = treedef.unflatten(out)
     if pack:  # no other kernel reads this order: products of one input share a launch only as one matrix
-        from .packing import GATE_UP, QKV, _fragment_ordered, pack_gate_up, pack_qkv
+        from .packing import GATE_UP, QKV, fragment_ordered, pack_gate_up, pack_qkv
 
         layers = params.get("layers", {}) if isinstance(params, dict) else {}
-        if all(n in layers and _fragment_ordered(layers[n]) for n in QKV):
+        if all(n in layers and fragment_ordered(layers[n]) for n in QKV):
             params = pack_qkv(params)
-        if all(n in layers and _fragment_ordered(layers[n]) for n in GATE_UP):
+        if all(n in layers and fragment_ordered(layers[n]) for n in GATE_UP):
             params = pack_gate_up(params)
     return params

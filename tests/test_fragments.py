@@ -205,3 +205,20 @@ def test_the_fragments_layout_needs_int4():
 
     with pytest.raises(ValueError, match="needs quant='int4'"):
         BenchSpec(config=CONFIG, weight_layout="fragments", quant="int8")
+
+
+def test_sharding_refuses_splits_that_cut_the_fragment_blocks():
+    from types import SimpleNamespace
+
+    from jaxinfer.sharding import _check_fragment_split
+
+    q = to_fragment_order(quantize_array(jnp.ones((2, 256, 512)), "int4", (-1,), 128))
+    mesh = SimpleNamespace(shape={"tensor": 2, "data": 1})
+    split = lambda *spec: q.replace(values=SimpleNamespace(spec=spec, mesh=mesh))  # noqa: E731
+    _check_fragment_split(q, split(None, "tensor", None), "o")  # column-parallel: whole 128-row halves
+    _check_fragment_split(q, split(None, None, "data"), "o")  # a mesh axis of one splits nothing
+    with pytest.raises(ValueError, match="contracted axes"):
+        _check_fragment_split(q, split(None, None, "tensor"), "o")
+    narrow = to_fragment_order(quantize_array(jnp.ones((64, 512)), "int4", (-1,), 128))
+    with pytest.raises(ValueError, match="whole blocks of 64 rows"):
+        _check_fragment_split(narrow, narrow.replace(values=SimpleNamespace(spec=("tensor",), mesh=mesh)), "q")
