@@ -53,6 +53,7 @@ def padded_rows(m: int) -> int:
 
 
 def supports(m: int, k: int, n: int, group_size: int | None) -> bool:
+    """Whether the kernel takes x [m, k] against a fragment-ordered weight of n rows in groups of group_size."""
     return (1 <= m <= MAX_ROWS and group_size in GROUPS and n % ROWS == 0 and k % STEP == 0)
 
 
@@ -64,11 +65,10 @@ def plan_splits(k: int, n: int) -> int:
     return splits
 
 
-def _sums_cols(mp: int, group: int) -> int:
+def _sums_cols(mp: int) -> int:
     """Columns of x's group-sum rows: whole multiples of 128 bytes (32 floats), as session 14 found that 32- and
     64-byte rows of a TMA ring fault. (S23-8 tried rows of x's own width where each slot stayed 128-byte aligned;
     it failed, but alongside another fault of that code, so which one failed it is not known.)"""
-    del group
     return -(-mp // 32) * 32
 
 
@@ -114,7 +114,7 @@ def _widen(plgpu, words_smem, group: int):
 
 
 def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp):
-    sums_cols = _sums_cols(mp, group)
+    sums_cols = _sums_cols(mp)
     plgpu = _plgpu()
     m_ref, sums_ref, o_ref = refs if offsets else (None, None, refs[0])
     layer = layer_ref[0]
@@ -199,7 +199,7 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
         sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T  # [G, mp]
-        sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp, group_size) - mp)))
+        sums = jnp.pad(sums, ((0, 0), (0, _sums_cols(mp) - mp)))
         arrays += [offsets.reshape(L, N // ROWS, G, ROWS), sums]
     splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
