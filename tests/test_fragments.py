@@ -128,15 +128,22 @@ def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
         ops.embed(q, jnp.array([0, 3]))
 
 
-def test_save_and_load_keep_the_order(tmp_path):
+def test_save_and_load_keep_the_order_and_the_layout(tmp_path):
+    """The file keeps the fragment order and the layout wrappers (contract-last, packed q/k/v and gate/up): the
+    loaded tree is the saved one, and runs."""
     _, frags = _trees()
     path = ji.save_quantized(tmp_path / "f.safetensors", frags)
     back, _ = ji.load_quantized(path)
-    saved = frags["layers"]["o"].values
-    loaded = back["layers"]["o"]["values"]  # (the file keeps a contract-last leaf's children by path)
-    assert loaded.order == "fragments"
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
+    assert jax.tree.structure(back) == jax.tree.structure(frags)  # static fields (order, parts, ...) included
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(frags)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert back["layers"]["o"].values.order == "fragments"
+    abstract, _ = ji.load_quantized(path, abstract=True)
+    assert jax.tree.structure(abstract) == jax.tree.structure(frags)
+    tokens = np.arange(6, dtype=np.int32).reshape(1, 6)
+    logits, _ = ji.prefill(back, ji.init_cache(CONFIG, 1, 16, jnp.float32), tokens, config=CONFIG)
+    want, _ = ji.prefill(frags, ji.init_cache(CONFIG, 1, 16, jnp.float32), tokens, config=CONFIG)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
 
 
 # -- the kernel, natively on the GPU -------------------------------------------------------------------------

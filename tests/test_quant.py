@@ -336,6 +336,17 @@ def test_save_and_load_round_trip(params, tmp_path):
                for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(tree)))
 
 
+def test_save_and_load_keep_the_layout_wrappers(params, tmp_path):
+    """Trees in the command line's layouts (contract-last, quantized; contract-last with q/k/v packed) come back
+    with their `ContractLast` / `Packed` leaves, not as dicts of their children."""
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    for tree in (Q.quantize(ji.contract_last(bf), "int8"), ji.contract_last(bf, pack_qkv=True)):
+        loaded, _ = Q.load_quantized(Q.save_quantized(tmp_path / "l.safetensors", tree))
+        assert jax.tree.structure(loaded) == jax.tree.structure(tree)
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(loaded)):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
 def test_load_errors(tmp_path):
     from safetensors.numpy import save_file
 

@@ -2,7 +2,9 @@
 
 Tensors are named by tree path: a plain leaf `layers/mlp_norm`, a `QArray` as `layers/q.values`,
 `layers/q.scales` and `layers/q.offsets`. The header's metadata (`jaxinfer.params`, JSON) records each
-leaf's kind, dtypes and the `QArray` static fields, plus the model config and the recipe when given.
+leaf's kind, dtypes and the `QArray` static fields, plus the model config and the recipe when given. Layout
+wrappers around a leaf (`ContractLast`, a `Packed` q/k/v or gate/up) are recorded with it (`wrappers`, outermost
+first) and rebuilt on load, so a tree in the command line's layout comes back runnable.
 bfloat16 and float8 tensors are stored as same-width unsigned integers (safetensors' numpy side knows
 neither) and viewed back on load. `load_quantized(..., abstract=True)` reads only the header and
 returns `jax.ShapeDtypeStruct`s, for planning and sharding before any data moves.
@@ -42,9 +44,22 @@ def save_quantized(path, params, config: ModelConfig | None = None, recipe: Reci
     """Write `params` (plain and `QArray` leaves) to `path` (a .safetensors file); returns the path."""
     from safetensors.numpy import save_file
 
+    from ..packing import Packed
+    from ..weight_layout import ContractLast
+
     tensors, leaves = {}, {}
-    for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)[0]:
+    wrapped = lambda x: isinstance(x, (QArray, ContractLast, Packed))  # noqa: E731
+    for p, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=wrapped)[0]:
         name = "/".join(path_names(p))
+        wrappers = []
+        while isinstance(leaf, (ContractLast, Packed)):
+            if isinstance(leaf, Packed):
+                wrappers.append({"kind": "packed", "parts": [list(part) for part in leaf.parts], "axis": leaf.axis,
+                                 "shards": leaf.shards})
+            else:
+                wrappers.append({"kind": "contract_last", "contracted": leaf.contracted, "kept": leaf.kept,
+                                 "logical_axes": None if leaf.logical_axes is None else list(leaf.logical_axes)})
+            leaf = leaf.values
         if isinstance(leaf, QArray):
             dtypes = {}
             for child in _CHILDREN:
@@ -60,6 +75,8 @@ def save_quantized(path, params, config: ModelConfig | None = None, recipe: Reci
         else:
             tensors[name], dtype = _to_numpy(leaf)
             leaves[name] = {"kind": "array", "dtype": dtype}
+        if wrappers:
+            leaves[name]["wrappers"] = wrappers
     if isinstance(recipe, Recipe):
         recipe = dataclasses.asdict(recipe)
     meta = {"version": FORMAT_VERSION, "leaves": leaves, "recipe": recipe,
@@ -110,12 +127,30 @@ def load_quantized(path, abstract: bool = False, device=None):
                 leaf = read(name, info["dtype"])
             else:
                 raise ValueError(f"{path}: leaf {name!r} has unknown kind {info['kind']!r}")
+            leaf = _wrapped(leaf, info.get("wrappers", ()), f"{path}: leaf {name!r}")
             node = tree
             *parents, last = name.split("/")
             for key in parents:
                 node = node.setdefault(key, {})
             node[last] = leaf
     return tree, _config_from_dict(meta.get("config"))
+
+
+def _wrapped(leaf, wrappers, what: str):
+    """`leaf` inside its recorded layout wrappers (outermost first)."""
+    from ..packing import Packed
+    from ..weight_layout import ContractLast
+
+    for w in reversed(list(wrappers)):
+        if w["kind"] == "contract_last":
+            axes = None if w["logical_axes"] is None else tuple(w["logical_axes"])
+            leaf = ContractLast(values=leaf, contracted=w["contracted"], kept=w["kept"], logical_axes=axes)
+        elif w["kind"] == "packed":
+            leaf = Packed(values=leaf, parts=tuple((n, int(size)) for n, size in w["parts"]), axis=w["axis"],
+                          shards=w["shards"])
+        else:
+            raise ValueError(f"{what} has unknown layout wrapper {w['kind']!r}")
+    return leaf
 
 
 def _config_from_dict(d: dict | None) -> ModelConfig | None:
