@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import ModelConfig, RopeScaling
 from ..params import path_names
-from .qarray import QArray, is_qarray
+from .qarray import QArray
 from .recipe import Recipe
 
 METADATA_KEY = "jaxinfer.params"
@@ -41,7 +41,8 @@ def _to_numpy(a) -> tuple[np.ndarray, str]:
 
 
 def save_quantized(path, params, config: ModelConfig | None = None, recipe: Recipe | str | None = None) -> Path:
-    """Write `params` (plain and `QArray` leaves) to `path` (a .safetensors file); returns the path."""
+    """Write `params` (plain and `QArray` leaves, in `ContractLast` / `Packed` layouts or not) to `path` (a
+    .safetensors file); returns the path."""
     from safetensors.numpy import save_file
 
     from ..packing import Packed
