@@ -79,22 +79,24 @@ def _trees(dtype=jnp.float32):
     return rows, ji.fragment_order(rows)
 
 
+def _prefill_then_decode(params, tokens, cache_dtype, steps=3):
+    """Float32 logits of a prefill of `tokens` [B, T], then of `steps` decode steps fed tokens[:, t], stacked."""
+    cache = ji.init_cache(CONFIG, tokens.shape[0], 32, cache_dtype)
+    logits, cache = ji.prefill(params, cache, tokens, config=CONFIG)
+    out = [logits]
+    for t in range(steps):
+        logits, cache = ji.decode_step(params, cache, tokens[:, t], config=CONFIG)
+        out.append(logits)
+    return np.stack([np.asarray(o, np.float32) for o in out])
+
+
 def test_model_on_fragment_order_matches_row_order():
     rows, frags = _trees()
     orders = [leaf.values.order for leaf in jax.tree.leaves(frags, is_leaf=ji.weight_layout.is_contract_last)
               if ji.weight_layout.is_contract_last(leaf)]
     assert orders and set(orders) == {"fragments"}
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 12)).astype(np.int32)
-
-    def run(params):
-        cache = ji.init_cache(CONFIG, 2, 32, jnp.float32)
-        logits, cache = ji.prefill(params, cache, tokens, config=CONFIG)
-        out = [logits]
-        for t in range(3):
-            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=CONFIG)
-            out.append(logits)
-        return np.stack([np.asarray(o) for o in out])
-
+    run = lambda params: _prefill_then_decode(params, tokens, jnp.float32)  # noqa: E731
     np.testing.assert_allclose(run(frags), run(rows), rtol=1e-5, atol=1e-5)  # (q/k/v, gate/up packed)
     assert {"qkv", "w_gate_up"} <= set(frags["layers"]) and "w_gate" not in frags["layers"]
 
@@ -182,16 +184,7 @@ def test_fragment_kernel_runs_the_model_on_the_gpu(monkeypatch):
     calls = []
     kernel = fm.fragment_matmul
     monkeypatch.setattr(fm, "fragment_matmul", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-
-    def run(params):
-        cache = ji.init_cache(CONFIG, 4, 32, jnp.bfloat16)
-        logits, cache = ji.prefill(params, cache, tokens, config=CONFIG)
-        out = [logits]
-        for t in range(3):
-            logits, cache = ji.decode_step(params, cache, tokens[:, t], config=CONFIG)
-            out.append(logits)
-        return np.stack([np.asarray(o, np.float32) for o in out])
-
+    run = lambda params: _prefill_then_decode(params, tokens, jnp.bfloat16)  # noqa: E731
     ref = run(rows)
     assert not calls
     got = run(frags)

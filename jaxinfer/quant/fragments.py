@@ -41,6 +41,12 @@ def check_fragment_shape(n: int, k: int, group_size: int | None, what: str = "we
                          f"got N={n}, K={k}")
 
 
+def _shifts() -> jax.Array:
+    """Bit position of code (j, h, e) in its thread's word: 16 e + 4 (2 j + h), indexed [j, h, e]."""
+    j, h, e = jnp.meshgrid(jnp.arange(2), jnp.arange(2), jnp.arange(2), indexing="ij")
+    return (16 * e + 4 * (2 * j + h)).astype(jnp.uint32)
+
+
 def pack_codes(u: jax.Array) -> jax.Array:
     """Codes `[..., N, K]` (uint8 in [0, 15]) -> fragment-ordered bytes `[..., N, K/2]`."""
     *lead, n, k = u.shape
@@ -48,9 +54,7 @@ def pack_codes(u: jax.Array) -> jax.Array:
     nd = len(lead)
     b, w, h, r, kb, s, j, c, e = (nd + i for i in range(9))
     u = u.transpose(*range(nd), b, kb, s, w, r, c, j, h, e)
-    jj, hh, ee = jnp.meshgrid(jnp.arange(2), jnp.arange(2), jnp.arange(2), indexing="ij")
-    shifts = (16 * ee + 4 * (2 * jj + hh)).astype(jnp.uint32)
-    words = jnp.sum(u << shifts, axis=(-3, -2, -1), dtype=jnp.uint32)  # disjoint bits: the sum is an or
+    words = jnp.sum(u << _shifts(), axis=(-3, -2, -1), dtype=jnp.uint32)  # disjoint bits: the sum is an or
     blocks = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., N/64, K/256, 16, 4, 8, 4, 4] little-endian
     blocks = blocks.reshape(*lead, n // ROWS, k // BLOCK_K, ROWS, BLOCK_K // 2)  # the block's bytes row-major
     return blocks.swapaxes(-3, -2).reshape(*lead, n, k // 2)
@@ -63,9 +67,7 @@ def unpack_codes(values: jax.Array) -> jax.Array:
     blocks = values.reshape(*lead, n // ROWS, ROWS, k // BLOCK_K, BLOCK_K // 2).swapaxes(-3, -2)
     words = jax.lax.bitcast_convert_type(blocks.reshape(*lead, n // ROWS, k // BLOCK_K, STEPS, 4, 8, 4, 4),
                                          jnp.uint32)  # [..., b, kb, s, w, r, c]
-    jj, hh, ee = jnp.meshgrid(jnp.arange(2), jnp.arange(2), jnp.arange(2), indexing="ij")
-    shifts = (16 * ee + 4 * (2 * jj + hh)).astype(jnp.uint32)
-    u = (words[..., None, None, None] >> shifts) & 0xF  # [..., b, kb, s, w, r, c, j, h, e]
+    u = (words[..., None, None, None] >> _shifts()) & 0xF  # [..., b, kb, s, w, r, c, j, h, e]
     nd = len(lead)
     b, kb, s, w, r, c, j, h, e = (nd + i for i in range(9))
     u = u.transpose(*range(nd), b, w, h, r, kb, s, j, c, e)
