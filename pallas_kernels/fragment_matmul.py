@@ -7,17 +7,15 @@ W is a contraction-last int4 `QArray` in `order="fragments"` (`jaxinfer/quant/fr
 operand in one 32-bit word. The kernel (Mosaic GPU, one warpgroup per CTA of 64 rows):
 
 - TMA streams each 256-wide step's (64, 128)-byte code tile, x's matching columns (padded to 8 or a multiple
-  of 16 rows) and the step's group scales (and offsets) into a 3-slot shared-memory ring.
+  of 16 rows) and the step's group scales (and offsets and x's group sums) into a 3-slot
+  shared-memory ring.
 - A thread loads its words (one per k16 step) and widens them in registers, two codes per three instructions
   (shift, LOP3 setting bfloat16 128 + u, a bf16x2 subtract of 136: u - 8, exact), building the A operand
   directly in `WGMMA_LAYOUT` through `plgpu.inline_mgpu`: no shuffles, no layout change.
 - One wgmma per group (x^T from shared memory as B) into a fresh accumulator, issued before the previous
-  group's accumulator is read, which then joins the float32 total scaled by its group's scale. Asymmetric codes
-  add (offset + 8 scale) x the group's sum of x, which a second wgmma (ones [64, group] @ x^T) delivers already
-  in the accumulator's layout.
-- The output is [N, M] float32 (the accumulator's own orientation; `.T` fuses into whatever XLA op reads it).
-  K is split over CTAs when there are few row blocks: each split adds its part into the zeroed output with
-  TMA's reduction, so no XLA op sums partials.
+  group's accumulator is read, which then joins the float32 total scaled by its group's scale (plus
+  (offset + 8 scale) x the group's sum of x for asymmetric codes).
+- K is split over CTAs when there are few row blocks; XLA sums the float32 partials and transposes.
 
 Why: the Triton weight kernel spends ~4 instructions a code at 16 rows, a third of them moving operands
 between layouts, and reaches 0.42 of the copy bandwidth on `llama-3-8b`'s gate+up (H200); this kernel 0.60
@@ -68,10 +66,17 @@ def plan_splits(k: int, n: int) -> int:
     return splits
 
 
-def _sums_cols(mp: int) -> int:
-    """Columns of x's group-sum rows (when XLA makes them): whole multiples of 128 bytes (32 floats), as session
-    14 found that 32- and 64-byte rows of a TMA ring fault."""
-    return -(-mp // 32) * 32
+def sums_layout(mp: int, n_groups: int) -> tuple[int, int]:
+    """(width, per_row): x's group sums are stored `per_row` groups to a row, each group's mp sums in `width`
+    floats. A TMA box takes at most 256 elements a dimension, and rows stay whole multiples of 128 bytes (session
+    14 found that 32- and 64-byte rows of a TMA ring fault). At 16 rows and groups of 128 a row is one step's
+    two groups with no padding, so XLA's reduction writes the sums as the kernel reads them (no pad after it)."""
+    width, per_row = mp, n_groups
+    while per_row * width > 256:
+        per_row //= 2
+    while per_row * width % 32:
+        width += 8
+    return width, per_row
 
 
 def _x_transforms(plgpu, group: int):
@@ -115,53 +120,41 @@ def _widen(plgpu, words_smem, group: int):
     return widen(words)
 
 
-def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp, sums_from, combine):
+def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp):
     plgpu = _plgpu()
-    tensor_sums = offsets and sums_from == "wgmma"
-    m_ref, sums_ref = (refs[0], None if tensor_sums else refs[1]) if offsets else (None, None)
-    o_ref = refs[-1]
+    m_ref, sums_ref, o_ref = refs if offsets else (None, None, refs[0])
     layer = layer_ref[0]
     j, split = lax.axis_index("n"), lax.axis_index("split")
     rows = pl.ds(j * ROWS, ROWS)
     k0 = split * steps_per_split
     n_groups = STEP // group
+    width, per_row = sums_layout(mp, n_groups)
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    n_acc = 2 if tensor_sums else 1
-    # "wgmma": x's group sums come from the tensor cores: ones [64, group] @ x^T puts the sum of each x row's
-    # group in every row of an accumulator already in the output's layout (no input, no XLA op).
-    ones = plgpu.layout_cast(jnp.ones((ROWS, group), jnp.bfloat16), plgpu.Layout.WGMMA) if tensor_sums else None
 
-    def add_group(out, accs, params, c):
+    def add_group(out, part, params, c):
         """Group c's partial product joined to the float32 total: scaled, plus its offsets' term."""
-        wait = n_acc if c + 1 < n_groups else 0  # group c + 1's wgmmas may stay in flight
-        part = plgpu.wgmma_accumulator_load(accs[0], wait_n=wait)
         scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32)
         out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
         if offsets:  # w = u s + m = (u - 8) s + (m + 8 s)
             off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) + 8.0 * scale
-            if tensor_sums:
-                sums = plgpu.wgmma_accumulator_load(accs[1], wait_n=wait)
-            else:
-                sums = lax.broadcast_in_dim(plgpu.load(params[2].at[c, pl.ds(0, mp)], (),
-                                                       layout=plgpu.Layout.WGMMA.reduce(0)), part.shape, [1])
-            out = out + lax.broadcast_in_dim(off, part.shape, [0]) * sums
+            sums = plgpu.load(params[2].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
+                              layout=plgpu.Layout.WGMMA.reduce(0))
+            out = out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
         return out
 
     def body(_, x_smem, w_smem, *params, carry):
-        def chain(c, prev, out):
-            """Group c's wgmma issued into fresh accumulators before group c - 1's are read (one group in flight)."""
+        def chain(c, prev_acc, out):
+            """Group c's wgmma issued into a fresh accumulator before group c - 1's is read (one in flight)."""
             if c == n_groups:
-                return add_group(out, prev, params, c - 1)
+                return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, c - 1)
             a = _widen(plgpu, w_smem.at[pl.ds(c * group // 4, group // 4)], group)
-            x_t = x_smem.at[:, pl.ds(c * group, group)].transpose((1, 0))
 
-            def issue(*accs):
-                plgpu.wgmma(accs[0], a, x_t)
-                if tensor_sums:
-                    plgpu.wgmma(accs[1], ones, x_t)
-                done = out if prev is None else add_group(out, prev, params, c - 1)
-                return chain(c + 1, accs, done)
-            return pl.run_scoped(issue, *[plgpu.ACC((ROWS, mp), jnp.float32)] * n_acc)
+            def issue(acc_ref):
+                plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(c * group, group)].transpose((1, 0)))
+                done = out if prev_acc is None else add_group(
+                    out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1)
+                return chain(c + 1, acc_ref, done)
+            return pl.run_scoped(issue, plgpu.ACC((ROWS, mp), jnp.float32))
         return chain(0, None, carry)
 
     group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
@@ -169,11 +162,9 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
              plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i)), group_spec]
     gmem = [x_ref, v_ref.at[layer, rows], s_ref.at[layer, j]]
     if offsets:
-        specs.append(group_spec)
-        gmem.append(m_ref.at[layer, j])
-    if sums_ref is not None:
-        specs.append(plgpu.BlockSpec((n_groups, _sums_cols(mp)), lambda i: (k0 + i, 0)))
-        gmem.append(sums_ref)
+        specs += [group_spec, plgpu.BlockSpec((n_groups // per_row, per_row * width),
+                                                 lambda i: (k0 + i, 0))]
+        gmem += [m_ref.at[layer, j], sums_ref]
     init = plgpu.layout_cast(jnp.zeros((ROWS, mp), jnp.float32), plgpu.Layout.WGMMA)
     acc = plgpu.emit_pipeline(
         lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
@@ -182,10 +173,7 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
     def store(o_smem):
         o_smem[...] = acc
         plgpu.commit_smem()
-        if combine == "tma":  # the K splits add into the zeroed [N, M] output (TMA's reduction in L2)
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[rows], reduction_op="add")
-        else:  # each split's own [N, M] partial; XLA sums them
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows])
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, rows])
         plgpu.wait_smem_to_gmem(0)
 
     out_swizzle = next(s for s in (128, 64, 32) if (mp * 4) % s == 0)
@@ -193,14 +181,11 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
         plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))))
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "sums_from", "combine"))
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype"))
 def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets: jax.Array | None = None,
-                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None,
-                    sums_from: str = "input", combine: str = "xla") -> jax.Array:
+                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None) -> jax.Array:
     """x [M, K] @ dequantize(W).T for W's fragment-ordered int4 children: values [(L,) N, K/2] uint8, scales
-    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer).
-    sums_from: x's group sums for the offsets computed by XLA ("input") or by the kernel's tensor cores
-    ("wgmma"); combine: the K splits' partials summed by XLA ("xla") or added by TMA into a zeroed output ("tma")."""
+    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer)."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
@@ -220,30 +205,22 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     mp = padded_rows(M)
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - M), (0, 0)))
     # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
-    arrays = [jnp.asarray(layer, jnp.int32).reshape(1), xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
+    arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
-        arrays.append(offsets.reshape(L, N // ROWS, G, ROWS))
-        if sums_from == "input":
-            sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T  # [G, mp]
-            arrays.append(jnp.pad(sums, ((0, 0), (0, _sums_cols(mp) - mp))))
+        # x's group sums [G, mp] (padded only where a step's row would be under 128 bytes), one row a step.
+        width, per_row = sums_layout(mp, STEP // group_size)
+        sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
+        sums = jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width)
+        arrays += [offsets.reshape(L, N // ROWS, G, ROWS), sums]
     splits = plan_splits(K, N)
-    tma = combine == "tma" and splits > 1
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
-                               offsets=offsets is not None, mp=mp, sums_from=sums_from,
-                               combine="tma" if tma else "xla")
-    mesh = plgpu.Mesh(grid=(N // ROWS, splits), grid_names=("n", "split"))
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
-
-    def run(refs):
-        in_refs, out_ref = refs
-
-        @pl.core_map(mesh, compiler_params=params, name="fragment_matmul_int4")
-        def _():
-            kernel(*in_refs, out_ref)
-
-    # The output passed in as state: zeros when the K splits add into it, left unset when each writes its own.
-    out = jnp.zeros((N, mp), jnp.float32) if tma else lax.empty((splits, N, mp), jnp.float32)
-    _, out = pl.run_state(run)((tuple(arrays), out))
-    if not tma:
-        out = jnp.sum(out, axis=0)
-    return out.T[:M].astype(out_dtype or x.dtype)
+                               offsets=offsets is not None, mp=mp)
+    partials = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((splits, N, mp), jnp.float32),
+        grid=(N // ROWS, splits),
+        grid_names=("n", "split"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name="fragment_matmul_int4",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
+    return jnp.sum(partials, axis=0).T[:M].astype(out_dtype or x.dtype)

@@ -151,14 +151,30 @@ def test_save_and_load_keep_the_order_and_the_layout(tmp_path):
 # -- the kernel, natively on the GPU -------------------------------------------------------------------------
 
 
+def test_sums_layout_keeps_rows_whole_and_boxes_small():
+    """x's group sums: each group's padded rows fit, a row holds whole groups in 128-byte multiples, a TMA box
+    stays within 256 floats, and at 16 rows in groups of 128 there is no padding to add."""
+    from pallas_kernels import fragment_matmul as fm
+
+    for m in range(1, fm.MAX_ROWS + 1):
+        mp = fm.padded_rows(m)
+        for group in fm.GROUPS:
+            n_groups = fm.STEP // group
+            width, per_row = fm.sums_layout(mp, n_groups)
+            assert width >= mp and n_groups % per_row == 0, (m, group)
+            assert per_row * width <= 256 and (per_row * width * 4) % 128 == 0, (m, group)
+    assert fm.sums_layout(16, 2) == (16, 2)
+
+
 def _reference(x, q, layer):
     w = np.asarray(dequantize(to_row_order(q), jnp.float32), np.float64)[layer]
     return np.asarray(x, np.float64) @ w.T
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 5, 16, 24, 64])
-@pytest.mark.parametrize("group,zero_point", [(128, True), (64, False), (32, True), (256, False)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 24, 40, 64])
+@pytest.mark.parametrize("group,zero_point", [(128, True), (64, True), (32, True), (256, True), (64, False),
+                                              (256, False)])
 def test_fragment_kernel_matches_float64(rows, group, zero_point):
     from pallas_kernels import fragment_matmul as fm
 
