@@ -29,7 +29,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.common import is_pow2
 
 _WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
-_PARTIAL_WARPS = 16  # with S partials a row: 4 warps held 8 x 32 floats a thread and took 6.2 us (S24-5)
 MAX_WIDTH = 16384  # one program holds the whole row
 
 
@@ -79,8 +78,7 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
       out_specs=[row, row],
       out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype),
                  jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))],
-      compiler_params=pltriton.CompilerParams(num_warps=_WARPS if parts.shape[0] == 1 else _PARTIAL_WARPS,
-                                              num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
       interpret=interpret,
       name="add_rms_norm",
   )(layer, rows, parts, stacked)
