@@ -172,25 +172,9 @@ class Unmerged:
         return self.partials.merge(interpret=jax.default_backend() != "gpu").reshape(self.shape)
 
 
-@dataclass(frozen=True)
-class SplitSum:
-    """A product's float32 partial sums over slices of its contraction `parts [S, ...]` (the fragment kernel's
-    K splits), not yet added: the add + norm kernel adds them itself, saving the launch that would add them
-    first; every other consumer takes `value()` (added in order, rounded to `dtype`)."""
-
-    parts: jax.Array
-    dtype: Any
-
-    def value(self):
-        out = self.parts[0]
-        for i in range(1, self.parts.shape[0]):
-            out = out + self.parts[i]
-        return out.astype(self.dtype)
-
-
 def value(x):
-    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`, `SplitSum`) as an array."""
-    return x.value() if isinstance(x, (Normed, Sliced, Unmerged, SplitSum)) else x
+    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`) as an array."""
+    return x.value() if isinstance(x, (Normed, Sliced, Unmerged)) else x
 
 
 def _one_after_another(parts, total: int) -> bool:
@@ -231,7 +215,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm))
     x = value(x)
-    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl, split_sum=norm is not None), residual, norm)
+    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
 def join_residual(out, residual=None, norm=None):
@@ -239,24 +223,19 @@ def join_residual(out, residual=None, norm=None):
     residual's dtype, and with `norm` (weight, eps) that sum and its RMSNorm (`add_rms_norm`)."""
     if norm is not None:
         return add_rms_norm(residual, out, *norm)
-    out = value(out)
     return out if residual is None else residual + out.astype(residual.dtype)
 
 
 def add_rms_norm(x, h, weight, eps):
     """`(x + h, rms_norm(x + h, weight, eps))`: a block's output `h` joining the residual stream `x` and the
     next block's normalised input, in one Pallas launch where `residual_norm_fuses` allows (GPU, a few
-    rows), else two XLA expressions. `h` may be a `SplitSum` (the kernel adds the partials)."""
+    rows), else two XLA expressions."""
     if _add_norm_kernel_applies(x, weight):
         from pallas_kernels import add_rms_norm as kernel
 
-        if isinstance(h, SplitSum) and h.dtype == x.dtype:
-            h = h.parts  # (SplitSum.value() would round the sum to x's dtype too: the same arithmetic)
-        h = value(h)
         if isinstance(weight, LayerOf):
             return kernel.add_rms_norm(x, h, weight.stacked, weight.index, eps=eps)
         return kernel.add_rms_norm(x, h, weight, eps=eps)
-    h = value(h)
     s = x + h.astype(x.dtype)
     return s, rms_norm(s, weight, eps)
 
@@ -288,9 +267,8 @@ def residual_norm_fuses(x, products) -> bool:
     return True
 
 
-def _matmul(eq: str, x, w, out_dtype, impl: str, split_sum: bool = False):
-    """`matmul` of an array x on every path but `row`; with `split_sum`, the fragment kernel's K splits may
-    come back unadded (`SplitSum`)."""
+def _matmul(eq: str, x, w, out_dtype, impl: str):
+    """`matmul` of an array x on every path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -300,7 +278,7 @@ def _matmul(eq: str, x, w, out_dtype, impl: str, split_sum: bool = False):
             if path == "pallas":
                 return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
             if path == "fragments":
-                return _fragment_matmul(spec, x, w.stacked, w.index, split_sum=split_sum, out_dtype=out_dtype)
+                return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         record(w, eq, x)
@@ -310,7 +288,7 @@ def _matmul(eq: str, x, w, out_dtype, impl: str, split_sum: bool = False):
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fragments":
-        return _fragment_matmul(spec, x, w, split_sum=split_sum, out_dtype=out_dtype)
+        return _fragment_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
@@ -670,19 +648,14 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
     return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-c]), w.group_size)
 
 
-def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None, *, out_dtype, split_sum: bool = False):
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given;
-    with `split_sum`, a `SplitSum` of its K splits' partials (when there are several)."""
+def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given."""
     from pallas_kernels import fragment_matmul as fm
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    shape = (*x.shape[:-len(spec.contracted)], *free)
-    args = (x.reshape(-1, spec.k), values, scales, offsets, layer)
-    if split_sum and fm.plan_splits(spec.k, math.prod(free)) > 1:
-        parts = fm.fragment_matmul(*args, group_size=group, sum_splits=False)
-        return SplitSum(parts.reshape(parts.shape[0], *shape), out_dtype)
-    out = fm.fragment_matmul(*args, group_size=group, out_dtype=jnp.float32)
-    return out.reshape(shape).astype(out_dtype)
+    out = fm.fragment_matmul(x.reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
+                             out_dtype=jnp.float32)
+    return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):

@@ -8,10 +8,8 @@ layer that is four launches of ~1.8 us in a llama-3-8b step on an H200 (benchmar
 session 10). A row of a few thousand elements fits one program: it adds, sums the squares and writes both
 the new residual and its normalised copy.
 
-Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype) or
-[S, R, D] (a product's S partial sums over slices of its contraction, e.g. `fragment_matmul`'s K splits: added
-here, in order and in float32, which saves the launch that would add them first), weight [D] or stacked
-[L, D] with a layer index (read in place).
+Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype),
+weight [D] or stacked [L, D] with a layer index (read in place).
 The arithmetic is the library's: h rounded to x's dtype and added in float32, rounded to x's dtype; the
 mean of its squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, times the weight, in the
 promoted dtype of the two.
@@ -40,9 +38,7 @@ def supports(width: int) -> bool:
 def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *, eps: float):
   f32 = jnp.float32
   x = x_ref[...]  # [1, D]
-  h = h_ref[0]  # [1, D] of the partials [S, 1, D], added one by one (a [S, D] block would not fit registers)
-  for i in range(1, h_ref.shape[0]):
-    h = h.astype(f32) + h_ref[i].astype(f32)
+  h = h_ref[...]  # [1, D]
   s = (x.astype(f32) + h.astype(x.dtype).astype(f32)).astype(x.dtype)
   sum_ref[...] = s
   sf = s.astype(f32)
@@ -54,11 +50,11 @@ def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *, eps: float):
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
 def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array | int | None = None, *,
                  eps: float, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
-  """(x + h, RMSNorm(x + h) * weight) for x [..., D] and h [..., D] or its partial sums [S, ..., D]; weight
-  [D], or layer `layer` of a stacked [L, D]."""
+  """(x + h, RMSNorm(x + h) * weight) for x and h [..., D]; weight [D], or layer `layer` of a stacked
+  [L, D]."""
   width = x.shape[-1]
-  if h.shape not in (x.shape, h.shape[:1] + x.shape):
-    raise ValueError(f"h must be x's shape {x.shape} or [S, *{x.shape}] partials, got {h.shape}")
+  if h.shape != x.shape:
+    raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
   if not supports(width):
     raise ValueError(f"add_rms_norm kernel needs a power-of-two width in [32, {MAX_WIDTH}], got {width}")
   stacked = weight if weight.ndim == 2 else weight[None]
@@ -67,28 +63,24 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   rows = x.reshape(-1, width)
-  parts = h.reshape(-1, *rows.shape) if h.ndim > x.ndim else h.reshape(1, *rows.shape)
   row = pl.BlockSpec((1, width), lambda r: (r, 0))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   new_x, normed = pl.pallas_call(
       functools.partial(_kernel, eps=float(eps)),
       grid=(rows.shape[0],),
-      in_specs=[pl.no_block_spec, row, pl.BlockSpec((parts.shape[0], 1, width), lambda r: (0, r, 0)),
-                pl.no_block_spec],
+      in_specs=[pl.no_block_spec, row, row, pl.no_block_spec],
       out_specs=[row, row],
       out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype),
                  jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))],
       compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
       interpret=interpret,
       name="add_rms_norm",
-  )(layer, rows, parts, stacked)
+  )(layer, rows, h.reshape(rows.shape), stacked)
   return new_x.reshape(x.shape), normed.reshape(x.shape)
 
 
 def add_rms_norm_reference(x, h, weight, layer=None, *, eps: float):
   """Plain jnp: the same arithmetic on whole arrays."""
-  if h.ndim > x.ndim:  # partial sums, added in order
-    h = functools.reduce(lambda a, b: a.astype(jnp.float32) + b.astype(jnp.float32), list(h))
   s = (x.astype(jnp.float32) + h.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
   g = weight if weight.ndim == 1 else weight[0 if layer is None else layer]
   sf = s.astype(jnp.float32)

@@ -198,14 +198,11 @@ def _store_transposed(plgpu, acc, o_smem):
     store(acc, o_smem)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "sum_splits"))
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype"))
 def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets: jax.Array | None = None,
-                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None,
-                    sum_splits: bool = True) -> jax.Array:
+                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None) -> jax.Array:
     """x [M, K] @ dequantize(W).T for W's fragment-ordered int4 children: values [(L,) N, K/2] uint8, scales
-    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer). With
-    `sum_splits=False`, the K splits' float32 partials [S, M, N] instead, for a consumer that adds them itself
-    (`add_rms_norm`)."""
+    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer)."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
@@ -245,8 +242,6 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
     # The splits' partials added one by one (not a reduction): elementwise, so XLA fuses the sum and the cast
     # into the op that reads y instead of launching a reduction of its own.
-    if not sum_splits:
-        return partials[:, :M]
     y = partials[0, :M]
     for i in range(1, splits):
         y = y + partials[i, :M]

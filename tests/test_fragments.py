@@ -119,55 +119,6 @@ def test_gpu_dispatch_takes_a_fragment_ordered_tree(monkeypatch):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
-def _stand_in_kernel(splits, calls):
-    """`fragment_matmul`'s contract in XLA (the kernel runs only on a GPU): the dequantized product, as K split
-    `splits` ways when it returns partials."""
-    def run(x, values, scales, offsets=None, layer=None, *, group_size, out_dtype=None, sum_splits=True):
-        if layer is not None:
-            values, scales = values[layer], scales[layer]
-            offsets = None if offsets is None else offsets[layer]
-        u = fragments.unpack_codes(values).astype(jnp.float32) - 8.0
-        s = fragments.unpermute_group_params(scales).astype(jnp.float32)
-        w = u * jnp.repeat(s, group_size, axis=-1)
-        if offsets is not None:
-            m = fragments.unpermute_group_params(offsets).astype(jnp.float32) + 8.0 * s
-            w = w + jnp.repeat(m, group_size, axis=-1)
-        k = x.shape[-1] // splits
-        parts = jnp.stack([x[:, i * k:(i + 1) * k].astype(jnp.float32) @ w[:, i * k:(i + 1) * k].T
-                           for i in range(splits)])
-        calls.append(sum_splits)
-        return parts if not sum_splits else sum(parts[i] for i in range(splits)).astype(out_dtype or x.dtype)
-    return run
-
-
-def test_split_partials_reach_the_add_norm_kernel(monkeypatch):
-    """With the GPU dispatch switched on (kernels interpreted, the fragment kernel stood in for by XLA with K
-    split two ways), the products that join the residual stream hand their partials to the add + norm kernel
-    unadded (`ops.SplitSum`), and the logits are the row-ordered tree's."""
-    from pallas_kernels import fragment_matmul as fm
-
-    rows, frags = _trees(jnp.bfloat16)
-    tokens = np.random.default_rng(2).integers(0, CONFIG.vocab_size, (2, 6)).astype(np.int32)
-
-    def step(params):
-        _, cache = ji.prefill(params, ji.init_cache(CONFIG, 2, 16, jnp.bfloat16), tokens, config=CONFIG)
-        return np.asarray(ji.decode_step(params, cache, tokens[:, 0], config=CONFIG)[0], np.float32)
-
-    want = step(rows)
-    calls, parts_seen = [], []
-    norm_kernel = ops.add_rms_norm
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
-    monkeypatch.setattr(fm, "plan_splits", lambda k, n: 2)
-    monkeypatch.setattr(fm, "fragment_matmul", _stand_in_kernel(2, calls))
-    monkeypatch.setattr(ops, "add_rms_norm",
-                        lambda x, h, *a: parts_seen.append(isinstance(h, ops.SplitSum)) or norm_kernel(x, h, *a))
-    got = step(frags)
-    assert False in calls and True in calls  # partials for o / down, sums for q/k/v and gate/up
-    assert any(parts_seen)
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
-
-
 def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
     w = jax.random.normal(jax.random.key(2), (256, 512), jnp.float32)
     q = to_fragment_order(quantize_array(w, "int4", (-1,), 128, zero_point=True))
