@@ -567,6 +567,15 @@ def _contraction_last(spec: _Spec) -> bool:
     return spec.w[-c:] == spec.contracted and spec.out == spec.x[:-c] + spec.w[:-c]
 
 
+def _contraction_last_product(spec: _Spec, w) -> bool:
+    """x's and the weight's contracted letters both trail, in the same order, and a quantized weight's reduce
+    axes are the contracted ones: the `[M, K] @ [N, K]^T` shape the row and fragment kernels read."""
+    c = len(spec.contracted)
+    if not (_contraction_last(spec) and spec.x[-c:] == spec.contracted):
+        return False
+    return not isinstance(w, QArray) or set(spec.reduce_letters) == set(spec.contracted)
+
+
 def _kernel_supports(spec: _Spec, x, w) -> bool:
     """The kernel computes x2d [M, K] @ W [K, N] with the contracted axes leading in w, in order (or
     trailing: W stored [N, K]), and x's contracted letters trailing in the same order; few rows; groups a
@@ -638,14 +647,11 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
     Not `on_gpu()`, which tests patch to run kernels interpreted: Mosaic GPU's interpreter cannot run it."""
     if not (jax.default_backend() == "gpu" and whole_arrays() and x.dtype in (jnp.bfloat16, jnp.float16)):
         return False
-    c = len(spec.contracted)
-    if not _contraction_last(spec) or spec.x[-c:] != spec.contracted:
-        return False
-    if set(spec.reduce_letters) != set(spec.contracted):
+    if not _contraction_last_product(spec, w):
         return False
     from pallas_kernels import fragment_matmul as fm
 
-    return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-c]), w.group_size)
+    return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-len(spec.contracted)]), w.group_size)
 
 
 def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
@@ -779,10 +785,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
         elif view.dtype != xv.dtype:
             return None
         spec = _parse(eq, xv, view)
-        c = len(spec.contracted)
-        if spec.rows != 1 or not _contraction_last(spec) or spec.x[-c:] != spec.contracted:
-            return None
-        if isinstance(view, QArray) and set(spec.reduce_letters) != set(spec.contracted):
+        if spec.rows != 1 or not _contraction_last_product(spec, view):
             return None
         if (spec0 is not None and spec.k != spec0.k) or (fmt is not None and _format(view) != fmt):
             return None

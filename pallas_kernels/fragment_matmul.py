@@ -7,8 +7,7 @@ W is a contraction-last int4 `QArray` in `order="fragments"` (`jaxinfer/quant/fr
 operand in one 32-bit word. The kernel (Mosaic GPU, one warpgroup per CTA of 64 rows):
 
 - TMA streams each 256-wide step's (64, 128)-byte code tile, x's matching columns (padded to 8 or a multiple
-  of 16 rows) and the step's group scales (and offsets and x's group sums) into a 3-slot
-  shared-memory ring.
+  of 16 rows) and the step's group scales (and offsets and x's group sums) into a 3-slot shared-memory ring.
 - A thread loads its words (one per k16 step) and widens them in registers, two codes per three instructions
   (shift, LOP3 setting bfloat16 128 + u, a bf16x2 subtract of 136: u - 8, exact), building the A operand
   directly in `WGMMA_LAYOUT` through `plgpu.inline_mgpu`: no shuffles, no layout change.
@@ -183,8 +182,8 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
 def _store_transposed(plgpu, acc, o_smem):
     """The [64, mp] accumulator written to shared memory as [mp, 64]: y's own orientation, so that what XLA does
     with the output (the splits' sum, the cast) is elementwise and joins the op that reads it. Each thread
-    stores its registers' elements one by one at swapped indices (64 x mp floats a CTA: a 4-way bank conflict
-    costs nothing that matters here; Mosaic's own stores keep the accumulator's orientation)."""
+    stores its registers' elements one by one at swapped indices (64 x mp floats a CTA, once: Pallas's own
+    store refuses a WGMMA-layout value into a transposed ref)."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
 
@@ -224,7 +223,7 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
     arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
-        # x's group sums [G, mp] (padded only where a step's row would be under 128 bytes), one row a step.
+        # x's group sums [G, mp], `per_row` groups to a row (padded only where a row would be under 128 bytes).
         width, per_row = sums_layout(mp, STEP // group_size)
         sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
         sums = jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width)

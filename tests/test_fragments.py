@@ -148,9 +148,6 @@ def test_save_and_load_keep_the_order_and_the_layout(tmp_path):
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
 
 
-# -- the kernel, natively on the GPU -------------------------------------------------------------------------
-
-
 def test_sums_layout_keeps_rows_whole_and_boxes_small():
     """x's group sums: each group's padded rows fit, a row holds whole groups in 128-byte multiples, a TMA box
     stays within 256 floats, and at 16 rows in groups of 128 there is no padding to add."""
@@ -164,6 +161,9 @@ def test_sums_layout_keeps_rows_whole_and_boxes_small():
             assert width >= mp and n_groups % per_row == 0, (m, group)
             assert per_row * width <= 256 and (per_row * width * 4) % 128 == 0, (m, group)
     assert fm.sums_layout(16, 2) == (16, 2)
+
+
+# -- the kernel, natively on the GPU -------------------------------------------------------------------------
 
 
 def _reference(x, q, layer):
