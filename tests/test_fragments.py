@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxinfer as ji
+from kernel_tools import cuda_lowering
 from jaxinfer import ops
 from jaxinfer.quant import fragments
 from jaxinfer.quant.qarray import dequantize, quantize_array, to_fragment_order, to_row_order
@@ -161,6 +162,22 @@ def test_sums_layout_keeps_rows_whole_and_boxes_small():
             assert width >= mp and n_groups % per_row == 0, (m, group)
             assert per_row * width <= 256 and (per_row * width * 4) % 128 == 0, (m, group)
     assert fm.sums_layout(16, 2) == (16, 2)
+
+
+@pytest.mark.parametrize("rows,k,n,group,offsets", [(1, 4096, 6144, 128, True), (16, 4096, 28672, 128, True),
+                                                   (40, 14336, 4096, 256, True), (64, 2048, 384, 32, True),
+                                                   (5, 2048, 384, 64, False)])
+def test_the_kernel_lowers_for_cuda_on_the_cpu(rows, k, n, group, offsets):
+    """Mosaic GPU lowers the kernel (layouts, TMA boxes, the inline PTX's register layout, the transposed store)
+    while JAX lowers the call, GPU or not: API and shape mistakes fail here, with K split and not."""
+    from pallas_kernels import fragment_matmul as fm
+
+    x = jax.ShapeDtypeStruct((rows, k), jnp.bfloat16)
+    values = jax.ShapeDtypeStruct((2, n, k // 2), jnp.uint8)
+    scales = jax.ShapeDtypeStruct((2, n, k // group), jnp.float16)
+    text = cuda_lowering(lambda x, v, s, m, i: fm.fragment_matmul(x, v, s, m, i, group_size=group), x, values,
+                         scales, scales if offsets else None, jax.ShapeDtypeStruct((), jnp.int32))
+    assert "mosaic_gpu" in text
 
 
 # -- the kernel, natively on the GPU -------------------------------------------------------------------------
