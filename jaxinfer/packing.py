@@ -153,8 +153,8 @@ def _pack(params, names: tuple[str, ...], packed_name: str, logical_axis: int, s
     if isinstance(first, ContractLast):
         axis_names = first.logical_axes
         if axis_names:  # parts of several kinds: named like the first only where the rules may split them
-            axis_names = (axis_names[:logical_axis] + (axis_names[logical_axis] if shards > 1 else None,)
-                          + (axis_names[logical_axis + 1:] if logical_axis != -1 else ()))
+            i = logical_axis % len(axis_names)
+            axis_names = axis_names[:i] + (axis_names[i] if shards > 1 else None,) + axis_names[i + 1:]
         packed = first.replace(values=packed, logical_axes=axis_names)
     new_layers = {k: v for k, v in layers.items() if k not in names}
     new_layers[packed_name] = Packed(values=packed, parts=sizes, axis=logical_axis, shards=shards)

@@ -178,9 +178,8 @@ def fragment_order(params, *, pack: bool = True):
     if pack:  # no other kernel reads this order: products of one input share a launch only as one matrix
         from .packing import GATE_UP, QKV, fragment_ordered, pack_gate_up, pack_qkv
 
-        layers = params.get("layers", {}) if isinstance(params, dict) else {}
-        if all(n in layers and fragment_ordered(layers[n]) for n in QKV):
-            params = pack_qkv(params)
-        if all(n in layers and fragment_ordered(layers[n]) for n in GATE_UP):
-            params = pack_gate_up(params)
+        for names, pack_group in ((QKV, pack_qkv), (GATE_UP, pack_gate_up)):
+            layers = params.get("layers", {}) if isinstance(params, dict) else {}
+            if all(n in layers and fragment_ordered(layers[n]) for n in names):
+                params = pack_group(params)
     return params
