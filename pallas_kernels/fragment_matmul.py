@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +39,7 @@ ROWS = 64  # weight rows a CTA: wgmma's M (= the fragment order's block rows)
 STEP = 256  # K elements a pipeline step (= the fragment order's block width: one (64, 128)-byte TMA box)
 STAGES = 3  # ring slots: at 16 rows ~17 KB a slot, so three or four CTAs share an SM (S23-2)
 MAX_ROWS = 64
-MAX_CTAS_PER_SM = 4
-CONTIGUOUS_BLOCKS = False
-MIN_ITEMS = 4  # items a CTA at the least: fewer would fill the ring only to drain it
-SMEM_PER_SM = 228 * 1024  # Hopper
+TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 GROUPS = (32, 64, 128, 256)
 
 
@@ -62,43 +58,12 @@ def supports(m: int, k: int, n: int, group_size: int | None) -> bool:
     return (1 <= m <= MAX_ROWS and group_size in GROUPS and n % ROWS == 0 and k % STEP == 0)
 
 
-class WorkPlan(NamedTuple):
-    """How the (64-row block, 256-wide step) items of a product are shared out: CTA c takes items
-    [c items, (c + 1) items) in block-major order (the last CTA fewer), so every resident CTA streams the
-    same bytes whatever the block count (stream-K). A CTA writes a block's partial sum to slot c - c0(b),
-    c0(b) the first CTA to touch block b; `used[s, b]` says whether slot s of block b was written."""
-    steps: int  # items a block (K / STEP)
-    total: int  # items in all
-    items: int  # items a CTA
-    ctas: int
-    used: np.ndarray  # [slots, blocks] bool
-
-
-def plan_work(k: int, n: int, ctas: int) -> WorkPlan:
-    """Share a product's items among about `ctas` CTAs (the resident ones), at least MIN_ITEMS each."""
-    steps, blocks = k // STEP, n // ROWS
-    total = steps * blocks
-    items = min(total, max(MIN_ITEMS, -(-total // ctas)))
-    b = np.arange(blocks)
-    first, last = b * steps // items, ((b + 1) * steps - 1) // items
-    used = np.arange(int((last - first).max()) + 1)[:, None] <= (last - first)[None, :]
-    return WorkPlan(steps, total, items, -(-total // items), used)
-
-
-def resident_ctas(mp: int, group: int, offsets: bool, scale_bytes: int = 2) -> int:
-    """CTAs that fit on the GPU at once: the SMs times what each SM's shared memory holds of the kernel's
-    ring and output tile (at most MAX_CTAS_PER_SM)."""
-    n_groups = STEP // group
-    width, per_row = sums_layout(mp, n_groups)
-    stage = ROWS * STEP // 2 + mp * STEP * 2 + n_groups * ROWS * scale_bytes * (2 if offsets else 1)
-    stage += n_groups * width * 4 if offsets else 0
-    ring = STAGES * stage + mp * ROWS * 4 + 1024  # + barriers and the runtime's reserve
-    return _sm_count() * max(1, min(MAX_CTAS_PER_SM, SMEM_PER_SM // ring))
-
-
-def _sm_count() -> int:
-    device = jax.devices()[0]  # lowered on a CPU for CUDA (the tests): an H100 / H200's 132
-    return (getattr(device, "core_count", None) if device.platform == "gpu" else None) or 132
+def plan_splits(k: int, n: int) -> int:
+    """K splits (a power of two dividing the steps, each split at least 4 steps) towards TARGET_CTAS."""
+    steps, splits = k // STEP, 1
+    while n // ROWS * splits < TARGET_CTAS and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
+        splits *= 2
+    return splits
 
 
 def sums_layout(mp: int, n_groups: int) -> tuple[int, int]:
@@ -155,84 +120,63 @@ def _widen(plgpu, words_smem, group: int):
     return widen(words)
 
 
-def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, plan, offsets, mp):
+def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp):
     plgpu = _plgpu()
     m_ref, sums_ref, o_ref = refs if offsets else (None, None, refs[0])
     layer = layer_ref[0]
-    start = lax.axis_index("cta") * plan.items
+    j, split = lax.axis_index("n"), lax.axis_index("split")
+    rows = pl.ds(j * ROWS, ROWS)
+    k0 = split * steps_per_split
     n_groups = STEP // group
     width, per_row = sums_layout(mp, n_groups)
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-    def item_of(i):  # the CTA's i-th (block, step) item; the last CTA's surplus items repeat the last one
-        return jnp.minimum(start + i, plan.total - 1)
-
-    def add_group(out, part, params, c, valid):
-        """Group c's partial product joined to the float32 total: scaled, plus its offsets' term (nothing for
-        a surplus item, whose scale is zeroed)."""
-        scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32) * valid
+    def add_group(out, part, params, c):
+        """Group c's partial product joined to the float32 total: scaled, plus its offsets' term."""
+        scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32)
         out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
         if offsets:  # w = u s + m = (u - 8) s + (m + 8 s)
-            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) * valid + 8.0 * scale
+            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) + 8.0 * scale
             sums = plgpu.load(params[2].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
                               layout=plgpu.Layout.WGMMA.reduce(0))
             out = out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
         return out
 
-    def body(idx, x_smem, w_smem, *params, carry, o_smem):
-        raw = start + idx[0]
-        item = jnp.minimum(raw, plan.total - 1)
-        block, step = item // plan.steps, item % plan.steps
-        valid = (raw < plan.total).astype(jnp.float32)
-
+    def body(_, x_smem, w_smem, *params, carry):
         def chain(c, prev_acc, out):
             """Group c's wgmma issued into a fresh accumulator before group c - 1's is read (one in flight)."""
             if c == n_groups:
-                return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, c - 1, valid)
+                return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, c - 1)
             a = _widen(plgpu, w_smem.at[pl.ds(c * group // 4, group // 4)], group)
 
             def issue(acc_ref):
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(c * group, group)].transpose((1, 0)))
                 done = out if prev_acc is None else add_group(
-                    out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1, valid)
+                    out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1)
                 return chain(c + 1, acc_ref, done)
             return pl.run_scoped(issue, plgpu.ACC((ROWS, mp), jnp.float32))
-        total = chain(0, None, carry)
+        return chain(0, None, carry)
 
-        # The block's last step, or the CTA's last item: its partial goes out to the CTA's slot for the block.
-        flush = (raw < plan.total) & ((step == plan.steps - 1) | (idx[0] == plan.items - 1))
-
-        @pl.when(flush)
-        def _():
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous flush has left o_smem
-            _store_transposed(plgpu, total, o_smem)
-            plgpu.commit_smem()
-            slot = lax.axis_index("cta") - block * plan.steps // plan.items
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[slot, :, pl.ds(block * ROWS, ROWS)])
-
-        keep = 1.0 - flush.astype(jnp.float32)
-        return total * lax.broadcast_in_dim(keep, total.shape, ())
-
-    group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (item_of(i), 0))
-    specs = [plgpu.BlockSpec((mp, STEP), lambda i: (0, item_of(i) % plan.steps),
-                             transforms=_x_transforms(plgpu, group)),
-             plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (item_of(i), 0) if CONTIGUOUS_BLOCKS
-                             else (item_of(i) // plan.steps, item_of(i) % plan.steps)),
-             group_spec]
-    gmem = [x_ref, v_ref.at[layer], s_ref.at[layer]]
+    group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
+    specs = [plgpu.BlockSpec((mp, STEP), lambda i: (0, k0 + i), transforms=_x_transforms(plgpu, group)),
+             plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i)), group_spec]
+    gmem = [x_ref, v_ref.at[layer, rows], s_ref.at[layer, j]]
     if offsets:
         specs += [group_spec, plgpu.BlockSpec((n_groups // per_row, per_row * width),
-                                                 lambda i: (item_of(i) % plan.steps, 0))]
-        gmem += [m_ref.at[layer], sums_ref]
+                                                 lambda i: (k0 + i, 0))]
+        gmem += [m_ref.at[layer, j], sums_ref]
+    init = plgpu.layout_cast(jnp.zeros((ROWS, mp), jnp.float32), plgpu.Layout.WGMMA)
+    acc = plgpu.emit_pipeline(
+        lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
+        grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=STAGES, init_carry=init)(*gmem)
 
-    def run(o_smem):
-        init = plgpu.layout_cast(jnp.zeros((ROWS, mp), jnp.float32), plgpu.Layout.WGMMA)
-        plgpu.emit_pipeline(
-            lambda idx, *args: body(idx, *args[:-1], carry=args[-1], o_smem=o_smem),
-            grid=(plan.items,), in_specs=specs, max_concurrent_steps=STAGES, init_carry=init)(*gmem)
+    def store(o_smem):
+        _store_transposed(plgpu, acc, o_smem)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, :, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(run, plgpu.SMEM((mp, ROWS), jnp.float32))
+    pl.run_scoped(store, plgpu.SMEM((mp, ROWS), jnp.float32))
 
 
 def _store_transposed(plgpu, acc, o_smem):
@@ -276,30 +220,28 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
                          f"{None if offsets is None else offsets.shape}) do not match {(L, N, G)}")
     mp = padded_rows(M)
     xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - M), (0, 0)))
-    # A block's [64, G] group parameters are stored transposed, [G, 64]: viewed as [blocks G, 64] without a copy.
-    if CONTIGUOUS_BLOCKS:  # probe: each (64, 128)-byte block contiguous, in item order (timing only)
-        values = values.reshape(L, N * K // STEP, STEP // 2)
-    arrays = [xp, values, scales.reshape(L, N // ROWS * G, ROWS)]
+    # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
+    arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
         # x's group sums [G, mp], `per_row` groups to a row (padded only where a row would be under 128 bytes).
         width, per_row = sums_layout(mp, STEP // group_size)
         sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
         sums = jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width)
-        arrays += [offsets.reshape(L, N // ROWS * G, ROWS), sums]
-    plan = plan_work(K, N, resident_ctas(mp, group_size, offsets is not None, scales.dtype.itemsize))
-    kernel = functools.partial(_kernel, group=group_size, plan=plan, offsets=offsets is not None, mp=mp)
+        arrays += [offsets.reshape(L, N // ROWS, G, ROWS), sums]
+    splits = plan_splits(K, N)
+    kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
+                               offsets=offsets is not None, mp=mp)
     partials = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((len(plan.used), mp, N), jnp.float32),
-        grid=(plan.ctas,),
-        grid_names=("cta",),
+        out_type=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
+        grid=(N // ROWS, splits),
+        grid_names=("n", "split"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="fragment_matmul_int4",
     )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
-    # The slots' partials added one by one (not a reduction), each where its blocks wrote it: elementwise, so
-    # XLA fuses the sum and the cast into the op that reads y instead of launching a reduction of its own.
+    # The splits' partials added one by one (not a reduction): elementwise, so XLA fuses the sum and the cast
+    # into the op that reads y instead of launching a reduction of its own.
     y = partials[0, :M]
-    for s in range(1, len(plan.used)):
-        written = jnp.asarray(np.repeat(plan.used[s], ROWS))
-        y = y + jnp.where(written, partials[s, :M], 0.0)
+    for i in range(1, splits):
+        y = y + partials[i, :M]
     return y.astype(out_dtype or x.dtype)
