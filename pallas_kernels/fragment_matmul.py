@@ -7,13 +7,13 @@ W is a contraction-last int4 `QArray` in `order="fragments"` (`jaxinfer/quant/fr
 operand in one 32-bit word. The kernel (Mosaic GPU, one warpgroup per CTA of 64 rows):
 
 - TMA streams each 256-wide step's (64, 128)-byte code tile, x's matching columns (padded to 8 or a multiple
-  of 16 rows) and the step's group scales (and offsets and x's group sums) into a 3-slot shared-memory ring.
-- A thread loads its words (one per k16 step) and widens them in registers, two codes per three instructions
-  (shift, LOP3 setting bfloat16 128 + u, a bf16x2 subtract of 136: u - 8, exact), building the A operand
-  directly in `WGMMA_LAYOUT` through `plgpu.inline_mgpu`: no shuffles, no layout change.
+  of 16 rows), the step's group scales (and offsets) and x's group sums into a 3-slot shared-memory ring.
+- A thread loads its words (one per k16 step) and widens them in registers, two codes per two instructions
+  (a shift and a LOP3 making bfloat16 1 + u / 16, exact), building the A operand directly in `WGMMA_LAYOUT`
+  through `plgpu.inline_mgpu`: no shuffles, no layout change.
 - One wgmma per group (x^T from shared memory as B) into a fresh accumulator, issued before the previous
-  group's accumulator is read, which then joins the float32 total scaled by its group's scale (plus
-  (offset + 8 scale) x the group's sum of x for asymmetric codes).
+  group's accumulator is read, which then joins the float32 total scaled by 16 x its group's scale; the
+  group's sum of x times a per-row term takes 1 + u / 16 back to u - 8 (and adds asymmetric codes' offsets).
 - The accumulator is stored transposed, as [M, N] float32 partials; K is split over CTAs when there are few
   row blocks, and the partials' sum is a chain of adds that XLA fuses into the op reading y.
 
@@ -87,8 +87,11 @@ def _x_transforms(plgpu, group: int):
 
 
 def _widen(plgpu, words_smem, group: int):
-    """The group's codes as a [64, group] bfloat16 wgmma A operand holding u - 8, from the fragment-ordered
-    bytes [group / 4, 128] (one 512-byte row of words per k16 step)."""
+    """The group's codes as a [64, group] bfloat16 wgmma A operand holding 1 + u / 16, from the fragment-ordered
+    bytes [group / 4, 128] (one 512-byte row of words per k16 step). Two instructions a pair of codes: a shift
+    putting the nibbles at mantissa bits 3-6 of each half, and one LOP3 ((t & mask) | bf16 1.0). The caller
+    takes 1 + u / 16 back to u - 8 through x's group sums (`_kernel.add_group`); the bias is small (1 against
+    u / 16 < 1), so float32 accumulation keeps the product's precision."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import llvm
     from jax.experimental.mosaic import gpu as mgpu
@@ -107,13 +110,10 @@ def _widen(plgpu, words_smem, group: int):
         regs = np.empty((1, 2 * steps, 1, 1, 2, 1, 1, 1, 1), dtype=object)
         for s, j, h in itertools.product(range(steps), range(2), range(2)):
             word = mgpu_utils.bitcast(fa.registers[s], i32)
-            p = 2 * j + h  # the pair's codes sit at bits 4 p and 16 + 4 p
-            shift = f"shr.u32 t, $1, {4 * p};" if p else "mov.b32 t, $1;"
+            p = 2 * j + h  # the pair's codes sit at bits 4 p and 16 + 4 p; move them to bits 3 and 19
+            shift = "shl.b32 t, $1, 3;" if p == 0 else f"shr.u32 t, $1, {4 * p - 3};"
             pair = llvm.inline_asm(
-                i32, [word],
-                f"{{ .reg .b32 t, c; {shift} lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
-                "mov.b32 c, 0x43084308; sub.bf16x2 $0, t, c; }",  # (t & mask) | bf16(128): 128 + u; - 136
-                "=r,r")
+                i32, [word], f"{{ .reg .b32 t; {shift} lop3.b32 $0, t, 0x00780078, 0x3F803F80, 0xEA; }}", "=r,r")
             regs[0, 2 * s + j, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(pair, bf16x2)
         return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
 
@@ -122,7 +122,7 @@ def _widen(plgpu, words_smem, group: int):
 
 def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offsets, mp):
     plgpu = _plgpu()
-    m_ref, sums_ref, o_ref = refs if offsets else (None, None, refs[0])
+    m_ref, sums_ref, o_ref = refs if offsets else (None,) + refs
     layer = layer_ref[0]
     j, split = lax.axis_index("n"), lax.axis_index("split")
     rows = pl.ds(j * ROWS, ROWS)
@@ -132,15 +132,18 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
     row_layout = plgpu.Layout.WGMMA.reduce(1)
 
     def add_group(out, part, params, c):
-        """Group c's partial product joined to the float32 total: scaled, plus its offsets' term."""
+        """Group c's partial product (of 1 + u / 16) joined to the float32 total. With S the group's sum of x,
+        sum (u - 8) x = 16 part - 24 S, so w = (u - 8) s (+ m + 8 s for asymmetric codes) gives
+        16 s part + (m - 16 s) S, or 16 s part - 24 s S for symmetric ones."""
         scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32)
-        out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
-        if offsets:  # w = u s + m = (u - 8) s + (m + 8 s)
-            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) + 8.0 * scale
-            sums = plgpu.load(params[2].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
-                              layout=plgpu.Layout.WGMMA.reduce(0))
-            out = out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
-        return out
+        out = out + part * lax.broadcast_in_dim(16.0 * scale, part.shape, [0])
+        if offsets:
+            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) - 16.0 * scale
+        else:
+            off = -24.0 * scale
+        sums = plgpu.load(params[-1].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
+                          layout=plgpu.Layout.WGMMA.reduce(0))
+        return out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
 
     def body(_, x_smem, w_smem, *params, carry):
         def chain(c, prev_acc, out):
@@ -162,9 +165,10 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
              plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i)), group_spec]
     gmem = [x_ref, v_ref.at[layer, rows], s_ref.at[layer, j]]
     if offsets:
-        specs += [group_spec, plgpu.BlockSpec((n_groups // per_row, per_row * width),
-                                                 lambda i: (k0 + i, 0))]
-        gmem += [m_ref.at[layer, j], sums_ref]
+        specs.append(group_spec)
+        gmem.append(m_ref.at[layer, j])
+    specs.append(plgpu.BlockSpec((n_groups // per_row, per_row * width), lambda i: (k0 + i, 0)))
+    gmem.append(sums_ref)
     init = plgpu.layout_cast(jnp.zeros((ROWS, mp), jnp.float32), plgpu.Layout.WGMMA)
     acc = plgpu.emit_pipeline(
         lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
@@ -223,11 +227,11 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
     arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
-        # x's group sums [G, mp], `per_row` groups to a row (padded only where a row would be under 128 bytes).
-        width, per_row = sums_layout(mp, STEP // group_size)
-        sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
-        sums = jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width)
-        arrays += [offsets.reshape(L, N // ROWS, G, ROWS), sums]
+        arrays.append(offsets.reshape(L, N // ROWS, G, ROWS))
+    # x's group sums [G, mp], `per_row` groups to a row (padded only where a row would be under 128 bytes).
+    width, per_row = sums_layout(mp, STEP // group_size)
+    sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
+    arrays.append(jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width))
     splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
                                offsets=offsets is not None, mp=mp)
