@@ -119,10 +119,6 @@ VARIANTS = {
     "int4_fragments": ("int4 weights quantized after `contract_last`, codes in the fragment order "
                        "(`fragment_matmul`, Mosaic GPU)",
                        dict(quant="int4", weight_layout="fragments", profile_batches=())),
-    "int4_fragments_auto_barriers": ("int4 in the fragment order, Mosaic GPU's automatic barriers before every copy "
-                                     "(`fragment_matmul.AUTO_BARRIERS`, the session-24 form)",
-                                     dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                     {"pallas_kernels.fragment_matmul": {"AUTO_BARRIERS": True}}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

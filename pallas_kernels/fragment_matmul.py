@@ -41,10 +41,6 @@ STAGES = 3  # ring slots: at 16 rows ~17 KB a slot, so three or four CTAs share 
 MAX_ROWS = 64
 TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 GROUPS = (32, 64, 128, 256)
-# Mosaic GPU's automatic warpgroup barriers: one before each of a step's four or five TMA copies (its guard that
-# every thread has read the slot being refilled). Off, the kernel syncs the warpgroup once at the end of each
-# step instead (`_kernel.body`); on: the session-24 form, kept for comparison.
-AUTO_BARRIERS = False
 
 
 def _plgpu():
@@ -162,10 +158,7 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
                     out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1)
                 return chain(c + 1, acc_ref, done)
             return pl.run_scoped(issue, plgpu.ACC((ROWS, mp), jnp.float32))
-        total = chain(0, None, carry)
-        if not AUTO_BARRIERS:
-            plgpu.commit_smem()  # every thread has read this slot before the pipeline refills it
-        return total
+        return chain(0, None, carry)
 
     group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
     specs = [plgpu.BlockSpec((mp, STEP), lambda i: (0, k0 + i), transforms=_x_transforms(plgpu, group)),
@@ -247,8 +240,7 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
         out_type=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
         grid=(N // ROWS, splits),
         grid_names=("n", "split"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-                                             unsafe_no_auto_barriers=not AUTO_BARRIERS),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="fragment_matmul_int4",
     )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
     # The splits' partials added one by one (not a reduction): elementwise, so XLA fuses the sum and the cast
