@@ -3,25 +3,33 @@
     y [M, N] = x [M, K] @ dequantize(W[layer]).T        M <= 64 rows (decode batches), W int4 [L, N, K]
 
 W is a contraction-last int4 `QArray` in `order="fragments"` (`jaxinfer/quant/fragments.py`): in each block of
-64 rows x 256 K, thread t of a warpgroup finds the eight codes it feeds one k16 step of wgmma's register A
-operand in one 32-bit word. The kernel (Mosaic GPU, one warpgroup per CTA of 64 rows):
+64 rows x 256 K, thread t of a warpgroup finds the sixteen codes it feeds one k32 step of wgmma's 8-bit register
+A operand in two adjacent 32-bit words. The codes enter the tensor cores as the integers they are, and so does
+x: a 16-bit fixed point a row, split into a high and a low signed byte (`x_digits.py`), the two digit rows of
+each x row being two of wgmma's N columns. The kernel (Mosaic GPU, one warpgroup per CTA of 64 rows):
 
-- TMA streams each 256-wide step's (64, 128)-byte code tile, x's matching columns (padded to 8 or a multiple
-  of 16 rows), the step's group scales (and offsets) and x's group sums into a 3-slot shared-memory ring.
-- A thread loads its words (one per k16 step) and widens them in registers, two codes per two instructions
-  (a shift and a LOP3 making bfloat16 1 + u / 16, exact), building the A operand directly in `WGMMA_LAYOUT`
-  through `plgpu.inline_mgpu`: no shuffles, no layout change.
-- One wgmma per group (x^T from shared memory as B) into a fresh accumulator, issued before the previous
-  group's accumulator is read, which then joins the float32 total scaled by 16 x its group's scale; the
-  group's sum of x times a per-row term takes 1 + u / 16 back to u - 8 (and adds asymmetric codes' offsets).
-- The accumulator is stored transposed, as [M, N] float32 partials; K is split over CTAs when there are few
-  row blocks, and the partials' sum is a chain of adds that XLA fuses into the op reading y.
+- TMA streams each 256-wide step's (64, 128)-byte code tile, x's digits for those columns (2 P rows, P = M
+  padded to 8 or a multiple of 16), the step's group scales (and offsets) and x's group sums into a 3-slot
+  shared-memory ring.
+- A thread loads its 8 bytes a k32 step (one `LDS.64`) and widens them in registers: a word's low nibbles are
+  one A register (`& 0x0F0F0F0F`), its high nibbles the next (a shift and the same mask): three instructions
+  for eight codes, no shuffles, no layout change (`plgpu.inline_mgpu` builds the operand in
+  `WGMMA_LAYOUT_8BIT`).
+- One s8 wgmma per group (x's digits from shared memory as B) into a fresh int32 accumulator, issued before the
+  previous group's accumulator is read. Its epilogue joins the digits exactly (T = 256 T_hi + T_lo in int32:
+  |T| < 2^27 for groups up to 256) and adds s T + o S to the float32 total, S being x's integer group sum and
+  o the group's offset (m, or -8 s for symmetric codes). Groups of 32 run a 64-wide wgmma (s8 operands from
+  registers need a 64-byte swizzle at least) with the other group's registers zero.
+- The total is stored transposed, as [M, N] float32 partials; K is split over CTAs when there are few row
+  blocks, and the partials' sum and the scale back by 1 / q are elementwise ops that XLA fuses into the op
+  reading y.
 
-Why: the Triton weight kernel spends ~4 instructions a code at 16 rows, a third of them moving operands
-between layouts, and reaches 0.42 of the copy bandwidth on `llama-3-8b`'s gate+up (H200); this kernel 0.60
-(pallas_kernels/NOTES.md and benchmarks/BENCHMARKS.md, session 23). GPU only (sm_90): Mosaic GPU's
-interpreter cannot run `inline_mgpu`; `ops` uses XLA's dequantized product elsewhere, and the tests compare
-this kernel with a float64 product natively.
+Precision: exact integer products; x's fixed point rounds each element by at most max |x| / 65278 of its row.
+Why: widening codes to bfloat16 took two instructions a pair of codes, ~40 % of the kernel's instructions
+(session 25, Nsight Compute); as bytes it is 3 / 8 of an instruction a code, and an s8 wgmma covers k32 (session
+26: gate+up 24.4 -> 20.1 us at 16 rows on an H200). GPU only (sm_90): Mosaic GPU's interpreter cannot run
+`inline_mgpu`; `ops` uses XLA's dequantized product elsewhere, and the tests compare this kernel with a float64
+product natively.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.x_digits import x_digits
 
 ROWS = 64  # weight rows a CTA: wgmma's M (= the fragment order's block rows)
 STEP = 256  # K elements a pipeline step (= the fragment order's block width: one (64, 128)-byte TMA box)
@@ -69,8 +79,9 @@ def plan_splits(k: int, n: int) -> int:
 def sums_layout(mp: int, n_groups: int) -> tuple[int, int]:
     """(width, per_row): x's group sums are stored `per_row` groups to a row, each group's mp sums in `width`
     floats. A TMA box takes at most 256 elements a dimension, and rows stay whole multiples of 128 bytes (session
-    14 found that 32- and 64-byte rows of a TMA ring fault). At 16 rows and groups of 128 a row is one step's
-    two groups with no padding, so XLA's reduction writes the sums as the kernel reads them (no pad after it)."""
+    14 found that 32- and 64-byte rows of a TMA ring fault). Row-major, the sums of group c for x row r sit at
+    c width + r: `x_digits` writes them as a [G, width] array, which the kernel reads as [G / per_row, per_row
+    width] without a copy."""
     width, per_row = mp, n_groups
     while per_row * width > 256:
         per_row //= 2
@@ -79,43 +90,50 @@ def sums_layout(mp: int, n_groups: int) -> tuple[int, int]:
     return width, per_row
 
 
+def _span(group: int) -> int:
+    """K columns a wgmma covers: the group, at least 64 (an s8 A operand in registers needs a 64-byte swizzle)."""
+    return max(group, 64)
+
+
 def _x_transforms(plgpu, group: int):
-    """x's tile swizzled by the widest pattern that a group's columns (bfloat16) fill."""
-    row_bytes = group * 2
-    swizzle = next(s for s in (128, 64, 32) if row_bytes % s == 0)
-    return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+    """x's digit tile swizzled by the widest pattern that a wgmma's columns (bytes) fill."""
+    swizzle = min(_span(group), 128)
+    return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
 
 
-def _widen(plgpu, words_smem, group: int):
-    """The group's codes as a [64, group] bfloat16 wgmma A operand holding 1 + u / 16, from the fragment-ordered
-    bytes [group / 4, 128] (one 512-byte row of words per k16 step). Two instructions a pair of codes: a shift
-    putting the nibbles at mantissa bits 3-6 of each half, and one LOP3 ((t & mask) | bf16 1.0). The caller
-    takes 1 + u / 16 back to u - 8 through x's group sums (`_kernel.add_group`); the bias is small (1 against
-    u / 16 < 1), so float32 accumulation keeps the product's precision."""
+def _widen(plgpu, words_smem, group: int, part: int):
+    """The group's codes as a [64, span] int8 wgmma A operand, from the fragment-ordered bytes [group / 4, 128]
+    (1024 bytes a k32 step: thread t's 8 at 8 t). Each word gives two registers: its low nibbles, and its
+    high ones shifted down. A group narrower than the span fills k32 step `part` of it; the rest is zeros."""
     from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import llvm
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
     from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as mfa
     from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
-    steps = group // 16
-    strided = plgpu.Layout.WG_STRIDED((group // 4, 128), vec_size=4)  # thread t: bytes 4 t + 512 s ...
+    steps, span = group // 32, _span(group)
+    strided = plgpu.Layout.WG_STRIDED((group // 4, 128), vec_size=8)  # thread t: bytes 8 t + 1024 s ...
     words = plgpu.load(words_smem, (), layout=strided)
 
     @plgpu.inline_mgpu(arg_types=(strided,),
-                       return_type=plgpu.ShapeDtypeStruct((ROWS, group), jnp.bfloat16, layout=plgpu.Layout.WGMMA))
+                       return_type=plgpu.ShapeDtypeStruct((ROWS, span), jnp.int8, layout=plgpu.Layout.WGMMA_8BIT))
     def widen(_, fa):
         i32 = ir.IntegerType.get_signless(32)
-        bf16x2 = ir.VectorType.get((2,), ir.BF16Type.get())
-        # WGMMA_LAYOUT's registers: (64-row tile, 8-column tile, ..., row half h, ...); column tile 2 s + j.
-        regs = np.empty((1, 2 * steps, 1, 1, 2, 1, 1, 1, 1), dtype=object)
-        for s, j, h in itertools.product(range(steps), range(2), range(2)):
-            word = mgpu_utils.bitcast(fa.registers[s], i32)
-            p = 2 * j + h  # the pair's codes sit at bits 4 p and 16 + 4 p; move them to bits 3 and 19
-            shift = "shl.b32 t, $1, 3;" if p == 0 else f"shr.u32 t, $1, {4 * p - 3};"
-            pair = llvm.inline_asm(
-                i32, [word], f"{{ .reg .b32 t; {shift} lop3.b32 $0, t, 0x00780078, 0x3F803F80, 0xEA; }}", "=r,r")
-            regs[0, 2 * s + j, 0, 0, h, 0, 0, 0, 0] = mgpu_utils.bitcast(pair, bf16x2)
-        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+        i8x4 = ir.VectorType.get((4,), ir.IntegerType.get_signless(8))
+        # WGMMA_LAYOUT_8BIT's registers: (64-row tile, 16-column tile, ..., row half h, ...); column tile 2 s + j.
+        shape = mfa.WGMMA_LAYOUT_8BIT.registers_shape((ROWS, span))
+        zero = mgpu_utils.bitcast(arith.constant(i32, 0), i8x4)
+        regs = np.full(shape, zero, dtype=object)
+        for s in range(steps):
+            pair = vector.bitcast(ir.VectorType.get((2,), i32), fa.registers[s])
+            for j in range(2):
+                word = vector.extract(pair, [], [j])
+                low = llvm.inline_asm(i32, [word], "and.b32 $0, $1, 0x0F0F0F0F;", "=r,r")
+                high = llvm.inline_asm(
+                    i32, [word], "{ .reg .b32 t; shr.u32 t, $1, 4; and.b32 $0, t, 0x0F0F0F0F; }", "=r,r")
+                for h, v in enumerate((low, high)):
+                    regs[(0, 2 * (part + s) + j, 0, 0, h) + (0,) * (len(shape) - 5)] = mgpu_utils.bitcast(v, i8x4)
+        return mgpu.FragmentedArray(_registers=regs, _layout=mfa.WGMMA_LAYOUT_8BIT, _is_signed=True)
 
     return widen(words)
 
@@ -130,17 +148,18 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
     n_groups = STEP // group
     width, per_row = sums_layout(mp, n_groups)
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    span = _span(group)
 
-    def add_group(out, part, params, c):
-        """Group c's partial product (of 1 + u / 16) joined to the float32 total. With S the group's sum of x,
-        sum (u - 8) x = 16 part - 24 S, so w = (u - 8) s (+ m + 8 s for asymmetric codes) gives
-        16 s part + (m - 16 s) S, or 16 s part - 24 s S for symmetric ones."""
+    def add_group(out, acc, params, c):
+        """Group c's integer product joined to the float32 total: with T = sum u t (the digits' columns joined,
+        exact) and S = sum t, sum w t = s T + o S for w = s u + o (o = m, or -8 s for symmetric codes)."""
+        part = (acc[:, :mp] * 256 + acc[:, mp:]).astype(jnp.float32)
         scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32)
-        out = out + part * lax.broadcast_in_dim(16.0 * scale, part.shape, [0])
+        out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
         if offsets:
-            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32) - 16.0 * scale
+            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32)
         else:
-            off = -24.0 * scale
+            off = -8.0 * scale
         sums = plgpu.load(params[-1].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
                           layout=plgpu.Layout.WGMMA.reduce(0))
         return out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
@@ -150,18 +169,19 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
             """Group c's wgmma issued into a fresh accumulator before group c - 1's is read (one in flight)."""
             if c == n_groups:
                 return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, c - 1)
-            a = _widen(plgpu, w_smem.at[pl.ds(c * group // 4, group // 4)], group)
+            a = _widen(plgpu, w_smem.at[pl.ds(c * group // 4, group // 4)], group, c % (span // group))
+            cols = pl.ds(c * group // span * span, span)
 
             def issue(acc_ref):
-                plgpu.wgmma(acc_ref, a, x_smem.at[:, pl.ds(c * group, group)].transpose((1, 0)))
+                plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
                 done = out if prev_acc is None else add_group(
                     out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1)
                 return chain(c + 1, acc_ref, done)
-            return pl.run_scoped(issue, plgpu.ACC((ROWS, mp), jnp.float32))
+            return pl.run_scoped(issue, plgpu.ACC((ROWS, 2 * mp), jnp.int32))
         return chain(0, None, carry)
 
     group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
-    specs = [plgpu.BlockSpec((mp, STEP), lambda i: (0, k0 + i), transforms=_x_transforms(plgpu, group)),
+    specs = [plgpu.BlockSpec((2 * mp, STEP), lambda i: (0, k0 + i), transforms=_x_transforms(plgpu, group)),
              plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i)), group_spec]
     gmem = [x_ref, v_ref.at[layer, rows], s_ref.at[layer, j]]
     if offsets:
@@ -223,15 +243,14 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
         raise ValueError(f"fragment_matmul: scales {scales.shape} (offsets "
                          f"{None if offsets is None else offsets.shape}) do not match {(L, N, G)}")
     mp = padded_rows(M)
-    xp = jnp.pad(x.astype(jnp.bfloat16), ((0, mp - M), (0, 0)))
+    # x's digits [2 mp, K], 1 / q [mp] and integer group sums [G, width]: `per_row` groups to a kernel row.
+    width, per_row = sums_layout(mp, STEP // group_size)
+    digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
     # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
-    arrays = [xp, values, scales.reshape(L, N // ROWS, G, ROWS)]
+    arrays = [digits, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
         arrays.append(offsets.reshape(L, N // ROWS, G, ROWS))
-    # x's group sums [G, mp], `per_row` groups to a row (padded only where a row would be under 128 bytes).
-    width, per_row = sums_layout(mp, STEP // group_size)
-    sums = jnp.sum(xp.astype(jnp.float32).reshape(mp, G, group_size), axis=-1).T
-    arrays.append(jnp.pad(sums, ((0, 0), (0, width - mp))).reshape(G // per_row, per_row * width))
+    arrays.append(sums.reshape(G // per_row, per_row * width))
     splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
                                offsets=offsets is not None, mp=mp)
@@ -243,9 +262,9 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="fragment_matmul_int4",
     )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
-    # The splits' partials added one by one (not a reduction): elementwise, so XLA fuses the sum and the cast
-    # into the op that reads y instead of launching a reduction of its own.
+    # The splits' partials added one by one (not a reduction) and scaled back by 1 / q: elementwise, so XLA
+    # fuses the sum, the scale and the cast into the op that reads y instead of launching a reduction of its own.
     y = partials[0, :M]
     for i in range(1, splits):
         y = y + partials[i, :M]
-    return y.astype(out_dtype or x.dtype)
+    return (y * inv_q[:M, None]).astype(out_dtype or x.dtype)

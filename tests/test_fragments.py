@@ -19,9 +19,9 @@ CONFIG = ji.ModelConfig(vocab_size=256, dim=256, ffn_dim=512, num_layers=2, num_
 
 
 def test_pack_codes_puts_each_code_where_the_layout_says():
-    """Code (n, k) of a 64 x 256 block sits in the word of step s = (k % 256) // 16 and thread
-    t = 32 w + 4 r + c at bit 16 e + 4 (2 j + h), where n % 64 = 16 w + 8 h + r and k % 16 = 8 j + 2 c + e;
-    word (s, t) of block (b, kb) is the 4 bytes at 4 (128 s + t) of the block read row-major."""
+    """Code (n, k) of a 64 x 256 block sits in byte 8 (128 s + t) + 4 j + e of the block read row-major, low
+    nibble for rows n % 64 = 16 w + r and high for 16 w + 8 + r, where s = (k % 256) // 32, t = 32 w + 4 r + c
+    and k % 32 = 16 j + 4 c + e: the byte wgmma's 8-bit A register (j, h) of thread t takes at step s."""
     rng = np.random.default_rng(0)
     u = rng.integers(0, 16, (128, 512)).astype(np.uint8)
     v = np.asarray(fragments.pack_codes(jnp.asarray(u)))
@@ -30,15 +30,15 @@ def test_pack_codes_puts_each_code_where_the_layout_says():
         for k in range(512):
             b, nr = divmod(n, 64)
             kb, kr = divmod(k, 256)
-            s, kk = divmod(kr, 16)
+            s, kk = divmod(kr, 32)
             w, rest = divmod(nr, 16)
             h, r = divmod(rest, 8)
-            j, rest = divmod(kk, 8)
-            c, e = divmod(rest, 2)
+            j, rest = divmod(kk, 16)
+            c, e = divmod(rest, 4)
             t = 32 * w + 4 * r + c
             block = v[64 * b:64 * b + 64, 128 * kb:128 * kb + 128].reshape(-1)
-            word = int.from_bytes(bytes(block[4 * (128 * s + t):4 * (128 * s + t) + 4]), "little")
-            assert (word >> (16 * e + 4 * (2 * j + h))) & 0xF == u[n, k], (n, k)
+            byte = int(block[8 * (128 * s + t) + 4 * j + e])
+            assert (byte >> (4 * h)) & 0xF == u[n, k], (n, k)
     np.testing.assert_array_equal(np.asarray(fragments.unpack_codes(jnp.asarray(v))), u)
 
 
@@ -193,17 +193,24 @@ def _reference(x, q, layer):
 @pytest.mark.parametrize("group,zero_point", [(128, True), (64, True), (32, True), (256, True), (64, False),
                                               (256, False)])
 def test_fragment_kernel_matches_float64(rows, group, zero_point):
+    """Within 1e-5 of the float64 product of x's fixed point (the integer products are exact), and within
+    1e-4 of x's own (the fixed point rounds by 2^-16 of a row's largest |value|)."""
     from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels.x_digits import x_digits_reference
 
     L, N, K = 3, 384, 2048
     w = jax.random.normal(jax.random.key(rows), (L, N, K), jnp.float32)
     q = to_fragment_order(quantize_array(w, "int4", (-1,), group, zero_point=zero_point))
     x = jax.random.normal(jax.random.key(7), (rows, K), jnp.float32).astype(jnp.bfloat16)
-    got = fm.fragment_matmul(x, q.values, q.scales, q.offsets, jnp.int32(2), group_size=group,
-                             out_dtype=jnp.float32)
-    want = _reference(x, q, 2)
-    err = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
-    assert err < 1e-5, err
+    got = np.asarray(fm.fragment_matmul(x, q.values, q.scales, q.offsets, jnp.int32(2), group_size=group,
+                                        out_dtype=jnp.float32), np.float64)
+    mp = fm.padded_rows(rows)
+    digits, inv_q, _ = (np.asarray(a, np.float64) for a in x_digits_reference(x, rows=mp, group_size=group))
+    x_fixed = (digits[:rows] * 256 + digits[mp:mp + rows]) * inv_q[:rows, None]
+    for xs, tol in ((x_fixed, 1e-5), (x, 1e-4)):
+        want = _reference(xs, q, 2)
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < tol, (err, tol)
 
 
 @pytest.mark.gpu

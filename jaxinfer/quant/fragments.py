@@ -2,14 +2,15 @@
 
 A contraction-last int4 `QArray` (values `[..., N, K/2]`, two codes a byte along K) stores each row's codes in
 K order, which the batch-1 row kernel streams. The batched product on Hopper's tensor cores
-(`pallas_kernels/fragment_matmul.py`) wants each thread of a warpgroup to find the eight codes it feeds one
-16-wide K step of wgmma's register operand in one 32-bit word, so that widening them to bfloat16 needs no
-shuffles. `to_fragment_order` rewrites the bytes that way without changing any shape:
+(`pallas_kernels/fragment_matmul.py`) feeds the codes to wgmma as 8-bit integers from registers, and wants
+each thread of a warpgroup to find the sixteen codes it feeds one 32-wide K step in two adjacent 32-bit words
+whose low and high nibbles are its four A registers, so that widening them is a mask and a shift-and-mask a
+word. `to_fragment_order` rewrites the bytes that way without changing any shape:
 
-- values: in every block of 64 rows x 256 K (128 bytes a row), the block's 8192 bytes hold 16 steps x 128
-  threads of little-endian words in (step, thread) order. Thread t = 32 w + 4 r + c holds rows 16 w + r
-  (+ 8: h) at columns 2 c (+ 1: e) and 2 c + 8 (j) of its step; the code of (j, h, e) sits at bit
-  16 e + 4 (2 j + h). Read row-major, a (64, 128)-byte tile of the stored array is exactly that block's words.
+- values: in every block of 64 rows x 256 K (128 bytes a row), the block's 8192 bytes hold 8 steps x 128
+  threads x 8 bytes in (step, thread, byte) order. Thread t = 32 w + 4 r + c's byte 4 j + e holds the codes of
+  column 16 j + 4 c + e of its step, rows 16 w + r (low nibble) and 16 w + r + 8 (high nibble). Read
+  row-major, a (64, 128)-byte tile of the stored array is exactly that block's bytes.
 - scales and offsets (`[..., N, K/g]`): each 64-row block's `[64, K/g]` transposed in place, so that the same
   bytes viewed as `[..., N/64, K/g, 64]` give a group's 64 scales contiguously.
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 ROWS = 64  # rows of a block: wgmma's M
 BLOCK_K = 256  # K elements of a block: 128 bytes a row, one TMA box of (64, 128) bytes
-STEPS = BLOCK_K // 16  # wgmma k16 steps a block
+STEPS = BLOCK_K // 32  # wgmma k32 steps (8-bit operands) a block
 ORDERS = ("rows", "fragments")
 
 
@@ -41,22 +42,14 @@ def check_fragment_shape(n: int, k: int, group_size: int | None, what: str = "we
                          f"got N={n}, K={k}")
 
 
-def _shifts() -> jax.Array:
-    """Bit position of code (j, h, e) in its thread's word: 16 e + 4 (2 j + h), indexed [j, h, e]."""
-    j, h, e = jnp.meshgrid(jnp.arange(2), jnp.arange(2), jnp.arange(2), indexing="ij")
-    return (16 * e + 4 * (2 * j + h)).astype(jnp.uint32)
-
-
 def pack_codes(u: jax.Array) -> jax.Array:
     """Codes `[..., N, K]` (uint8 in [0, 15]) -> fragment-ordered bytes `[..., N, K/2]`."""
     *lead, n, k = u.shape
-    u = u.astype(jnp.uint32).reshape(*lead, n // ROWS, 4, 2, 8, k // BLOCK_K, STEPS, 2, 4, 2)
+    u = u.astype(jnp.uint8).reshape(*lead, n // ROWS, 4, 2, 8, k // BLOCK_K, STEPS, 2, 4, 4)
     nd = len(lead)
     b, w, h, r, kb, s, j, c, e = (nd + i for i in range(9))
-    u = u.transpose(*range(nd), b, kb, s, w, r, c, j, h, e)
-    words = jnp.sum(u << _shifts(), axis=(-3, -2, -1), dtype=jnp.uint32)  # disjoint bits: the sum is an or
-    blocks = jax.lax.bitcast_convert_type(words, jnp.uint8)  # [..., N/64, K/256, 16, 4, 8, 4, 4] little-endian
-    blocks = blocks.reshape(*lead, n // ROWS, k // BLOCK_K, ROWS, BLOCK_K // 2)  # the block's bytes row-major
+    u = u.transpose(*range(nd), b, kb, s, w, r, c, j, e, h)
+    blocks = (u[..., 0] | (u[..., 1] << 4)).reshape(*lead, n // ROWS, k // BLOCK_K, ROWS, BLOCK_K // 2)
     return blocks.swapaxes(-3, -2).reshape(*lead, n, k // 2)
 
 
@@ -65,11 +58,10 @@ def unpack_codes(values: jax.Array) -> jax.Array:
     *lead, n, half = values.shape
     k = 2 * half
     blocks = values.reshape(*lead, n // ROWS, ROWS, k // BLOCK_K, BLOCK_K // 2).swapaxes(-3, -2)
-    words = jax.lax.bitcast_convert_type(blocks.reshape(*lead, n // ROWS, k // BLOCK_K, STEPS, 4, 8, 4, 4),
-                                         jnp.uint32)  # [..., b, kb, s, w, r, c]
-    u = (words[..., None, None, None] >> _shifts()) & 0xF  # [..., b, kb, s, w, r, c, j, h, e]
+    byte = blocks.reshape(*lead, n // ROWS, k // BLOCK_K, STEPS, 4, 8, 4, 2, 4)  # [..., b, kb, s, w, r, c, j, e]
+    u = jnp.stack([byte & 0xF, byte >> 4], axis=-1)  # [..., b, kb, s, w, r, c, j, e, h]
     nd = len(lead)
-    b, kb, s, w, r, c, j, h, e = (nd + i for i in range(9))
+    b, kb, s, w, r, c, j, e, h = (nd + i for i in range(9))
     u = u.transpose(*range(nd), b, w, h, r, kb, s, j, c, e)
     return u.reshape(*lead, n, k).astype(jnp.uint8)
 

@@ -1,0 +1,111 @@
+"""x as two signed bytes a value, for the fragment kernel's 8-bit tensor-core products (Pallas, Triton lowering),
+plus a plain-jnp reference.
+
+The fragment kernel (`fragment_matmul.py`) multiplies int4 codes as 8-bit integers, so x must be integers too:
+each row a 16-bit fixed point t = round(x q) with q = 32639 / max |x| (so that hi = (t + 128) >> 8 and
+lo = t - 256 hi are both in [-128, 127]), stored as `digits [2 P, K]` int8 (the P rows' high bytes, then their
+low bytes: wgmma's N = 2 P columns), `inv_q [P]` (1 / q, applied to the product's output) and x's integer group
+sums `sums [G, width]` (float32, exact: |sum| < 2^24 for groups up to 256), which take the codes' zero point
+and offsets back. Rows M..P-1 (padding up to wgmma's N) are zeros.
+
+Rounding: |t / q - x| <= 0.5 / q = max |x| / 65278 for every element of a row (bfloat16 rounds each element to
+2^-9 of itself); t * inv_q adds float32's rounding of 1 / q, 2^-24 of |t|.
+
+Why one kernel: XLA makes the same arithmetic three launches (the row maximum, the digits, the sums: a
+reduction cannot feed an elementwise pass in the same fusion), ~4 us a product against the kernel's one.
+One program a row walks K in power-of-two chunks twice (the maximum, then the digits and sums; the second
+pass reads the row from L2).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+X_MAX = 127 * 256 + 127  # the largest |t|: hi = (t + 128) >> 8 and lo = t - 256 hi stay signed bytes
+_WARPS = 4
+MAX_CHUNK = 4096  # K elements a program holds at once
+
+
+def _chunk(k: int, group: int) -> int:
+    """The largest power of two dividing K, at most MAX_CHUNK (a Triton block is a power of two)."""
+    c = k & -k
+    while c > MAX_CHUNK:
+        c //= 2
+    if c < group:
+        raise ValueError(f"x_digits: K={k} must be a multiple of the group ({group}) in power-of-two chunks")
+    return c
+
+
+def _scale(amax):
+    """q = X_MAX / max |x|; 1 for a row of zeros (padding)."""
+    return jnp.where(amax > 0, X_MAX / jnp.where(amax > 0, amax, 1.0), 1.0)
+
+
+def _fixed(xf, q):
+    """t = round(x q) (half up), hi, lo."""
+    t = jnp.floor(xf * q + 0.5).astype(jnp.int32)
+    hi = (t + 128) >> 8
+    return t, hi, t - 256 * hi
+
+
+def _kernel(x_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group):
+    f32 = jnp.float32
+    r = pl.program_id(0)
+    keep = (r < m).astype(f32)  # padded rows: zeros
+    src = jnp.minimum(r, m - 1)
+
+    def load(c):
+        return x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep  # [1, chunk]
+
+    amax = jax.lax.fori_loop(0, k // chunk, lambda c, a: jnp.maximum(a, jnp.max(jnp.abs(load(c)))), f32(0))
+    q = _scale(amax)
+    inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
+
+    def body(c, _):
+        t, hi, lo = _fixed(load(c), q)
+        d_ref[pl.ds(r, 1), pl.ds(c * chunk, chunk)] = hi.astype(jnp.int8)
+        d_ref[pl.ds(rows + r, 1), pl.ds(c * chunk, chunk)] = lo.astype(jnp.int8)
+        sums = jnp.sum(t.reshape(chunk // group, group), axis=1).astype(f32)
+        sums_ref[pl.ds(c * (chunk // group), chunk // group), pl.ds(r, 1)] = sums[:, None]
+        return 0
+
+    jax.lax.fori_loop(0, k // chunk, body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "group_size", "width", "interpret"))
+def x_digits(x: jax.Array, *, rows: int, group_size: int, width: int | None = None,
+             interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [M, K] -> (digits [2 rows, K] int8, inv_q [rows] float32, sums [K / group_size, width] float32) for
+    rows >= M; sums' columns from `rows` to `width` are left unwritten (the fragment kernel's padding)."""
+    m, k = x.shape
+    width = rows if width is None else width
+    if not 1 <= m <= rows <= width:
+        raise ValueError(f"x_digits: need 1 <= M ({m}) <= rows ({rows}) <= width ({width})")
+    chunk = _chunk(k, group_size)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return pl.pallas_call(
+        functools.partial(_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size),
+        grid=(rows,),
+        in_specs=[pl.no_block_spec],
+        out_specs=[pl.no_block_spec] * 3,
+        out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
+                   jax.ShapeDtypeStruct((k // group_size, width), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
+        interpret=interpret,
+        name="x_digits",
+    )(x)
+
+
+def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):
+    """Plain jnp: the same arithmetic on whole arrays (sums without padding columns)."""
+    m, k = x.shape
+    xf = jnp.pad(x.astype(jnp.float32), ((0, rows - m), (0, 0)))
+    q = _scale(jnp.max(jnp.abs(xf), axis=1, keepdims=True))
+    t, hi, lo = _fixed(xf, q)
+    sums = jnp.sum(t.reshape(rows, k // group_size, group_size), axis=-1).astype(jnp.float32).T
+    return jnp.concatenate([hi, lo]).astype(jnp.int8), (1.0 / q)[:, 0], sums
