@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_tools import cuda_lowering
 from pallas_kernels.x_digits import X_MAX, x_digits, x_digits_reference
 
 
@@ -29,6 +30,13 @@ def test_x_digits_matches_the_reference_and_rounds_within_its_bound(m, rows, k, 
     xf = np.asarray(x, np.float64)
     err = np.abs(t[:m] * np.asarray(inv_q, np.float64)[:m, None] - xf)
     assert np.all(err <= 0.502 * np.abs(xf).max(axis=1, keepdims=True) / X_MAX)
+
+
+@pytest.mark.parametrize("m,rows,k,group", [(16, 16, 14336, 128), (1, 8, 4096, 64)])
+def test_x_digits_lowers_to_triton(m, rows, k, group):
+    text = cuda_lowering(lambda x: x_digits(x, rows=rows, group_size=group, interpret=False),
+                         jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
+    assert "triton" in text.lower()
 
 
 def test_x_digits_errors_name_the_problem():
