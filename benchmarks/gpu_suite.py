@@ -119,6 +119,10 @@ VARIANTS = {
     "int4_fragments": ("int4 weights quantized after `contract_last`, codes in the fragment order "
                        "(`fragment_matmul`, Mosaic GPU)",
                        dict(quant="int4", weight_layout="fragments", profile_batches=())),
+    "int4_fragments_2stages": ("int4 in the fragment order, a 2-slot ring (`fragment_matmul.STAGES = 2`: ~35 KB a "
+                               "CTA, five CTAs an SM where registers allow)",
+                               dict(quant="int4", weight_layout="fragments", profile_batches=()),
+                               {"pallas_kernels.fragment_matmul": {"STAGES": 2}}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",
