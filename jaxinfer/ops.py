@@ -99,25 +99,11 @@ def rms_norm(x, weight, eps):
 @dataclass(frozen=True)
 class Normed:
     """`rms_norm(x, weight, eps)` not yet computed: a product taking it as its input may fuse the norm into
-    its kernel (the `row` path) or into x's preparation (the `fragments` path); every other path computes it
-    first (`value`)."""
+    its kernel (the `row` path); every other path computes it first (`value`)."""
 
     x: jax.Array
     weight: Any  # [D] array or LayerOf of a stacked [L, D] one
     eps: float
-
-    @property
-    def shape(self):
-        return self.x.shape
-
-    @property
-    def ndim(self):
-        return self.x.ndim
-
-    @property
-    def dtype(self):
-        weight = self.weight.stacked if isinstance(self.weight, LayerOf) else self.weight
-        return jnp.promote_types(weight.dtype, self.x.dtype)
 
     def value(self):
         return rms_norm(self.x, self.weight, self.eps)
@@ -228,7 +214,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm))
-    x = x if isinstance(x, Normed) else value(x)  # (a norm may still join x's preparation: `_matmul`)
+    x = value(x)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
@@ -278,23 +264,11 @@ def residual_norm_fuses(x, products) -> bool:
     for eq, shape, w in products:
         if _row_plan("auto", jax.ShapeDtypeStruct(shape, x.dtype), [_stored_order(eq, w)], residual=x) is not None:
             return False
-        if _takes_fragments(eq, jax.ShapeDtypeStruct(shape, x.dtype), w):
-            return False  # the fragment path folds the norm into x's preparation (`x_digits`): one launch fewer
     return True
 
 
-def _takes_fragments(eq: str, x, w) -> bool:
-    """Whether `matmul(eq, x, w)` runs on the fragment kernel (x an array, its shape or `Normed`)."""
-    eq, w = _stored_order(eq, w.take() if isinstance(w, PartOf) else w)
-    view = w.shape_view() if isinstance(w, LayerOf) else w
-    if not (isinstance(view, QArray) and view.order == "fragments"):
-        return False
-    return _choose("auto", _parse(eq, x, view), x, view) == "fragments"
-
-
 def _matmul(eq: str, x, w, out_dtype, impl: str):
-    """`matmul` of x (an array, or `Normed`: only the fragment path takes the norm unevaluated) on every path
-    but `row`."""
+    """`matmul` of an array x on every path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -302,21 +276,19 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
             spec = _parse(eq, x, one)
             path = _choose(impl, spec, x, one, stacked=w.depth())
             if path == "pallas":
-                return _pallas_matmul(spec, value(x), w.stacked, w.index).astype(out_dtype)
+                return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
             if path == "fragments":
                 return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
-        x = value(x)
         record(w, eq, x)
         eq, w = _stored_order(eq, w.w)
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w)
-    if path == "fragments":
-        return _fragment_matmul(spec, x, w).astype(out_dtype)
-    x = value(x)
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
+    if path == "fragments":
+        return _fragment_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
@@ -683,18 +655,12 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
 
 
 def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given;
-    x `Normed` has its norm computed by the kernel's preparation of x (`x_digits`), not by a launch of its own."""
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given."""
     from pallas_kernels import fragment_matmul as fm
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    norm = {}
-    if isinstance(x, Normed):
-        g = x.weight
-        norm = dict(norm=g.stacked, norm_layer=g.index) if isinstance(g, LayerOf) else dict(norm=g)
-        x, norm["eps"] = x.x, x.eps
     out = fm.fragment_matmul(x.reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
-                             out_dtype=jnp.float32, **norm)
+                             out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
@@ -715,8 +681,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     row = _row_plan(impl, x, products)
     if row is not None:
         return row(epilogue="none", out_dtype=out_dtype)
-    if not (isinstance(x, Normed) and any(_takes_fragments(eq, x, w) for eq, w in products)):
-        x = value(x)  # (a norm left to the fragment path's preparation of x: `_matmul`)
+    x = value(x)
     out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:
@@ -735,7 +700,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
         and _contraction_last(p[0]) == _contraction_last(plan[0][0]) for p in plan)
     if len(products) < 2 or not same:
         return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
-    outs = _pallas_matmuls(value(x), [(spec, w) for spec, w, _, _ in plan], plan[0][2])
+    outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
 
 

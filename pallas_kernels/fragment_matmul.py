@@ -221,15 +221,11 @@ def _store_transposed(plgpu, acc, o_smem):
     store(acc, o_smem)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype", "eps"))
+@functools.partial(jax.jit, static_argnames=("group_size", "out_dtype"))
 def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets: jax.Array | None = None,
-                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None,
-                    norm: jax.Array | None = None, norm_layer: jax.Array | int | None = None,
-                    eps: float | None = None) -> jax.Array:
+                    layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None) -> jax.Array:
     """x [M, K] @ dequantize(W).T for W's fragment-ordered int4 children: values [(L,) N, K/2] uint8, scales
-    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer). With `norm`
-    (a [K] weight, or layer `norm_layer` of a stacked [L, K]) and `eps`, x is `rms_norm(x, norm, eps)`,
-    normalised by x's preparation (`x_digits`) in the same launch."""
+    and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer)."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
@@ -249,7 +245,7 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     mp = padded_rows(M)
     # x's digits [2 mp, K], 1 / q [mp] and integer group sums [G, width]: `per_row` groups to a kernel row.
     width, per_row = sums_layout(mp, STEP // group_size)
-    digits, inv_q, sums = x_digits(x, norm, norm_layer, rows=mp, group_size=group_size, width=width, eps=eps)
+    digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
     # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
     arrays = [digits, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
@@ -271,5 +267,4 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     y = partials[0, :M]
     for i in range(1, splits):
         y = y + partials[i, :M]
-    x_dtype = x.dtype if norm is None else jnp.promote_types(norm.dtype, x.dtype)
-    return (y * inv_q[:M, None]).astype(out_dtype or x_dtype)
+    return (y * inv_q[:M, None]).astype(out_dtype or x.dtype)

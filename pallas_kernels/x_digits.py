@@ -11,9 +11,6 @@ and offsets back. Rows M..P-1 (padding up to wgmma's N) are zeros.
 Rounding: |t / q - x| <= 0.5 / q = max |x| / 65278 for every element of a row (bfloat16 rounds each element to
 2^-9 of itself); t * inv_q adds float32's rounding of 1 / q, 2^-24 of |t|.
 
-With a norm weight, x is first normalised as `jaxinfer.ops.rms_norm` does (the row's 1 / rms in float32, the
-result rounded to x's dtype, times the weight): a residual stream's RMSNorm and its digits in one launch.
-
 Why one kernel: XLA makes the same arithmetic three launches (the row maximum, the digits, the sums: a
 reduction cannot feed an elementwise pass in the same fusion), ~4 us a product against the kernel's one.
 Programs: (row, chunk of K), up to CHUNKS a row, so that a call spreads over the SMs; each reads its whole row
@@ -59,98 +56,56 @@ def _fixed(xf, q):
     return t, hi, t - 256 * hi
 
 
-def _normed(xf, g, inv_rms, x_dtype, out_dtype):
-    """The library's RMSNorm (`jaxinfer.ops.rms_norm`) of float32 values xf given 1 / rms: rounded to x's dtype,
-    times the weight g in their promoted dtype; returned as float32."""
+def _kernel(x_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group):
     f32 = jnp.float32
-    return (g.astype(f32) * (xf * inv_rms).astype(x_dtype).astype(f32)).astype(out_dtype).astype(f32)
-
-
-def _kernel(x_ref, *refs, m, rows, k, chunk, group, eps, out_dtype):
-    f32 = jnp.float32
-    layer_ref, g_ref, d_ref, inv_ref, sums_ref = refs if eps is not None else (None, None) + refs
     r, c = pl.program_id(0), pl.program_id(1)
     keep = (r < m).astype(f32)  # padded rows: zeros
     src = jnp.minimum(r, m - 1)
     width = next_pow2(k)
-    full = (jnp.arange(width) < k)[None, :]
-    row = pltriton.load(x_ref.at[pl.ds(src, 1), pl.ds(0, width)], mask=full, other=0).astype(f32) * keep
-    part = x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep
-    if eps is not None:  # x normalised first: the row's 1 / rms, then the weight
-        inv_rms = jax.lax.rsqrt(jnp.sum(row * row) / k + eps)
-        layer = layer_ref[0]
-        g_row = pltriton.load(g_ref.at[pl.ds(layer, 1), pl.ds(0, width)], mask=full, other=0)
-        row = _normed(row, g_row, inv_rms, x_ref.dtype, out_dtype)
-        part = _normed(part, g_ref[pl.ds(layer, 1), pl.ds(c * chunk, chunk)], inv_rms, x_ref.dtype, out_dtype)
-    q = _scale(jnp.max(jnp.abs(row)))
+    cols = jnp.arange(width)
+    row = pltriton.load(x_ref.at[pl.ds(src, 1), pl.ds(0, width)], mask=(cols < k)[None, :], other=0)
+    q = _scale(jnp.max(jnp.abs(row.astype(f32))) * keep)
 
     @pl.when(c == 0)
     def _():
         inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
 
-    t, hi, lo = _fixed(part, q)
+    t, hi, lo = _fixed(x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep, q)
     d_ref[pl.ds(r, 1), pl.ds(c * chunk, chunk)] = hi.astype(jnp.int8)
     d_ref[pl.ds(rows + r, 1), pl.ds(c * chunk, chunk)] = lo.astype(jnp.int8)
     sums = jnp.sum(t.reshape(chunk // group, group), axis=1).astype(f32)
     sums_ref[pl.ds(c * (chunk // group), chunk // group), pl.ds(r, 1)] = sums[:, None]
 
 
-def _stacked(norm, layer, k: int):
-    """The norm weight as [L, K] and the layer index as a (1,) int32 array."""
-    stacked = norm if norm.ndim == 2 else norm[None]
-    if stacked.ndim != 2 or stacked.shape[1] != k:
-        raise ValueError(f"x_digits: the norm weight must be [{k}] or [L, {k}], got {norm.shape}")
-    return stacked, jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-
-
-@functools.partial(jax.jit, static_argnames=("rows", "group_size", "width", "eps", "interpret"))
-def x_digits(x: jax.Array, norm: jax.Array | None = None, layer: jax.Array | int | None = None, *, rows: int,
-             group_size: int, width: int | None = None, eps: float | None = None,
+@functools.partial(jax.jit, static_argnames=("rows", "group_size", "width", "interpret"))
+def x_digits(x: jax.Array, *, rows: int, group_size: int, width: int | None = None,
              interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M, K] -> (digits [2 rows, K] int8, inv_q [rows] float32, sums [K / group_size, width] float32) for
-    rows >= M; sums' columns from `rows` to `width` are left unwritten (the fragment kernel's padding). With
-    `norm` (a [K] weight, or layer `layer` of a stacked [L, K]) and `eps`, the digits are those of
-    `rms_norm(x, norm, eps)`: the norm's launch folded into this one."""
+    rows >= M; sums' columns from `rows` to `width` are left unwritten (the fragment kernel's padding)."""
     m, k = x.shape
     width = rows if width is None else width
     if not 1 <= m <= rows <= width:
         raise ValueError(f"x_digits: need 1 <= M ({m}) <= rows ({rows}) <= width ({width})")
-    if (norm is None) != (eps is None):
-        raise ValueError("x_digits: a norm weight needs eps, and eps a norm weight")
     chunk = _chunk(k, group_size)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    args = [x]
-    out_dtype = None
-    if norm is not None:
-        stacked, layer = _stacked(norm, layer, k)
-        args += [layer, stacked]
-        out_dtype = jnp.promote_types(norm.dtype, x.dtype)
     return pl.pallas_call(
-        functools.partial(_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size,
-                          eps=None if eps is None else float(eps), out_dtype=out_dtype),
+        functools.partial(_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size),
         grid=(rows, k // chunk),
-        in_specs=[pl.no_block_spec] * len(args),
+        in_specs=[pl.no_block_spec],
         out_specs=[pl.no_block_spec] * 3,
         out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
                    jax.ShapeDtypeStruct((k // group_size, width), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
         interpret=interpret,
         name="x_digits",
-    )(*args)
+    )(x)
 
 
-def x_digits_reference(x: jax.Array, norm: jax.Array | None = None, layer: int | None = None, *, rows: int,
-                       group_size: int, eps: float | None = None):
+def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):
     """Plain jnp: the same arithmetic on whole arrays (sums without padding columns)."""
     m, k = x.shape
-    xf = x.astype(jnp.float32)
-    if norm is not None:
-        stacked, _ = _stacked(norm, layer, k)
-        inv_rms = jax.lax.rsqrt(jnp.sum(xf * xf, axis=1, keepdims=True) / k + eps)
-        xf = _normed(xf, stacked[0 if layer is None else layer], inv_rms, x.dtype,
-                     jnp.promote_types(norm.dtype, x.dtype))
-    xf = jnp.pad(xf, ((0, rows - m), (0, 0)))
+    xf = jnp.pad(x.astype(jnp.float32), ((0, rows - m), (0, 0)))
     q = _scale(jnp.max(jnp.abs(xf), axis=1, keepdims=True))
     t, hi, lo = _fixed(xf, q)
     sums = jnp.sum(t.reshape(rows, k // group_size, group_size), axis=-1).astype(jnp.float32).T

@@ -120,41 +120,6 @@ def test_gpu_dispatch_takes_a_fragment_ordered_tree(monkeypatch):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
-def test_normed_inputs_reach_the_fragment_kernel_with_their_norm(monkeypatch):
-    """On the fragment path a layer's norms are not launched on their own: `ops.Normed` inputs reach the kernel
-    call with the norm weight, its layer and eps (x's preparation normalises), and decode gives the XLA path's
-    logits. The Mosaic kernel (GPU only) is replaced by a jnp stand-in: the norm, then the dequantized product."""
-    from pallas_kernels import fragment_matmul as fm
-
-    _, frags = _trees(jnp.float32)
-    tokens = np.random.default_rng(2).integers(0, CONFIG.vocab_size, (2, 6)).astype(np.int32)
-
-    def step(params):
-        _, cache = ji.prefill(params, ji.init_cache(CONFIG, 2, 16, jnp.float32), tokens, config=CONFIG)
-        return np.asarray(ji.decode_step(params, cache, tokens[:, 0], config=CONFIG, impl="auto")[0])
-
-    want = step(frags)
-    normed = []
-
-    def stand_in(x, values, scales, offsets=None, layer=None, *, group_size, out_dtype=None, norm=None,
-                 norm_layer=None, eps=None):
-        if norm is not None:
-            normed.append(norm.shape)
-            x = ops.rms_norm(x, norm if norm.ndim == 1 else norm[norm_layer], eps)
-        pick = (lambda a: a) if layer is None else (lambda a: None if a is None else a[layer])
-        q = to_row_order(quantize_array(jnp.zeros((64, 256)), "int4", (-1,), 64).replace(
-            values=pick(values), scales=pick(scales), offsets=pick(offsets), group_size=group_size,
-            order="fragments"))
-        return (x.astype(jnp.float32) @ dequantize(q, jnp.float32).T).astype(out_dtype or x.dtype)
-
-    monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
-    monkeypatch.setattr(fm, "fragment_matmul", stand_in)
-    jax.clear_caches()  # (decode_step's jit would reuse the trace above)
-    got = step(frags)
-    assert normed and all(shape == (CONFIG.num_layers, CONFIG.dim) for shape in normed)  # q/k/v's and gate/up's
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
 def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
     w = jax.random.normal(jax.random.key(2), (256, 512), jnp.float32)
     q = to_fragment_order(quantize_array(w, "int4", (-1,), 128, zero_point=True))
