@@ -11,7 +11,7 @@ each x row being two of wgmma's N columns. The kernel (Mosaic GPU, one warpgroup
 - TMA streams each 256-wide step's (64, 128)-byte code tile, x's digits for those columns (2 P rows, P = M
   padded to 8 or a multiple of 16), the step's group scales (and offsets) and x's group sums into a 3-slot
   shared-memory ring.
-- A thread loads its 8 bytes a k32 step (one `LDS.64`) and widens them in registers: a word's low nibbles are
+- A thread loads its 8 adjacent bytes a k32 step and widens them in registers: a word's low nibbles are
   one A register (`& 0x0F0F0F0F`), its high nibbles the next (a shift and the same mask): three instructions
   for eight codes, no shuffles, no layout change (`plgpu.inline_mgpu` builds the operand in
   `WGMMA_LAYOUT_8BIT`).
