@@ -149,6 +149,29 @@ def test_save_and_load_keep_the_order_and_the_layout(tmp_path):
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
 
 
+def test_a_file_of_another_fragment_byte_order_is_refused(tmp_path):
+    """A fragment-ordered file written with another byte-order version (or none: version 1) is refused with an
+    error naming the leaf and the versions, not read as codes in the wrong places."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from jaxinfer.quant import serialize
+
+    _, frags = _trees()
+    path = ji.save_quantized(tmp_path / "f.safetensors", frags)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = json.loads(f.metadata()[serialize.METADATA_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for info in meta["leaves"].values():
+        info.pop("fragment_layout", None)  # as files of the 16-bit layout were written
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={serialize.METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(ValueError, match="fragment byte order version 1, this library reads version 2"):
+        ji.load_quantized(old)
+
+
 def test_sums_layout_keeps_rows_whole_and_boxes_small():
     """x's group sums: each group's padded rows fit, a row holds whole groups in 128-byte multiples, a TMA box
     stays within 256 floats, and at 16 rows in groups of 128 there is no padding to add."""

@@ -31,6 +31,9 @@ ROWS = 64  # rows of a block: wgmma's M
 BLOCK_K = 256  # K elements of a block: 128 bytes a row, one TMA box of (64, 128) bytes
 STEPS = BLOCK_K // 32  # wgmma k32 steps (8-bit operands) a block
 ORDERS = ("rows", "fragments")
+# The byte order's version, saved with fragment-ordered arrays (`serialize.py`): 1 fed 16-bit operands (eight
+# codes of a k16 step a word), 2 the 8-bit ones above. Files of another version are refused, not misread.
+LAYOUT_VERSION = 2
 
 
 def check_fragment_shape(n: int, k: int, group_size: int | None, what: str = "weight") -> None:

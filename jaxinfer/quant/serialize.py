@@ -22,6 +22,7 @@ import numpy as np
 
 from ..config import ModelConfig, RopeScaling
 from ..params import path_names
+from . import fragments
 from .qarray import QArray
 from .recipe import Recipe
 
@@ -73,6 +74,8 @@ def save_quantized(path, params, config: ModelConfig | None = None, recipe: Reci
                 "logical_axes": None if leaf.logical_axes is None else list(leaf.logical_axes),
                 "order": leaf.order,
             }
+            if leaf.order == "fragments":
+                leaves[name]["fragment_layout"] = fragments.LAYOUT_VERSION
         else:
             tensors[name], dtype = _to_numpy(leaf)
             leaves[name] = {"kind": "array", "dtype": dtype}
@@ -116,6 +119,11 @@ def load_quantized(path, abstract: bool = False, device=None):
         tree: dict = {}
         for name, info in meta["leaves"].items():
             if info["kind"] == "qarray":
+                if info.get("order") == "fragments" and info.get("fragment_layout", 1) != fragments.LAYOUT_VERSION:
+                    raise ValueError(
+                        f"{path}: leaf {name!r} holds int4 codes in fragment byte order version "
+                        f"{info.get('fragment_layout', 1)}, this library reads version {fragments.LAYOUT_VERSION}; "
+                        f"save the row-ordered tree and apply `fragment_order` after loading it")
                 children = {c: read(f"{name}.{c}", d) for c, d in info["dtypes"].items()}
                 leaf = QArray(
                     scales=children["scales"], values=children["values"], offsets=children.get("offsets"),
