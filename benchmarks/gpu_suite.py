@@ -123,6 +123,10 @@ VARIANTS = {
                                "CTA, five CTAs an SM where registers allow)",
                                dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                {"pallas_kernels.fragment_matmul": {"STAGES": 2}}),
+    "int4_fragments_norm_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up written by the add + "
+                                   "norm launch (`ops.ADD_NORM_DIGITS`)",
+                                   dict(quant="int4", weight_layout="fragments", profile_batches=()),
+                                   {"jaxinfer.ops": {"ADD_NORM_DIGITS": True}}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

@@ -28,20 +28,21 @@ rms_norm = ops.rms_norm  # RMSNorm in float32, scaled by the weight after castin
 
 def residual_add(eq: str, h, w, x, next_norm, fused: bool):
     """`x + h @ w` (a row-parallel product joining the residual stream) and the next block's input, `x`
-    normalised by `next_norm` ((weight, eps)): with `fused`, one `ops.add_rms_norm` launch after the
-    product; otherwise an `ops.Normed` that the next product fuses where a kernel can."""
+    normalised by `next_norm` ((weight, eps, `ops.DigitsFor` or None)): with `fused`, one `ops.add_rms_norm`
+    launch after the product (which also prepares the norm for fragment-ordered products when asked);
+    otherwise an `ops.Normed` that the next product fuses where a kernel can."""
     if fused:
         return tensor_parallel.row_parallel(eq, h, w, residual=x, norm=next_norm)
     x = tensor_parallel.row_parallel(eq, h, w, residual=x)
-    return x, ops.Normed(x, *next_norm)
+    return x, ops.Normed(x, *next_norm[:2])
 
 
 def attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, config: ModelConfig, impl,
                     fused: bool = False):
     """`x + attention(xn)` for one layer on the residual stream `x [B, T, D]`, `xn` its normalised copy (an
-    array or `ops.Normed`); writes this step's k/v into the cache. Returns the new x, its norm by the
-    layer's `mlp_norm` (`residual_add`) and the cache."""
-    q, k, v = ops.matmuls(xn, ("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"]))
+    array, `ops.Normed` or `ops.XDigits`); writes this step's k/v into the cache. Returns the new x, its norm
+    by the layer's `mlp_norm` (`residual_add`) and the cache."""
+    q, k, v = ops.matmuls(xn, *attention_inputs(p))
     if config.qkv_bias or config.qk_norm:  # (packed q/k/v give parts of one output, `ops.Sliced`)
         q, k, v = ops.value(q), ops.value(k), ops.value(v)
     if config.qkv_bias:
@@ -51,14 +52,25 @@ def attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, 
         k = rms_norm(k, p["k_norm"], config.norm_eps)
     out, cache = attention.rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_lengths,
                                                sliding_window=config.sliding_window, impl=impl)
-    x, xn = residual_add("btnh,nhd->btd", out, p["o"], x, (p["mlp_norm"], config.norm_eps), fused)
+    prep = ops.digits_for(x, mlp_inputs(p)) if fused else None
+    x, xn = residual_add("btnh,nhd->btd", out, p["o"], x, (p["mlp_norm"], config.norm_eps, prep), fused)
     return x, xn, cache
+
+
+def attention_inputs(p):
+    """The (eq, weight) products reading a layer's normalised attention input."""
+    return [("btd,dnh->btnh", p["q"]), ("btd,dkh->btkh", p["k"]), ("btd,dkh->btkh", p["v"])]
+
+
+def mlp_inputs(p):
+    """The (eq, weight) products reading a layer's normalised MLP input."""
+    return [("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"])]
 
 
 def mlp_block(p, x, xn, next_norm, fused: bool = False):
     """`x + down(silu(gate(xn)) * up(xn))`: the SwiGLU MLP on the residual stream `x`, `xn` its normalised
     copy. Returns the new x and its norm by `next_norm` (`residual_add`; the next layer's attention norm)."""
-    h = ops.swiglu(xn, ("btd,df->btf", p["w_gate"]), ("btd,df->btf", p["w_up"]))
+    h = ops.swiglu(xn, *mlp_inputs(p))
     return residual_add("btf,fd->btd", h, p["w_down"], x, next_norm, fused)
 
 
@@ -167,11 +179,16 @@ def decoder_layers(layer_params, x, cache, layer_ids, rope, positions, valid, kv
             xn = ops.Normed(x, p["attn_norm"], eps)
         x, xn, cache = attention_block(p, x, xn, cache, layer, rope, positions, valid, kv_lengths, config, impl,
                                        fused)
-        next_norm = (ops.LayerOf(stacked_norms, jnp.minimum(i + 1, n - 1)), eps)  # the last layer's is unused
+        next_norm = (ops.LayerOf(stacked_norms, jnp.minimum(i + 1, n - 1)), eps,  # the last layer's is unused
+                     ops.digits_for(x, attention_inputs(p)) if fused else None)  # (the next layer's: same shapes)
         x, xn = mlp_block(p, x, xn, next_norm, fused)
         return (x, xn if fused else None, cache), None
 
-    xn = rms_norm(x, ops.LayerOf(stacked_norms, 0), eps) if fused else None
+    xn = None
+    if fused:  # the first layer's norm, in the form the carry holds
+        xn = rms_norm(x, ops.LayerOf(stacked_norms, 0), eps)
+        prep = ops.digits_for(x, attention_inputs(layer_view(layer_params, 0)))
+        xn = xn if prep is None else ops.prepared(xn, prep)
     local = jnp.arange(n, dtype=jnp.int32)
     (x, _, cache), _ = jax.lax.scan(layer_step, (x, xn, cache), (local, layer_ids), unroll=LAYER_UNROLL)
     return x, cache

@@ -18,8 +18,10 @@ Paths (all compute the same math, float32 accumulation):
   under a mesh with automatically partitioned axes (a kernel cannot see its shard there; `tensor_parallel`
   runs the layers per shard instead);
 - `fragments`: int4 weights in the tensor cores' fragment order (`weight_layout.fragment_order`) for 1-64
-  rows on the GPU: `pallas_kernels.fragment_matmul` (Mosaic GPU, wgmma), the stacked weight read in place;
-  such weights take no other kernel (the `row` and `pallas` kernels read row order);
+  rows on the GPU: `pallas_kernels.fragment_matmul` (Mosaic GPU, 8-bit wgmma), the stacked weight read in
+  place, x prepared as a 16-bit fixed point by a launch of its own or, with `ADD_NORM_DIGITS`, by the add +
+  norm launch before it (`XDigits`); such weights take no other kernel (the `row` and `pallas` kernels read
+  row order);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
@@ -32,10 +34,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from .packing import stored_axis
 from .quant.calibrate import Observed, record
@@ -63,6 +66,10 @@ ROW_FORMATS = ("int8", "int4", "fp8")
 ROW_HEAD = True  # an unstacked weight (the output head) may take the row kernel too (False: XLA's paths)
 # GPU decode: a block's residual add and the next RMSNorm in one Pallas launch (pallas_kernels/add_rms_norm.py)
 ADD_NORM_KERNEL = True
+# ... which also writes the norm as the fragment kernel's x (`XDigits`) where the products after it take the
+# fragment path, sparing each a preparation launch. Off until measured on a GPU (gpu_suite variant
+# `int4_fragments_norm_digits`).
+ADD_NORM_DIGITS = False
 
 
 @dataclass(frozen=True)
@@ -172,9 +179,87 @@ class Unmerged:
         return self.partials.merge(interpret=jax.default_backend() != "gpu").reshape(self.shape)
 
 
+class DigitsFor(NamedTuple):
+    """How the fragment kernel wants its x prepared (`pallas_kernels/x_digits.py`): `rows` padded rows,
+    integer group sums over `group` columns in `width`-float rows."""
+
+    rows: int
+    group: int
+    width: int
+
+
+@struct.dataclass
+class XDigits:
+    """A normalised activation `normed` together with its preparation for the fragment kernel (digits
+    [2 P, K] int8, inv_q [P], sums [K / group, width]), written by the add + norm launch that made it. A pytree:
+    it rides in the layer scan's carry. The fragment path takes the prepared form where `spec` matches its
+    weight; every other consumer takes `value()`."""
+
+    normed: jax.Array
+    digits: jax.Array
+    inv_q: jax.Array
+    sums: jax.Array
+    spec: DigitsFor = struct.field(pytree_node=False)
+
+    @property
+    def shape(self):
+        return self.normed.shape
+
+    @property
+    def ndim(self):
+        return self.normed.ndim
+
+    @property
+    def dtype(self):
+        return self.normed.dtype
+
+    def value(self):
+        return self.normed
+
+
 def value(x):
-    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`) as an array."""
-    return x.value() if isinstance(x, (Normed, Sliced, Unmerged)) else x
+    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`, `XDigits`) as an array."""
+    return x.value() if isinstance(x, (Normed, Sliced, Unmerged, XDigits)) else x
+
+
+def prepared(normed, spec: DigitsFor) -> XDigits:
+    """`normed` with its preparation for the fragment kernel made by a launch of its own (`x_digits`)."""
+    from pallas_kernels.x_digits import x_digits
+
+    flat = normed.reshape(-1, normed.shape[-1])
+    return XDigits(normed, *x_digits(flat, rows=spec.rows, group_size=spec.group, width=spec.width), spec)
+
+
+def digits_for(x, products) -> DigitsFor | None:
+    """The preparation to ask of the add + norm launch that makes `x` (shape and dtype) when every `(eq, w)` of
+    `products` (the products reading it) takes the fragment kernel with one group size; else None."""
+    if not ADD_NORM_DIGITS:
+        return None
+    specs = set()
+    for eq, w in products:
+        view = _fragment_view(eq, x, w)
+        if view is None:
+            return None
+        specs.add(view)
+    if len(specs) != 1:
+        return None
+    from pallas_kernels import fragment_matmul as fm
+
+    rows, group = specs.pop()
+    return DigitsFor(fm.padded_rows(rows), group, fm.sums_layout(fm.padded_rows(rows), fm.STEP // group)[0])
+
+
+def _fragment_view(eq: str, x, w):
+    """(rows, group) when `matmul(eq, x, w)` takes the fragment kernel (w a parts' whole read as one product
+    when it is a `PartOf`); else None."""
+    w = w.whole if isinstance(w, PartOf) else w
+    eq, w = _stored_order(eq, w)
+    view = w.shape_view() if isinstance(w, LayerOf) else w
+    if not (isinstance(view, QArray) and view.order == "fragments"):
+        return None
+    x = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    spec = _parse(eq, x, view)
+    return (spec.rows, view.group_size) if _choose("auto", spec, x, view) == "fragments" else None
 
 
 def _one_after_another(parts, total: int) -> bool:
@@ -198,7 +283,8 @@ def whole_of(parts, axis: int):
 def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, norm=None):
     """`einsum(eq, x, w)` accumulated in float32, returned in `out_dtype` (default: the activation dtype);
     with `residual`, `residual + product` in the residual's dtype (one launch on the `row` path); with
-    `residual` and `norm` (weight, eps), the pair `(residual + product, its RMSNorm)` (`add_rms_norm`).
+    `residual` and `norm` (weight, eps[, DigitsFor]), the pair `(residual + product, its RMSNorm)`
+    (`add_rms_norm`).
 
     `x` is an array or `Normed`; `w` a plain array, a `QArray`, a `ContractLast`, or any of them as
     `LayerOf` (one layer of a stacked weight). `impl` forces a path (tests, benchmarks); a forced path that
@@ -213,29 +299,32 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     row = _row_plan(impl, x, [_stored_order(eq, w)], residual=residual)
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
-        return out if norm is None else (out, rms_norm(out, *norm))
-    x = value(x)
+        return out if norm is None else (out, rms_norm(out, *norm[:2]))
+    x = x if isinstance(x, XDigits) else value(x)  # (prepared x reaches the fragment path: `_matmul`)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
 def join_residual(out, residual=None, norm=None):
     """A product `out` joining the residual stream: `out` itself without a residual, `residual + out` in the
-    residual's dtype, and with `norm` (weight, eps) that sum and its RMSNorm (`add_rms_norm`)."""
+    residual's dtype, and with `norm` (weight, eps[, DigitsFor]) that sum and its RMSNorm (`add_rms_norm`)."""
     if norm is not None:
         return add_rms_norm(residual, out, *norm)
     return out if residual is None else residual + out.astype(residual.dtype)
 
 
-def add_rms_norm(x, h, weight, eps):
+def add_rms_norm(x, h, weight, eps, prepare: DigitsFor | None = None):
     """`(x + h, rms_norm(x + h, weight, eps))`: a block's output `h` joining the residual stream `x` and the
     next block's normalised input, in one Pallas launch where `residual_norm_fuses` allows (GPU, a few
-    rows), else two XLA expressions."""
+    rows), else two XLA expressions. With `prepare` (`digits_for`) the kernel's norm comes as `XDigits`."""
     if _add_norm_kernel_applies(x, weight):
         from pallas_kernels import add_rms_norm as kernel
 
-        if isinstance(weight, LayerOf):
-            return kernel.add_rms_norm(x, h, weight.stacked, weight.index, eps=eps)
-        return kernel.add_rms_norm(x, h, weight, eps=eps)
+        stacked, layer = (weight.stacked, weight.index) if isinstance(weight, LayerOf) else (weight, None)
+        out = kernel.add_rms_norm(x, h, stacked, layer, eps=eps, digits=None if prepare is None else tuple(prepare))
+        if prepare is None:
+            return out
+        s, normed, (digits, inv_q, sums) = out
+        return s, XDigits(normed, digits, inv_q, sums, prepare)
     s = x + h.astype(x.dtype)
     return s, rms_norm(s, weight, eps)
 
@@ -268,7 +357,8 @@ def residual_norm_fuses(x, products) -> bool:
 
 
 def _matmul(eq: str, x, w, out_dtype, impl: str):
-    """`matmul` of an array x on every path but `row`."""
+    """`matmul` of an array x (or `XDigits`, whose preparation only the fragment path reads) on every path but
+    `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -276,19 +366,21 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
             spec = _parse(eq, x, one)
             path = _choose(impl, spec, x, one, stacked=w.depth())
             if path == "pallas":
-                return _pallas_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
+                return _pallas_matmul(spec, value(x), w.stacked, w.index).astype(out_dtype)
             if path == "fragments":
                 return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
+        x = value(x)
         record(w, eq, x)
         eq, w = _stored_order(eq, w.w)
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w)
-    if path == "pallas":
-        return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fragments":
         return _fragment_matmul(spec, x, w).astype(out_dtype)
+    x = value(x)
+    if path == "pallas":
+        return _pallas_matmul(spec, x, w).astype(out_dtype)
     if path == "fp8":
         return fp8_matmul(eq, x, w).astype(out_dtype)
     if path == "gemv":
@@ -655,12 +747,18 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
 
 
 def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given."""
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given;
+    x as `XDigits` prepared for this product skips the kernel's own preparation launch."""
     from pallas_kernels import fragment_matmul as fm
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    out = fm.fragment_matmul(x.reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
-                             out_dtype=jnp.float32)
+    mp = fm.padded_rows(spec.rows)
+    if isinstance(x, XDigits) and x.spec == (mp, group, fm.sums_layout(mp, fm.STEP // group)[0]):
+        out = fm.fragment_matmul_digits(x.digits, x.inv_q, x.sums, values, scales, offsets, layer, rows=spec.rows,
+                                        group_size=group, out_dtype=jnp.float32)
+    else:
+        out = fm.fragment_matmul(value(x).reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
+                                 out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
@@ -681,7 +779,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     row = _row_plan(impl, x, products)
     if row is not None:
         return row(epilogue="none", out_dtype=out_dtype)
-    x = value(x)
+    x = x if isinstance(x, XDigits) else value(x)  # (prepared x reaches the fragment path: `_matmul`)
     out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:
@@ -700,7 +798,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
         and _contraction_last(p[0]) == _contraction_last(plan[0][0]) for p in plan)
     if len(products) < 2 or not same:
         return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
-    outs = _pallas_matmuls(x, [(spec, w) for spec, w, _, _ in plan], plan[0][2])
+    outs = _pallas_matmuls(value(x), [(spec, w) for spec, w, _, _ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
 
 

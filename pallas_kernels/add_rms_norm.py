@@ -13,6 +13,11 @@ weight [D] or stacked [L, D] with a layer index (read in place).
 The arithmetic is the library's: h rounded to x's dtype and added in float32, rounded to x's dtype; the
 mean of its squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, times the weight, in the
 promoted dtype of the two.
+
+With `digits=(P, group, width)` the launch also writes the normalised rows as the fragment kernel's x
+(`x_digits.py`: int8 digits [2 P, D], 1 / q [P], integer group sums [D / group, width]), so that a
+fragment-ordered product after the norm needs no preparation launch of its own. Rows M..P-1 of those
+outputs are left unwritten: the fragment kernel's output columns for them are dropped.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.common import is_pow2
+from pallas_kernels.x_digits import row_scale, store_digits
 
 _WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
 MAX_WIDTH = 16384  # one program holds the whole row
@@ -35,7 +41,7 @@ def supports(width: int) -> bool:
   return is_pow2(width) and 32 <= width <= MAX_WIDTH
 
 
-def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *, eps: float):
+def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps: float, digits):
   f32 = jnp.float32
   x = x_ref[...]  # [1, D]
   h = h_ref[...]  # [1, D]
@@ -44,14 +50,24 @@ def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *, eps: float):
   sf = s.astype(f32)
   inv_rms = lax.rsqrt(jnp.sum(sf * sf) / s.shape[1] + eps)
   g = w_ref[pl.ds(layer_ref[0], 1), :]  # [1, D] of the stacked [L, D]
-  norm_ref[...] = (g.astype(f32) * (sf * inv_rms).astype(s.dtype).astype(f32)).astype(norm_ref.dtype)
+  normed = (g.astype(f32) * (sf * inv_rms).astype(s.dtype).astype(f32)).astype(norm_ref.dtype)
+  norm_ref[...] = normed
+  if digits is not None:
+    d_ref, inv_ref, sums_ref = digit_refs
+    rows, group, _ = digits
+    r = pl.program_id(0)
+    nf = normed.astype(f32)
+    q = row_scale(jnp.max(jnp.abs(nf)))
+    inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
+    store_digits(d_ref, sums_ref, r, rows, nf, q, 0, group)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "digits"))
 def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array | int | None = None, *,
-                 eps: float, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                 eps: float, interpret: bool | None = None, digits: tuple[int, int, int] | None = None):
   """(x + h, RMSNorm(x + h) * weight) for x and h [..., D]; weight [D], or layer `layer` of a stacked
-  [L, D]."""
+  [L, D]. With `digits=(P, group, width)` a third element: the norm's (digits, inv_q, sums) as
+  `x_digits` makes them for P rows (module docstring)."""
   width = x.shape[-1]
   if h.shape != x.shape:
     raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
@@ -65,18 +81,26 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
   rows = x.reshape(-1, width)
   row = pl.BlockSpec((1, width), lambda r: (r, 0))
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
-  new_x, normed = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps)),
+  out_shape = [jax.ShapeDtypeStruct(rows.shape, x.dtype),
+               jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))]
+  if digits is not None:
+    padded, group, sums_width = digits
+    if not (rows.shape[0] <= padded <= sums_width and width % group == 0):
+      raise ValueError(f"add_rms_norm: digits {digits} do not fit {rows.shape[0]} rows of width {width}")
+    out_shape += [jax.ShapeDtypeStruct((2 * padded, width), jnp.int8), jax.ShapeDtypeStruct((padded,), jnp.float32),
+                  jax.ShapeDtypeStruct((width // group, sums_width), jnp.float32)]
+  outs = pl.pallas_call(
+      functools.partial(_kernel, eps=float(eps), digits=digits),
       grid=(rows.shape[0],),
       in_specs=[pl.no_block_spec, row, row, pl.no_block_spec],
-      out_specs=[row, row],
-      out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype),
-                 jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))],
+      out_specs=[row, row] + [pl.no_block_spec] * (len(out_shape) - 2),
+      out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
       interpret=interpret,
       name="add_rms_norm",
   )(layer, rows, h.reshape(rows.shape), stacked)
-  return new_x.reshape(x.shape), normed.reshape(x.shape)
+  new_x, normed = outs[0].reshape(x.shape), outs[1].reshape(x.shape)
+  return (new_x, normed) if digits is None else (new_x, normed, tuple(outs[2:]))
 
 
 def add_rms_norm_reference(x, h, weight, layer=None, *, eps: float):

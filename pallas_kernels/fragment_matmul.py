@@ -226,27 +226,47 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
                     layer: jax.Array | int | None = None, *, group_size: int, out_dtype=None) -> jax.Array:
     """x [M, K] @ dequantize(W).T for W's fragment-ordered int4 children: values [(L,) N, K/2] uint8, scales
     and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer)."""
+    M, K = x.shape
+    if not supports(M, K, values.shape[-2], group_size):
+        raise ValueError(f"fragment_matmul takes 1-{MAX_ROWS} rows, N a multiple of {ROWS}, K of {STEP} and "
+                         f"groups of {GROUPS}; got M={M}, K={K}, N={values.shape[-2]}, group {group_size}")
+    mp = padded_rows(M)
+    width, _ = sums_layout(mp, STEP // group_size)
+    digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
+    return fragment_matmul_digits(digits, inv_q, sums, values, scales, offsets, layer, rows=M,
+                                  group_size=group_size, out_dtype=out_dtype or x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "group_size", "out_dtype"))
+def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array, values: jax.Array,
+                           scales: jax.Array, offsets: jax.Array | None = None, layer: jax.Array | int | None = None,
+                           *, rows: int, group_size: int, out_dtype=jnp.float32) -> jax.Array:
+    """`fragment_matmul` of x already prepared (`x_digits`, or `add_rms_norm(..., digits=...)`): digits
+    [2 P, K] int8, inv_q [P], sums [K / group_size, width] for P = `padded_rows(rows)` and `sums_layout`'s
+    width; returns the first `rows` rows of y."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
         offsets = None if offsets is None else offsets[None]
         layer = 0
-    M, K = x.shape
+    M, mp = rows, padded_rows(rows)
+    K = digits.shape[1]
     L, N, half = values.shape
     if half * 2 != K:
-        raise ValueError(f"fragment_matmul: values {values.shape} do not match x {x.shape}")
+        raise ValueError(f"fragment_matmul: values {values.shape} do not match x's K={K}")
     if not supports(M, K, N, group_size):
         raise ValueError(f"fragment_matmul takes 1-{MAX_ROWS} rows, N a multiple of {ROWS}, K of {STEP} and "
                          f"groups of {GROUPS}; got M={M}, K={K}, N={N}, group {group_size}")
     G = K // group_size
+    width, per_row = sums_layout(mp, STEP // group_size)
+    if digits.shape != (2 * mp, K) or inv_q.shape != (mp,) or sums.shape != (G, width):
+        raise ValueError(f"fragment_matmul: x prepared as digits {digits.shape}, inv_q {inv_q.shape}, sums "
+                         f"{sums.shape}; {M} rows need {(2 * mp, K)}, {(mp,)}, {(G, width)}")
     if scales.shape != (L, N, G) or (offsets is not None and offsets.shape != scales.shape):
         raise ValueError(f"fragment_matmul: scales {scales.shape} (offsets "
                          f"{None if offsets is None else offsets.shape}) do not match {(L, N, G)}")
-    mp = padded_rows(M)
-    # x's digits [2 mp, K], 1 / q [mp] and integer group sums [G, width]: `per_row` groups to a kernel row.
-    width, per_row = sums_layout(mp, STEP // group_size)
-    digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
-    # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy.
+    # A block's [64, G] group parameters are stored transposed: [G, 64] each, viewed without a copy; x's group
+    # sums [G, width] are read as [G / per_row, per_row * width] (`sums_layout`).
     arrays = [digits, values, scales.reshape(L, N // ROWS, G, ROWS)]
     if offsets is not None:
         arrays.append(offsets.reshape(L, N // ROWS, G, ROWS))
@@ -267,4 +287,4 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     y = partials[0, :M]
     for i in range(1, splits):
         y = y + partials[i, :M]
-    return (y * inv_q[:M, None]).astype(out_dtype or x.dtype)
+    return (y * inv_q[:M, None]).astype(out_dtype)

@@ -44,7 +44,7 @@ def _chunk(k: int, group: int) -> int:
     return c
 
 
-def _scale(amax):
+def row_scale(amax):
     """q = X_MAX / max |x|; 1 for a row of zeros (padding)."""
     return jnp.where(amax > 0, X_MAX / jnp.where(amax > 0, amax, 1.0), 1.0)
 
@@ -56,6 +56,18 @@ def _fixed(xf, q):
     return t, hi, t - 256 * hi
 
 
+def store_digits(d_ref, sums_ref, row, rows: int, values, q, start, group: int):
+    """Inside a Triton kernel: the digits of `values` (float32 [1, n], x row `row` from column `start`) into
+    rows `row` (high bytes) and `rows + row` (low bytes) of d_ref [2 rows, K], their group sums into column
+    `row` of sums_ref [K / group, width]. Shared with `add_rms_norm`, which makes them from its normed rows."""
+    n = values.shape[1]
+    t, hi, lo = _fixed(values, q)
+    d_ref[pl.ds(row, 1), pl.ds(start, n)] = hi.astype(jnp.int8)
+    d_ref[pl.ds(rows + row, 1), pl.ds(start, n)] = lo.astype(jnp.int8)
+    sums = jnp.sum(t.reshape(n // group, group), axis=1).astype(jnp.float32)
+    sums_ref[pl.ds(start // group, n // group), pl.ds(row, 1)] = sums[:, None]
+
+
 def _kernel(x_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group):
     f32 = jnp.float32
     r, c = pl.program_id(0), pl.program_id(1)
@@ -64,17 +76,14 @@ def _kernel(x_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group):
     width = next_pow2(k)
     cols = jnp.arange(width)
     row = pltriton.load(x_ref.at[pl.ds(src, 1), pl.ds(0, width)], mask=(cols < k)[None, :], other=0)
-    q = _scale(jnp.max(jnp.abs(row.astype(f32))) * keep)
+    q = row_scale(jnp.max(jnp.abs(row.astype(f32))) * keep)
 
     @pl.when(c == 0)
     def _():
         inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
 
-    t, hi, lo = _fixed(x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep, q)
-    d_ref[pl.ds(r, 1), pl.ds(c * chunk, chunk)] = hi.astype(jnp.int8)
-    d_ref[pl.ds(rows + r, 1), pl.ds(c * chunk, chunk)] = lo.astype(jnp.int8)
-    sums = jnp.sum(t.reshape(chunk // group, group), axis=1).astype(f32)
-    sums_ref[pl.ds(c * (chunk // group), chunk // group), pl.ds(r, 1)] = sums[:, None]
+    part = x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep
+    store_digits(d_ref, sums_ref, r, rows, part, q, c * chunk, group)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "group_size", "width", "interpret"))
@@ -106,7 +115,7 @@ def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):
     """Plain jnp: the same arithmetic on whole arrays (sums without padding columns)."""
     m, k = x.shape
     xf = jnp.pad(x.astype(jnp.float32), ((0, rows - m), (0, 0)))
-    q = _scale(jnp.max(jnp.abs(xf), axis=1, keepdims=True))
+    q = row_scale(jnp.max(jnp.abs(xf), axis=1, keepdims=True))
     t, hi, lo = _fixed(xf, q)
     sums = jnp.sum(t.reshape(rows, k // group_size, group_size), axis=-1).astype(jnp.float32).T
     return jnp.concatenate([hi, lo]).astype(jnp.int8), (1.0 / q)[:, 0], sums

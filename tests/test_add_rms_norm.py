@@ -132,3 +132,31 @@ def test_native_kernel_equals_the_reference(monkeypatch, warps):
     want = add_rms_norm_reference(x, h, w, 9, eps=EPS)
     np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
     assert rel_err(got[1], want[1]) < 1e-2
+
+
+@pytest.mark.parametrize("rows,padded,group,width", [(5, 8, 128, 32), (16, 16, 64, 16)])
+def test_the_norm_written_as_the_fragment_kernels_x(rows, padded, group, width):
+    """With `digits`, the launch also writes the normed rows' digits, 1 / q and group sums exactly as
+    `x_digits` makes them from the normed output (rows past M left to the caller)."""
+    from pallas_kernels.x_digits import x_digits_reference
+
+    x, h, w = _inputs(3, rows, 1024, jnp.bfloat16)
+    s, normed, (d, inv_q, sums) = add_rms_norm(x, h, w, 1, eps=EPS, interpret=True, digits=(padded, group, width))
+    s_plain, normed_plain = add_rms_norm(x, h, w, 1, eps=EPS, interpret=True)
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s_plain))
+    np.testing.assert_array_equal(np.asarray(normed), np.asarray(normed_plain))
+    dr, inv_r, sums_r = x_digits_reference(normed.reshape(rows, -1), rows=padded, group_size=group)
+    np.testing.assert_array_equal(np.asarray(d[:rows]), np.asarray(dr[:rows]))
+    np.testing.assert_array_equal(np.asarray(d[padded:padded + rows]), np.asarray(dr[padded:padded + rows]))
+    np.testing.assert_array_equal(np.asarray(inv_q[:rows]), np.asarray(inv_r[:rows]))
+    np.testing.assert_array_equal(np.asarray(sums)[:, :rows], np.asarray(sums_r)[:, :rows])
+    with pytest.raises(ValueError, match="do not fit"):
+        add_rms_norm(x, h, w, 1, eps=EPS, interpret=True, digits=(4, group, width))
+
+
+def test_the_norm_with_digits_lowers_to_triton():
+    x = jax.ShapeDtypeStruct((16, 1, 4096), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((4, 4096), jnp.bfloat16)
+    text = cuda_lowering(lambda x, h, w: add_rms_norm(x, h, w, 2, eps=EPS, interpret=False, digits=(16, 128, 16)),
+                         x, x, w)
+    assert "triton" in text.lower()

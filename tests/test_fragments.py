@@ -120,6 +120,55 @@ def test_gpu_dispatch_takes_a_fragment_ordered_tree(monkeypatch):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
+def _dequantized_stand_in(values, scales, offsets, layer, group_size):
+    pick = (lambda a: a) if layer is None else (lambda a: None if a is None else a[layer])
+    q = to_row_order(quantize_array(jnp.zeros((64, 256)), "int4", (-1,), 64).replace(
+        values=pick(values), scales=pick(scales), offsets=pick(offsets), group_size=group_size, order="fragments"))
+    return dequantize(q, jnp.float32)
+
+
+def test_the_add_norm_launch_prepares_x_for_the_fragment_products(monkeypatch):
+    """With `ops.ADD_NORM_DIGITS` (GPU dispatch walked in interpret mode), each add + norm launch before q/k/v
+    and gate/up also writes x's digits and the fragment products read them (`fragment_matmul_digits`) instead
+    of preparing x themselves; o and down (after the attention and the SwiGLU) still do. The Mosaic kernel
+    (GPU only) is replaced by jnp stand-ins: the product of the dequantized weight with x as given, or with x
+    rebuilt from its digits (the sums are checked in tests/test_add_rms_norm.py). Decode gives the XLA path's
+    logits to the digits' rounding."""
+    from pallas_kernels import fragment_matmul as fm
+
+    _, frags = _trees(jnp.bfloat16)
+    tokens = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (4, 6)).astype(np.int32)
+
+    def step(params):
+        _, cache = ji.prefill(params, ji.init_cache(CONFIG, 4, 16, jnp.bfloat16), tokens, config=CONFIG)
+        return np.asarray(ji.decode_step(params, cache, tokens[:, 0], config=CONFIG, impl="auto")[0], np.float32)
+
+    want = step(frags)
+    calls = {"x": 0, "digits": 0}
+
+    def plain(x, values, scales, offsets=None, layer=None, *, group_size, out_dtype=None):
+        calls["x"] += 1
+        w = _dequantized_stand_in(values, scales, offsets, layer, group_size)
+        return (x.astype(jnp.float32) @ w.T).astype(out_dtype or x.dtype)
+
+    def digits(d, inv_q, sums, values, scales, offsets=None, layer=None, *, rows, group_size, out_dtype):
+        calls["digits"] += 1
+        p = d.shape[0] // 2
+        t = d[:p].astype(jnp.float32) * 256 + d[p:].astype(jnp.float32)
+        x = t[:rows] * inv_q[:rows, None]
+        return (x @ _dequantized_stand_in(values, scales, offsets, layer, group_size).T).astype(out_dtype)
+
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ADD_NORM_DIGITS", True)
+    monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
+    monkeypatch.setattr(fm, "fragment_matmul", plain)
+    monkeypatch.setattr(fm, "fragment_matmul_digits", digits)
+    jax.clear_caches()  # (decode_step's jit would reuse the trace above)
+    got = step(frags)
+    assert calls["digits"] and calls["x"]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+
+
 def test_matmul_of_a_fragment_ordered_weight_is_the_dequantized_product():
     w = jax.random.normal(jax.random.key(2), (256, 512), jnp.float32)
     q = to_fragment_order(quantize_array(w, "int4", (-1,), 128, zero_point=True))
