@@ -286,7 +286,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     `residual` and `norm` (weight, eps[, DigitsFor]), the pair `(residual + product, its RMSNorm)`
     (`add_rms_norm`).
 
-    `x` is an array or `Normed`; `w` a plain array, a `QArray`, a `ContractLast`, or any of them as
+    `x` is an array, `Normed` or `XDigits`; `w` a plain array, a `QArray`, a `ContractLast`, or any of them as
     `LayerOf` (one layer of a stacked weight). `impl` forces a path (tests, benchmarks); a forced path that
     does not apply here falls back to `xla` (`gemv` for one row of a plain weight).
     """
