@@ -127,6 +127,10 @@ VARIANTS = {
                                    "norm launch (`ops.ADD_NORM_DIGITS`)",
                                    dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                    {"jaxinfer.ops": {"ADD_NORM_DIGITS": True}}),
+    "int4_fragments_merge_digits": ("int4 in the fragment order, o's x prepared from the attention's unmerged "
+                                    "splits (`ops.MERGE_DIGITS`)",
+                                    dict(quant="int4", weight_layout="fragments", profile_batches=()),
+                                    {"jaxinfer.ops": {"MERGE_DIGITS": True}}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

@@ -70,6 +70,10 @@ ADD_NORM_KERNEL = True
 # fragment path, sparing each a preparation launch. Off until measured on a GPU (gpu_suite variant
 # `int4_fragments_norm_digits`).
 ADD_NORM_DIGITS = False
+# A decode attention's unmerged output (`Unmerged`) reaching a fragment product: its splits merged by x's
+# preparation (`x_digits_merged`), sparing the merge's launch. Off until measured (variant
+# `int4_fragments_merge_digits`).
+MERGE_DIGITS = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,10 @@ class Unmerged:
     def shape(self):
         batch, heads, head_dim = self.partials.shape
         return (batch, 1, heads, head_dim)
+
+    @property
+    def ndim(self):
+        return 4
 
     @property
     def dtype(self):
@@ -300,7 +308,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm[:2]))
-    x = x if isinstance(x, XDigits) else value(x)  # (prepared x reaches the fragment path: `_matmul`)
+    x = x if isinstance(x, (XDigits, Unmerged)) else value(x)  # (the fragment path may prepare them: `_matmul`)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
@@ -357,8 +365,8 @@ def residual_norm_fuses(x, products) -> bool:
 
 
 def _matmul(eq: str, x, w, out_dtype, impl: str):
-    """`matmul` of an array x (or `XDigits`, whose preparation only the fragment path reads) on every path but
-    `row`."""
+    """`matmul` of an array x (or `XDigits` / `Unmerged`, which the fragment path may read as they are) on every
+    path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -753,13 +761,29 @@ def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
     mp = fm.padded_rows(spec.rows)
-    if isinstance(x, XDigits) and x.spec == (mp, group, fm.sums_layout(mp, fm.STEP // group)[0]):
-        out = fm.fragment_matmul_digits(x.digits, x.inv_q, x.sums, values, scales, offsets, layer, rows=spec.rows,
+    width = fm.sums_layout(mp, fm.STEP // group)[0]
+    prepared_x = None
+    if isinstance(x, XDigits) and x.spec == (mp, group, width):
+        prepared_x = (x.digits, x.inv_q, x.sums)
+    elif isinstance(x, Unmerged) and MERGE_DIGITS and _merge_digits_applies(x.partials, group):
+        from pallas_kernels.x_digits import x_digits_merged
+
+        p = x.partials
+        prepared_x = x_digits_merged(p.o, p.m, p.l, p.dtype, rows=mp, group_size=group, width=width)
+    if prepared_x is not None:
+        out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
                                         group_size=group, out_dtype=jnp.float32)
     else:
         out = fm.fragment_matmul(value(x).reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
                                  out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
+
+
+def _merge_digits_applies(partials, group: int) -> bool:
+    """Whether `x_digits_merged` takes these attention partials for groups of `group`: each kv head's outputs
+    whole groups, head counts and width powers of two."""
+    _, kv_heads, _, heads, head_dim = partials.o.shape
+    return (heads * head_dim) % group == 0 and all(d & (d - 1) == 0 for d in (kv_heads, heads, head_dim))
 
 
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):

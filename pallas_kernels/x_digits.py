@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import next_pow2
+from pallas_kernels.common import M_INIT, is_pow2, next_pow2
 
 X_MAX = 127 * 256 + 127  # the largest |t|: hi = (t + 128) >> 8 and lo = t - 256 hi stay signed bytes
 _WARPS = 4
@@ -50,8 +50,10 @@ def row_scale(amax):
 
 
 def _fixed(xf, q):
-    """t = round(x q) (half up), hi, lo."""
-    t = jnp.floor(xf * q + 0.5).astype(jnp.int32)
+    """t = round(x q) (half up), hi, lo. t is clamped to +-X_MAX: where a value is computed twice (the merged
+    attention output: once for the row's maximum, once for the digits) a last-bit difference must not wrap a
+    digit."""
+    t = jnp.clip(jnp.floor(xf * q + 0.5), -X_MAX, X_MAX).astype(jnp.int32)
     hi = (t + 128) >> 8
     return t, hi, t - 256 * hi
 
@@ -109,6 +111,71 @@ def x_digits(x: jax.Array, *, rows: int, group_size: int, width: int | None = No
         interpret=interpret,
         name="x_digits",
     )(x)
+
+
+def _merged(o_ref, m_ref, l_ref, row, heads, dtype):
+    """Row `row`'s attention output for kv heads `heads` (a pl.ds), its key splits merged as `combine_splits`
+    merges them and rounded to `dtype`: float32 [1, kv heads x G x H]. Splits padded to a power of two load as
+    empty (m = M_INIT, l = o = 0), which weigh nothing."""
+    _, _, splits, group, head_dim = o_ref.shape
+    padded = next_pow2(splits)
+    shape = (heads.size, padded, group)
+    ok = jnp.broadcast_to((jnp.arange(padded) < splits)[None, :, None], shape)
+    span = pl.ds(0, padded)
+    m = pltriton.load(m_ref.at[row, heads, span, :], mask=ok, other=M_INIT)  # [k, S, G]
+    w = jnp.exp2(m - jnp.max(m, axis=1, keepdims=True))
+    l_sum = jnp.sum(pltriton.load(l_ref.at[row, heads, span, :], mask=ok, other=0.0) * w, axis=1)  # [k, G]
+    o = pltriton.load(o_ref.at[row, heads, span, :, :], mask=jnp.broadcast_to(ok[..., None], shape + (head_dim,)),
+                      other=0.0)  # [k, S, G, H]
+    out = jnp.sum(o * w[..., None], axis=1) / jnp.where(l_sum > 0, l_sum, 1.0)[..., None]  # no key -> zeros
+    return out.astype(dtype).astype(jnp.float32).reshape(1, -1)
+
+
+def _merge_kernel(o_ref, m_ref, l_ref, d_ref, inv_ref, sums_ref, *, rows, group, dtype):
+    batch, kv_heads, _, g, head_dim = o_ref.shape
+    r, c = pl.program_id(0), pl.program_id(1)
+    keep = (r < batch).astype(jnp.float32)  # padded rows: zeros
+    src = jnp.minimum(r, batch - 1)
+    q = row_scale(jnp.max(jnp.abs(_merged(o_ref, m_ref, l_ref, src, pl.ds(0, kv_heads), dtype))) * keep)
+
+    @pl.when(c == 0)
+    def _():
+        inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, jnp.float32) / q
+
+    part = _merged(o_ref, m_ref, l_ref, src, pl.ds(c, 1), dtype) * keep
+    store_digits(d_ref, sums_ref, r, rows, part, q, c * g * head_dim, group)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "rows", "group_size", "width", "interpret"))
+def x_digits_merged(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, rows: int, group_size: int,
+                    width: int | None = None, interpret: bool | None = None):
+    """`x_digits` of a split-K decode attention's output given as its partials (`common.Partials`: o [B, K,
+    splits, G, H], m and l [B, K, splits, G]): each row merged as `combine_splits` merges it (rounded to `dtype`)
+    and flattened to [K G H], in the same launch, so that the merge needs no launch of its own. One program a
+    (row, kv head); each merges its whole row once more for the row's maximum."""
+    batch, kv_heads, splits, group, head_dim = o.shape
+    width = rows if width is None else width
+    k = kv_heads * group * head_dim
+    if m.shape != o.shape[:4] or l.shape != o.shape[:4]:
+        raise ValueError(f"x_digits_merged: m and l must be {o.shape[:4]}, got {m.shape} and {l.shape}")
+    if not 1 <= batch <= rows <= width:
+        raise ValueError(f"x_digits_merged: need 1 <= B ({batch}) <= rows ({rows}) <= width ({width})")
+    if (group * head_dim) % group_size or not all(map(is_pow2, (kv_heads, group, head_dim))):
+        raise ValueError(f"x_digits_merged: a kv head's {group} x {head_dim} outputs must be whole groups of "
+                         f"{group_size}, with K, G and H powers of two")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return pl.pallas_call(
+        functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype),
+        grid=(rows, kv_heads),
+        in_specs=[pl.no_block_spec] * 3,
+        out_specs=[pl.no_block_spec] * 3,
+        out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
+                   jax.ShapeDtypeStruct((k // group_size, width), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
+        interpret=interpret,
+        name="x_digits_merged",
+    )(o, m, l)
 
 
 def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):

@@ -127,13 +127,15 @@ def _dequantized_stand_in(values, scales, offsets, layer, group_size):
     return dequantize(q, jnp.float32)
 
 
-def test_the_add_norm_launch_prepares_x_for_the_fragment_products(monkeypatch):
-    """With `ops.ADD_NORM_DIGITS` (GPU dispatch walked in interpret mode), each add + norm launch before q/k/v
-    and gate/up also writes x's digits and the fragment products read them (`fragment_matmul_digits`) instead
-    of preparing x themselves; o and down (after the attention and the SwiGLU) still do. The Mosaic kernel
-    (GPU only) is replaced by jnp stand-ins: the product of the dequantized weight with x as given, or with x
-    rebuilt from its digits (the sums are checked in tests/test_add_rms_norm.py). Decode gives the XLA path's
-    logits to the digits' rounding."""
+@pytest.mark.parametrize("switch", ["ADD_NORM_DIGITS", "MERGE_DIGITS"])
+def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, switch):
+    """GPU dispatch walked in interpret mode. With `ops.ADD_NORM_DIGITS` each add + norm launch before q/k/v and
+    gate/up also writes x's digits; with `ops.MERGE_DIGITS` the decode attention's unmerged splits are merged by
+    o's preparation (`x_digits_merged`). Those products read the prepared x (`fragment_matmul_digits`) instead
+    of preparing x themselves; the others still do. The Mosaic kernel (GPU only) is replaced by jnp stand-ins:
+    the product of the dequantized weight with x as given, or with x rebuilt from its digits (sums checked in
+    tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the digits'
+    rounding."""
     from pallas_kernels import fragment_matmul as fm
 
     _, frags = _trees(jnp.bfloat16)
@@ -159,7 +161,7 @@ def test_the_add_norm_launch_prepares_x_for_the_fragment_products(monkeypatch):
         return (x @ _dequantized_stand_in(values, scales, offsets, layer, group_size).T).astype(out_dtype)
 
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "ADD_NORM_DIGITS", True)
+    monkeypatch.setattr(ops, switch, True)
     monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
     monkeypatch.setattr(fm, "fragment_matmul", plain)
     monkeypatch.setattr(fm, "fragment_matmul_digits", digits)

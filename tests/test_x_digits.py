@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kernel_tools import cuda_lowering
-from pallas_kernels.x_digits import X_MAX, x_digits, x_digits_reference
+from pallas_kernels.x_digits import X_MAX, x_digits, x_digits_merged, x_digits_reference
 
 
 def _x(m, k, seed=0):
@@ -36,6 +36,40 @@ def test_x_digits_matches_the_reference_and_rounds_within_its_bound(m, rows, k, 
 def test_x_digits_lowers_to_triton(m, rows, k, group):
     text = cuda_lowering(lambda x: x_digits(x, rows=rows, group_size=group, interpret=False),
                          jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
+    assert "triton" in text.lower()
+
+
+@pytest.mark.parametrize("batch,kv_heads,splits,group,head_dim,rows", [(5, 8, 3, 4, 128, 8), (16, 2, 1, 2, 64, 16)])
+def test_x_digits_of_attention_partials_are_those_of_the_merged_output(batch, kv_heads, splits, group, head_dim,
+                                                                       rows):
+    """`x_digits_merged` merges a split-K decode's partials as `combine_splits` does (an empty split weighs
+    nothing) and prepares the result: each row rebuilt within the merge's bfloat16 rounding plus the fixed
+    point's (interpret mode may keep the merge in float32: XLA elides the bfloat16 round trip), every |t| within
+    X_MAX (the row's maximum and its digits come from two merges), sums those of the digits."""
+    from pallas_kernels.common import M_INIT, combine_splits_reference
+
+    ks = jax.random.split(jax.random.key(batch), 3)
+    o = jax.random.normal(ks[0], (batch, kv_heads, splits, group, head_dim))
+    m = 3 * jax.random.normal(ks[1], (batch, kv_heads, splits, group))
+    l = 0.5 + jax.random.uniform(ks[2], (batch, kv_heads, splits, group))
+    if splits > 2:  # the last split empty
+        o, m, l = o.at[:, :, -1].set(0.0), m.at[:, :, -1].set(M_INIT), l.at[:, :, -1].set(0.0)
+    d, inv_q, sums = x_digits_merged(o, m, l, jnp.bfloat16, rows=rows, group_size=128, interpret=True)
+    want = np.asarray(combine_splits_reference(o, m, l, jnp.bfloat16).reshape(batch, -1), np.float64)
+    t = np.asarray(d[:rows], np.int64) * 256 + np.asarray(d[rows:], np.int64)
+    assert np.abs(t).max() <= X_MAX and np.all(t[batch:] == 0)
+    err = np.abs(t[:batch] * np.asarray(inv_q, np.float64)[:batch, None] - want)
+    assert np.all(err <= 2 ** -8 * np.abs(want) + 0.502 * np.abs(want).max(axis=1, keepdims=True) / X_MAX)
+    np.testing.assert_array_equal(np.asarray(sums)[:, :rows], t.reshape(rows, -1, 128).sum(-1).T)
+    with pytest.raises(ValueError, match="whole groups"):
+        x_digits_merged(o, m, l, jnp.bfloat16, rows=rows, group_size=1024)
+
+
+def test_x_digits_merged_lowers_to_triton():
+    o = jax.ShapeDtypeStruct((16, 8, 2, 4, 128), jnp.float32)
+    m = jax.ShapeDtypeStruct((16, 8, 2, 4), jnp.float32)
+    text = cuda_lowering(lambda o, m, l: x_digits_merged(o, m, l, jnp.bfloat16, rows=16, group_size=128,
+                                                         interpret=False), o, m, m)
     assert "triton" in text.lower()
 
 
