@@ -98,19 +98,25 @@ def x_digits(x: jax.Array, *, rows: int, group_size: int, width: int | None = No
     if not 1 <= m <= rows <= width:
         raise ValueError(f"x_digits: need 1 <= M ({m}) <= rows ({rows}) <= width ({width})")
     chunk = _chunk(k, group_size)
+    kernel = functools.partial(_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size)
+    return _digits_call(kernel, (rows, k // chunk), 1, rows, k, group_size, width, interpret, "x_digits")(x)
+
+
+def _digits_call(kernel, grid, n_inputs: int, rows: int, k: int, group: int, width: int, interpret, name: str):
+    """The pallas_call of a launch writing x's digits [2 rows, k], 1 / q [rows] and sums [k / group, width]."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     return pl.pallas_call(
-        functools.partial(_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size),
-        grid=(rows, k // chunk),
-        in_specs=[pl.no_block_spec],
+        kernel,
+        grid=grid,
+        in_specs=[pl.no_block_spec] * n_inputs,
         out_specs=[pl.no_block_spec] * 3,
         out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                   jax.ShapeDtypeStruct((k // group_size, width), jnp.float32)],
+                   jax.ShapeDtypeStruct((k // group, width), jnp.float32)],
         compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
         interpret=interpret,
-        name="x_digits",
-    )(x)
+        name=name,
+    )
 
 
 def _merged(o_ref, m_ref, l_ref, row, heads, dtype):
@@ -163,19 +169,8 @@ def x_digits_merged(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, rows: in
     if (group * head_dim) % group_size or not all(map(is_pow2, (kv_heads, group, head_dim))):
         raise ValueError(f"x_digits_merged: a kv head's {group} x {head_dim} outputs must be whole groups of "
                          f"{group_size}, with K, G and H powers of two")
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    return pl.pallas_call(
-        functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype),
-        grid=(rows, kv_heads),
-        in_specs=[pl.no_block_spec] * 3,
-        out_specs=[pl.no_block_spec] * 3,
-        out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
-                   jax.ShapeDtypeStruct((k // group_size, width), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
-        interpret=interpret,
-        name="x_digits_merged",
-    )(o, m, l)
+    kernel = functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype)
+    return _digits_call(kernel, (rows, kv_heads), 3, rows, k, group_size, width, interpret, "x_digits_merged")(o, m, l)
 
 
 def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):
