@@ -225,6 +225,10 @@ class XDigits:
         return self.normed
 
 
+# Lazy activations that `_matmul` hands to the fragment path as they are (it prepares x from them).
+FRAGMENT_PREPARES = (XDigits, Unmerged)
+
+
 def value(x):
     """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`, `XDigits`) as an array."""
     return x.value() if isinstance(x, (Normed, Sliced, Unmerged, XDigits)) else x
@@ -254,7 +258,8 @@ def digits_for(x, products) -> DigitsFor | None:
     from pallas_kernels import fragment_matmul as fm
 
     rows, group = specs.pop()
-    return DigitsFor(fm.padded_rows(rows), group, fm.sums_layout(fm.padded_rows(rows), fm.STEP // group)[0])
+    mp, width = fm.prepared_layout(rows, group)
+    return DigitsFor(mp, group, width)
 
 
 def _fragment_view(eq: str, x, w):
@@ -308,7 +313,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm[:2]))
-    x = x if isinstance(x, (XDigits, Unmerged)) else value(x)  # (the fragment path may prepare them: `_matmul`)
+    x = x if isinstance(x, FRAGMENT_PREPARES) else value(x)  # (the fragment path may prepare them: `_matmul`)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
@@ -760,16 +765,15 @@ def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
     from pallas_kernels import fragment_matmul as fm
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    mp = fm.padded_rows(spec.rows)
-    width = fm.sums_layout(mp, fm.STEP // group)[0]
+    from pallas_kernels import x_digits as xd
+
+    mp, width = fm.prepared_layout(spec.rows, group)
     prepared_x = None
     if isinstance(x, XDigits) and x.spec == (mp, group, width):
         prepared_x = (x.digits, x.inv_q, x.sums)
-    elif isinstance(x, Unmerged) and MERGE_DIGITS and _merge_digits_applies(x.partials, group):
-        from pallas_kernels.x_digits import x_digits_merged
-
+    elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, group):
         p = x.partials
-        prepared_x = x_digits_merged(p.o, p.m, p.l, p.dtype, rows=mp, group_size=group, width=width)
+        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, rows=mp, group_size=group, width=width)
     if prepared_x is not None:
         out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
                                         group_size=group, out_dtype=jnp.float32)
@@ -777,13 +781,6 @@ def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
         out = fm.fragment_matmul(value(x).reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
                                  out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
-
-
-def _merge_digits_applies(partials, group: int) -> bool:
-    """Whether `x_digits_merged` takes these attention partials for groups of `group`: each kv head's outputs
-    whole groups, head counts and width powers of two."""
-    _, kv_heads, _, heads, head_dim = partials.o.shape
-    return (heads * head_dim) % group == 0 and all(d & (d - 1) == 0 for d in (kv_heads, heads, head_dim))
 
 
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
@@ -803,7 +800,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     row = _row_plan(impl, x, products)
     if row is not None:
         return row(epilogue="none", out_dtype=out_dtype)
-    x = x if isinstance(x, XDigits) else value(x)  # (prepared x reaches the fragment path: `_matmul`)
+    x = x if isinstance(x, FRAGMENT_PREPARES) else value(x)  # (the fragment path may prepare them: `_matmul`)
     out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:

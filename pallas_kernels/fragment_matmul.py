@@ -35,7 +35,6 @@ product natively.
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +73,19 @@ def plan_splits(k: int, n: int) -> int:
     while n // ROWS * splits < TARGET_CTAS and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
         splits *= 2
     return splits
+
+
+def prepared_layout(rows: int, group: int) -> tuple[int, int]:
+    """(P, width) of x prepared for `rows` rows in groups of `group` (`x_digits`): digits [2 P, K], inv_q [P],
+    sums [K / group, width]."""
+    mp = padded_rows(rows)
+    return mp, sums_layout(mp, STEP // group)[0]
+
+
+def _check_supports(m: int, k: int, n: int, group_size: int | None):
+    if not supports(m, k, n, group_size):
+        raise ValueError(f"fragment_matmul takes 1-{MAX_ROWS} rows, N a multiple of {ROWS}, K of {STEP} and "
+                         f"groups of {GROUPS}; got M={m}, K={k}, N={n}, group {group_size}")
 
 
 def sums_layout(mp: int, n_groups: int) -> tuple[int, int]:
@@ -227,11 +239,8 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     """x [M, K] @ dequantize(W).T for W's fragment-ordered int4 children: values [(L,) N, K/2] uint8, scales
     and offsets [(L,) N, K/g]; `layer` picks W from a stack read in place (no copy of the layer)."""
     M, K = x.shape
-    if not supports(M, K, values.shape[-2], group_size):
-        raise ValueError(f"fragment_matmul takes 1-{MAX_ROWS} rows, N a multiple of {ROWS}, K of {STEP} and "
-                         f"groups of {GROUPS}; got M={M}, K={K}, N={values.shape[-2]}, group {group_size}")
-    mp = padded_rows(M)
-    width, _ = sums_layout(mp, STEP // group_size)
+    _check_supports(M, K, values.shape[-2], group_size)
+    mp, width = prepared_layout(M, group_size)
     digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
     return fragment_matmul_digits(digits, inv_q, sums, values, scales, offsets, layer, rows=M,
                                   group_size=group_size, out_dtype=out_dtype or x.dtype)
@@ -242,23 +251,21 @@ def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array,
                            scales: jax.Array, offsets: jax.Array | None = None, layer: jax.Array | int | None = None,
                            *, rows: int, group_size: int, out_dtype=jnp.float32) -> jax.Array:
     """`fragment_matmul` of x already prepared (`x_digits`, or `add_rms_norm(..., digits=...)`): digits
-    [2 P, K] int8, inv_q [P], sums [K / group_size, width] for P = `padded_rows(rows)` and `sums_layout`'s
-    width; returns the first `rows` rows of y."""
+    [2 P, K] int8, inv_q [P], sums [K / group_size, width] for (P, width) = `prepared_layout(rows, group_size)`;
+    returns the first `rows` rows of y."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
         offsets = None if offsets is None else offsets[None]
         layer = 0
-    M, mp = rows, padded_rows(rows)
+    M, (mp, width) = rows, prepared_layout(rows, group_size)
     K = digits.shape[1]
     L, N, half = values.shape
     if half * 2 != K:
         raise ValueError(f"fragment_matmul: values {values.shape} do not match x's K={K}")
-    if not supports(M, K, N, group_size):
-        raise ValueError(f"fragment_matmul takes 1-{MAX_ROWS} rows, N a multiple of {ROWS}, K of {STEP} and "
-                         f"groups of {GROUPS}; got M={M}, K={K}, N={N}, group {group_size}")
+    _check_supports(M, K, N, group_size)
     G = K // group_size
-    width, per_row = sums_layout(mp, STEP // group_size)
+    per_row = sums_layout(mp, STEP // group_size)[1]
     if digits.shape != (2 * mp, K) or inv_q.shape != (mp,) or sums.shape != (G, width):
         raise ValueError(f"fragment_matmul: x prepared as digits {digits.shape}, inv_q {inv_q.shape}, sums "
                          f"{sums.shape}; {M} rows need {(2 * mp, K)}, {(mp,)}, {(G, width)}")

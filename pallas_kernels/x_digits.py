@@ -119,6 +119,13 @@ def _digits_call(kernel, grid, n_inputs: int, rows: int, k: int, group: int, wid
     )
 
 
+def merged_supports(o_shape, group_size: int) -> bool:
+    """Whether `x_digits_merged` takes attention partials o of this shape [B, K, splits, G, H] for groups of
+    `group_size`: each kv head's G x H outputs whole groups, K, G and H powers of two."""
+    _, kv_heads, _, group, head_dim = o_shape
+    return (group * head_dim) % group_size == 0 and all(map(is_pow2, (kv_heads, group, head_dim)))
+
+
 def _merged(o_ref, m_ref, l_ref, row, heads, dtype):
     """Row `row`'s attention output for kv heads `heads` (a pl.ds), its key splits merged as `combine_splits`
     merges them and rounded to `dtype`: float32 [1, kv heads x G x H]. Splits padded to a power of two load as
@@ -166,7 +173,7 @@ def x_digits_merged(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, rows: in
         raise ValueError(f"x_digits_merged: m and l must be {o.shape[:4]}, got {m.shape} and {l.shape}")
     if not 1 <= batch <= rows <= width:
         raise ValueError(f"x_digits_merged: need 1 <= B ({batch}) <= rows ({rows}) <= width ({width})")
-    if (group * head_dim) % group_size or not all(map(is_pow2, (kv_heads, group, head_dim))):
+    if not merged_supports(o.shape, group_size):
         raise ValueError(f"x_digits_merged: a kv head's {group} x {head_dim} outputs must be whole groups of "
                          f"{group_size}, with K, G and H powers of two")
     kernel = functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype)
