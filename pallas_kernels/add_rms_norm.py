@@ -9,7 +9,9 @@ session 10). A row of a few thousand elements fits one program: it adds, sums th
 the new residual and its normalised copy.
 
 Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype),
-weight [D] or stacked [L, D] with a layer index (read in place).
+weight [D] or stacked [L, D] with a layer index (read in place). With `h_inv_q` [P], h is instead a split-K
+product's float32 partials [S, P, D] (the fragment kernel's output), formed here as `fragment_matmul.split_sum`
+forms it in x's dtype: the sum's own launch (an XLA loop fusion, ~1.4 us a product) is spared.
 The arithmetic is the library's: h rounded to x's dtype and added in float32, rounded to x's dtype; the
 mean of its squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, times the weight, in the
 promoted dtype of the two.
@@ -22,6 +24,7 @@ outputs are left unwritten: the fragment kernel's output columns for them are dr
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import is_pow2
+from pallas_kernels.common import is_pow2, load_split_sum
 from pallas_kernels.x_digits import row_scale, store_digits
 
 _WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
@@ -41,11 +44,15 @@ def supports(width: int) -> bool:
   return is_pow2(width) and 32 <= width <= MAX_WIDTH
 
 
-def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps: float, digits):
+def _kernel(layer_ref, x_ref, h_ref, *refs, eps: float, digits, split: bool):
   f32 = jnp.float32
+  hinv_ref, w_ref, sum_ref, norm_ref, *digit_refs = refs if split else (None,) + refs
   x = x_ref[...]  # [1, D]
-  h = h_ref[...]  # [1, D]
-  s = (x.astype(f32) + h.astype(x.dtype).astype(f32)).astype(x.dtype)
+  if split:
+    h = load_split_sum(h_ref, hinv_ref, pl.program_id(0), pl.ds(0, x.shape[1]), x.dtype)
+  else:
+    h = h_ref[...].astype(x.dtype).astype(f32)  # [1, D]
+  s = (x.astype(f32) + h).astype(x.dtype)
   sum_ref[...] = s
   sf = s.astype(f32)
   inv_rms = lax.rsqrt(jnp.sum(sf * sf) / s.shape[1] + eps)
@@ -64,12 +71,19 @@ def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps:
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "digits"))
 def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array | int | None = None, *,
-                 eps: float, interpret: bool | None = None, digits: tuple[int, int, int] | None = None):
+                 eps: float, interpret: bool | None = None, digits: tuple[int, int, int] | None = None,
+                 h_inv_q: jax.Array | None = None):
   """(x + h, RMSNorm(x + h) * weight) for x and h [..., D]; weight [D], or layer `layer` of a stacked
   [L, D]. With `digits=(P, group, width)` a third element: the norm's (digits, inv_q, sums) as
-  `x_digits` makes them for P rows (module docstring)."""
+  `x_digits` makes them for P rows. With `h_inv_q` [P], h is split-K partials [S, P, D] (module docstring)."""
   width = x.shape[-1]
-  if h.shape != x.shape:
+  n_rows = math.prod(x.shape[:-1])
+  if h_inv_q is not None:
+    if not (h.ndim == 3 and h.shape[1:] == (h_inv_q.shape[0], width) and h.shape[1] >= n_rows
+            and h.dtype == jnp.float32):
+      raise ValueError(f"h as split partials must be float32 [S, P >= {n_rows}, {width}] with h_inv_q [P], got "
+                       f"{h.dtype} {h.shape} and {h_inv_q.shape}")
+  elif h.shape != x.shape:
     raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
   if not supports(width):
     raise ValueError(f"add_rms_norm kernel needs a power-of-two width in [32, {MAX_WIDTH}], got {width}")
@@ -89,16 +103,18 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
       raise ValueError(f"add_rms_norm: digits {digits} do not fit {rows.shape[0]} rows of width {width}")
     out_shape += [jax.ShapeDtypeStruct((2 * padded, width), jnp.int8), jax.ShapeDtypeStruct((padded,), jnp.float32),
                   jax.ShapeDtypeStruct((width // group, sums_width), jnp.float32)]
+  split = h_inv_q is not None
+  h_args = [h, h_inv_q] if split else [h.reshape(rows.shape)]
   outs = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), digits=digits),
+      functools.partial(_kernel, eps=float(eps), digits=digits, split=split),
       grid=(rows.shape[0],),
-      in_specs=[pl.no_block_spec, row, row, pl.no_block_spec],
+      in_specs=[pl.no_block_spec, row] + ([pl.no_block_spec] * 2 if split else [row]) + [pl.no_block_spec],
       out_specs=[row, row] + [pl.no_block_spec] * (len(out_shape) - 2),
       out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
       interpret=interpret,
       name="add_rms_norm",
-  )(layer, rows, h.reshape(rows.shape), stacked)
+  )(layer, rows, *h_args, stacked)
   new_x, normed = outs[0].reshape(x.shape), outs[1].reshape(x.shape)
   return (new_x, normed) if digits is None else (new_x, normed, tuple(outs[2:]))
 

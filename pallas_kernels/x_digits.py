@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import M_INIT, is_pow2, next_pow2
+from pallas_kernels.common import M_INIT, is_pow2, load_split_sum, next_pow2
 
 X_MAX = 127 * 256 + 127  # the largest |t|: hi = (t + 128) >> 8 and lo = t - 256 hi stay signed bytes
 _WARPS = 4
@@ -178,6 +178,63 @@ def x_digits_merged(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, rows: in
                          f"{group_size}, with K, G and H powers of two")
     kernel = functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype)
     return _digits_call(kernel, (rows, kv_heads), 3, rows, k, group_size, width, interpret, "x_digits_merged")(o, m, l)
+
+
+def gated_supports(k: int, group_size: int) -> bool:
+    """Whether `x_digits_gated` takes a SwiGLU of k columns in groups of `group_size` (power-of-two chunks)."""
+    c = k & -k
+    return k % group_size == 0 and c >= group_size
+
+
+def _gated(gp_ref, gi_ref, up_ref, ui_ref, row, start, n: int, g0: int, u0: int, dtype):
+    """Columns start..start + n of row `row`'s SwiGLU, silu(gate) * up, its operands formed from their products'
+    split partials (`load_split_sum`) and the result rounded to `dtype`: float32 [1, n]."""
+    g = load_split_sum(gp_ref, gi_ref, row, pl.ds(g0 + start, n), dtype)
+    u = load_split_sum(up_ref, ui_ref, row, pl.ds(u0 + start, n), dtype)
+    return (g * jax.nn.sigmoid(g) * u).astype(dtype).astype(jnp.float32)
+
+
+def _gated_kernel(gp_ref, gi_ref, up_ref, ui_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group, g0, u0,
+                  dtype):
+    r, c = pl.program_id(0), pl.program_id(1)
+    keep = (r < m).astype(jnp.float32)  # padded rows: zeros
+    src = jnp.minimum(r, m - 1)
+    gated = functools.partial(_gated, gp_ref, gi_ref, up_ref, ui_ref, src, n=chunk, g0=g0, u0=u0, dtype=dtype)
+    amax = jnp.zeros((), jnp.float32)
+    for i in range(k // chunk):  # the whole row, a chunk at a time, for its maximum
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(gated(i * chunk))))
+    q = row_scale(amax * keep)
+
+    @pl.when(c == 0)
+    def _():
+        inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, jnp.float32) / q
+
+    store_digits(d_ref, sums_ref, r, rows, gated(c * chunk) * keep, q, c * chunk, group)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "gate_start", "up_start", "k", "m", "rows", "group_size",
+                                             "width", "interpret"))
+def x_digits_gated(gate: jax.Array, gate_inv_q: jax.Array, up: jax.Array, up_inv_q: jax.Array, dtype, *,
+                   gate_start: int, up_start: int, k: int, m: int, rows: int, group_size: int,
+                   width: int | None = None, interpret: bool | None = None):
+    """`x_digits` of the SwiGLU silu(gate) * up [M, k] in `dtype`, gate and up given as split-K products
+    (`fragment_matmul_partials`: partials [S, P, N] float32 and 1 / q [P]; columns `gate_start` and `up_start`
+    onwards, both may be one array), formed in the same launch so that the SwiGLU needs no launch of its own.
+    The first `m` rows are x's (the partials' others are padding, written here as zeros). Programs over (row,
+    chunk of k); each forms its whole row a chunk at a time for the row's maximum."""
+    width = rows if width is None else width
+    for name, p, inv, start in (("gate", gate, gate_inv_q, gate_start), ("up", up, up_inv_q, up_start)):
+        if p.ndim != 3 or p.dtype != jnp.float32 or inv.shape != (p.shape[1],) or start + k > p.shape[2]:
+            raise ValueError(f"x_digits_gated: {name} must be float32 partials [S, P, N >= {start + k}] with 1 / q "
+                             f"[P], got {p.dtype} {p.shape} and {inv.shape}")
+    if not 1 <= m <= min(gate.shape[1], up.shape[1], rows) or rows > width or not gated_supports(k, group_size):
+        raise ValueError(f"x_digits_gated: need 1 <= m ({m}) <= the partials' rows and rows ({rows}) <= width "
+                         f"({width}), and k ({k}) in power-of-two chunks of whole groups of {group_size}")
+    chunk = _chunk(k, group_size)
+    kernel = functools.partial(_gated_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size, g0=gate_start,
+                               u0=up_start, dtype=dtype)
+    return _digits_call(kernel, (rows, k // chunk), 4, rows, k, group_size, width, interpret,
+                        "x_digits_gated")(gate, gate_inv_q, up, up_inv_q)
 
 
 def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):
