@@ -131,19 +131,15 @@ VARIANTS = {
                                     "splits (`ops.MERGE_DIGITS`)",
                                     dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                     {"jaxinfer.ops": {"MERGE_DIGITS": True}}),
-    "int4_fragments_norm_splits": ("int4 in the fragment order, o's and down's split partials added by the add + norm "
-                                   "launch (`ops.NORM_READS_SPLITS`)",
-                                   dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                   {"jaxinfer.ops": {"NORM_READS_SPLITS": True}}),
     "int4_fragments_gated_digits": ("int4 in the fragment order, the SwiGLU formed by down's preparation of x "
                                     "(`ops.GATED_DIGITS`)",
                                     dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                     {"jaxinfer.ops": {"GATED_DIGITS": True}}),
     "int4_fragments_producers": ("int4 in the fragment order, every x prepared by its producer (`ops`' "
-                                 "ADD_NORM_DIGITS, MERGE_DIGITS, NORM_READS_SPLITS, GATED_DIGITS)",
+                                 "ADD_NORM_DIGITS, MERGE_DIGITS, GATED_DIGITS)",
                                  dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                 {"jaxinfer.ops": dict.fromkeys(("ADD_NORM_DIGITS", "MERGE_DIGITS", "NORM_READS_SPLITS",
-                                                                 "GATED_DIGITS"), True)}),
+                                 {"jaxinfer.ops": dict.fromkeys(("ADD_NORM_DIGITS", "MERGE_DIGITS", "GATED_DIGITS"),
+                                                                True)}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

@@ -74,10 +74,6 @@ ADD_NORM_DIGITS = False
 # preparation (`x_digits_merged`), sparing the merge's launch. Off until measured (variant
 # `int4_fragments_merge_digits`).
 MERGE_DIGITS = False
-# A fragment product's output kept as its K splits' partials (`SplitK`) for the add + norm launch after it, which
-# adds and scales them itself: no loop fusion of its own for the sum (o and down). Off until measured (variant
-# `int4_fragments_norm_splits`).
-NORM_READS_SPLITS = False
 # The SwiGLU of fragment products (`Gated`) formed by the down product's preparation of x (`x_digits_gated`), from
 # gate's and up's partials: no SwiGLU fusion. Off until measured (variant `int4_fragments_gated_digits`).
 GATED_DIGITS = False
@@ -199,7 +195,7 @@ class SplitK:
     """A fragment product's output `shape` not yet formed: its K splits' float32 partials [S, P, N] (N the
     output's trailing dims flattened, P >= its rows) and x's 1 / q [P]. `value()` is `fragment_matmul.split_sum`
     in `dtype` (an XLA loop fusion of its own where the consumer is a kernel); a Pallas consumer may read the
-    partials itself (`add_rms_norm`'s `h_inv_q`, `x_digits_gated`)."""
+    partials itself (`x_digits_gated`)."""
 
     partials: jax.Array
     inv_q: jax.Array
@@ -390,17 +386,14 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm[:2]))
     x = x if isinstance(x, FRAGMENT_PREPARES) else value(x)  # (the fragment path may prepare them: `_matmul`)
-    out = _matmul(eq, x, w, out_dtype or x.dtype, impl, lazy=norm is not None and NORM_READS_SPLITS)
-    return join_residual(out, residual, norm)
+    return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
 def join_residual(out, residual=None, norm=None):
     """A product `out` joining the residual stream: `out` itself without a residual, `residual + out` in the
-    residual's dtype, and with `norm` (weight, eps[, DigitsFor]) that sum and its RMSNorm (`add_rms_norm`, which
-    may read a `SplitK` out as it is)."""
+    residual's dtype, and with `norm` (weight, eps[, DigitsFor]) that sum and its RMSNorm (`add_rms_norm`)."""
     if norm is not None:
         return add_rms_norm(residual, out, *norm)
-    out = value(out)
     return out if residual is None else residual + out.astype(residual.dtype)
 
 
@@ -412,15 +405,12 @@ def add_rms_norm(x, h, weight, eps, prepare: DigitsFor | None = None):
         from pallas_kernels import add_rms_norm as kernel
 
         stacked, layer = (weight.stacked, weight.index) if isinstance(weight, LayerOf) else (weight, None)
-        split = isinstance(h, SplitK) and h.dtype == x.dtype and h.shape == x.shape
-        h, h_inv_q = (h.partials, h.inv_q) if split else (value(h), None)
-        out = kernel.add_rms_norm(x, h, stacked, layer, eps=eps, digits=None if prepare is None else tuple(prepare),
-                                  h_inv_q=h_inv_q)
+        out = kernel.add_rms_norm(x, h, stacked, layer, eps=eps, digits=None if prepare is None else tuple(prepare))
         if prepare is None:
             return out
         s, normed, (digits, inv_q, sums) = out
         return s, XDigits(normed, digits, inv_q, sums, prepare)
-    s = x + value(h).astype(x.dtype)
+    s = x + h.astype(x.dtype)
     return s, rms_norm(s, weight, eps)
 
 

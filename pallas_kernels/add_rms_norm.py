@@ -6,12 +6,12 @@ right away. XLA makes that two kernels per norm (a reduction for the sum of squa
 into it, then a pass scaling the row), since the scaling needs the reduction's result; with two norms a
 layer that is four launches of ~1.8 us in a llama-3-8b step on an H200 (benchmarks/BENCHMARKS.md,
 session 10). A row of a few thousand elements fits one program: it adds, sums the squares and writes both
-the new residual and its normalised copy.
+the new residual and its normalised copy. Programs: (row, chunk of D), up to CHUNKS a row, so that a launch
+spreads over the SMs: each reads its whole row for the statistics (the row's other programs read it from L2)
+and writes its chunk.
 
 Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype),
-weight [D] or stacked [L, D] with a layer index (read in place). With `h_inv_q` [P], h is instead a split-K
-product's float32 partials [S, P, D] (the fragment kernel's output), formed here as `fragment_matmul.split_sum`
-forms it in x's dtype: the sum's own launch (an XLA loop fusion, ~1.4 us a product) is spared.
+weight [D] or stacked [L, D] with a layer index (read in place).
 The arithmetic is the library's: h rounded to x's dtype and added in float32, rounded to x's dtype; the
 mean of its squares in float32, x * rsqrt(mean + eps) rounded to x's dtype, times the weight, in the
 promoted dtype of the two.
@@ -24,7 +24,6 @@ outputs are left unwritten: the fragment kernel's output columns for them are dr
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -32,11 +31,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import is_pow2, load_split_sum
+from pallas_kernels.common import is_pow2
 from pallas_kernels.x_digits import row_scale, store_digits
 
 _WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
 MAX_WIDTH = 16384  # one program holds the whole row
+CHUNKS = 8  # programs a row at most (1: a program a row, as before session 27)
 
 
 def supports(width: int) -> bool:
@@ -44,46 +44,52 @@ def supports(width: int) -> bool:
   return is_pow2(width) and 32 <= width <= MAX_WIDTH
 
 
-def _kernel(layer_ref, x_ref, h_ref, *refs, eps: float, digits, split: bool):
+def _chunk(width: int, group: int | None) -> int:
+  """Columns a program writes: width / CHUNKS, whole digit groups, at least 32 (a power of two: width is one)."""
+  return min(width, max(width // CHUNKS, 32, group or 1))
+
+
+def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps: float, digits, chunk: int):
   f32 = jnp.float32
-  hinv_ref, w_ref, sum_ref, norm_ref, *digit_refs = refs if split else (None,) + refs
-  x = x_ref[...]  # [1, D]
-  if split:
-    h = load_split_sum(h_ref, hinv_ref, pl.program_id(0), pl.ds(0, x.shape[1]), x.dtype)
-  else:
-    h = h_ref[...].astype(x.dtype).astype(f32)  # [1, D]
-  s = (x.astype(f32) + h).astype(x.dtype)
-  sum_ref[...] = s
-  sf = s.astype(f32)
-  inv_rms = lax.rsqrt(jnp.sum(sf * sf) / s.shape[1] + eps)
-  g = w_ref[pl.ds(layer_ref[0], 1), :]  # [1, D] of the stacked [L, D]
-  normed = (g.astype(f32) * (sf * inv_rms).astype(s.dtype).astype(f32)).astype(norm_ref.dtype)
-  norm_ref[...] = normed
+  r, c = pl.program_id(0), pl.program_id(1)
+  row, width = pl.ds(r, 1), x_ref.shape[1]
+
+  def added(cols):  # x + h over columns `cols`, in x's dtype
+    x = x_ref[row, cols]
+    return (x.astype(f32) + h_ref[row, cols].astype(x.dtype).astype(f32)).astype(x.dtype)
+
+  def normed(s, cols):  # the norm of s over columns `cols`, given the row's inv_rms
+    g = w_ref[pl.ds(layer_ref[0], 1), cols]  # [1, n] of the stacked [L, D]
+    return (g.astype(f32) * (s.astype(f32) * inv_rms).astype(s.dtype).astype(f32)).astype(norm_ref.dtype)
+
+  whole = pl.ds(0, width)
+  s_row = added(whole)
+  inv_rms = lax.rsqrt(jnp.sum(jnp.square(s_row.astype(f32))) / width + eps)
+  cols = pl.ds(c * chunk, chunk)
+  s = added(cols)
+  sum_ref[row, cols] = s
+  n = normed(s, cols)
+  norm_ref[row, cols] = n
   if digits is not None:
     d_ref, inv_ref, sums_ref = digit_refs
     rows, group, _ = digits
-    r = pl.program_id(0)
-    nf = normed.astype(f32)
-    q = row_scale(jnp.max(jnp.abs(nf)))
-    inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
-    store_digits(d_ref, sums_ref, r, rows, nf, q, 0, group)
+    q = row_scale(jnp.max(jnp.abs(normed(s_row, whole).astype(f32))))
+
+    @pl.when(c == 0)
+    def _():
+      inv_ref[row] = jnp.full((1,), 1.0, f32) / q
+
+    store_digits(d_ref, sums_ref, r, rows, n.astype(f32), q, c * chunk, group)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "digits"))
 def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array | int | None = None, *,
-                 eps: float, interpret: bool | None = None, digits: tuple[int, int, int] | None = None,
-                 h_inv_q: jax.Array | None = None):
+                 eps: float, interpret: bool | None = None, digits: tuple[int, int, int] | None = None):
   """(x + h, RMSNorm(x + h) * weight) for x and h [..., D]; weight [D], or layer `layer` of a stacked
   [L, D]. With `digits=(P, group, width)` a third element: the norm's (digits, inv_q, sums) as
-  `x_digits` makes them for P rows. With `h_inv_q` [P], h is split-K partials [S, P, D] (module docstring)."""
+  `x_digits` makes them for P rows (module docstring)."""
   width = x.shape[-1]
-  n_rows = math.prod(x.shape[:-1])
-  if h_inv_q is not None:
-    if not (h.ndim == 3 and h.shape[1:] == (h_inv_q.shape[0], width) and h.shape[1] >= n_rows
-            and h.dtype == jnp.float32):
-      raise ValueError(f"h as split partials must be float32 [S, P >= {n_rows}, {width}] with h_inv_q [P], got "
-                       f"{h.dtype} {h.shape} and {h_inv_q.shape}")
-  elif h.shape != x.shape:
+  if h.shape != x.shape:
     raise ValueError(f"h must be x's shape {x.shape}, got {h.shape}")
   if not supports(width):
     raise ValueError(f"add_rms_norm kernel needs a power-of-two width in [32, {MAX_WIDTH}], got {width}")
@@ -93,7 +99,7 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   rows = x.reshape(-1, width)
-  row = pl.BlockSpec((1, width), lambda r: (r, 0))
+  chunk = _chunk(width, None if digits is None else digits[1])
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(1)
   out_shape = [jax.ShapeDtypeStruct(rows.shape, x.dtype),
                jax.ShapeDtypeStruct(rows.shape, jnp.promote_types(weight.dtype, x.dtype))]
@@ -103,18 +109,16 @@ def add_rms_norm(x: jax.Array, h: jax.Array, weight: jax.Array, layer: jax.Array
       raise ValueError(f"add_rms_norm: digits {digits} do not fit {rows.shape[0]} rows of width {width}")
     out_shape += [jax.ShapeDtypeStruct((2 * padded, width), jnp.int8), jax.ShapeDtypeStruct((padded,), jnp.float32),
                   jax.ShapeDtypeStruct((width // group, sums_width), jnp.float32)]
-  split = h_inv_q is not None
-  h_args = [h, h_inv_q] if split else [h.reshape(rows.shape)]
   outs = pl.pallas_call(
-      functools.partial(_kernel, eps=float(eps), digits=digits, split=split),
-      grid=(rows.shape[0],),
-      in_specs=[pl.no_block_spec, row] + ([pl.no_block_spec] * 2 if split else [row]) + [pl.no_block_spec],
-      out_specs=[row, row] + [pl.no_block_spec] * (len(out_shape) - 2),
+      functools.partial(_kernel, eps=float(eps), digits=digits, chunk=chunk),
+      grid=(rows.shape[0], width // chunk),
+      in_specs=[pl.no_block_spec] * 4,
+      out_specs=[pl.no_block_spec] * len(out_shape),
       out_shape=out_shape,
       compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
       interpret=interpret,
       name="add_rms_norm",
-  )(layer, rows, *h_args, stacked)
+  )(layer, rows, h.reshape(rows.shape), stacked)
   new_x, normed = outs[0].reshape(x.shape), outs[1].reshape(x.shape)
   return (new_x, normed) if digits is None else (new_x, normed, tuple(outs[2:]))
 

@@ -7,8 +7,8 @@ live in their own files; the jnp references use none of this.
   unnormalised (o, m, l) partials (kernel-side store, pallas_call outputs) and their combine, and
   the argument checks of the two decode wrappers.
 - Argument checks every wrapper makes (dtype, head layout, window/soft-cap, warps/stages).
-- A split-K product's output read from its partials inside a consumer's launch (`load_split_sum`: the add + norm
-  and x's preparations reading the fragment kernel's output).
+- A split-K product's output read from its partials inside a consumer's launch (`load_split_sum`: x's
+  preparation for the down product forming the SwiGLU from the fragment kernel's gate/up output).
 
 The kernel-side pieces branch only on static Python arguments (softcap, tile rows), never on traced
 values, and trace to the ops the kernels traced before they were shared.

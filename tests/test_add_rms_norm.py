@@ -161,32 +161,3 @@ def test_the_norm_with_digits_lowers_to_triton():
                          x, x, w)
     assert "triton" in text.lower()
 
-
-@pytest.mark.parametrize("splits,rows,padded", [(1, 5, 8), (4, 16, 16)])
-def test_h_read_from_split_partials_is_their_sum(splits, rows, padded):
-    """With `h_inv_q`, h comes as a split-K product's float32 partials [S, P, D] and 1 / q [P]: the launch forms
-    it as `fragment_matmul.split_sum` does (rows past M are padding) and gives what it gives for that h (interpret
-    mode may keep h's sum in float32, eliding the round trip through x's dtype: within one bfloat16 rounding)."""
-    from pallas_kernels.fragment_matmul import split_sum
-
-    x, _, w = _inputs(7, rows, 1024, jnp.bfloat16, layers=2)
-    ks = jax.random.split(jax.random.key(splits), 2)
-    partials = jax.random.normal(ks[0], (splits, padded, 1024), jnp.float32) * 3e4
-    inv_q = 1e-4 * (1 + jax.random.uniform(ks[1], (padded,)))
-    h = split_sum(partials, inv_q, rows, jnp.bfloat16).reshape(x.shape)
-    s, normed = add_rms_norm(x, partials, w, 1, eps=EPS, interpret=True, h_inv_q=inv_q)
-    s_want, normed_want = add_rms_norm_reference(x, h, w, 1, eps=EPS)
-    assert rel_err(s, s_want) < 4e-3 and rel_err(normed, normed_want) < 1e-2
-    assert rel_err(s, add_rms_norm_reference(x, 0 * h, w, 1, eps=EPS)[0]) > 0.1  # (h counts)
-    with pytest.raises(ValueError, match="split partials"):
-        add_rms_norm(x, partials[:, :rows - 1], w, 1, eps=EPS, interpret=True, h_inv_q=inv_q[:rows - 1])
-
-
-def test_h_from_split_partials_with_digits_lowers_to_triton():
-    x = jax.ShapeDtypeStruct((16, 4096), jnp.bfloat16)
-    p = jax.ShapeDtypeStruct((8, 16, 4096), jnp.float32)
-    w = jax.ShapeDtypeStruct((4, 4096), jnp.bfloat16)
-    text = cuda_lowering(lambda x, p, iq, w: add_rms_norm(x, p, w, 2, eps=EPS, interpret=False, h_inv_q=iq,
-                                                          digits=(16, 128, 16)),
-                         x, p, jax.ShapeDtypeStruct((16,), jnp.float32), w)
-    assert "triton" in text.lower()

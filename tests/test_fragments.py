@@ -129,15 +129,14 @@ def _dequantized_stand_in(values, scales, offsets, layer, group_size):
 
 # switch -> the preparing launch it brings in (counted below)
 PRODUCER_SWITCHES = {"ADD_NORM_DIGITS": "add_norm_digits", "MERGE_DIGITS": "x_digits_merged",
-                     "NORM_READS_SPLITS": "add_norm_splits", "GATED_DIGITS": "x_digits_gated"}
+                     "GATED_DIGITS": "x_digits_gated"}
 
 
 @pytest.mark.parametrize("switch", list(PRODUCER_SWITCHES))
 def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, switch):
     """GPU dispatch walked in interpret mode, one switch at a time. `ops.ADD_NORM_DIGITS`: each add + norm launch
     before q/k/v and gate/up also writes x's digits; `ops.MERGE_DIGITS`: the decode attention's unmerged splits
-    are merged by o's preparation (`x_digits_merged`); `ops.NORM_READS_SPLITS`: the add + norm launch after o and
-    down adds their split partials itself; `ops.GATED_DIGITS`: down's preparation forms the SwiGLU from gate's and
+    are merged by o's preparation (`x_digits_merged`); `ops.GATED_DIGITS`: down's preparation forms the SwiGLU from gate's and
     up's partials (`x_digits_gated`). The Mosaic kernel (GPU only) is replaced by a jnp stand-in with its
     outputs: two K splits' partials of the dequantized weight times x's fixed point rebuilt from the digits (sums
     checked in tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the
@@ -175,10 +174,8 @@ def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, s
     monkeypatch.setattr(fm, "fragment_matmul_partials", partials)
     for name in ("x_digits", "x_digits_merged", "x_digits_gated"):
         monkeypatch.setattr(xd, name, counted(name, getattr(xd, name)))
-    norm = arn.add_rms_norm
-    monkeypatch.setattr(arn, "add_rms_norm", counted("add_norm_digits", norm, lambda *a, **kw: kw["digits"] is not None))
-    monkeypatch.setattr(arn, "add_rms_norm", counted("add_norm_splits", arn.add_rms_norm,
-                                                     lambda *a, **kw: kw["h_inv_q"] is not None))
+    monkeypatch.setattr(arn, "add_rms_norm", counted("add_norm_digits", arn.add_rms_norm,
+                                                     lambda *a, **kw: kw["digits"] is not None))
     jax.clear_caches()  # (decode_step's jit would reuse the trace above)
     got = step(frags)
     assert calls["partials"] and calls["x_digits"] and calls[PRODUCER_SWITCHES[switch]]
