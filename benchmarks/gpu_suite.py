@@ -123,23 +123,14 @@ VARIANTS = {
                                "CTA, five CTAs an SM where registers allow)",
                                dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                {"pallas_kernels.fragment_matmul": {"STAGES": 2}}),
-    "int4_fragments_norm_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up written by the add + "
-                                   "norm launch (`ops.ADD_NORM_DIGITS`)",
-                                   dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                   {"jaxinfer.ops": {"ADD_NORM_DIGITS": True}}),
+    "int4_fragments_norm_without_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up made by "
+                                           "launches of their own, not the add + norm (`ops.ADD_NORM_DIGITS` off)",
+                                           dict(quant="int4", weight_layout="fragments", profile_batches=()),
+                                           {"jaxinfer.ops": {"ADD_NORM_DIGITS": False}}),
     "int4_fragments_merge_digits": ("int4 in the fragment order, o's x prepared from the attention's unmerged "
                                     "splits (`ops.MERGE_DIGITS`)",
                                     dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                     {"jaxinfer.ops": {"MERGE_DIGITS": True}}),
-    "int4_fragments_gated_digits": ("int4 in the fragment order, the SwiGLU formed by down's preparation of x "
-                                    "(`ops.GATED_DIGITS`)",
-                                    dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                    {"jaxinfer.ops": {"GATED_DIGITS": True}}),
-    "int4_fragments_producers": ("int4 in the fragment order, every x prepared by its producer (`ops`' "
-                                 "ADD_NORM_DIGITS, MERGE_DIGITS, GATED_DIGITS)",
-                                 dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                 {"jaxinfer.ops": dict.fromkeys(("ADD_NORM_DIGITS", "MERGE_DIGITS", "GATED_DIGITS"),
-                                                                True)}),
     # int4 row-kernel forms, each one switch of `pallas_kernels/row_matmul.py` away from the default
     **{f"int4_contract_last_{suffix}": (
         f"int4 weights quantized after `contract_last`, {what} (`row_matmul`: {switches})",

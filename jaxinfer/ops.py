@@ -67,16 +67,13 @@ ROW_HEAD = True  # an unstacked weight (the output head) may take the row kernel
 # GPU decode: a block's residual add and the next RMSNorm in one Pallas launch (pallas_kernels/add_rms_norm.py)
 ADD_NORM_KERNEL = True
 # ... which also writes the norm as the fragment kernel's x (`XDigits`) where the products after it take the
-# fragment path, sparing each a preparation launch. Off until measured on a GPU (gpu_suite variant
-# `int4_fragments_norm_digits`).
-ADD_NORM_DIGITS = False
+# fragment path, sparing each a preparation launch (H200 llama-3-8b int4 batch 16: 2.942 against 3.015 ms a step,
+# benchmarks/BENCHMARKS.md session 27; gpu_suite variant `int4_fragments_norm_without_digits` turns it off).
+ADD_NORM_DIGITS = True
 # A decode attention's unmerged output (`Unmerged`) reaching a fragment product: its splits merged by x's
-# preparation (`x_digits_merged`), sparing the merge's launch. Off until measured (variant
-# `int4_fragments_merge_digits`).
+# preparation (`x_digits_merged`), sparing the merge's launch. Off: level when measured (3.05 us a launch against
+# the merge's 1.57 + x_digits' 1.63; H200, session 27; variant `int4_fragments_merge_digits`).
 MERGE_DIGITS = False
-# The SwiGLU of fragment products (`Gated`) formed by the down product's preparation of x (`x_digits_gated`), from
-# gate's and up's partials: no SwiGLU fusion. Off until measured (variant `int4_fragments_gated_digits`).
-GATED_DIGITS = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +159,7 @@ class Sliced:
         return self.whole.dtype
 
     def value(self):
-        return jax.lax.slice_in_dim(value(self.whole), self.start, self.start + self.size, axis=self.axis)
+        return jax.lax.slice_in_dim(self.whole, self.start, self.start + self.size, axis=self.axis)
 
 
 @dataclass(frozen=True)
@@ -188,74 +185,6 @@ class Unmerged:
 
     def value(self):
         return self.partials.merge(interpret=jax.default_backend() != "gpu").reshape(self.shape)
-
-
-@dataclass(frozen=True)
-class SplitK:
-    """A fragment product's output `shape` not yet formed: its K splits' float32 partials [S, P, N] (N the
-    output's trailing dims flattened, P >= its rows) and x's 1 / q [P]. `value()` is `fragment_matmul.split_sum`
-    in `dtype` (an XLA loop fusion of its own where the consumer is a kernel); a Pallas consumer may read the
-    partials itself (`x_digits_gated`)."""
-
-    partials: jax.Array
-    inv_q: jax.Array
-    shape: tuple
-    dtype: Any
-
-    @property
-    def ndim(self):
-        return len(self.shape)
-
-    @property
-    def rows(self) -> int:
-        return math.prod(self.shape) // self.partials.shape[-1]
-
-    def value(self):
-        from pallas_kernels.fragment_matmul import split_sum
-
-        return split_sum(self.partials, self.inv_q, self.rows, self.dtype).reshape(self.shape)
-
-
-def _split_columns(x):
-    """(SplitK, first column, columns) when `x` is a `SplitK` or a `Sliced` one cut along its last axis; else
-    None."""
-    if isinstance(x, SplitK):
-        return x, 0, x.shape[-1]
-    if isinstance(x, Sliced) and isinstance(x.whole, SplitK) and x.axis % x.whole.ndim == x.whole.ndim - 1:
-        return x.whole, x.start, x.size
-    return None
-
-
-@dataclass(frozen=True)
-class Gated:
-    """`silu(gate) * up` (the SwiGLU) not yet computed, gate and up fragment products' outputs not yet formed
-    (`SplitK`, or last-axis parts of one). The down product's preparation of x forms it from their partials
-    (`x_digits_gated`), sparing the SwiGLU's launch; every other consumer takes `value()`."""
-
-    gate: Any
-    up: Any
-
-    @staticmethod
-    def of(gate, up):
-        """The lazy SwiGLU of two products' outputs when both are split partials of one shape; else None."""
-        if _split_columns(gate) is None or _split_columns(up) is None or gate.shape != up.shape:
-            return None
-        return Gated(gate, up)
-
-    @property
-    def shape(self):
-        return self.gate.shape
-
-    @property
-    def ndim(self):
-        return len(self.gate.shape)
-
-    @property
-    def dtype(self):
-        return self.gate.dtype
-
-    def value(self):
-        return jax.nn.silu(value(self.gate)) * value(self.up)
 
 
 class DigitsFor(NamedTuple):
@@ -297,13 +226,12 @@ class XDigits:
 
 
 # Lazy activations that `_matmul` hands to the fragment path as they are (it prepares x from them).
-FRAGMENT_PREPARES = (XDigits, Unmerged, Gated)
+FRAGMENT_PREPARES = (XDigits, Unmerged)
 
 
 def value(x):
-    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`, `XDigits`, `SplitK`, `Gated`) as an
-    array."""
-    return x.value() if isinstance(x, (Normed, Sliced, Unmerged, XDigits, SplitK, Gated)) else x
+    """An activation that may still be lazy (`Normed`, `Sliced`, `Unmerged`, `XDigits`) as an array."""
+    return x.value() if isinstance(x, (Normed, Sliced, Unmerged, XDigits)) else x
 
 
 def prepared(normed, spec: DigitsFor) -> XDigits:
@@ -441,9 +369,9 @@ def residual_norm_fuses(x, products) -> bool:
     return True
 
 
-def _matmul(eq: str, x, w, out_dtype, impl: str, lazy: bool = False):
-    """`matmul` of an array x (or a `FRAGMENT_PREPARES` activation, which the fragment path may read as it is) on
-    every path but `row`; with `lazy`, the fragment path's output as `SplitK`."""
+def _matmul(eq: str, x, w, out_dtype, impl: str):
+    """`matmul` of an array x (or `XDigits` / `Unmerged`, which the fragment path may read as they are) on every
+    path but `row`."""
     eq, w = _stored_order(eq, w)
     if isinstance(w, LayerOf):
         if not isinstance(w.stacked, Observed):  # (calibration wrappers always take the XLA paths)
@@ -453,7 +381,7 @@ def _matmul(eq: str, x, w, out_dtype, impl: str, lazy: bool = False):
             if path == "pallas":
                 return _pallas_matmul(spec, value(x), w.stacked, w.index).astype(out_dtype)
             if path == "fragments":
-                return _formed(_fragment_matmul(spec, x, w.stacked, w.index, out_dtype), lazy)
+                return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         x = value(x)
@@ -462,7 +390,7 @@ def _matmul(eq: str, x, w, out_dtype, impl: str, lazy: bool = False):
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w)
     if path == "fragments":
-        return _formed(_fragment_matmul(spec, x, w, out_dtype=out_dtype), lazy)
+        return _fragment_matmul(spec, x, w).astype(out_dtype)
     x = value(x)
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
@@ -831,50 +759,41 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
     return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-len(spec.contracted)]), w.group_size)
 
 
-def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None, out_dtype=jnp.float32) -> SplitK:
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given,
-    its output as `SplitK` in `out_dtype`. x's preparation: the one `XDigits` carries when made for this product,
-    else made here from x (`x_digits`; from an `Unmerged` attention output or a `Gated` SwiGLU by the launches that
-    also form them, where switched on and applicable)."""
+def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given;
+    x as `XDigits` prepared for this product skips the kernel's own preparation launch."""
     from pallas_kernels import fragment_matmul as fm
-    from pallas_kernels import x_digits as xd
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
+    from pallas_kernels import x_digits as xd
+
     mp, width = fm.prepared_layout(spec.rows, group)
-    layout = dict(rows=mp, group_size=group, width=width)
+    prepared_x = None
     if isinstance(x, XDigits) and x.spec == (mp, group, width):
         prepared_x = (x.digits, x.inv_q, x.sums)
     elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, group):
         p = x.partials
-        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, **layout)
-    elif isinstance(x, Gated) and GATED_DIGITS and xd.gated_supports(x.shape[-1], group):
-        (g, g0, n), (u, u0, _) = _split_columns(x.gate), _split_columns(x.up)
-        prepared_x = xd.x_digits_gated(g.partials, g.inv_q, u.partials, u.inv_q, x.dtype, gate_start=g0,
-                                       up_start=u0, k=n, m=spec.rows, **layout)
+        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, rows=mp, group_size=group, width=width)
+    if prepared_x is not None:
+        out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
+                                        group_size=group, out_dtype=jnp.float32)
     else:
-        prepared_x = xd.x_digits(value(x).reshape(-1, spec.k), **layout)
-    partials = fm.fragment_matmul_partials(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
-                                           group_size=group)
-    return SplitK(partials, prepared_x[1], (*x.shape[:-len(spec.contracted)], *free), out_dtype)
+        out = fm.fragment_matmul(value(x).reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
+                                 out_dtype=jnp.float32)
+    return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
-def _formed(out: SplitK, lazy: bool):
-    """A fragment product's output as `SplitK` when the caller takes it lazily, else as an array."""
-    return out if lazy else out.value()
-
-
-def matmuls(x, *products, out_dtype=None, impl: str = "auto", lazy: bool = False):
+def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
     kernel launch when the kernel path takes every product and they share K, the weight format and the
-    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order; with `lazy`, fragment
-    products' outputs as `SplitK` (or `Sliced` parts of one).
+    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order.
 
     Products of all the parts (`PartOf`) of one packed weight, in order, are one product of the whole
     weight, returned as `Sliced` parts of its output."""
     packed = _packed_product(products)
     if packed is not None:
         eq, whole, cuts, axis = packed
-        (out,) = matmuls(x, (eq, whole), out_dtype=out_dtype, impl=impl, lazy=lazy)
+        (out,) = matmuls(x, (eq, whole), out_dtype=out_dtype, impl=impl)
         return tuple(Sliced(out, start, size, axis) for start, size in cuts)
     products = [(eq, w.take() if isinstance(w, PartOf) else w) for eq, w in products]
     products = [_stored_order(eq, w) for eq, w in products]
@@ -899,7 +818,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto", lazy: bool = False
         p[0].k == plan[0][0].k and (p[2] is plan[0][2]) and _format(p[3]) == _format(plan[0][3])
         and _contraction_last(p[0]) == _contraction_last(plan[0][0]) for p in plan)
     if len(products) < 2 or not same:
-        return tuple(_matmul(eq, x, w, out_dtype, impl, lazy) for eq, w in products)
+        return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
     outs = _pallas_matmuls(value(x), [(spec, w) for spec, w, _, _ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
 
@@ -936,11 +855,7 @@ def swiglu(x, gate, up, *, impl: str = "auto"):
     row = _row_plan(impl, x, [_stored_order(*gate), _stored_order(*up)], swiglu=True)
     if row is not None:
         return row(epilogue="swiglu", out_dtype=None)[0]
-    outs = matmuls(x, gate, up, impl=impl, lazy=GATED_DIGITS)  # parts of a packed gate/up come `Sliced`
-    gated = Gated.of(*outs) if GATED_DIGITS else None
-    if gated is not None:
-        return gated
-    g, u = (value(o) for o in outs)
+    g, u = (value(o) for o in matmuls(x, gate, up, impl=impl))  # parts of a packed gate/up come `Sliced`
     return jax.nn.silu(g) * u
 
 
@@ -968,7 +883,7 @@ def _row_plan(impl: str, x, products, *, residual=None, swiglu: bool = False):
     if any(isinstance(w, PartOf) for _, w in products):  # parts of a packed weight: `matmuls` makes them as one
         return None
     xv = (x.x if isinstance(x, Normed) else jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, Unmerged)
-          else value(x))  # (the fragment path's lazy inputs as arrays: the row kernel prepares x itself)
+          else value(x))  # (an `XDigits` as its normed array: the row kernel prepares x itself)
     if xv.dtype not in (jnp.bfloat16, jnp.float16) or not whole_arrays():
         return None
     flats, index, spec0, fmt = [], None, None, None

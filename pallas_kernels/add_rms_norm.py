@@ -6,9 +6,10 @@ right away. XLA makes that two kernels per norm (a reduction for the sum of squa
 into it, then a pass scaling the row), since the scaling needs the reduction's result; with two norms a
 layer that is four launches of ~1.8 us in a llama-3-8b step on an H200 (benchmarks/BENCHMARKS.md,
 session 10). A row of a few thousand elements fits one program: it adds, sums the squares and writes both
-the new residual and its normalised copy. Programs: (row, chunk of D), up to CHUNKS a row, so that a launch
-spreads over the SMs: each reads its whole row for the statistics (the row's other programs read it from L2)
-and writes its chunk.
+the new residual and its normalised copy. Writing x's digits too, programs are (row, chunk of D), up to
+CHUNKS a row, so that the launch spreads over the SMs: each reads its whole row for the statistics (the row's
+other programs read it from L2) and writes its chunk (llama-3-8b batch 16 on an H200: 3.6 -> 3.1 us a launch;
+without digits one program a row stays faster, 2.4 against 2.7 us; session 27).
 
 Layout: x [R, D] (the residual stream, D a power of two), h [R, D] (the block's output, any float dtype),
 weight [D] or stacked [L, D] with a layer index (read in place).
@@ -36,7 +37,7 @@ from pallas_kernels.x_digits import row_scale, store_digits
 
 _WARPS = 4  # 16 passes the native test but was not faster in the llama-3-8b step (H200, S10-10 / S11-1)
 MAX_WIDTH = 16384  # one program holds the whole row
-CHUNKS = 8  # programs a row at most (1: a program a row, as before session 27)
+CHUNKS = 8  # programs a row at most when writing x's digits
 
 
 def supports(width: int) -> bool:
@@ -45,8 +46,9 @@ def supports(width: int) -> bool:
 
 
 def _chunk(width: int, group: int | None) -> int:
-  """Columns a program writes: width / CHUNKS, whole digit groups, at least 32 (a power of two: width is one)."""
-  return min(width, max(width // CHUNKS, 32, group or 1))
+  """Columns a program writes: the row without digits (`group` None); else width / CHUNKS, whole digit groups, at
+  least 32 (a power of two: width is one)."""
+  return width if group is None else min(width, max(width // CHUNKS, 32, group))
 
 
 def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps: float, digits, chunk: int):
@@ -65,15 +67,16 @@ def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps:
   whole = pl.ds(0, width)
   s_row = added(whole)
   inv_rms = lax.rsqrt(jnp.sum(jnp.square(s_row.astype(f32))) / width + eps)
-  cols = pl.ds(c * chunk, chunk)
-  s = added(cols)
+  one = chunk == width  # (a program a row: its chunk is the row)
+  cols = whole if one else pl.ds(c * chunk, chunk)
+  s = s_row if one else added(cols)
   sum_ref[row, cols] = s
   n = normed(s, cols)
   norm_ref[row, cols] = n
   if digits is not None:
     d_ref, inv_ref, sums_ref = digit_refs
     rows, group, _ = digits
-    q = row_scale(jnp.max(jnp.abs(normed(s_row, whole).astype(f32))))
+    q = row_scale(jnp.max(jnp.abs((n if one else normed(s_row, whole)).astype(f32))))
 
     @pl.when(c == 0)
     def _():

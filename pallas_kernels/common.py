@@ -7,8 +7,6 @@ live in their own files; the jnp references use none of this.
   unnormalised (o, m, l) partials (kernel-side store, pallas_call outputs) and their combine, and
   the argument checks of the two decode wrappers.
 - Argument checks every wrapper makes (dtype, head layout, window/soft-cap, warps/stages).
-- A split-K product's output read from its partials inside a consumer's launch (`load_split_sum`: x's
-  preparation for the down product forming the SwiGLU from the fragment kernel's gate/up output).
 
 The kernel-side pieces branch only on static Python arguments (softcap, tile rows), never on traced
 values, and trace to the ops the kernels traced before they were shared.
@@ -351,17 +349,6 @@ class Partials:
 
   def merge(self, *, interpret: bool | None = None):
     return combine_splits(self.o, self.m, self.l, self.dtype, interpret=interpret)
-
-
-def load_split_sum(p_ref, inv_ref, row, cols, dtype):
-  """Inside a Triton kernel: row `row`, columns `cols` (a pl.ds) of a product given as its K splits' float32
-  partials p_ref [S, P, N] and its rows' scales inv_ref [P], formed as `fragment_matmul.split_sum` forms it (the
-  splits added in order, times the scale, rounded to `dtype`): float32 [1, n]."""
-  rows = pl.ds(row, 1)
-  y = p_ref[0, rows, cols]
-  for s in range(1, p_ref.shape[0]):
-    y = y + p_ref[s, rows, cols]
-  return (y * inv_ref[rows][:, None]).astype(dtype).astype(jnp.float32)
 
 
 def split_k_decode_call(kernel, in_specs, *, batch: int, num_kv_heads: int, num_splits: int,

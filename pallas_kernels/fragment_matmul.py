@@ -242,29 +242,17 @@ def fragment_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, offsets:
     _check_supports(M, K, values.shape[-2], group_size)
     mp, width = prepared_layout(M, group_size)
     digits, inv_q, sums = x_digits(x, rows=mp, group_size=group_size, width=width)
-    partials = fragment_matmul_partials(digits, inv_q, sums, values, scales, offsets, layer, rows=M,
-                                        group_size=group_size)
-    return split_sum(partials, inv_q, M, out_dtype or x.dtype)
+    return fragment_matmul_digits(digits, inv_q, sums, values, scales, offsets, layer, rows=M,
+                                  group_size=group_size, out_dtype=out_dtype or x.dtype)
 
 
-def split_sum(partials: jax.Array, inv_q: jax.Array, rows: int, dtype) -> jax.Array:
-    """y [rows, N] from the kernel's K splits' partials [S, P, N]: added one by one in split order (not a
-    reduction) and scaled back by 1 / q, in `dtype`. Elementwise, so XLA fuses it into the op that reads y; Pallas
-    consumers that read the partials themselves repeat this arithmetic (`common.load_split_sum`)."""
-    y = partials[0, :rows]
-    for i in range(1, partials.shape[0]):
-        y = y + partials[i, :rows]
-    return (y * inv_q[:rows, None]).astype(dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("rows", "group_size"))
-def fragment_matmul_partials(digits: jax.Array, inv_q: jax.Array, sums: jax.Array, values: jax.Array,
-                             scales: jax.Array, offsets: jax.Array | None = None,
-                             layer: jax.Array | int | None = None, *, rows: int, group_size: int) -> jax.Array:
-    """The kernel on x already prepared (`x_digits`, `add_rms_norm(..., digits=...)`, ...): digits [2 P, K]
-    int8, inv_q [P], sums [K / group_size, width] for (P, width) = `prepared_layout(rows, group_size)`. Returns
-    its float32 partials [S, P, N] (S = `plan_splits(K, N)`), which `split_sum` turns into y, or a Pallas
-    consumer reads as they are."""
+@functools.partial(jax.jit, static_argnames=("rows", "group_size", "out_dtype"))
+def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array, values: jax.Array,
+                           scales: jax.Array, offsets: jax.Array | None = None, layer: jax.Array | int | None = None,
+                           *, rows: int, group_size: int, out_dtype=jnp.float32) -> jax.Array:
+    """`fragment_matmul` of x already prepared (`x_digits`, or `add_rms_norm(..., digits=...)`): digits
+    [2 P, K] int8, inv_q [P], sums [K / group_size, width] for (P, width) = `prepared_layout(rows, group_size)`;
+    returns the first `rows` rows of y."""
     plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
@@ -301,4 +289,9 @@ def fragment_matmul_partials(digits: jax.Array, inv_q: jax.Array, sums: jax.Arra
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="fragment_matmul_int4",
     )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
-    return partials
+    # The splits' partials added one by one (not a reduction) and scaled back by 1 / q: elementwise, so XLA
+    # fuses the sum, the scale and the cast into the op that reads y instead of launching a reduction of its own.
+    y = partials[0, :M]
+    for i in range(1, splits):
+        y = y + partials[i, :M]
+    return (y * inv_q[:M, None]).astype(out_dtype)

@@ -27,19 +27,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.common import M_INIT, is_pow2, load_split_sum, next_pow2
+from pallas_kernels.common import M_INIT, is_pow2, next_pow2
 
 X_MAX = 127 * 256 + 127  # the largest |t|: hi = (t + 128) >> 8 and lo = t - 256 hi stay signed bytes
 _WARPS = 4
 CHUNKS = 8  # programs a row at most
-GATED_CHUNKS = 8  # ... for `x_digits_gated`, whose programs each read two float32 rows (gate's and up's)
-_GATED_WARPS = 8
 
 
-def _chunk(k: int, group: int, chunks: int = CHUNKS) -> int:
-    """K elements a program writes: a power of two dividing K (a Triton block), K / chunks or more."""
+def _chunk(k: int, group: int) -> int:
+    """K elements a program writes: a power of two dividing K (a Triton block), K / CHUNKS or more."""
     c = k & -k
-    while c // 2 >= group and k // c < chunks and k % (c // 2) == 0 and k // (c // 2) <= chunks:
+    while c // 2 >= group and k // c < CHUNKS and k % (c // 2) == 0 and k // (c // 2) <= CHUNKS:
         c //= 2
     if c < group:
         raise ValueError(f"x_digits: K={k} must be a multiple of the group ({group}) in power-of-two chunks")
@@ -104,8 +102,7 @@ def x_digits(x: jax.Array, *, rows: int, group_size: int, width: int | None = No
     return _digits_call(kernel, (rows, k // chunk), 1, rows, k, group_size, width, interpret, "x_digits")(x)
 
 
-def _digits_call(kernel, grid, n_inputs: int, rows: int, k: int, group: int, width: int, interpret, name: str,
-                 warps: int = _WARPS):
+def _digits_call(kernel, grid, n_inputs: int, rows: int, k: int, group: int, width: int, interpret, name: str):
     """The pallas_call of a launch writing x's digits [2 rows, k], 1 / q [rows] and sums [k / group, width]."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -116,7 +113,7 @@ def _digits_call(kernel, grid, n_inputs: int, rows: int, k: int, group: int, wid
         out_specs=[pl.no_block_spec] * 3,
         out_shape=[jax.ShapeDtypeStruct((2 * rows, k), jnp.int8), jax.ShapeDtypeStruct((rows,), jnp.float32),
                    jax.ShapeDtypeStruct((k // group, width), jnp.float32)],
-        compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=_WARPS, num_stages=1),
         interpret=interpret,
         name=name,
     )
@@ -181,68 +178,6 @@ def x_digits_merged(o: jax.Array, m: jax.Array, l: jax.Array, dtype, *, rows: in
                          f"{group_size}, with K, G and H powers of two")
     kernel = functools.partial(_merge_kernel, rows=rows, group=group_size, dtype=dtype)
     return _digits_call(kernel, (rows, kv_heads), 3, rows, k, group_size, width, interpret, "x_digits_merged")(o, m, l)
-
-
-def gated_supports(k: int, group_size: int) -> bool:
-    """Whether `x_digits_gated` takes a SwiGLU of k columns in groups of `group_size` (power-of-two chunks)."""
-    c = k & -k
-    return k % group_size == 0 and c >= group_size
-
-
-def _gated(gp_ref, gi_ref, up_ref, ui_ref, row, cols, dtype):
-    """Row `row`'s SwiGLU silu(gate) * up at columns `cols` = (gate's, up's) of their products' split partials
-    (`load_split_sum`), rounded to `dtype`: float32 [1, n]."""
-    g = load_split_sum(gp_ref, gi_ref, row, cols[0], dtype)
-    u = load_split_sum(up_ref, ui_ref, row, cols[1], dtype)
-    return (g * jax.nn.sigmoid(g) * u).astype(dtype).astype(jnp.float32)
-
-
-def _pieces(k: int):
-    """k columns as power-of-two pieces (offset, size), one a set bit of k: whole-row loads without masks."""
-    return [(k & ~((2 << b) - 1), 1 << b) for b in reversed(range(k.bit_length())) if k >> b & 1]
-
-
-def _gated_kernel(gp_ref, gi_ref, up_ref, ui_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group, g0, u0,
-                  dtype):
-    r, c = pl.program_id(0), pl.program_id(1)
-    keep = (r < m).astype(jnp.float32)  # padded rows: zeros
-    src = jnp.minimum(r, m - 1)
-    gated = lambda start, n: _gated(gp_ref, gi_ref, up_ref, ui_ref, src, (pl.ds(g0 + start, n), pl.ds(u0 + start, n)),
-                                    dtype)  # noqa: E731
-    amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(gated(start, n))) for start, n in _pieces(k)])
-    q = row_scale(amax * keep)
-
-    @pl.when(c == 0)
-    def _():
-        inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, jnp.float32) / q
-
-    store_digits(d_ref, sums_ref, r, rows, gated(c * chunk, chunk) * keep, q, c * chunk, group)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "gate_start", "up_start", "k", "m", "rows", "group_size",
-                                             "width", "interpret"))
-def x_digits_gated(gate: jax.Array, gate_inv_q: jax.Array, up: jax.Array, up_inv_q: jax.Array, dtype, *,
-                   gate_start: int, up_start: int, k: int, m: int, rows: int, group_size: int,
-                   width: int | None = None, interpret: bool | None = None):
-    """`x_digits` of the SwiGLU silu(gate) * up [M, k] in `dtype`, gate and up given as split-K products
-    (`fragment_matmul_partials`: partials [S, P, N] float32 and 1 / q [P]; columns `gate_start` and `up_start`
-    onwards, both may be one array), formed in the same launch so that the SwiGLU needs no launch of its own.
-    The first `m` rows are x's (the partials' others are padding, written here as zeros). Programs over (row,
-    chunk of k), GATED_CHUNKS a row at most; each forms its whole row for the row's maximum (in power-of-two
-    pieces, loads that do not wait on each other)."""
-    width = rows if width is None else width
-    for name, p, inv, start in (("gate", gate, gate_inv_q, gate_start), ("up", up, up_inv_q, up_start)):
-        if p.ndim != 3 or p.dtype != jnp.float32 or inv.shape != (p.shape[1],) or start + k > p.shape[2]:
-            raise ValueError(f"x_digits_gated: {name} must be float32 partials [S, P, N >= {start + k}] with 1 / q "
-                             f"[P], got {p.dtype} {p.shape} and {inv.shape}")
-    if not 1 <= m <= min(gate.shape[1], up.shape[1], rows) or rows > width or not gated_supports(k, group_size):
-        raise ValueError(f"x_digits_gated: need 1 <= m ({m}) <= the partials' rows and rows ({rows}) <= width "
-                         f"({width}), and k ({k}) in power-of-two chunks of whole groups of {group_size}")
-    chunk = _chunk(k, group_size, GATED_CHUNKS)
-    kernel = functools.partial(_gated_kernel, m=m, rows=rows, k=k, chunk=chunk, group=group_size, g0=gate_start,
-                               u0=up_start, dtype=dtype)
-    return _digits_call(kernel, (rows, k // chunk), 4, rows, k, group_size, width, interpret, "x_digits_gated",
-                        _GATED_WARPS)(gate, gate_inv_q, up, up_inv_q)
 
 
 def x_digits_reference(x: jax.Array, *, rows: int, group_size: int):

@@ -160,4 +160,3 @@ def test_the_norm_with_digits_lowers_to_triton():
     text = cuda_lowering(lambda x, h, w: add_rms_norm(x, h, w, 2, eps=EPS, interpret=False, digits=(16, 128, 16)),
                          x, x, w)
     assert "triton" in text.lower()
-

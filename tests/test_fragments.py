@@ -127,23 +127,16 @@ def _dequantized_stand_in(values, scales, offsets, layer, group_size):
     return dequantize(q, jnp.float32)
 
 
-# switch -> the preparing launch it brings in (counted below)
-PRODUCER_SWITCHES = {"ADD_NORM_DIGITS": "add_norm_digits", "MERGE_DIGITS": "x_digits_merged",
-                     "GATED_DIGITS": "x_digits_gated"}
-
-
-@pytest.mark.parametrize("switch", list(PRODUCER_SWITCHES))
+@pytest.mark.parametrize("switch", ["ADD_NORM_DIGITS", "MERGE_DIGITS"])
 def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, switch):
-    """GPU dispatch walked in interpret mode, one switch at a time. `ops.ADD_NORM_DIGITS`: each add + norm launch
-    before q/k/v and gate/up also writes x's digits; `ops.MERGE_DIGITS`: the decode attention's unmerged splits
-    are merged by o's preparation (`x_digits_merged`); `ops.GATED_DIGITS`: down's preparation forms the SwiGLU from gate's and
-    up's partials (`x_digits_gated`). The Mosaic kernel (GPU only) is replaced by a jnp stand-in with its
-    outputs: two K splits' partials of the dequantized weight times x's fixed point rebuilt from the digits (sums
-    checked in tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the
-    digits' rounding, and the switch's launch ran."""
-    from pallas_kernels import add_rms_norm as arn
+    """GPU dispatch walked in interpret mode. With `ops.ADD_NORM_DIGITS` each add + norm launch before q/k/v and
+    gate/up also writes x's digits; with `ops.MERGE_DIGITS` the decode attention's unmerged splits are merged by
+    o's preparation (`x_digits_merged`). Those products read the prepared x (`fragment_matmul_digits`) instead
+    of preparing x themselves; the others still do. The Mosaic kernel (GPU only) is replaced by jnp stand-ins:
+    the product of the dequantized weight with x as given, or with x rebuilt from its digits (sums checked in
+    tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the digits'
+    rounding."""
     from pallas_kernels import fragment_matmul as fm
-    from pallas_kernels import x_digits as xd
 
     _, frags = _trees(jnp.bfloat16)
     tokens = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (4, 6)).astype(np.int32)
@@ -153,32 +146,28 @@ def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, s
         return np.asarray(ji.decode_step(params, cache, tokens[:, 0], config=CONFIG, impl="auto")[0], np.float32)
 
     want = step(frags)
-    calls = dict.fromkeys(["partials", "x_digits", *PRODUCER_SWITCHES.values()], 0)
+    calls = {"x": 0, "digits": 0}
 
-    def partials(d, inv_q, sums, values, scales, offsets=None, layer=None, *, rows, group_size):
-        calls["partials"] += 1
-        p, k = d.shape[0] // 2, d.shape[1]
-        t = d[:p].astype(jnp.float32) * 256 + d[p:].astype(jnp.float32)
+    def plain(x, values, scales, offsets=None, layer=None, *, group_size, out_dtype=None):
+        calls["x"] += 1
         w = _dequantized_stand_in(values, scales, offsets, layer, group_size)
-        return jnp.stack([t[:, :k // 2] @ w[:, :k // 2].T, t[:, k // 2:] @ w[:, k // 2:].T])
+        return (x.astype(jnp.float32) @ w.T).astype(out_dtype or x.dtype)
 
-    def counted(name, f, when=lambda *a, **kw: True):
-        def run(*a, **kw):
-            calls[name] += when(*a, **kw)
-            return f(*a, **kw)
-        return run
+    def digits(d, inv_q, sums, values, scales, offsets=None, layer=None, *, rows, group_size, out_dtype):
+        calls["digits"] += 1
+        p = d.shape[0] // 2
+        t = d[:p].astype(jnp.float32) * 256 + d[p:].astype(jnp.float32)
+        x = t[:rows] * inv_q[:rows, None]
+        return (x @ _dequantized_stand_in(values, scales, offsets, layer, group_size).T).astype(out_dtype)
 
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops, switch, True)
     monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
-    monkeypatch.setattr(fm, "fragment_matmul_partials", partials)
-    for name in ("x_digits", "x_digits_merged", "x_digits_gated"):
-        monkeypatch.setattr(xd, name, counted(name, getattr(xd, name)))
-    monkeypatch.setattr(arn, "add_rms_norm", counted("add_norm_digits", arn.add_rms_norm,
-                                                     lambda *a, **kw: kw["digits"] is not None))
+    monkeypatch.setattr(fm, "fragment_matmul", plain)
+    monkeypatch.setattr(fm, "fragment_matmul_digits", digits)
     jax.clear_caches()  # (decode_step's jit would reuse the trace above)
     got = step(frags)
-    assert calls["partials"] and calls["x_digits"] and calls[PRODUCER_SWITCHES[switch]]
+    assert calls["digits"] and calls["x"]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
@@ -302,17 +291,20 @@ def test_fragment_kernel_matches_float64(rows, group, zero_point):
 @pytest.mark.parametrize("producers", [False, True])
 def test_fragment_kernel_runs_the_model_on_the_gpu(monkeypatch, producers):
     """Batched prefill and decode on a fragment-ordered tree take the kernel and give the row-ordered tree's
-    logits (which take the Triton weight kernel); with every switch of x prepared by its producer
-    (`PRODUCER_SWITCHES`) on, and with all off."""
+    logits (which take the Triton weight kernel); with x prepared by its producers (`ops.ADD_NORM_DIGITS`,
+    `ops.MERGE_DIGITS`) and without."""
     from pallas_kernels import fragment_matmul as fm
 
-    for switch in PRODUCER_SWITCHES:
+    for switch in ("ADD_NORM_DIGITS", "MERGE_DIGITS"):
         monkeypatch.setattr(ops, switch, producers)
+    jax.clear_caches()  # (jit caches do not see the switches)
+
     rows, frags = _trees(jnp.bfloat16)
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 12)).astype(np.int32)
     calls = []
-    kernel = fm.fragment_matmul_partials
-    monkeypatch.setattr(fm, "fragment_matmul_partials", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    for name in ("fragment_matmul", "fragment_matmul_digits"):
+        kernel = getattr(fm, name)
+        monkeypatch.setattr(fm, name, lambda *a, _k=kernel, **kw: calls.append(1) or _k(*a, **kw))
     run = lambda params: _prefill_then_decode(params, tokens, jnp.bfloat16)  # noqa: E731
     ref = run(rows)
     assert not calls

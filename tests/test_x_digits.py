@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kernel_tools import cuda_lowering
-from pallas_kernels.x_digits import X_MAX, x_digits, x_digits_gated, x_digits_merged, x_digits_reference
+from pallas_kernels.x_digits import X_MAX, x_digits, x_digits_merged, x_digits_reference
 
 
 def _x(m, k, seed=0):
@@ -73,54 +73,11 @@ def test_x_digits_merged_lowers_to_triton():
     assert "triton" in text.lower()
 
 
-@pytest.mark.parametrize("splits,m,rows,k,packed", [(1, 16, 16, 14336, True), (2, 5, 8, 1024, False)])
-def test_x_digits_of_a_swiglu_of_split_products(splits, m, rows, k, packed):
-    """`x_digits_gated` forms silu(gate) * up from the two products' split partials (gate and up as columns of
-    one packed output, or two outputs with their own 1 / q) and prepares it: each row rebuilt within bfloat16's
-    rounding of the SwiGLU plus the fixed point's (interpret mode may keep it in float32), padded rows zeros, sums
-    those of the digits."""
-    from pallas_kernels.fragment_matmul import split_sum
-
-    ks = jax.random.split(jax.random.key(k), 4)
-    p = rows + 3  # the partials' own padded rows
-    if packed:
-        gate = up = jax.random.normal(ks[0], (splits, p, 2 * k), jnp.float32) * 3e4
-        gate_inv = up_inv = 1e-4 * (1 + jax.random.uniform(ks[1], (p,)))
-        starts = (0, k)
-    else:
-        gate, up = (jax.random.normal(key, (splits, p, k + 64), jnp.float32) * 3e4 for key in ks[:2])
-        gate_inv, up_inv = (1e-4 * (1 + jax.random.uniform(key, (p,))) for key in ks[2:])
-        starts = (64, 0)
-    d, inv_q, sums = x_digits_gated(gate, gate_inv, up, up_inv, jnp.bfloat16, gate_start=starts[0],
-                                    up_start=starts[1], k=k, m=m, rows=rows, group_size=128, interpret=True)
-    g = np.asarray(split_sum(gate, gate_inv, m, jnp.bfloat16)[:, starts[0]:starts[0] + k], np.float64)
-    u = np.asarray(split_sum(up, up_inv, m, jnp.bfloat16)[:, starts[1]:starts[1] + k], np.float64)
-    want = g / (1 + np.exp(-g)) * u
-    t = np.asarray(d[:rows], np.int64) * 256 + np.asarray(d[rows:], np.int64)
-    assert np.abs(t).max() <= X_MAX and np.all(t[m:] == 0)
-    err = np.abs(t[:m] * np.asarray(inv_q, np.float64)[:m, None] - want)
-    assert np.all(err <= 2 ** -8 * np.abs(want) + 0.502 * np.abs(want).max(axis=1, keepdims=True) / X_MAX + 1e-6)
-    np.testing.assert_array_equal(np.asarray(sums)[:, :rows], t.reshape(rows, -1, 128).sum(-1).T)
-
-
-def test_x_digits_gated_lowers_to_triton():
-    p = jax.ShapeDtypeStruct((1, 16, 28672), jnp.float32)
-    iq = jax.ShapeDtypeStruct((16,), jnp.float32)
-    text = cuda_lowering(lambda p, iq: x_digits_gated(p, iq, p, iq, jnp.bfloat16, gate_start=0, up_start=14336,
-                                                      k=14336, m=16, rows=16, group_size=128, interpret=False), p, iq)
-    assert "triton" in text.lower()
-
-
 def test_x_digits_errors_name_the_problem():
     with pytest.raises(ValueError, match="rows"):
         x_digits(jnp.ones((9, 256)), rows=8, group_size=128)
     with pytest.raises(ValueError, match="multiple of the group"):
         x_digits(jnp.ones((1, 96)), rows=8, group_size=64)
-    p, iq = jnp.ones((1, 8, 512)), jnp.ones((8,))
-    with pytest.raises(ValueError, match="up must be float32 partials"):
-        x_digits_gated(p, iq, p, iq, jnp.bfloat16, gate_start=0, up_start=256, k=512, m=8, rows=8, group_size=128)
-    with pytest.raises(ValueError, match="whole groups"):
-        x_digits_gated(p, iq, p, iq, jnp.bfloat16, gate_start=0, up_start=256, k=256, m=8, rows=8, group_size=512)
 
 
 @pytest.mark.gpu
