@@ -127,12 +127,12 @@ def _dequantized_stand_in(values, scales, offsets, layer, group_size):
     return dequantize(q, jnp.float32)
 
 
-@pytest.mark.parametrize("switch", ["ADD_NORM_DIGITS", "MERGE_DIGITS"])
+@pytest.mark.parametrize("switch", [None, "ADD_NORM_DIGITS", "MERGE_DIGITS"])
 def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, switch):
-    """GPU dispatch walked in interpret mode. With `ops.ADD_NORM_DIGITS` each add + norm launch before q/k/v and
-    gate/up also writes x's digits; with `ops.MERGE_DIGITS` the decode attention's unmerged splits are merged by
-    o's preparation (`x_digits_merged`). Those products read the prepared x (`fragment_matmul_digits`) instead
-    of preparing x themselves; the others still do. The Mosaic kernel (GPU only) is replaced by jnp stand-ins:
+    """GPU dispatch walked in interpret mode, with one of these switches on (or none). With `ops.ADD_NORM_DIGITS`
+    each add + norm launch before q/k/v and gate/up also writes x's digits; with `ops.MERGE_DIGITS` the decode
+    attention's unmerged splits are merged by o's preparation (`x_digits_merged`). Those products read the
+    prepared x (`fragment_matmul_digits`) instead of preparing x themselves; the others still do. The Mosaic kernel (GPU only) is replaced by jnp stand-ins:
     the product of the dequantized weight with x as given, or with x rebuilt from its digits (sums checked in
     tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the digits'
     rounding."""
@@ -161,13 +161,14 @@ def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, s
         return (x @ _dequantized_stand_in(values, scales, offsets, layer, group_size).T).astype(out_dtype)
 
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, switch, True)
+    for name in ("ADD_NORM_DIGITS", "MERGE_DIGITS"):
+        monkeypatch.setattr(ops, name, name == switch)
     monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
     monkeypatch.setattr(fm, "fragment_matmul", plain)
     monkeypatch.setattr(fm, "fragment_matmul_digits", digits)
     jax.clear_caches()  # (decode_step's jit would reuse the trace above)
     got = step(frags)
-    assert calls["digits"] and calls["x"]
+    assert bool(calls["digits"]) == (switch is not None) and calls["x"]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
