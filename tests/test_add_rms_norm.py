@@ -160,3 +160,20 @@ def test_the_norm_with_digits_lowers_to_triton():
     text = cuda_lowering(lambda x, h, w: add_rms_norm(x, h, w, 2, eps=EPS, interpret=False, digits=(16, 128, 16)),
                          x, x, w)
     assert "triton" in text.lower()
+
+
+@pytest.mark.gpu
+def test_the_norm_written_as_digits_on_the_gpu():
+    """Natively, the (row, chunk) programs' digits are those `x_digits` makes from the normed output, up to one
+    unit of t where x q rounds at a half (Triton's division in either launch); 1 / q within float32's rounding."""
+    from pallas_kernels.x_digits import x_digits
+
+    x, h, w = _inputs(5, 16, 4096, jnp.bfloat16, layers=4)
+    s, normed, (d, inv_q, sums) = jax.jit(functools.partial(add_rms_norm, eps=EPS, digits=(16, 128, 16)))(
+        x, h, w, jnp.int32(2))
+    dr, inv_r, sums_r = x_digits(normed.reshape(16, -1), rows=16, group_size=128, width=16)
+    t = np.asarray(d[:16], np.int64) * 256 + np.asarray(d[16:], np.int64)
+    tr = np.asarray(dr[:16], np.int64) * 256 + np.asarray(dr[16:], np.int64)
+    assert np.abs(t - tr).max() <= 1
+    np.testing.assert_allclose(np.asarray(inv_q), np.asarray(inv_r), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(sums), t.reshape(16, -1, 128).sum(-1).T)
