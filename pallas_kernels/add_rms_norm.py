@@ -77,12 +77,7 @@ def _kernel(layer_ref, x_ref, h_ref, w_ref, sum_ref, norm_ref, *digit_refs, eps:
     d_ref, inv_ref, sums_ref = digit_refs
     rows, group, _ = digits
     q = row_scale(jnp.max(jnp.abs((n if one else normed(s_row, whole)).astype(f32))))
-
-    @pl.when(c == 0)
-    def _():
-      inv_ref[row] = jnp.full((1,), 1.0, f32) / q
-
-    store_digits(d_ref, sums_ref, r, rows, n.astype(f32), q, c * chunk, group)
+    store_digits(d_ref, inv_ref, sums_ref, r, rows, n.astype(f32), q, c * chunk, group)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "digits"))

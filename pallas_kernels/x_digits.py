@@ -58,10 +58,16 @@ def _fixed(xf, q):
     return t, hi, t - 256 * hi
 
 
-def store_digits(d_ref, sums_ref, row, rows: int, values, q, start, group: int):
-    """Inside a Triton kernel: the digits of `values` (float32 [1, n], x row `row` from column `start`) into
-    rows `row` (high bytes) and `rows + row` (low bytes) of d_ref [2 rows, K], their group sums into column
-    `row` of sums_ref [K / group, width]. Shared with `add_rms_norm`, which makes them from its normed rows."""
+def store_digits(d_ref, inv_ref, sums_ref, row, rows: int, values, q, start, group: int):
+    """Inside a Triton kernel: the digits of `values` (float32 [1, n], x row `row` from column `start`, scaled by
+    the row's q) into rows `row` (high bytes) and `rows + row` (low bytes) of d_ref [2 rows, K], their group sums
+    into column `row` of sums_ref [K / group, width], and (by the program holding column 0) 1 / q into
+    inv_ref [rows]. Shared with `add_rms_norm`, which makes them from its normed rows."""
+
+    @pl.when(start == 0)
+    def _():
+        inv_ref[pl.ds(row, 1)] = jnp.full((1,), 1.0, jnp.float32) / q
+
     n = values.shape[1]
     t, hi, lo = _fixed(values, q)
     d_ref[pl.ds(row, 1), pl.ds(start, n)] = hi.astype(jnp.int8)
@@ -79,13 +85,8 @@ def _kernel(x_ref, d_ref, inv_ref, sums_ref, *, m, rows, k, chunk, group):
     cols = jnp.arange(width)
     row = pltriton.load(x_ref.at[pl.ds(src, 1), pl.ds(0, width)], mask=(cols < k)[None, :], other=0)
     q = row_scale(jnp.max(jnp.abs(row.astype(f32))) * keep)
-
-    @pl.when(c == 0)
-    def _():
-        inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, f32) / q
-
     part = x_ref[pl.ds(src, 1), pl.ds(c * chunk, chunk)].astype(f32) * keep
-    store_digits(d_ref, sums_ref, r, rows, part, q, c * chunk, group)
+    store_digits(d_ref, inv_ref, sums_ref, r, rows, part, q, c * chunk, group)
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "group_size", "width", "interpret"))
@@ -150,13 +151,8 @@ def _merge_kernel(o_ref, m_ref, l_ref, d_ref, inv_ref, sums_ref, *, rows, group,
     keep = (r < batch).astype(jnp.float32)  # padded rows: zeros
     src = jnp.minimum(r, batch - 1)
     q = row_scale(jnp.max(jnp.abs(_merged(o_ref, m_ref, l_ref, src, pl.ds(0, kv_heads), dtype))) * keep)
-
-    @pl.when(c == 0)
-    def _():
-        inv_ref[pl.ds(r, 1)] = jnp.full((1,), 1.0, jnp.float32) / q
-
     part = _merged(o_ref, m_ref, l_ref, src, pl.ds(c, 1), dtype) * keep
-    store_digits(d_ref, sums_ref, r, rows, part, q, c * g * head_dim, group)
+    store_digits(d_ref, inv_ref, sums_ref, r, rows, part, q, c * g * head_dim, group)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "rows", "group_size", "width", "interpret"))
