@@ -760,26 +760,24 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
 
 
 def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given;
-    x as `XDigits` prepared for this product skips the kernel's own preparation launch."""
+    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given.
+    x's preparation: the one an `XDigits` carries when made for this product, else a launch of its own
+    (`x_digits`; `x_digits_merged` from an `Unmerged` attention output with `MERGE_DIGITS`)."""
     from pallas_kernels import fragment_matmul as fm
-
-    (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
     from pallas_kernels import x_digits as xd
 
+    (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
     mp, width = fm.prepared_layout(spec.rows, group)
-    prepared_x = None
+    layout = dict(rows=mp, group_size=group, width=width)
     if isinstance(x, XDigits) and x.spec == (mp, group, width):
         prepared_x = (x.digits, x.inv_q, x.sums)
     elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, group):
         p = x.partials
-        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, rows=mp, group_size=group, width=width)
-    if prepared_x is not None:
-        out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
-                                        group_size=group, out_dtype=jnp.float32)
+        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, **layout)
     else:
-        out = fm.fragment_matmul(value(x).reshape(-1, spec.k), values, scales, offsets, layer, group_size=group,
-                                 out_dtype=jnp.float32)
+        prepared_x = xd.x_digits(value(x).reshape(-1, spec.k), **layout)
+    out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows, group_size=group,
+                                    out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 

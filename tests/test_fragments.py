@@ -131,12 +131,13 @@ def _dequantized_stand_in(values, scales, offsets, layer, group_size):
 def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, switch):
     """GPU dispatch walked in interpret mode, with one of these switches on (or none). With `ops.ADD_NORM_DIGITS`
     each add + norm launch before q/k/v and gate/up also writes x's digits; with `ops.MERGE_DIGITS` the decode
-    attention's unmerged splits are merged by o's preparation (`x_digits_merged`). Those products read the
-    prepared x (`fragment_matmul_digits`) instead of preparing x themselves; the others still do. The Mosaic kernel (GPU only) is replaced by jnp stand-ins:
-    the product of the dequantized weight with x as given, or with x rebuilt from its digits (sums checked in
-    tests/test_add_rms_norm.py and tests/test_x_digits.py). Decode gives the XLA path's logits to the digits'
-    rounding."""
+    attention's unmerged splits are merged by o's preparation (`x_digits_merged`). Those products read x
+    prepared by its producer instead of an `x_digits` launch of their own: with a switch on, fewer `x_digits`
+    launches than products; with none, one each. The Mosaic kernel (GPU only) is replaced by a jnp stand-in: the
+    product of the dequantized weight with x rebuilt from its digits (sums checked in tests/test_add_rms_norm.py
+    and tests/test_x_digits.py). Decode gives the XLA path's logits to the digits' rounding."""
     from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels import x_digits as xd
 
     _, frags = _trees(jnp.bfloat16)
     tokens = np.random.default_rng(3).integers(0, CONFIG.vocab_size, (4, 6)).astype(np.int32)
@@ -146,15 +147,15 @@ def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, s
         return np.asarray(ji.decode_step(params, cache, tokens[:, 0], config=CONFIG, impl="auto")[0], np.float32)
 
     want = step(frags)
-    calls = {"x": 0, "digits": 0}
+    calls = {"x_digits": 0, "products": 0}
+    own = xd.x_digits
 
-    def plain(x, values, scales, offsets=None, layer=None, *, group_size, out_dtype=None):
-        calls["x"] += 1
-        w = _dequantized_stand_in(values, scales, offsets, layer, group_size)
-        return (x.astype(jnp.float32) @ w.T).astype(out_dtype or x.dtype)
+    def x_digits(*a, **kw):
+        calls["x_digits"] += 1
+        return own(*a, **kw)
 
     def digits(d, inv_q, sums, values, scales, offsets=None, layer=None, *, rows, group_size, out_dtype):
-        calls["digits"] += 1
+        calls["products"] += 1
         p = d.shape[0] // 2
         t = d[:p].astype(jnp.float32) * 256 + d[p:].astype(jnp.float32)
         x = t[:rows] * inv_q[:rows, None]
@@ -164,11 +165,11 @@ def test_x_prepared_by_its_producer_reaches_the_fragment_products(monkeypatch, s
     for name in ("ADD_NORM_DIGITS", "MERGE_DIGITS"):
         monkeypatch.setattr(ops, name, name == switch)
     monkeypatch.setattr(ops, "_fragment_kernel_applies", lambda spec, x, w: True)
-    monkeypatch.setattr(fm, "fragment_matmul", plain)
+    monkeypatch.setattr(xd, "x_digits", x_digits)
     monkeypatch.setattr(fm, "fragment_matmul_digits", digits)
     jax.clear_caches()  # (decode_step's jit would reuse the trace above)
     got = step(frags)
-    assert bool(calls["digits"]) == (switch is not None) and calls["x"]
+    assert calls["x_digits"] and (calls["x_digits"] < calls["products"]) == (switch is not None)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
 
 
@@ -303,9 +304,8 @@ def test_fragment_kernel_runs_the_model_on_the_gpu(monkeypatch, producers):
     rows, frags = _trees(jnp.bfloat16)
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 12)).astype(np.int32)
     calls = []
-    for name in ("fragment_matmul", "fragment_matmul_digits"):
-        kernel = getattr(fm, name)
-        monkeypatch.setattr(fm, name, lambda *a, _k=kernel, **kw: calls.append(1) or _k(*a, **kw))
+    kernel = fm.fragment_matmul_digits  # (every fragment product reaches the kernel through it)
+    monkeypatch.setattr(fm, "fragment_matmul_digits", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     run = lambda params: _prefill_then_decode(params, tokens, jnp.bfloat16)  # noqa: E731
     ref = run(rows)
     assert not calls
