@@ -22,6 +22,9 @@ Paths (all compute the same math, float32 accumulation):
   place, x prepared as a 16-bit fixed point by a launch of its own or, with `ADD_NORM_DIGITS`, by the add +
   norm launch before it (`XDigits`); such weights take no other kernel (the `row` and `pallas` kernels read
   row order);
+- `s8`: per-channel int8 contraction-last weights for 1-64 rows on the GPU (one row only where the `row`
+  kernel declines): `pallas_kernels.int8_matmul` (Mosaic GPU), the codes read by the 8-bit wgmma straight
+  from shared memory, x prepared as for `fragments` (`S8_KERNEL`);
 - `gemv` (one row): multiply + reduce over the weight as stored (`gemv`, `qgemv`), which reads a scanned
   slice in place; the CPU's and the fallback's batch-1 path;
 - `fp8`: native fp8 x fp8 matmul for fp8 weights at prefill sizes on a GPU with fp8 tensor cores
@@ -74,6 +77,11 @@ ADD_NORM_DIGITS = True
 # preparation (`x_digits_merged`), sparing the merge's launch. Off: level when measured (3.05 us a launch against
 # the merge's 1.57 + x_digits' 1.63; H200, session 27; variant `int4_fragments_merge_digits`).
 MERGE_DIGITS = False
+# Per-channel int8 weights at 1-64 rows take the s8 tensor-core kernel where the row kernel does not (H200
+# llama-3-8b products at 16 rows: gate+up 30.3 against the Triton weight kernel's 35.1 us, down 16.9 / 20.4,
+# q/k/v 8.2 / 11.4, o 6.2 / 7.8; benchmarks/BENCHMARKS.md session 28). False: the Triton weight kernel.
+S8_KERNEL = True
+DIGITS_GROUP = 128  # x's group sums asked of a preparation that only s8 products read (they ignore them)
 
 
 @dataclass(frozen=True)
@@ -188,7 +196,7 @@ class Unmerged:
 
 
 class DigitsFor(NamedTuple):
-    """How the fragment kernel wants its x prepared (`pallas_kernels/x_digits.py`): `rows` padded rows,
+    """How the fragment and s8 kernels want x prepared (`pallas_kernels/x_digits.py`): `rows` padded rows,
     integer group sums over `group` columns in `width`-float rows."""
 
     rows: int
@@ -201,7 +209,7 @@ class XDigits:
     """A normalised activation `normed` together with its preparation for the fragment kernel (digits
     [2 P, K] int8, inv_q [P], sums [K / group, width]), written by the add + norm launch that made it. A pytree:
     it rides in the layer scan's carry. The fragment path takes the prepared form where `spec` matches its
-    weight; every other consumer takes `value()`."""
+    weight, the s8 path where its rows do; every other consumer takes `value()`."""
 
     normed: jax.Array
     digits: jax.Array
@@ -225,8 +233,9 @@ class XDigits:
         return self.normed
 
 
-# Lazy activations that `_matmul` hands to the fragment path as they are (it prepares x from them).
-FRAGMENT_PREPARES = (XDigits, Unmerged)
+# Lazy activations that `_matmul` hands to the digit-reading paths (`fragments`, `s8`) as they are (they prepare
+# x from them).
+DIGITS_FROM_LAZY = (XDigits, Unmerged)
 
 
 def value(x):
@@ -244,35 +253,36 @@ def prepared(normed, spec: DigitsFor) -> XDigits:
 
 def digits_for(x, products) -> DigitsFor | None:
     """The preparation to ask of the add + norm launch that makes `x` (shape and dtype) when every `(eq, w)` of
-    `products` (the products reading it) takes the fragment kernel with one group size; else None."""
+    `products` (the products reading it) takes a kernel reading x's digits (`fragments` with one group size, or
+    `s8`); else None."""
     if not ADD_NORM_DIGITS:
         return None
-    specs = set()
-    for eq, w in products:
-        view = _fragment_view(eq, x, w)
-        if view is None:
-            return None
-        specs.add(view)
-    if len(specs) != 1:
+    views = [_digits_view(eq, x, w) for eq, w in products]
+    if not views or None in views:
+        return None
+    rows = {r for r, _ in views}
+    groups = {g for _, g in views if g is not None}
+    if len(rows) != 1 or len(groups) > 1:
         return None
     from pallas_kernels import fragment_matmul as fm
 
-    rows, group = specs.pop()
-    mp, width = fm.prepared_layout(rows, group)
+    group = groups.pop() if groups else DIGITS_GROUP
+    mp, width = fm.prepared_layout(rows.pop(), group)
     return DigitsFor(mp, group, width)
 
 
-def _fragment_view(eq: str, x, w):
-    """(rows, group) when `matmul(eq, x, w)` takes the fragment kernel (w a parts' whole read as one product
-    when it is a `PartOf`); else None."""
+def _digits_view(eq: str, x, w):
+    """(rows, group) when `matmul(eq, x, w)` takes the fragment kernel, (rows, None) when it takes the s8 kernel
+    (w a parts' whole read as one product when it is a `PartOf`); else None."""
     w = w.whole if isinstance(w, PartOf) else w
     eq, w = _stored_order(eq, w)
     view = w.shape_view() if isinstance(w, LayerOf) else w
-    if not (isinstance(view, QArray) and view.order == "fragments"):
+    if not isinstance(view, QArray):
         return None
     x = jax.ShapeDtypeStruct(x.shape, x.dtype)
     spec = _parse(eq, x, view)
-    return (spec.rows, view.group_size) if _choose("auto", spec, x, view) == "fragments" else None
+    path = _choose("auto", spec, x, view)
+    return (spec.rows, view.group_size) if path == "fragments" else (spec.rows, None) if path == "s8" else None
 
 
 def _one_after_another(parts, total: int) -> bool:
@@ -313,7 +323,7 @@ def matmul(eq: str, x, w, out_dtype=None, *, impl: str = "auto", residual=None, 
     if row is not None:
         out = row(epilogue="residual" if residual is not None else "none", out_dtype=out_dtype)[0]
         return out if norm is None else (out, rms_norm(out, *norm[:2]))
-    x = x if isinstance(x, FRAGMENT_PREPARES) else value(x)  # (the fragment path may prepare them: `_matmul`)
+    x = x if isinstance(x, DIGITS_FROM_LAZY) else value(x)  # (the digit-reading paths prepare x from them: `_matmul`)
     return join_residual(_matmul(eq, x, w, out_dtype or x.dtype, impl), residual, norm)
 
 
@@ -380,8 +390,8 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
             path = _choose(impl, spec, x, one, stacked=w.depth())
             if path == "pallas":
                 return _pallas_matmul(spec, value(x), w.stacked, w.index).astype(out_dtype)
-            if path == "fragments":
-                return _fragment_matmul(spec, x, w.stacked, w.index).astype(out_dtype)
+            if path in ("fragments", "s8"):
+                return _digits_matmul(path, spec, x, w.stacked, w.index).astype(out_dtype)
         w = w.take()
     if isinstance(w, Observed):  # calibration: report the input statistics, then multiply as usual
         x = value(x)
@@ -389,8 +399,8 @@ def _matmul(eq: str, x, w, out_dtype, impl: str):
         eq, w = _stored_order(eq, w.w)
     spec = _parse(eq, x, w)
     path = _choose(impl, spec, x, w)
-    if path == "fragments":
-        return _fragment_matmul(spec, x, w).astype(out_dtype)
+    if path in ("fragments", "s8"):
+        return _digits_matmul(path, spec, x, w).astype(out_dtype)
     x = value(x)
     if path == "pallas":
         return _pallas_matmul(spec, x, w).astype(out_dtype)
@@ -463,6 +473,8 @@ def _choose(impl: str, spec: _Spec, x, w, *, stacked: int = 0) -> str:
     quantized = isinstance(w, QArray)
     if quantized and w.order == "fragments":
         return "fragments" if impl in ("auto", "pallas") and _fragment_kernel_applies(spec, x, w) else "xla"
+    if impl == "auto" and quantized and _s8_kernel_applies(spec, x, w):
+        return "s8"
     fp8_ok = quantized and w.fmt == "fp8" and w.group_size is None and set(spec.reduce_letters) == set(spec.contracted)
     fallback = "gemv" if spec.rows == 1 and not quantized else "xla"
     if impl == "gemv":
@@ -759,25 +771,44 @@ def _fragment_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
     return fm.supports(spec.rows, spec.k, math.prod(w.shape[:-len(spec.contracted)]), w.group_size)
 
 
-def _fragment_matmul(spec: _Spec, x, w: QArray, layer=None):
-    """The fragment kernel on x and a fragment-ordered int4 w, with a leading layer axis when `layer` is given.
-    x's preparation: the one an `XDigits` carries when made for this product, else a launch of its own
-    (`x_digits`; `x_digits_merged` from an `Unmerged` attention output with `MERGE_DIGITS`)."""
+def _s8_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
+    """The s8 kernel takes (`S8_KERNEL`): a GPU, whole arrays, bf16/f16 x of at most its row count, per-channel
+    int8 codes in row order, a contraction-last product whose contracted letters are the weight's reduce axes."""
+    if not (S8_KERNEL and w.fmt == "int8" and w.group_size is None and w.order == "rows"):
+        return False
+    if not (jax.default_backend() == "gpu" and whole_arrays() and x.dtype in (jnp.bfloat16, jnp.float16)):
+        return False
+    if not _contraction_last_product(spec, w):
+        return False
+    from pallas_kernels import int8_matmul as im
+
+    return im.supports(spec.rows, spec.k, math.prod(w.shape[:-len(spec.contracted)]))
+
+
+def _digits_matmul(path: str, spec: _Spec, x, w: QArray, layer=None):
+    """The fragment kernel (`path` "fragments": a fragment-ordered int4 w) or the s8 kernel ("s8": per-channel
+    int8) on x, with a leading layer axis on w when `layer` is given. Both read x as digits: the ones an
+    `XDigits` carries when made for this product, else a launch of its own (`x_digits`; `x_digits_merged` from
+    an `Unmerged` attention output with `MERGE_DIGITS`)."""
     from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels import int8_matmul as im
     from pallas_kernels import x_digits as xd
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    mp, width = fm.prepared_layout(spec.rows, group)
-    layout = dict(rows=mp, group_size=group, width=width)
-    if isinstance(x, XDigits) and x.spec == (mp, group, width):
-        prepared_x = (x.digits, x.inv_q, x.sums)
-    elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, group):
+    mp, width = fm.prepared_layout(spec.rows, group or DIGITS_GROUP)
+    layout = dict(rows=mp, group_size=group or DIGITS_GROUP, width=width)
+    if isinstance(x, XDigits) and (x.spec == (mp, group, width) or (path == "s8" and x.spec.rows == mp)):
+        prepared_x = (x.digits, x.inv_q, x.sums)  # (s8 reads no group sums: any group will do)
+    elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, layout["group_size"]):
         p = x.partials
         prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, **layout)
     else:
         prepared_x = xd.x_digits(value(x).reshape(-1, spec.k), **layout)
-    out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows, group_size=group,
-                                    out_dtype=jnp.float32)
+    if path == "s8":
+        out = im.int8_matmul_digits(*prepared_x[:2], values, scales, layer, rows=spec.rows, out_dtype=jnp.float32)
+    else:
+        out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
+                                        group_size=group, out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
@@ -798,7 +829,7 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     row = _row_plan(impl, x, products)
     if row is not None:
         return row(epilogue="none", out_dtype=out_dtype)
-    x = x if isinstance(x, FRAGMENT_PREPARES) else value(x)  # (the fragment path may prepare them: `_matmul`)
+    x = x if isinstance(x, DIGITS_FROM_LAZY) else value(x)  # (the digit-reading paths prepare x from them: `_matmul`)
     out_dtype = out_dtype or x.dtype
     plan = []
     for eq, w in products:

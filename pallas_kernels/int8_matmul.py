@@ -31,7 +31,7 @@ from pallas_kernels import fragment_matmul as fm
 
 ROWS = 64  # weight rows a CTA (wgmma's M)
 STEP = 256  # K a pipeline step: (64, 256) codes = 16 KB
-STAGES = 4  # ring slots
+STAGES = 2  # ring slots: 40 KB a CTA at 16 rows, five CTAs an SM (beat 3, 4 and 6 slots: session 28)
 TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 MAX_ROWS = fm.MAX_ROWS
 MAX_K = 1 << 16  # keeps the int32 digit sums exact
@@ -105,12 +105,14 @@ def int8_matmul_digits(digits: jax.Array, inv_q: jax.Array, values: jax.Array, s
     """`int8_matmul` of x already prepared as the fragment kernel's digits [2 P, K] and 1 / q [P]
     (P = `fragment_matmul.padded_rows(rows)`; x's group sums are not read); returns the first `rows` rows."""
     plgpu = fm._plgpu()
+    if values.dtype != jnp.int8:
+        raise ValueError(f"int8_matmul takes int8 codes, got {values.dtype}")
+    if values.ndim != (2 if layer is None else 3):
+        raise ValueError(f"int8_matmul: codes {values.shape} are not [N, K] (or [L, N, K] with a layer index)")
     if layer is None:
         values, scales, layer = values[None], scales[None], 0
     L, N, K = values.shape
     mp = fm.padded_rows(rows)
-    if values.dtype != jnp.int8:
-        raise ValueError(f"int8_matmul takes int8 codes, got {values.dtype}")
     if not supports(rows, K, N) or N % block_rows or K % step:
         raise ValueError(f"int8_matmul takes 1-{MAX_ROWS} rows, N a multiple of {block_rows}, K of {step} up to "
                          f"{MAX_K}; got M={rows}, K={K}, N={N}")
