@@ -153,6 +153,16 @@ VARIANTS = {
             {"NORM_IN_PRODUCT": False}),
            *((f"merge_{w}warps", f"o's preparation merging attention's splits at {w} warps a program",
               {"_PREPARE_PARTIALS_WARPS": w}) for w in (1, 2, 8)))},
+    # int8 at 2-64 rows on the Triton weight kernel instead of the s8 tensor-core kernel (`ops.S8_KERNEL` off).
+    "int8_contract_last_weight_kernel": ("int8 weights quantized after `contract_last`, batched products on the "
+                                         "Triton weight kernel (`ops.S8_KERNEL = False`)",
+                                         dict(quant="int8", weight_layout="contract-last", profile_batches=()),
+                                         {"jaxinfer.ops": {"S8_KERNEL": False}}),
+    # int8 at one row on the s8 kernel too (the row kernel declines int8): add + norm launches write x's digits.
+    "int8_contract_last_s8_one_row": ("int8 weights quantized after `contract_last`, one row on the s8 kernel "
+                                      "(`ops.ROW_FORMATS` without int8)",
+                                      dict(quant="int8", weight_layout="contract-last", profile_batches=()),
+                                      {"jaxinfer.ops": {"ROW_FORMATS": ("int4", "fp8")}}),
     # int8 with the norm's 1 / rms applied to x before the products, as before session 22 (`NORM_IN_PRODUCT`).
     "int8_contract_last_norm_first": ("int8 weights quantized after `contract_last`, x normalised before the products "
                                       "(`row_matmul.NORM_IN_PRODUCT = False`)",
