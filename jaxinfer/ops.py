@@ -787,35 +787,54 @@ def _s8_kernel_applies(spec: _Spec, x, w: QArray) -> bool:
 
 def _digits_matmul(path: str, spec: _Spec, x, w: QArray, layer=None):
     """The fragment kernel (`path` "fragments": a fragment-ordered int4 w) or the s8 kernel ("s8": per-channel
-    int8) on x, with a leading layer axis on w when `layer` is given. Both read x as digits: the ones an
-    `XDigits` carries when made for this product, else a launch of its own (`x_digits`; `x_digits_merged` from
-    an `Unmerged` attention output with `MERGE_DIGITS`)."""
+    int8) on x, with a leading layer axis on w when `layer` is given."""
     from pallas_kernels import fragment_matmul as fm
     from pallas_kernels import int8_matmul as im
-    from pallas_kernels import x_digits as xd
 
     (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    mp, width = fm.prepared_layout(spec.rows, group or DIGITS_GROUP)
-    layout = dict(rows=mp, group_size=group or DIGITS_GROUP, width=width)
-    if isinstance(x, XDigits) and (x.spec == (mp, group, width) or (path == "s8" and x.spec.rows == mp)):
-        prepared_x = (x.digits, x.inv_q, x.sums)  # (s8 reads no group sums: any group will do)
-    elif isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, layout["group_size"]):
-        p = x.partials
-        prepared_x = xd.x_digits_merged(p.o, p.m, p.l, p.dtype, **layout)
-    else:
-        prepared_x = xd.x_digits(value(x).reshape(-1, spec.k), **layout)
+    prepared_x = _prepared_x(path, spec, x, group)
     if path == "s8":
-        out = im.int8_matmul_digits(*prepared_x[:2], values, scales, layer, rows=spec.rows, out_dtype=jnp.float32)
+        (out,) = im.int8_matmuls(*prepared_x[:2], ((values, scales),), layer, rows=spec.rows, out_dtype=jnp.float32)
     else:
         out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
                                         group_size=group, out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
+def _prepared_x(path: str, spec: _Spec, x, group: int | None):
+    """x as the digit-reading kernels take it, (digits, inv_q, sums): the ones an `XDigits` carries when made for
+    this product (for `s8`, made with any group: it reads no sums), else made by a launch of its own (`x_digits`;
+    `x_digits_merged` from an `Unmerged` attention output with `MERGE_DIGITS`)."""
+    from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels import x_digits as xd
+
+    group = group or DIGITS_GROUP
+    mp, width = fm.prepared_layout(spec.rows, group)
+    layout = dict(rows=mp, group_size=group, width=width)
+    if isinstance(x, XDigits) and (x.spec == (mp, group, width) or (path == "s8" and x.spec.rows == mp)):
+        return x.digits, x.inv_q, x.sums
+    if isinstance(x, Unmerged) and MERGE_DIGITS and xd.merged_supports(x.partials.o.shape, group):
+        p = x.partials
+        return xd.x_digits_merged(p.o, p.m, p.l, p.dtype, **layout)
+    return xd.x_digits(value(x).reshape(-1, spec.k), **layout)
+
+
+def _s8_matmuls(x, plan, layer):
+    """One s8 launch for [(spec, w)] sharing x, K and the layer (a layer's q/k/v, gate/up)."""
+    from pallas_kernels import int8_matmul as im
+
+    args = [_flat_kernel_args(spec, w, layer) for spec, w in plan]
+    spec0 = plan[0][0]
+    digits, inv_q, _ = _prepared_x("s8", spec0, x, None)
+    outs = im.int8_matmuls(digits, inv_q, tuple(a[0][:2] for a in args), layer, rows=spec0.rows,
+                           out_dtype=jnp.float32)
+    return [out.reshape(*x.shape[:-len(spec0.contracted)], *a[3]) for out, a in zip(outs, args)]
+
+
 def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
     """`matmul(eq, x, w)` for several `(eq, w)` products of one input (a layer's q/k/v, gate/up): one
-    kernel launch when the kernel path takes every product and they share K, the weight format and the
-    layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order.
+    kernel launch when one kernel path (`pallas` or `s8`) takes every product and they share K, the weight
+    format and the layer; otherwise one `matmul` each. `x` may be `Normed`. Returns a tuple in order.
 
     Products of all the parts (`PartOf`) of one packed weight, in order, are one product of the whole
     weight, returned as `Sliced` parts of its output."""
@@ -839,16 +858,18 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
             plan = None
             break
         spec = _parse(eq, x, view)
-        if _choose(impl, spec, x, view, stacked=w.depth() if stacked else 0) != "pallas":
+        path = _choose(impl, spec, x, view, stacked=w.depth() if stacked else 0)
+        if path not in ("pallas", "s8"):
             plan = None
             break
-        plan.append((spec, w.stacked if stacked else w, w.index if stacked else None, view))
+        plan.append((spec, w.stacked if stacked else w, w.index if stacked else None, view, path))
     same = plan and all(
         p[0].k == plan[0][0].k and (p[2] is plan[0][2]) and _format(p[3]) == _format(plan[0][3])
-        and _contraction_last(p[0]) == _contraction_last(plan[0][0]) for p in plan)
+        and _contraction_last(p[0]) == _contraction_last(plan[0][0]) and p[4] == plan[0][4] for p in plan)
     if len(products) < 2 or not same:
         return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
-    outs = _pallas_matmuls(value(x), [(spec, w) for spec, w, _, _ in plan], plan[0][2])
+    run = _s8_matmuls if plan[0][4] == "s8" else lambda x, *a: _pallas_matmuls(value(x), *a)
+    outs = run(x, [(spec, w) for spec, w, *_ in plan], plan[0][2])
     return tuple(o.astype(out_dtype) for o in outs)
 
 

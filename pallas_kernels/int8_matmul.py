@@ -54,34 +54,44 @@ def _transforms(plgpu):
     return (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
 
 
-def _kernel(layer_ref, x_ref, v_ref, o_ref, *, steps_per_split, mp, rows, step, stages):
+def _kernel(layer_ref, x_ref, *refs, parts, steps_per_split, mp, rows, step, stages):
+    """CTA (j, split): row block j of the weights' concatenated rows (`parts`: each weight's N), K split `split`."""
     plgpu = fm._plgpu()
+    *v_refs, o_ref = refs
     layer = layer_ref[0]
     j, split = lax.axis_index("n"), lax.axis_index("split")
-    block = pl.ds(j * rows, rows)
     k0 = split * steps_per_split
 
-    def accumulate(acc_ref):
-        def body(_, x_smem, w_smem):
-            plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
-            plgpu.wgmma_wait(0)  # the slot's codes are read before the pipeline refills it
+    def product(v_ref, block):
+        def accumulate(acc_ref):
+            def body(_, x_smem, w_smem):
+                plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
+                plgpu.wgmma_wait(0)  # the slot's codes are read before the pipeline refills it
 
-        specs = [plgpu.BlockSpec((2 * mp, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu)),
-                 plgpu.BlockSpec((rows, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu))]
-        plgpu.emit_pipeline(body, grid=(steps_per_split,), in_specs=specs,
-                            max_concurrent_steps=stages)(x_ref, v_ref.at[layer, block])
-        return acc_ref[...]
+            specs = [plgpu.BlockSpec((2 * mp, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu)),
+                     plgpu.BlockSpec((rows, step), lambda i: (0, k0 + i), transforms=_transforms(plgpu))]
+            plgpu.emit_pipeline(body, grid=(steps_per_split,), in_specs=specs,
+                                max_concurrent_steps=stages)(x_ref, v_ref.at[layer, pl.ds(block * rows, rows)])
+            return acc_ref[...]
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((rows, 2 * mp), jnp.int32))
-    total = acc[:, :mp].astype(jnp.float32) * 256.0 + acc[:, mp:].astype(jnp.float32)
+        acc = pl.run_scoped(accumulate, plgpu.ACC((rows, 2 * mp), jnp.int32))
+        total = acc[:, :mp].astype(jnp.float32) * 256.0 + acc[:, mp:].astype(jnp.float32)
 
-    def store(o_smem):
-        fm._store_transposed(plgpu, total, o_smem)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, :, block])
-        plgpu.wait_smem_to_gmem(0)
+        def store(o_smem):
+            fm._store_transposed(plgpu, total, o_smem)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, :, pl.ds(j * rows, rows)])
+            plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(store, plgpu.SMEM((mp, rows), jnp.float32))
+        pl.run_scoped(store, plgpu.SMEM((mp, rows), jnp.float32))
+
+    if len(parts) == 1:
+        product(v_refs[0], j)
+        return
+    first = 0
+    for v_ref, n in zip(v_refs, parts):  # each CTA runs the one product its row block belongs to
+        pl.when((j >= first) & (j < first + n // rows))(functools.partial(product, v_ref, j - first))
+        first += n // rows
 
 
 def int8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, layer: jax.Array | int | None = None, *,
@@ -93,48 +103,62 @@ def int8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, layer: jax.A
     M, K = x.shape
     mp = fm.padded_rows(M)
     digits, inv_q, _ = x_digits(x, rows=mp, group_size=128, width=fm.sums_layout(mp, 2)[0])
-    return int8_matmul_digits(digits, inv_q, values, scales, layer, rows=M, out_dtype=out_dtype or x.dtype,
-                              **tuning)
+    return int8_matmuls(digits, inv_q, ((values, scales),), layer, rows=M, out_dtype=out_dtype or x.dtype,
+                        **tuning)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("rows", "out_dtype", "block_rows", "step", "stages", "target"))
-def int8_matmul_digits(digits: jax.Array, inv_q: jax.Array, values: jax.Array, scales: jax.Array,
-                       layer: jax.Array | int | None = None, *, rows: int, out_dtype=jnp.float32,
-                       block_rows: int = ROWS, step: int = STEP, stages: int = STAGES,
-                       target: int = TARGET_CTAS) -> jax.Array:
-    """`int8_matmul` of x already prepared as the fragment kernel's digits [2 P, K] and 1 / q [P]
-    (P = `fragment_matmul.padded_rows(rows)`; x's group sums are not read); returns the first `rows` rows."""
+def int8_matmuls(digits: jax.Array, inv_q: jax.Array, weights: tuple, layer: jax.Array | int | None = None, *,
+                 rows: int, out_dtype=jnp.float32, block_rows: int = ROWS, step: int = STEP, stages: int = STAGES,
+                 target: int = TARGET_CTAS) -> tuple:
+    """x @ (s_i * W_i).T for each `(values, scales)` of `weights` (sharing K, each W_i int8 [(L,) N_i, K] with
+    scales [(L,) N_i, 1]) in one launch, x already prepared as the fragment kernel's digits [2 P, K] and 1 / q [P]
+    (P = `fragment_matmul.padded_rows(rows)`; x's group sums are not read). Returns each product's first `rows`
+    rows."""
     plgpu = fm._plgpu()
-    if values.dtype != jnp.int8:
-        raise ValueError(f"int8_matmul takes int8 codes, got {values.dtype}")
-    if values.ndim != (2 if layer is None else 3):
-        raise ValueError(f"int8_matmul: codes {values.shape} are not [N, K] (or [L, N, K] with a layer index)")
-    if layer is None:
-        values, scales, layer = values[None], scales[None], 0
-    L, N, K = values.shape
     mp = fm.padded_rows(rows)
-    if not supports(rows, K, N) or N % block_rows or K % step:
-        raise ValueError(f"int8_matmul takes 1-{MAX_ROWS} rows, N a multiple of {block_rows}, K of {step} up to "
-                         f"{MAX_K}; got M={rows}, K={K}, N={N}")
+    K = digits.shape[1]
+    stacked, flat_scales, parts = [], [], []
+    for values, scales in weights:
+        if values.dtype != jnp.int8:
+            raise ValueError(f"int8_matmul takes int8 codes, got {values.dtype}")
+        if values.ndim != (2 if layer is None else 3):
+            raise ValueError(f"int8_matmul: codes {values.shape} are not [N, K] (or [L, N, K] with a layer index)")
+        if layer is None:
+            values, scales = values[None], scales[None]
+        L, N, k = values.shape
+        if not supports(rows, k, N) or N % block_rows or k % step or k != K:
+            raise ValueError(f"int8_matmul takes 1-{MAX_ROWS} rows, N a multiple of {block_rows}, K of {step} up to "
+                             f"{MAX_K} (x's K = {K}); got M={rows}, K={k}, N={N}")
+        if scales.shape not in ((L, N, 1), (L, N)):
+            raise ValueError(f"int8_matmul: per-channel scales {scales.shape} do not match {(L, N, 1)}")
+        stacked.append(values)
+        flat_scales.append(scales.reshape(L, N))
+        parts.append(N)
     if digits.shape != (2 * mp, K) or inv_q.shape != (mp,):
         raise ValueError(f"int8_matmul: x prepared as digits {digits.shape}, inv_q {inv_q.shape}; {rows} rows need "
                          f"{(2 * mp, K)}, {(mp,)}")
-    if scales.shape not in ((L, N, 1), (L, N)):
-        raise ValueError(f"int8_matmul: per-channel scales {scales.shape} do not match {(L, N, 1)}")
-    splits = plan_splits(K, N, block_rows, step, target)
-    kernel = functools.partial(_kernel, steps_per_split=K // step // splits, mp=mp, rows=block_rows, step=step,
-                               stages=stages)
+    layer = 0 if layer is None else layer
+    total = sum(parts)
+    splits = plan_splits(K, total, block_rows, step, target)
+    kernel = functools.partial(_kernel, parts=tuple(parts), steps_per_split=K // step // splits, mp=mp,
+                               rows=block_rows, step=step, stages=stages)
     partials = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
-        grid=(N // block_rows, splits),
+        out_type=jax.ShapeDtypeStruct((splits, mp, total), jnp.float32),
+        grid=(total // block_rows, splits),
         grid_names=("n", "split"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="int8_matmul",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), digits, values)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), digits, *stacked)
     # Splits added one by one (not a reduction): elementwise, fused by XLA into the op that reads y.
     y = partials[0, :rows]
     for i in range(1, splits):
         y = y + partials[i, :rows]
-    scale = lax.dynamic_index_in_dim(scales.reshape(L, N), layer, 0, keepdims=False).astype(jnp.float32)
-    return (y * inv_q[:rows, None] * scale[None, :]).astype(out_dtype)
+    y = y * inv_q[:rows, None]
+    outs, first = [], 0
+    for n, scales in zip(parts, flat_scales):
+        scale = lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False).astype(jnp.float32)
+        outs.append((y[:, first:first + n] * scale[None, :]).astype(out_dtype))
+        first += n
+    return tuple(outs)
