@@ -67,12 +67,34 @@ def supports(m: int, k: int, n: int, group_size: int | None) -> bool:
     return (1 <= m <= MAX_ROWS and group_size in GROUPS and n % ROWS == 0 and k % STEP == 0)
 
 
-def plan_splits(k: int, n: int) -> int:
-    """K splits (a power of two dividing the steps, each split at least 4 steps) towards TARGET_CTAS."""
-    steps, splits = k // STEP, 1
-    while n // ROWS * splits < TARGET_CTAS and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
+def plan_splits(k: int, n: int, rows: int = ROWS, step: int = STEP, target: int = TARGET_CTAS) -> int:
+    """K splits (a power of two dividing the steps, each split at least 4 steps) towards `target` CTAs of `rows`
+    weight rows and `step`-wide pipeline steps."""
+    steps, splits = k // step, 1
+    while n // rows * splits < target and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
         splits *= 2
     return splits
+
+
+def split_k_products(kernel, operands, *, n: int, rows_per_cta: int, splits: int, mp: int, rows: int, name: str):
+    """Launches `kernel` (Mosaic GPU, one warpgroup a CTA) over (N / rows_per_cta row blocks, K splits), each
+    CTA writing its [mp, rows_per_cta] float32 partial of the [splits, mp, N] output, and returns the splits'
+    sum of the first `rows` rows. The partials are added one by one (not a reduction): elementwise, so XLA fuses
+    the sum, and whatever scales the caller applies, into the op that reads y instead of launching a reduction
+    of its own."""
+    plgpu = _plgpu()
+    partials = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32),
+        grid=(n // rows_per_cta, splits),
+        grid_names=("n", "split"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=name,
+    )(*operands)
+    y = partials[0, :rows]
+    for i in range(1, splits):
+        y = y + partials[i, :rows]
+    return y
 
 
 def prepared_layout(rows: int, group: int) -> tuple[int, int]:
@@ -253,7 +275,6 @@ def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array,
     """`fragment_matmul` of x already prepared (`x_digits`, or `add_rms_norm(..., digits=...)`): digits
     [2 P, K] int8, inv_q [P], sums [K / group_size, width] for (P, width) = `prepared_layout(rows, group_size)`;
     returns the first `rows` rows of y."""
-    plgpu = _plgpu()
     if layer is None:
         values, scales = values[None], scales[None]
         offsets = None if offsets is None else offsets[None]
@@ -281,17 +302,6 @@ def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array,
     splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
                                offsets=offsets is not None, mp=mp)
-    partials = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((splits, mp, N), jnp.float32),
-        grid=(N // ROWS, splits),
-        grid_names=("n", "split"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="fragment_matmul_int4",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), *arrays)
-    # The splits' partials added one by one (not a reduction) and scaled back by 1 / q: elementwise, so XLA
-    # fuses the sum, the scale and the cast into the op that reads y instead of launching a reduction of its own.
-    y = partials[0, :M]
-    for i in range(1, splits):
-        y = y + partials[i, :M]
-    return (y * inv_q[:M, None]).astype(out_dtype)
+    y = split_k_products(kernel, (jnp.asarray(layer, jnp.int32).reshape(1), *arrays), n=N, rows_per_cta=ROWS,
+                         splits=splits, mp=mp, rows=M, name="fragment_matmul_int4")
+    return (y * inv_q[:M, None]).astype(out_dtype)  # (x's scale back: fused with the sum by XLA)

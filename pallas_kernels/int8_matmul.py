@@ -9,11 +9,15 @@ as its A operand, so no thread touches a code. x enters as the fragment kernel's
 columns). One int32 accumulator a CTA runs over its K split (|T| <= 127 * 128 * K < 2^31 for K < 2^17); the
 epilogue joins the digits in float32 (256 T_hi + T_lo, rounded once) and stores [P, ROWS] float32 partials.
 The splits' sum, x's 1 / q and the channel scales are elementwise ops that XLA fuses into the op reading y.
+Several weights sharing x (a layer's q/k/v, gate/up) run as one launch: the grid covers their rows one after
+another and each CTA runs the product its row block belongs to (small products alone pay a pipeline fill each).
 
 Why: the row kernel (`row_matmul`, CUDA cores) and the weight kernel (`weight_matmul`, Triton) turn every code
 into a float in registers; there the bytes in flight depend on registers and the instruction stream, and the
 one-row int8 products stayed at 0.58-0.81 of the copy bandwidth (sessions 8-22). Here the instructions a step
-are the pipeline's and one wgmma's whatever the batch, and the ring holds STAGES steps in flight per CTA.
+are the pipeline's and one wgmma's whatever the batch: on an H200 gate+up streams at 0.92-0.94 of the copy
+bandwidth at 1 and 16 rows (session 28; `ops` still gives one row to the row kernel, whose launches also do the
+norm, SwiGLU and residual add).
 Precision: exact integer products; x's fixed point rounds each element by at most max |x| / 65278 of its row.
 GPU only (sm_90); the tests compare it with a float64 product natively and lower it for CUDA on the CPU.
 """
@@ -40,14 +44,6 @@ MAX_K = 1 << 16  # keeps the int32 digit sums exact
 def supports(m: int, k: int, n: int) -> bool:
     """Whether the kernel takes x [m, k] against an int8 weight of n rows (per-channel scales)."""
     return 1 <= m <= MAX_ROWS and n % ROWS == 0 and k % STEP == 0 and k <= MAX_K
-
-
-def plan_splits(k: int, n: int, rows: int = ROWS, step: int = STEP, target: int = TARGET_CTAS) -> int:
-    """K splits (a power of two dividing the steps, each split at least 4 steps) towards `target` CTAs."""
-    steps, splits = k // step, 1
-    while n // rows * splits < target and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
-        splits *= 2
-    return splits
 
 
 def _transforms(plgpu):
@@ -115,7 +111,6 @@ def int8_matmuls(digits: jax.Array, inv_q: jax.Array, weights: tuple, layer: jax
     scales [(L,) N_i, 1]) in one launch, x already prepared as the fragment kernel's digits [2 P, K] and 1 / q [P]
     (P = `fragment_matmul.padded_rows(rows)`; x's group sums are not read). Returns each product's first `rows`
     rows."""
-    plgpu = fm._plgpu()
     mp = fm.padded_rows(rows)
     K = digits.shape[1]
     stacked, flat_scales, parts = [], [], []
@@ -140,22 +135,12 @@ def int8_matmuls(digits: jax.Array, inv_q: jax.Array, weights: tuple, layer: jax
                          f"{(2 * mp, K)}, {(mp,)}")
     layer = 0 if layer is None else layer
     total = sum(parts)
-    splits = plan_splits(K, total, block_rows, step, target)
+    splits = fm.plan_splits(K, total, block_rows, step, target)
     kernel = functools.partial(_kernel, parts=tuple(parts), steps_per_split=K // step // splits, mp=mp,
                                rows=block_rows, step=step, stages=stages)
-    partials = plgpu.kernel(
-        kernel,
-        out_type=jax.ShapeDtypeStruct((splits, mp, total), jnp.float32),
-        grid=(total // block_rows, splits),
-        grid_names=("n", "split"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="int8_matmul",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), digits, *stacked)
-    # Splits added one by one (not a reduction): elementwise, fused by XLA into the op that reads y.
-    y = partials[0, :rows]
-    for i in range(1, splits):
-        y = y + partials[i, :rows]
-    y = y * inv_q[:rows, None]
+    y = fm.split_k_products(kernel, (jnp.asarray(layer, jnp.int32).reshape(1), digits, *stacked), n=total,
+                            rows_per_cta=block_rows, splits=splits, mp=mp, rows=rows, name="int8_matmul")
+    y = y * inv_q[:rows, None]  # (x's and the channels' scales: fused with the sum by XLA)
     outs, first = [], 0
     for n, scales in zip(parts, flat_scales):
         scale = lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False).astype(jnp.float32)
