@@ -81,7 +81,6 @@ MERGE_DIGITS = False
 # llama-3-8b products at 16 rows: gate+up 30.3 against the Triton weight kernel's 35.1 us, down 16.9 / 20.4,
 # q/k/v 8.2 / 11.4, o 6.2 / 7.8; benchmarks/BENCHMARKS.md session 28). False: the Triton weight kernel.
 S8_KERNEL = True
-DIGITS_GROUP = 128  # x's group sums asked of a preparation that only s8 products read (they ignore them)
 
 
 @dataclass(frozen=True)
@@ -265,8 +264,9 @@ def digits_for(x, products) -> DigitsFor | None:
     if len(rows) != 1 or len(groups) > 1:
         return None
     from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels import int8_matmul as im
 
-    group = groups.pop() if groups else DIGITS_GROUP
+    group = groups.pop() if groups else im.SUMS_GROUP
     mp, width = fm.prepared_layout(rows.pop(), group)
     return DigitsFor(mp, group, width)
 
@@ -789,15 +789,12 @@ def _digits_matmul(path: str, spec: _Spec, x, w: QArray, layer=None):
     """The fragment kernel (`path` "fragments": a fragment-ordered int4 w) or the s8 kernel ("s8": per-channel
     int8) on x, with a leading layer axis on w when `layer` is given."""
     from pallas_kernels import fragment_matmul as fm
-    from pallas_kernels import int8_matmul as im
 
-    (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
-    prepared_x = _prepared_x(path, spec, x, group)
     if path == "s8":
-        (out,) = im.int8_matmuls(*prepared_x[:2], ((values, scales),), layer, rows=spec.rows, out_dtype=jnp.float32)
-    else:
-        out = fm.fragment_matmul_digits(*prepared_x, values, scales, offsets, layer, rows=spec.rows,
-                                        group_size=group, out_dtype=jnp.float32)
+        return _s8_matmuls(x, [(spec, w)], layer)[0]
+    (values, scales, offsets), _, group, free = _flat_kernel_args(spec, w, layer)
+    out = fm.fragment_matmul_digits(*_prepared_x(path, spec, x, group), values, scales, offsets, layer,
+                                    rows=spec.rows, group_size=group, out_dtype=jnp.float32)
     return out.reshape(*x.shape[:-len(spec.contracted)], *free)
 
 
@@ -806,9 +803,10 @@ def _prepared_x(path: str, spec: _Spec, x, group: int | None):
     this product (for `s8`, made with any group: it reads no sums), else made by a launch of its own (`x_digits`;
     `x_digits_merged` from an `Unmerged` attention output with `MERGE_DIGITS`)."""
     from pallas_kernels import fragment_matmul as fm
+    from pallas_kernels import int8_matmul as im
     from pallas_kernels import x_digits as xd
 
-    group = group or DIGITS_GROUP
+    group = group or im.SUMS_GROUP
     mp, width = fm.prepared_layout(spec.rows, group)
     layout = dict(rows=mp, group_size=group, width=width)
     if isinstance(x, XDigits) and (x.spec == (mp, group, width) or (path == "s8" and x.spec.rows == mp)):
@@ -868,8 +866,8 @@ def matmuls(x, *products, out_dtype=None, impl: str = "auto"):
         and _contraction_last(p[0]) == _contraction_last(plan[0][0]) and p[4] == plan[0][4] for p in plan)
     if len(products) < 2 or not same:
         return tuple(_matmul(eq, x, w, out_dtype, impl) for eq, w in products)
-    run = _s8_matmuls if plan[0][4] == "s8" else lambda x, *a: _pallas_matmuls(value(x), *a)
-    outs = run(x, [(spec, w) for spec, w, *_ in plan], plan[0][2])
+    pairs, layer = [(spec, w) for spec, w, *_ in plan], plan[0][2]
+    outs = _s8_matmuls(x, pairs, layer) if plan[0][4] == "s8" else _pallas_matmuls(value(x), pairs, layer)
     return tuple(o.astype(out_dtype) for o in outs)
 
 

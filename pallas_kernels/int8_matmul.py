@@ -39,6 +39,7 @@ STAGES = 2  # ring slots: 40 KB a CTA at 16 rows, five CTAs an SM (beat 3, 4 and
 TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 MAX_ROWS = fm.MAX_ROWS
 MAX_K = 1 << 16  # keeps the int32 digit sums exact
+SUMS_GROUP = 128  # the group size x's preparation (`x_digits`) is asked for: its group sums are not read here
 
 
 def supports(m: int, k: int, n: int) -> bool:
@@ -96,9 +97,9 @@ def int8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, layer: jax.A
     `layer` picks W from a stack read in place (no copy of the layer)."""
     from pallas_kernels.x_digits import x_digits
 
-    M, K = x.shape
-    mp = fm.padded_rows(M)
-    digits, inv_q, _ = x_digits(x, rows=mp, group_size=128, width=fm.sums_layout(mp, 2)[0])
+    M = x.shape[0]
+    mp, width = fm.prepared_layout(M, SUMS_GROUP)
+    digits, inv_q, _ = x_digits(x, rows=mp, group_size=SUMS_GROUP, width=width)
     return int8_matmuls(digits, inv_q, ((values, scales),), layer, rows=M, out_dtype=out_dtype or x.dtype,
                         **tuning)[0]
 
