@@ -173,6 +173,14 @@ VARIANTS = {
                                          "the layer scan", dict(quant="int4", weight_layout="contract-last",
                                                                 profile_batches=()),
                                          {"jaxinfer.model": {"LAYER_UNROLL": u}}) for u in (8, 32)},
+    # The same for the batched paths: bf16 (the standard set's path) and int4 in the fragment order (session 29:
+    # the batched Mosaic steps idle once a scan iteration).
+    **{f"{name}_unroll{u}": (f"{title}, {u} layers an iteration of the layer scan", dict(profile_batches=(), **changes),
+                             {"jaxinfer.model": {"LAYER_UNROLL": u}})
+       for name, title, changes in (("bf16", "bf16 weights (the standard set's path)", {}),
+                                    ("int4_fragments", "int4 in the fragment order",
+                                     dict(quant="int4", weight_layout="fragments")))
+       for u in (8, 32)},
     # The decode step with the rotation and the cache write as XLA ops (no `rope_write`, no appending launch).
     "unfused_rope_write": ("Rotation and cache write as XLA ops (`attention.ROPE_WRITE_KERNEL = False`)",
                            dict(profile_batches=()), {"jaxinfer.attention": {"ROPE_WRITE_KERNEL": False}}),
