@@ -119,18 +119,10 @@ VARIANTS = {
     "int4_fragments": ("int4 weights quantized after `contract_last`, codes in the fragment order "
                        "(`fragment_matmul`, Mosaic GPU)",
                        dict(quant="int4", weight_layout="fragments", profile_batches=())),
-    "int4_fragments_2stages": ("int4 in the fragment order, a 2-slot ring (`fragment_matmul.STAGES = 2`: ~42 KB a "
-                               "CTA with the group parameters resident, five CTAs an SM where registers allow)",
+    "int4_fragments_2stages": ("int4 in the fragment order, a 2-slot ring (`fragment_matmul.STAGES = 2`: ~35 KB a "
+                               "CTA, five CTAs an SM where registers allow)",
                                dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                {"pallas_kernels.fragment_matmul": {"STAGES": 2}}),
-    "int4_fragments_streamed_params": ("int4 in the fragment order, each step's group parameters and x's group sums "
-                                       "streamed through the ring (`fragment_matmul.RESIDENT_PARAMS = False`)",
-                                       dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                       {"pallas_kernels.fragment_matmul": {"RESIDENT_PARAMS": False}}),
-    "int4_fragments_resident_8k": ("int4 in the fragment order, at most 8 KB of resident group parameters a CTA "
-                                   "(`fragment_matmul.RESIDENT_BYTES`: gate/up split in two, four CTAs an SM)",
-                                   dict(quant="int4", weight_layout="fragments", profile_batches=()),
-                                   {"pallas_kernels.fragment_matmul": {"RESIDENT_BYTES": 8 << 10}}),
     "int4_fragments_norm_without_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up made by "
                                            "launches of their own, not the add + norm (`ops.ADD_NORM_DIGITS` off)",
                                            dict(quant="int4", weight_layout="fragments", profile_batches=()),

@@ -50,9 +50,6 @@ STAGES = 3  # ring slots: at 16 rows ~17 KB a slot, so three or four CTAs share 
 MAX_ROWS = 64
 TARGET_CTAS = 264  # about two per SM of a 132-SM H100 / H200, reached by splitting K
 GROUPS = (32, 64, 128, 256)
-RESIDENT_PARAMS = True  # a split's group parameters and x's group sums copied once, not through the ring
-RESIDENT_BYTES = 16 << 10  # their shared memory at most (more steps: more K splits)
-MAX_BOX = 256  # rows a TMA box can take
 
 
 def _plgpu():
@@ -70,23 +67,13 @@ def supports(m: int, k: int, n: int, group_size: int | None) -> bool:
     return (1 <= m <= MAX_ROWS and group_size in GROUPS and n % ROWS == 0 and k % STEP == 0)
 
 
-def plan_splits(k: int, n: int, rows: int = ROWS, step: int = STEP, target: int = TARGET_CTAS,
-                max_steps: int | None = None) -> int:
+def plan_splits(k: int, n: int, rows: int = ROWS, step: int = STEP, target: int = TARGET_CTAS) -> int:
     """K splits (a power of two dividing the steps, each split at least 4 steps) towards `target` CTAs of `rows`
-    weight rows and `step`-wide pipeline steps, then more while a split has over `max_steps` steps."""
+    weight rows and `step`-wide pipeline steps."""
     steps, splits = k // step, 1
     while n // rows * splits < target and steps % (splits * 2) == 0 and steps // (splits * 2) >= 4:
         splits *= 2
-    while max_steps and steps // splits > max_steps and steps % (splits * 2) == 0:
-        splits *= 2
     return splits
-
-
-def resident_steps(mp: int, group: int, dtype_bytes: int, offsets: bool) -> int:
-    """The most pipeline steps a split may have for its group parameters and x's group sums to fit in
-    `RESIDENT_BYTES` of shared memory."""
-    per_step = STEP // group * (ROWS * dtype_bytes * (1 + offsets) + sums_layout(mp, STEP // group)[0] * 4)
-    return max(1, RESIDENT_BYTES // per_step)
 
 
 def split_k_products(kernel, operands, *, n: int, rows_per_cta: int, splits: int, mp: int, rows: int, name: str):
@@ -197,73 +184,49 @@ def _kernel(layer_ref, x_ref, v_ref, s_ref, *refs, group, steps_per_split, offse
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     span = _span(group)
 
-    def add_group(out, acc, params, step, c):
-        """Group c of pipeline step `step` (0 where `params` hold one step's blocks) joined to the float32 total:
-        with T = sum u t (the digits' columns joined, exact) and S = sum t, sum w t = s T + o S for w = s u + o
-        (o = m, or -8 s for symmetric codes)."""
-        g, row = step * n_groups + c, step * (n_groups // per_row) + c // per_row
+    def add_group(out, acc, params, c):
+        """Group c's integer product joined to the float32 total: with T = sum u t (the digits' columns joined,
+        exact) and S = sum t, sum w t = s T + o S for w = s u + o (o = m, or -8 s for symmetric codes)."""
         part = (acc[:, :mp] * 256 + acc[:, mp:]).astype(jnp.float32)
-        scale = plgpu.load(params[0].at[g], (), layout=row_layout).astype(jnp.float32)
+        scale = plgpu.load(params[0].at[c], (), layout=row_layout).astype(jnp.float32)
         out = out + part * lax.broadcast_in_dim(scale, part.shape, [0])
         if offsets:
-            off = plgpu.load(params[1].at[g], (), layout=row_layout).astype(jnp.float32)
+            off = plgpu.load(params[1].at[c], (), layout=row_layout).astype(jnp.float32)
         else:
             off = -8.0 * scale
-        sums = plgpu.load(params[-1].at[row, pl.ds(c % per_row * width, mp)], (),
+        sums = plgpu.load(params[-1].at[c // per_row, pl.ds(c % per_row * width, mp)], (),
                           layout=plgpu.Layout.WGMMA.reduce(0))
         return out + lax.broadcast_in_dim(off, part.shape, [0]) * lax.broadcast_in_dim(sums, part.shape, [1])
 
-    def body(step, x_smem, w_smem, params, carry):
+    def body(_, x_smem, w_smem, *params, carry):
         def chain(c, prev_acc, out):
             """Group c's wgmma issued into a fresh accumulator before group c - 1's is read (one in flight)."""
             if c == n_groups:
-                return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, step, c - 1)
+                return add_group(out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=0), params, c - 1)
             a = _widen(plgpu, w_smem.at[pl.ds(c * group // 4, group // 4)], group, c % (span // group))
             cols = pl.ds(c * group // span * span, span)
 
             def issue(acc_ref):
                 plgpu.wgmma(acc_ref, a, x_smem.at[:, cols].transpose((1, 0)))
                 done = out if prev_acc is None else add_group(
-                    out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, step, c - 1)
+                    out, plgpu.wgmma_accumulator_load(prev_acc, wait_n=1), params, c - 1)
                 return chain(c + 1, acc_ref, done)
             return pl.run_scoped(issue, plgpu.ACC((ROWS, 2 * mp), jnp.int32))
         return chain(0, None, carry)
 
+    group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
     specs = [plgpu.BlockSpec((2 * mp, STEP), lambda i: (0, k0 + i), transforms=_x_transforms(plgpu, group)),
-             plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i))]
-    gmem = [x_ref, v_ref.at[layer, rows]]
-    param_refs = [s_ref.at[layer, j]] + ([m_ref.at[layer, j]] if offsets else []) + [sums_ref]
+             plgpu.BlockSpec((ROWS, STEP // 2), lambda i: (0, k0 + i)), group_spec]
+    gmem = [x_ref, v_ref.at[layer, rows], s_ref.at[layer, j]]
+    if offsets:
+        specs.append(group_spec)
+        gmem.append(m_ref.at[layer, j])
+    specs.append(plgpu.BlockSpec((n_groups // per_row, per_row * width), lambda i: (k0 + i, 0)))
+    gmem.append(sums_ref)
     init = plgpu.layout_cast(jnp.zeros((ROWS, mp), jnp.float32), plgpu.Layout.WGMMA)
-    if RESIDENT_PARAMS:
-        # The split's group parameters and x's group sums copied once, before the ring: two copies a step.
-        g0, gs = k0 * n_groups, steps_per_split * n_groups
-        srcs = [ref.at[pl.ds(g0, gs)] for ref in param_refs[:-1]]
-        srcs.append(sums_ref.at[pl.ds(g0 // per_row, gs // per_row)])
-        shapes = [((gs, ROWS), s_ref.dtype)] * (len(srcs) - 1) + [((gs // per_row, per_row * width), jnp.float32)]
-
-        def with_params(*scratch):
-            *smem, ready = scratch
-            boxes = [(src, dst, pl.ds(r, min(MAX_BOX, n - r)))
-                     for src, dst, ((n, _), _) in zip(srcs, smem, shapes) for r in range(0, n, MAX_BOX)]
-            for b, (src, dst, box) in enumerate(boxes):
-                plgpu.copy_gmem_to_smem(src.at[box], dst.at[box], ready.at[b])
-            for b in range(len(boxes)):
-                plgpu.barrier_wait(ready.at[b])
-            return plgpu.emit_pipeline(
-                lambda idx, x_smem, w_smem, carry: body(idx[0], x_smem, w_smem, smem, carry),
-                grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=STAGES, init_carry=init)(*gmem)
-
-        n_boxes = sum(-(-n // MAX_BOX) for (n, _), _ in shapes)
-        acc = pl.run_scoped(with_params, *(plgpu.SMEM(shape, dtype) for shape, dtype in shapes),
-                            plgpu.Barrier(num_barriers=n_boxes))
-    else:  # each step's group parameters and sums streamed through the ring beside its codes: five copies a step
-        group_spec = plgpu.BlockSpec((n_groups, ROWS), lambda i: (k0 + i, 0))
-        specs += [group_spec] * (1 + offsets)
-        specs.append(plgpu.BlockSpec((n_groups // per_row, per_row * width), lambda i: (k0 + i, 0)))
-        acc = plgpu.emit_pipeline(
-            lambda idx, x_smem, w_smem, *args: body(0, x_smem, w_smem, args[:-1], args[-1]),
-            grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=STAGES,
-            init_carry=init)(*gmem, *param_refs)
+    acc = plgpu.emit_pipeline(
+        lambda idx, *args: body(idx, *args[:-1], carry=args[-1]),
+        grid=(steps_per_split,), in_specs=specs, max_concurrent_steps=STAGES, init_carry=init)(*gmem)
 
     def store(o_smem):
         _store_transposed(plgpu, acc, o_smem)
@@ -336,8 +299,7 @@ def fragment_matmul_digits(digits: jax.Array, inv_q: jax.Array, sums: jax.Array,
     if offsets is not None:
         arrays.append(offsets.reshape(L, N // ROWS, G, ROWS))
     arrays.append(sums.reshape(G // per_row, per_row * width))
-    splits = plan_splits(K, N, max_steps=resident_steps(mp, group_size, scales.dtype.itemsize, offsets is not None)
-                         if RESIDENT_PARAMS else None)
+    splits = plan_splits(K, N)
     kernel = functools.partial(_kernel, group=group_size, steps_per_split=K // STEP // splits,
                                offsets=offsets is not None, mp=mp)
     y = split_k_products(kernel, (jnp.asarray(layer, jnp.int32).reshape(1), *arrays), n=N, rows_per_cta=ROWS,
