@@ -123,6 +123,12 @@ VARIANTS = {
                                "CTA, five CTAs an SM where registers allow)",
                                dict(quant="int4", weight_layout="fragments", profile_batches=()),
                                {"pallas_kernels.fragment_matmul": {"STAGES": 2}}),
+    # Weights and an int8 cache (per token and head scales) at once, beside the standard set's bf16 cache: a
+    # datapoint, not issue 6's weight-only ratios.
+    **{f"{name}_int8_kv": (f"{title}, int8 cache", dict(profile_batches=(), kv_dtype="int8", **changes))
+       for name, title, changes in (("bf16", "bf16 weights", {}),
+                                    ("int4_fragments", "int4 in the fragment order",
+                                     dict(quant="int4", weight_layout="fragments")))},
     "int4_fragments_norm_without_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up made by "
                                            "launches of their own, not the add + norm (`ops.ADD_NORM_DIGITS` off)",
                                            dict(quant="int4", weight_layout="fragments", profile_batches=()),
