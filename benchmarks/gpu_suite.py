@@ -129,6 +129,12 @@ VARIANTS = {
        for name, title, changes in (("bf16", "bf16 weights", {}),
                                     ("int4_fragments", "int4 in the fragment order",
                                      dict(quant="int4", weight_layout="fragments")))},
+    # The int8 cache's decode attention with larger key blocks for short walks (its keys are half as many bytes).
+    **{f"bf16_int8_kv_block{b}_{st}": (f"bf16 weights, int8 cache, {b}-key blocks in {st} stages for short walks",
+                                       dict(profile_batches=(), kv_dtype="int8"),
+                                       {"pallas_kernels.decode_attention": {"_QUANT_SHORT_BLOCK_K": b,
+                                                                            "_QUANT_SHORT_STAGES": st}})
+       for b, st in ((64, 4), (64, 2), (128, 2))},
     "int4_fragments_norm_without_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up made by "
                                            "launches of their own, not the add + norm (`ops.ADD_NORM_DIGITS` off)",
                                            dict(quant="int4", weight_layout="fragments", profile_batches=()),
