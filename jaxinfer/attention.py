@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ops
-from .cache import DenseView, KVCache, PagedView, QuantDenseView
+from .cache import DenseView, KVCache, PagedView, QuantDenseView, QuantKVCache
 from .rope import apply_rope
 from .sharding import data_axis
 
@@ -59,19 +59,26 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
     `rope_write` at ~2.2 us a layer (benchmarks/BENCHMARKS.md). q, k and v may be parts of one product's
     output (`ops.Sliced`, packed q/k/v weights): that kernel reads them inside it, everything else cuts them.
     That launch's output is `ops.Unmerged` (its key splits not merged yet): the output product merges them in
-    its own preparation of x where it makes one, any other consumer with `combine_splits`' launch."""
+    its own preparation of x where it makes one, any other consumer with `combine_splits`' launch. An int8 /
+    fp8 cache (`QuantKVCache`) takes the same launch, which quantizes the new key and value as the cache's
+    `write` does (llama-3-8b batch 16 on an H200: the XLA rotation, quantization and scatters it replaces
+    cost ~0.44 ms a step, benchmarks/BENCHMARKS.md)."""
     import pallas_kernels as pk
 
-    if (APPEND_KERNEL and _rope_write_applies(impl, q, k, v, cache) and _pallas_query_ok(q)
+    quantized = isinstance(cache, QuantKVCache)
+    cache_ok = quantized or (isinstance(cache, KVCache) and cache.k.dtype == q.dtype)
+    if (APPEND_KERNEL and cache_ok and _one_token_kernel_applies(impl, q, k, v) and _pallas_query_ok(q)
             and pk.decode_attention_supports_append(q.shape[-1])):
         cos, sin = (t[:, 0] for t in rope)
         at = jnp.where(valid[:, 0], positions[:, 0], -1)  # -1: not written
         whole = ops.whole_of((q, k, v), axis=2)  # packed q/k/v: their one product [B, T, N + 2K, H]
         heads = (whole[:, 0], None, None) if whole is not None else (ops.value(t)[:, 0] for t in (q, k, v))
-        partials, k_cache, v_cache = pk.decode_attention_append(
+        scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale) if quantized else {}
+        partials, *written = pk.decode_attention_append(
             *heads, cos, sin, cache.k, cache.v, layer=layer, positions=at, lengths=kv_lengths,
-            sliding_window=sliding_window, interpret=jax.default_backend() != "gpu", merge=False)
-        return ops.Unmerged(partials), cache.replace(k=k_cache, v=v_cache)
+            sliding_window=sliding_window, interpret=jax.default_backend() != "gpu", merge=False, **scales)
+        names = ("k", "v", "k_scale", "v_scale") if quantized else ("k", "v")
+        return ops.Unmerged(partials), cache.replace(**dict(zip(names, written)))
     q, k, v = ops.value(q), ops.value(k), ops.value(v)
     q, cache = rotate_and_write(q, k, v, rope, cache, layer, positions, valid, impl=impl)
     out = attend(q, cache.view(layer), positions, kv_lengths, sliding_window=sliding_window, impl=impl)
@@ -79,15 +86,19 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
 
 
 def _rope_write_applies(impl, q, k, v, cache) -> bool:
-    """One token per sequence over a dense cache in q's dtype, on a GPU with `impl` auto or pallas and whole
-    arrays (no automatic partitioning), head counts the kernel tiles."""
+    """`_one_token_kernel_applies` over a dense cache in q's dtype."""
+    return isinstance(cache, KVCache) and cache.k.dtype == q.dtype and _one_token_kernel_applies(impl, q, k, v)
+
+
+def _one_token_kernel_applies(impl, q, k, v) -> bool:
+    """One token per sequence in q, k and v of one 16-bit float dtype, on a GPU with `impl` auto or pallas and
+    whole arrays (no automatic partitioning), head counts the kernel tiles."""
     from pallas_kernels import rope_write
 
     B, T, N, H = q.shape
     return (ROPE_WRITE_KERNEL and check_impl(impl) in ("auto", "pallas") and ops.on_gpu() and T == 1
-            and isinstance(cache, KVCache) and cache.k.dtype == q.dtype == k.dtype == v.dtype
-            and q.dtype in (jnp.bfloat16, jnp.float16) and rope_write.supports(N, k.shape[2], H)
-            and ops.whole_arrays())
+            and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16)
+            and rope_write.supports(N, k.shape[2], H) and ops.whole_arrays())
 
 
 def rotate_and_write(q, k, v, rope, cache, layer, positions, valid, *, impl="xla"):

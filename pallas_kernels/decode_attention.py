@@ -49,6 +49,7 @@ def _decode_kernel(
     # stacked: layer [1] int32, k and v [L, B, S, K, H] whole; else k, v [S, H] (one kv head's view)
     # quantized: then k and v scales ([L, B, S, K] whole, or [S]); then o [G, H] float32 unnormalised,
     # m [G] float32 base-2 running max, l [G] float32 denominator; appending: then the written caches
+    # (quantized: codes k, v, then scales k, v)
     scale: float,
     window: int | None,
     softcap: float | None,
@@ -70,7 +71,9 @@ def _decode_kernel(
     kv_at = lambda ref, span, cols=slice(None): ref.at[span, cols]  # noqa: E731
     scale_at = lambda ref, span: ref.at[span]  # noqa: E731
   if quantized:
-    k_ref, v_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref = refs
+    k_ref, v_ref, ks_ref, vs_ref, o_ref, m_ref, l_ref, *written = refs
+    if append:
+      k_out, v_out, ks_out, vs_out = written
   elif append:
     k_ref, v_ref, o_ref, m_ref, l_ref, k_out, v_out = refs
   else:
@@ -108,26 +111,58 @@ def _decode_kernel(
       # go onto the logits and the probabilities: no dequantized copy, no per-element rescaling
       ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
-      return online_softmax_step(q, k.astype(q.dtype), v.astype(q.dtype), keep[None, :], carry, scale=scale,
-                                 softcap=softcap, key_scale=ks, value_scale=vs)
+      dtype = (q[0] if append else q).dtype
+      k = tuple(x.astype(dtype) for x in k) if append else k.astype(dtype)
+      return online_softmax_step(q, k, v.astype(dtype), keep[None, :], carry, scale=scale, softcap=softcap,
+                                 key_scale=ks, value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
   if append:  # the last split takes the new key into its partial and stores it with its value
     mine = new & (pl.program_id(2) == num_splits - 1)
     k_new = [x.astype(q_ref.dtype) for x in rotate_halves(*(k_new_ref[c].astype(f32) for c in halves), *trig)]
-    s_new = sum((qi.astype(f32) * ki.astype(f32)[None, :]).sum(axis=1) for qi, ki in zip(q, k_new))  # [rows]
-    s_new = jnp.where(mine, scale_logits(s_new, scale=scale, softcap=softcap), MASK_VALUE)
     v_new = v_new_ref[...]
-    carry = online_softmax_fold_key(s_new, v_new, carry)
+    if quantized:  # stored as codes and a scale, and attended as the cache will hold it
+      k_new, k_scale = _quantize_token(k_new, k_out.dtype)
+      (v_new,), v_scale = _quantize_token([v_new], v_out.dtype)
+    s_new = sum((qi.astype(f32) * ki.astype(f32)[None, :]).sum(axis=1) for qi, ki in zip(q, k_new))  # [rows]
+    if quantized:
+      s_new = s_new * k_scale
+    s_new = jnp.where(mine, scale_logits(s_new, scale=scale, softcap=softcap), MASK_VALUE)
+    carry = online_softmax_fold_key(s_new, v_new.astype(f32) * v_scale if quantized else v_new, carry)
 
     @pl.when(mine)
     def _():
       for c, x in zip(halves, k_new):
         k_out[layer, b, pos, h, c] = x.astype(k_out.dtype)
       v_out[layer, b, pos, h, :] = v_new.astype(v_out.dtype)
+      if quantized:
+        ks_out[layer, b, pos, h] = k_scale
+        vs_out[layer, b, pos, h] = v_scale
 
   store_partials(o_ref, m_ref, l_ref, carry)
+
+
+def _quantize_token(parts, dtype):
+  """One vector's float32 parts (the head dim in pieces) -> (its codes in `dtype`, as float32 per part, and
+  its scale): absmax over the whole vector, codes = x / scale clipped to the code range and rounded as
+  `jaxinfer.cache.quantize_kv` rounds them (to the nearest, ties to even: Triton lowers no round, so floor and
+  a tie test; fp8 by its conversion)."""
+  f32 = jnp.float32
+  top = float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
+  xs = [x.astype(f32) for x in parts]
+  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
+  scale = jnp.where(amax > 0, amax / top, 1.0)
+  codes = []
+  for x in xs:
+    y = jnp.clip(x / scale, -top, top)
+    if jnp.issubdtype(dtype, jnp.integer):
+      r = jnp.floor(y + 0.5)  # exact for |y| <= 127
+      y = jnp.where((r - y == 0.5) & (r - 2.0 * jnp.floor(r * 0.5) != 0), r - 1.0, r)
+    else:
+      y = y.astype(dtype).astype(f32)
+    codes.append(y)
+  return codes, scale
 
 
 _jit_with_static_options = functools.partial(  # the launch options of both entry points are static
@@ -198,6 +233,8 @@ def decode_attention_append(
     v_cache: jax.Array,  # [L, B, S, K, H]
     *,
     layer: jax.Array | int,
+    k_scale: jax.Array | None = None,  # int8 / fp8 caches: float32 scales [L, B, S, K], key = k * scale
+    v_scale: jax.Array | None = None,
     positions: jax.Array,  # [B] int: where the new token goes; outside [0, S): not written, not attended
     lengths: jax.Array,  # [B] int: keys attended, the new one counted (read for sequences not written)
     sliding_window: int | None = None,
@@ -209,10 +246,13 @@ def decode_attention_append(
     num_stages: int | None = None,
     interpret: bool = False,
     merge: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [B, N, H], k_cache, v_cache
+) -> tuple:  # out [B, N, H], k_cache, v_cache (quantized: then k_scale, v_scale)
   """One decode token per sequence in one launch (plus the combine): q and k_new rotated (as
   `rope_write`), the rotated key and v_new stored at `[layer, b, positions[b]]` of the stacked caches,
   and the attention of the rotated query over the cache's keys before that position and the new key.
+  With `k_scale`/`v_scale` the caches hold int8 / fp8 codes: the new key and value are quantized as
+  `jaxinfer.cache.quantize_kv` does (absmax per token and kv head), stored with their scales, and attended
+  as stored.
 
   Why: at batch 1 the separate `rope_write` launch cost ~2.2 us a layer (benchmarks/BENCHMARKS.md), and
   its work is a few hundred bytes that this kernel's programs can do on the side: each rotates its q rows
@@ -237,7 +277,7 @@ def decode_attention_append(
     k_new = v_new = q  # read through their own block specs
   else:
     _check_append(q, k_new, v_new, cos, sin, k_cache, positions)
-  return _launch(q, k_cache, v_cache, lengths=lengths, layer=layer, k_scale=None, v_scale=None,
+  return _launch(q, k_cache, v_cache, lengths=lengths, layer=layer, k_scale=k_scale, v_scale=v_scale,
                  append=(positions.astype(jnp.int32), cos, sin, k_new, v_new), packed=packed,
                  sliding_window=sliding_window,
                  softcap=softcap, scale=scale, num_splits=num_splits, block_k=block_k, num_warps=num_warps,
@@ -305,8 +345,9 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
     specs += [pl.BlockSpec((None,), lambda b, h, s: (b,)), per_seq, per_seq, per_head(new_k), per_head(new_v)]
     args = append
     first_cache = len(specs) + 1  # after the layer
-    extra_outputs = ((pl.no_block_spec, whole_k), (pl.no_block_spec, whole_v))
-    aliases = {first_cache: 3, first_cache + 1: 4}  # outputs: o, m, l, then the caches
+    written = (whole_k, whole_v, k_scale, v_scale) if quantized else (whole_k, whole_v)
+    extra_outputs = tuple((pl.no_block_spec, x) for x in written)
+    aliases = {first_cache + i: 3 + i for i in range(len(written))}  # outputs: o, m, l, then the caches
   scales = (k_scale, v_scale) if quantized else ()
   if stacked:
     specs += [pl.no_block_spec] * (3 + len(scales))

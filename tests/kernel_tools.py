@@ -27,18 +27,20 @@ def cuda_lowering(fn, *args, **kwargs) -> str:
     return jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def pallas_calls(jaxpr, out=None) -> list:
-    """The pallas_call equations of a jaxpr, nested ones (scan body, jit) included, in program order."""
-    out = [] if out is None else out
+def equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (scan body, jit) included, in program order."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            out.append(eqn)
+        yield eqn
         for value in eqn.params.values():
             for sub in value if isinstance(value, (list, tuple)) else [value]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    pallas_calls(inner, out)
-    return out
+                    yield from equations(inner)
+
+
+def pallas_calls(jaxpr) -> list:
+    """The pallas_call equations of a jaxpr, nested ones (scan body, jit) included, in program order."""
+    return [eqn for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"]
 
 
 def pallas_call_name(eqn) -> str:

@@ -385,6 +385,47 @@ class TestDecodeAttentionAppend:
                                  **(dict(rtol=1e-6, atol=1e-6) if dtype == jnp.float32 else dict(rtol=0, atol=0)))
 
   @pytest.mark.parametrize("interpret", MODES)
+  @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn])
+  @pytest.mark.parametrize("window,softcap,num_splits", [(None, None, 3), (20, 30.0, None)])
+  def test_quantized_cache_matches_rope_write_quantize_then_decode(self, interpret, code_dtype, window, softcap,
+                                                                   num_splits):
+    """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
+    cache's own write quantizes them (`jaxinfer.cache.quantize_kv`), codes and scales stored, and the attention
+    over the cache as it then holds them. Codes within one code (int8) or one fp8 step where x / scale sits
+    within a rounding of a tie (the reference's division may differ from the kernel's in the last bit), and
+    few of those; scales within float32 rounding; the output within bfloat16's tolerance."""
+    from jaxinfer.cache import quantize_kv
+
+    rng = _rng()
+    args, positions, lengths, blocks = self._inputs(rng, interpret, 8, 2, 128, jnp.bfloat16)
+    layer, (L, B, S, K, H) = 2, args[5].shape
+    q_rot, k_rot, _ = rope_write_reference(*args, layer=layer, positions=positions)
+    at = jnp.clip(positions, 0, S - 1)
+    written = (positions >= 0) & (positions < S)
+    new = [jnp.where(written[:, None, None], c[layer, jnp.arange(B), at], 0) for c in (k_rot, args[6])]
+    (kc, ks), (vc, vs) = (quantize_kv(c, code_dtype) for c in args[5:7])
+    want_codes = []
+    for codes, scales, x in ((kc, ks, new[0]), (vc, vs, args[2])):
+      c_new, s_new = quantize_kv(x, code_dtype)
+      idx = (layer, jnp.where(written, jnp.arange(B), B), at)  # B: out of range, dropped
+      want_codes.append((codes.at[idx].set(c_new, mode="drop"), scales.at[idx].set(s_new, mode="drop")))
+    deq = [(c.astype(jnp.float32) * s[..., None])[layer] for c, s in want_codes]
+    kw = dict(lengths=lengths, sliding_window=window, softcap=softcap)
+    want = decode_attention_reference(q_rot, *deq, **kw)
+    out, *got = decode_attention_append(*args[:5], kc, vc, layer=jnp.int32(layer), k_scale=ks, v_scale=vs,
+                                        positions=positions, num_splits=num_splits, **kw, **blocks,
+                                        interpret=interpret)
+    _check(out, want, jnp.bfloat16, what="quantized decode append")
+    (got_kc, got_vc, got_ks, got_vs) = got
+    for g, (w, _) in zip((got_kc, got_vc), want_codes):
+      w = np.asarray(w, np.float32)
+      step = np.abs(np.asarray(g, np.float32) - w)
+      assert (step <= np.maximum(1.0, np.abs(w) / 8)).all()  # one code (int8) or fp8 step (an eighth)
+      assert (step > 0).sum() <= 0.02 * written.sum() * K * H
+    for g, (_, w) in zip((got_ks, got_vs), want_codes):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+
+  @pytest.mark.parametrize("interpret", MODES)
   def test_packed_heads_read_in_place(self, interpret):
     """q, k and v heads packed in one [B, N + 2K, H] array (k_new, v_new None): the unpacked call's results
     exactly, and the array goes into the kernel whole (no slices of it copied out)."""

@@ -18,7 +18,7 @@ import pytest
 
 import jaxinfer as ji
 from jaxinfer import attention, ops
-from kernel_tools import cuda_lowering, pallas_call_names, rel_err
+from kernel_tools import cuda_lowering, equations, pallas_call_names, rel_err
 from pallas_kernels.rope_write import rope_write, rope_write_reference
 
 
@@ -148,6 +148,35 @@ def test_model_decode_step_attends_in_the_same_launch(monkeypatch):
     np.testing.assert_array_equal(np.asarray(got_cache.lengths), np.asarray(want_cache.lengths))
     for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
         np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+        assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_model_decode_step_on_a_quantized_cache_attends_in_the_same_launch(monkeypatch, cache_dtype):
+    """An int8 / fp8 cache takes the same launch (interpret mode for the GPU's kernels), which quantizes the new
+    key and value as the cache's `write` does: the XLA path's first cache layer to one code where x / scale
+    sits at a tie (the two divisions may differ in the last bit), its scales, and the logits to bf16
+    attention's rounding."""
+    params = ji.init_params(CONFIG, jax.random.key(4, impl="rbg"), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CONFIG.vocab_size, (2, 6)))
+    cache = ji.init_cache(CONFIG, 2, 8, cache_dtype)
+    _, cache = ji.forward(params, cache, tokens[:, :5], jnp.asarray([5, 3], jnp.int32), config=CONFIG)
+    lengths = jnp.asarray([1, 0], jnp.int32)
+    want_logits, want_cache = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(
+        params, cache, tokens[:, -1:], lengths)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
+    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
+    jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
+    assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention", "combine_splits"]  # no XLA write either
+    assert not any(e.primitive.name == "scatter" for e in equations(jaxpr.jaxpr))
+    got_logits, got_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
+    assert rel_err(got_logits, want_logits) < 1e-2
+    for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+        got, want = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+        assert (np.abs(got - want) <= np.maximum(1.0, np.abs(want) / 8)).all()
+    for got, want in ((got_cache.k_scale, want_cache.k_scale), (got_cache.v_scale, want_cache.v_scale)):
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-6)
         assert rel_err(got, want) < 1e-2
 
 
