@@ -135,6 +135,9 @@ VARIANTS = {
                                        {"pallas_kernels.decode_attention": {"_QUANT_SHORT_BLOCK_K": b,
                                                                             "_QUANT_SHORT_STAGES": st}})
        for b, st in ((64, 4), (64, 2), (128, 2))},
+    "bf16_int8_kv_f16_dots": ("bf16 weights, int8 cache, codes converted to float16 for the attention's dots "
+                              "(`decode_attention.QUANT_DOT_DTYPE`)", dict(profile_batches=(), kv_dtype="int8"),
+                              {"pallas_kernels.decode_attention": {"QUANT_DOT_DTYPE": "float16"}}),
     "int4_fragments_norm_without_digits": ("int4 in the fragment order, x's digits for q/k/v and gate/up made by "
                                            "launches of their own, not the add + norm (`ops.ADD_NORM_DIGITS` off)",
                                            dict(quant="int4", weight_layout="fragments", profile_batches=()),

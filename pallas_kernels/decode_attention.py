@@ -39,6 +39,8 @@ _LONG_WALK = 2048  # keys per split from which the large block applies
 _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the caller chose)
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 _QUANT_SHORT_BLOCK_K, _QUANT_SHORT_STAGES = 32, 4  # int8 / fp8 codes: half the bytes a key
+QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": one
+# conversion instruction from int8, or from a pair of fp8 codes)
 _DEFAULT_WARPS = 4
 
 
@@ -94,6 +96,9 @@ def _decode_kernel(
   else:
     q = load_q_tile(q_ref, rows)  # [rows, H]
     query_at = length - 1
+  if quantized and QUANT_DOT_DTYPE is not None:
+    dot_dtype = jnp.dtype(QUANT_DOT_DTYPE)
+    q = tuple(x.astype(dot_dtype) for x in q) if append else q.astype(dot_dtype)
   lo, hi = split_block_range(length, window, block_k, pl.program_id(2), num_splits)
   zero = 0.0 if jnp.issubdtype(k_ref.dtype, jnp.floating) else 0  # Triton cannot cast an int to fp8
 
@@ -151,7 +156,8 @@ def _quantize_token(parts, dtype):
   f32 = jnp.float32
   top = float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
   xs = [x.astype(f32) for x in parts]
-  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
+  amax = jnp.max(functools.reduce(jnp.maximum, [jnp.abs(x) for x in xs]))  # (the parts' elementwise max first: one
+  # reduction, one cross-warp exchange on the last split's path)
   scale = jnp.where(amax > 0, amax / top, 1.0)
   codes = []
   for x in xs:

@@ -10,6 +10,7 @@ memory to the kernel.
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -262,10 +263,15 @@ class TestDecodeAttention:
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
   @pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stacked"])
-  def test_quantized_cache(self, interpret, code_dtype, stacked):
+  @pytest.mark.parametrize("dot_dtype", [None, "float16"])
+  def test_quantized_cache(self, monkeypatch, interpret, code_dtype, stacked, dot_dtype):
     """int8 / fp8 codes with per-token scales, dequantized in the kernel, equal attention over the
-    dequantized values (bf16 rounding of each dequantized tile is the only difference)."""
+    dequantized values (bf16 rounding of each dequantized tile is the only difference), the codes converted
+    to q's dtype or to float16 for the dots."""
     from jaxinfer.cache import quantize_kv
+
+    monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+    jax.clear_caches()  # (jit caches do not see the switch)
 
     rng = _rng()
     batch, seq_k, blocks = self._shapes(interpret)
@@ -386,9 +392,10 @@ class TestDecodeAttentionAppend:
 
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn])
-  @pytest.mark.parametrize("window,softcap,num_splits", [(None, None, 3), (20, 30.0, None)])
-  def test_quantized_cache_matches_rope_write_quantize_then_decode(self, interpret, code_dtype, window, softcap,
-                                                                   num_splits):
+  @pytest.mark.parametrize("window,softcap,num_splits,dot_dtype", [(None, None, 3, None), (20, 30.0, None, None),
+                                                                   (None, None, 3, "float16")])
+  def test_quantized_cache_matches_rope_write_quantize_then_decode(self, monkeypatch, interpret, code_dtype, window,
+                                                                   softcap, num_splits, dot_dtype):
     """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
     cache's own write quantizes them (`jaxinfer.cache.quantize_kv`), codes and scales stored, and the attention
     over the cache as it then holds them. Codes within one code (int8) or one fp8 step where x / scale sits
@@ -396,6 +403,8 @@ class TestDecodeAttentionAppend:
     few of those; scales within float32 rounding; the output within bfloat16's tolerance."""
     from jaxinfer.cache import quantize_kv
 
+    monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+    jax.clear_caches()
     rng = _rng()
     args, positions, lengths, blocks = self._inputs(rng, interpret, 8, 2, 128, jnp.bfloat16)
     layer, (L, B, S, K, H) = 2, args[5].shape
