@@ -156,8 +156,7 @@ def _quantize_token(parts, dtype):
   f32 = jnp.float32
   top = float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
   xs = [x.astype(f32) for x in parts]
-  amax = jnp.max(functools.reduce(jnp.maximum, [jnp.abs(x) for x in xs]))  # (the parts' elementwise max first: one
-  # reduction, one cross-warp exchange on the last split's path)
+  amax = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x)) for x in xs])
   scale = jnp.where(amax > 0, amax / top, 1.0)
   codes = []
   for x in xs:

@@ -631,8 +631,12 @@ class TestCombineSplits:
 
 
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
-def test_kernels_lower_to_triton_on_the_cpu():
-  """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU."""
+@pytest.mark.parametrize("dot_dtype", [None, "float16"])
+def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
+  """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU; the quantized
+  caches' decode with their codes converted to q's dtype or to float16 for the dots."""
+  monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+  jax.clear_caches()
   sds = jax.ShapeDtypeStruct
   bf16, i32 = jnp.bfloat16, jnp.int32
   cases = [
@@ -667,6 +671,12 @@ def test_kernels_lower_to_triton_on_the_cpu():
        (sds((1, 32, 128), bf16), sds((1, 8, 128), bf16), sds((1, 8, 128), bf16), sds((1, 128), jnp.float32),
         sds((1, 128), jnp.float32), sds((32, 1, 1024, 8, 128), bf16), sds((32, 1, 1024, 8, 128), bf16)),
        dict(layer=sds((), i32), positions=sds((1,), i32), lengths=sds((1,), i32))),
+      *((functools.partial(decode_attention_append, interpret=False),  # the step over an int8 / fp8 cache
+         (sds((2, 32, 128), bf16), sds((2, 8, 128), bf16), sds((2, 8, 128), bf16), sds((2, 128), jnp.float32),
+          sds((2, 128), jnp.float32), sds((4, 2, 1024, 8, 128), code), sds((4, 2, 1024, 8, 128), code)),
+         dict(layer=sds((), i32), positions=sds((2,), i32), lengths=sds((2,), i32),
+              k_scale=sds((4, 2, 1024, 8), jnp.float32), v_scale=sds((4, 2, 1024, 8), jnp.float32)))
+        for code in (jnp.int8, jnp.float8_e4m3fn)),
       (functools.partial(weight_matmuls, fmt="plain", group_size=None, interpret=False),  # q, k, v at once
        (sds((1, 4096), bf16), (((sds((4, 4096, 4096), bf16), None, None), (sds((4, 4096, 1024), bf16), None, None),
                                 (sds((4, 4096, 1024), bf16), None, None)))), dict(layer=sds((), i32))),
