@@ -25,24 +25,39 @@ from jaxinfer.config import ModelConfig  # noqa: E402
 CASES = {"bf16": (None, "contract-last"), "int4_fragments": ("int4", "fragments"), "int8": ("int8", "contract-last")}
 
 
-def main(argv=None):
+def decode_case(name: str, batch: int, context: int, steps: int):
+    """(call, rewind) of `llama-3-8b`'s per-step decode call (`jaxinfer.bench`'s loop) for case `name`."""
+    quant, layout = CASES[name]
+    spec = runner.BenchSpec(config=ModelConfig.from_preset("llama-3-8b"), impl="auto", batches=(batch,),
+                            contexts=(context,), phases=("decode",), quant=quant, weight_layout=layout, steps=steps)
+    params = runner.build_params(spec.config, spec.jnp_dtype, quant=quant, layout=layout)
+    call, rewind, _, _, _ = runner._decode_call(params, spec, batch, context)
+    return call, rewind
+
+
+def probe_parser(default_cases) -> argparse.ArgumentParser:
+    """The decode probes' common options: --out, --batch, --context, --steps, --cases."""
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    args = p.parse_args(argv)
+    p.add_argument("--cases", nargs="+", default=list(default_cases), choices=list(CASES))
+    return p
+
+
+def start_log(args) -> tuple[Path, dict]:
+    """The output folder (made) and the log's head: the device and jax version, no cases yet."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": {}}
+    return out, {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": {}}
+
+
+def main(argv=None):
+    args = probe_parser(CASES).parse_args(argv)
+    out, log = start_log(args)
     for name in args.cases:
-        quant, layout = CASES[name]
-        spec = runner.BenchSpec(config=ModelConfig.from_preset("llama-3-8b"), impl="auto", batches=(args.batch,),
-                                contexts=(args.context,), phases=("decode",), quant=quant, weight_layout=layout,
-                                steps=args.steps)
-        params = runner.build_params(spec.config, spec.jnp_dtype, quant=quant, layout=layout)
-        call, rewind, _, _, _ = runner._decode_call(params, spec, args.batch, args.context)
+        call, rewind = decode_case(name, args.batch, args.context, args.steps)
         planes = device_events(call, calls=args.steps, before=rewind) or {}
         events = max(planes.values(), key=len) if planes else []
         report = idle_report(events, lambda ev: "mosaic" in ev.name, top=12)
@@ -51,7 +66,7 @@ def main(argv=None):
         print(f"{name}: per step {json.dumps({k: round(v, 1) for k, v in per_step.items()})}", flush=True)
         for row in report.get("largest_gaps_by_pair", []):
             print(f"   {row['idle_us'] / args.steps:7.2f} us/step  {row['prev'][:50]} -> {row['next'][:50]}", flush=True)
-        del params, call
+        del call
     (out / "idle_probe.json").write_text(json.dumps(log, indent=1, default=str))
 
 

@@ -126,24 +126,28 @@ def test_model_decode_step_uses_one_launch_per_layer(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _decode_step_both_ways(monkeypatch, cache_dtype, seed):
+    """A one-token step (one sequence continuing, one padded) after a prefill, by the XLA path and with the GPU's
+    kernels on (interpret mode standing in): (jaxpr of the kernel step, (logits, cache) of each)."""
+    params = ji.init_params(CONFIG, jax.random.key(seed, impl="rbg"), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, (2, 6)))
+    cache = ji.init_cache(CONFIG, 2, 8, cache_dtype)
+    _, cache = ji.forward(params, cache, tokens[:, :5], jnp.asarray([5, 3], jnp.int32), config=CONFIG)
+    args = (params, cache, tokens[:, -1:], jnp.asarray([1, 0], jnp.int32))  # the second sequence padded
+    want = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(*args)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
+    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
+    return jax.make_jaxpr(step)(*args), jax.jit(step)(*args), want
+
+
 def test_model_decode_step_attends_in_the_same_launch(monkeypatch):
     """With the decode attention kernel on as well (interpret mode for the GPU's kernels), the rotation and the
     write ride in its launch (`decode_attention_append`: the split kernel and the combine, once per layer): the
     XLA ops' first cache layer exactly (later layers see attention outputs rounded differently), the rest and
     the logits to bf16 attention's rounding."""
-    params = ji.init_params(CONFIG, jax.random.key(3, impl="rbg"), jnp.bfloat16)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, CONFIG.vocab_size, (2, 6)))
-    cache = ji.init_cache(CONFIG, 2, 8, jnp.bfloat16)
-    _, cache = ji.forward(params, cache, tokens[:, :5], jnp.asarray([5, 3], jnp.int32), config=CONFIG)
-    lengths = jnp.asarray([1, 0], jnp.int32)  # the second sequence is padded this step
-    want_logits, want_cache = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(
-        params, cache, tokens[:, -1:], lengths)
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
-    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
-    jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
+    jaxpr, (got_logits, got_cache), (want_logits, want_cache) = _decode_step_both_ways(monkeypatch, jnp.bfloat16, 3)
     assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention", "combine_splits"]
-    got_logits, got_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
     assert rel_err(got_logits, want_logits) < 1e-2
     np.testing.assert_array_equal(np.asarray(got_cache.lengths), np.asarray(want_cache.lengths))
     for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
@@ -157,20 +161,9 @@ def test_model_decode_step_on_a_quantized_cache_attends_in_the_same_launch(monke
     key and value as the cache's `write` does: the XLA path's first cache layer to one code where x / scale
     sits at a tie (the two divisions may differ in the last bit), its scales, and the logits to bf16
     attention's rounding."""
-    params = ji.init_params(CONFIG, jax.random.key(4, impl="rbg"), jnp.bfloat16)
-    tokens = jnp.asarray(np.random.default_rng(3).integers(0, CONFIG.vocab_size, (2, 6)))
-    cache = ji.init_cache(CONFIG, 2, 8, cache_dtype)
-    _, cache = ji.forward(params, cache, tokens[:, :5], jnp.asarray([5, 3], jnp.int32), config=CONFIG)
-    lengths = jnp.asarray([1, 0], jnp.int32)
-    want_logits, want_cache = jax.jit(functools.partial(ji.forward, config=CONFIG, impl="xla"))(
-        params, cache, tokens[:, -1:], lengths)
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "ADD_NORM_KERNEL", False)
-    step = functools.partial(ji.forward, config=CONFIG, impl="auto")
-    jaxpr = jax.make_jaxpr(step)(params, cache, tokens[:, -1:], lengths)
+    jaxpr, (got_logits, got_cache), (want_logits, want_cache) = _decode_step_both_ways(monkeypatch, cache_dtype, 4)
     assert pallas_call_names(jaxpr.jaxpr) == ["decode_attention", "combine_splits"]  # no XLA write either
     assert not any(e.primitive.name == "scatter" for e in equations(jaxpr.jaxpr))
-    got_logits, got_cache = jax.jit(step)(params, cache, tokens[:, -1:], lengths)
     assert rel_err(got_logits, want_logits) < 1e-2
     for got, want in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
         got, want = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)

@@ -33,10 +33,9 @@ class Event(NamedTuple):
     stream: str
 
 
-def device_events(call: Callable[[], Any], calls: int = 1, before: Callable[[], None] | None = None,
-                  device: str = "/device:GPU") -> dict[str, list[Event]] | None:
-    """Every device-stream event of `calls` traced calls of `call()` (after an untimed warm-up call),
-    per trace plane whose name starts with `device`, sorted by start; None when no trace was written."""
+def traced(call: Callable[[], Any], calls: int = 1, before: Callable[[], None] | None = None):
+    """The profiler's data (`jax.profiler.ProfileData`) of `calls` traced calls of `call()` after an untimed
+    warm-up call (`before()` first, e.g. to rewind a cache); None when no trace was written."""
     if before is not None:
         before()
     jax.block_until_ready(call())
@@ -48,23 +47,30 @@ def device_events(call: Callable[[], Any], calls: int = 1, before: Callable[[], 
         finally:
             jax.profiler.stop_trace()
         paths = list(Path(tmp).rglob("*.xplane.pb"))
-        if not paths:
-            return None
-        data = jax.profiler.ProfileData.from_file(str(paths[0]))
-        planes: dict[str, list[Event]] = {}
-        for plane in data.planes:
-            if not plane.name.startswith(device):
+        return jax.profiler.ProfileData.from_file(str(paths[0])) if paths else None
+
+
+def device_events(call: Callable[[], Any], calls: int = 1, before: Callable[[], None] | None = None,
+                  device: str = "/device:GPU") -> dict[str, list[Event]] | None:
+    """Every device-stream event of `calls` traced calls of `call()` (after an untimed warm-up call),
+    per trace plane whose name starts with `device`, sorted by start; None when no trace was written."""
+    data = traced(call, calls, before)
+    if data is None:
+        return None
+    planes: dict[str, list[Event]] = {}
+    for plane in data.planes:
+        if not plane.name.startswith(device):
+            continue
+        events = planes.setdefault(plane.name, [])
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
                 continue
-            events = planes.setdefault(plane.name, [])
-            for line in plane.lines:
-                if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    op = str(dict(ev.stats).get("hlo_op") or ev.name)
-                    if op.startswith("command_buffer"):  # a CUDA graph: name its kernels instead
-                        op = ev.name
-                    events.append(Event(int(ev.start_ns), int(ev.end_ns), ev.name, op, line.name))
-            events.sort()
+            for ev in line.events:
+                op = str(dict(ev.stats).get("hlo_op") or ev.name)
+                if op.startswith("command_buffer"):  # a CUDA graph: name its kernels instead
+                    op = ev.name
+                events.append(Event(int(ev.start_ns), int(ev.end_ns), ev.name, op, line.name))
+        events.sort()
     return planes
 
 
