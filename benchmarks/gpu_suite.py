@@ -129,11 +129,11 @@ VARIANTS = {
        for name, title, changes in (("bf16", "bf16 weights", {}),
                                     ("int4_fragments", "int4 in the fragment order",
                                      dict(quant="int4", weight_layout="fragments")))},
-    # The int8 cache's decode attention with larger key blocks for short walks (its keys are half as many bytes).
+    # The int8 cache's decode attention with larger key blocks for short walks (its keys are half as many bytes;
+    # the switch is the bf16 cache's too, which these steps do not read).
     **{f"bf16_int8_kv_block{b}_{st}": (f"bf16 weights, int8 cache, {b}-key blocks in {st} stages for short walks",
                                        dict(profile_batches=(), kv_dtype="int8"),
-                                       {"pallas_kernels.decode_attention": {"_QUANT_SHORT_BLOCK_K": b,
-                                                                            "_QUANT_SHORT_STAGES": st}})
+                                       {"pallas_kernels.decode_attention": {"_SHORT_BLOCK_K": b, "_SHORT_STAGES": st}})
        for b, st in ((64, 4), (64, 2), (128, 2))},
     "bf16_int8_kv_f16_dots": ("bf16 weights, int8 cache, codes converted to float16 for the attention's dots "
                               "(`decode_attention.QUANT_DOT_DTYPE`)", dict(profile_batches=(), kv_dtype="int8"),

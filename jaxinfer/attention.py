@@ -66,7 +66,7 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
     import pallas_kernels as pk
 
     quantized = isinstance(cache, QuantKVCache)
-    cache_ok = quantized or (isinstance(cache, KVCache) and cache.k.dtype == q.dtype)
+    cache_ok = quantized or _holds_q_dtype(cache, q)
     if (APPEND_KERNEL and cache_ok and _one_token_kernel_applies(impl, q, k, v) and _pallas_query_ok(q)
             and pk.decode_attention_supports_append(q.shape[-1])):
         cos, sin = (t[:, 0] for t in rope)
@@ -87,7 +87,12 @@ def rotate_write_attend(q, k, v, rope, cache, layer, positions, valid, kv_length
 
 def _rope_write_applies(impl, q, k, v, cache) -> bool:
     """`_one_token_kernel_applies` over a dense cache in q's dtype."""
-    return isinstance(cache, KVCache) and cache.k.dtype == q.dtype and _one_token_kernel_applies(impl, q, k, v)
+    return _holds_q_dtype(cache, q) and _one_token_kernel_applies(impl, q, k, v)
+
+
+def _holds_q_dtype(cache, q) -> bool:
+    """A dense (unquantized) cache of q's dtype: what `rope_write` and the appending launch write as they are."""
+    return isinstance(cache, KVCache) and cache.k.dtype == q.dtype
 
 
 def _one_token_kernel_applies(impl, q, k, v) -> bool:

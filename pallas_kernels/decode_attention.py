@@ -38,7 +38,6 @@ from pallas_kernels.common import (
 _LONG_WALK = 2048  # keys per split from which the large block applies
 _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the caller chose)
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
-_QUANT_SHORT_BLOCK_K, _QUANT_SHORT_STAGES = 32, 4  # int8 / fp8 codes: half the bytes a key
 QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": one
 # conversion instruction from int8, or from a pair of fp8 codes)
 _DEFAULT_WARPS = 4
@@ -324,7 +323,6 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
   if block_k is None:  # by the keys one split walks (splits as many as fill the GPU, see above)
     walk = seq_k / (num_splits or default_num_splits(batch, num_kv_heads, seq_k))
     block_k, default_stages = ((_LONG_BLOCK_K, _LONG_STAGES) if walk >= _LONG_WALK
-                               else (_QUANT_SHORT_BLOCK_K, _QUANT_SHORT_STAGES) if quantized
                                else (_SHORT_BLOCK_K, _SHORT_STAGES))
   else:
     default_stages = _LONG_STAGES
