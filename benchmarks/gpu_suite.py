@@ -135,6 +135,26 @@ VARIANTS = {
                                        dict(profile_batches=(), kv_dtype="int8"),
                                        {"pallas_kernels.decode_attention": {"_SHORT_BLOCK_K": b, "_SHORT_STAGES": st}})
        for b, st in ((64, 4), (64, 2), (128, 2))},
+    # More decode attention programs at once (`common.TARGET_PROGRAMS`, the splits' target): an int8 cache's
+    # stages take half the shared memory, so twice as many programs fit an SM (session 30).
+    **{f"{name}_programs{n}{'_3stages' if st else ''}": (
+        f"{title}, decode attention splits towards {n} programs{', 3 stages for short walks' if st else ''}",
+        dict(profile_batches=(), **changes),
+        {"pallas_kernels.common": {"TARGET_PROGRAMS": n},
+         **({"pallas_kernels.decode_attention": {"_SHORT_STAGES": st}} if st else {})})
+       for name, title, changes in (("bf16", "bf16 weights and cache", {}),
+                                    ("bf16_int8_kv", "bf16 weights, int8 cache", dict(kv_dtype="int8")))
+       for n in (528, 792) for st in (None, 3)},
+    # The int8 cache's codes into the attention's dots by inline PTX (`decode_attention.CODES_BY_PTX`), as bfloat16
+    # or float16.
+    **{f"{name}_codes_ptx{'_f16' if f16 else ''}": (
+        f"{title}, int8 cache, codes by inline PTX{' into float16 dots' if f16 else ''}",
+        dict(profile_batches=(), kv_dtype="int8", **changes),
+        {"pallas_kernels.decode_attention": {"CODES_BY_PTX": True, **({"QUANT_DOT_DTYPE": "float16"} if f16 else {})}})
+       for name, title, changes in (("bf16_int8_kv", "bf16 weights", {}),
+                                    ("int4_fragments_int8_kv", "int4 in the fragment order",
+                                     dict(quant="int4", weight_layout="fragments")))
+       for f16 in (False, True)},
     "bf16_int8_kv_f16_dots": ("bf16 weights, int8 cache, codes converted to float16 for the attention's dots "
                               "(`decode_attention.QUANT_DOT_DTYPE`)", dict(profile_batches=(), kv_dtype="int8"),
                               {"pallas_kernels.decode_attention": {"QUANT_DOT_DTYPE": "float16"}}),

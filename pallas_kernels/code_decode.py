@@ -12,8 +12,9 @@ int-to-float conversion instruction (those run at a quarter of the FMA rate).
 the mantissa of 2^(23-p), one fused multiply-add with x and -2^(23-p) x (shared by every row of a program)
 leaves code * x, rounded once, so the subtract per code is gone.
 
-The `*_bf16` forms make a dot's bfloat16 operand (the batched weight kernel) the same way, two codes to a
-32-bit register, straight into bfloat16's mantissa: per two codes one permute, one or two logic ops and
+The `*_bf16` forms make a dot's bfloat16 operand (the batched weight kernel, the decode attention over an int8
+cache) the same way, two codes to a 32-bit register, straight into bfloat16's mantissa (`int8_codes_f16`:
+float16's, one subtract per two codes): per two codes one permute, one or two logic ops and
 one fused multiply-add, instead of an int-to-float and a float-to-bfloat16 conversion per code (the
 lowering's own spelling, whose cost depends on the Triton version).
 
@@ -100,6 +101,16 @@ _INT8_BF16_ASM = "\n".join([
     "}"])
 
 
+# Four int8 codes ($2) to four float16 in two registers ($0: codes 0 and 1, code 0 in the low half; $1: codes
+# 2 and 3): flip the sign bits (q + 128 as unsigned), set each byte under the byte 0x64 (the float16 1024 + 128 +
+# q: float16 holds the integers of [1024, 2048) exactly), and subtract 1152 from both halves at once, exactly.
+_INT8_F16_ASM = "\n".join([
+    "{", ".reg .b32 u, c;", "xor.b32 u, $2, 0x80808080;", "mov.b32 c, 0x64806480;",
+    *(line for out, selector in enumerate((0x4140, 0x4342)) for line in (
+        f"prmt.b32 ${out}, u, 0x64646464, {selector:#x};", f"sub.rn.f16x2 ${out}, ${out}, c;")),
+    "}"])
+
+
 def _int4_bf16_asm(zero: int, high: bool) -> str:
   """Eight int4 codes in one register ($2; byte i: low nibble element i of the group's first half, high
   nibble element i of its second) to the four low (or high) nibbles minus `zero` as bfloat16, two per output
@@ -158,6 +169,15 @@ def int8_codes_bf16(w: jax.Array, native: bool) -> jax.Array:
     return int8_codes_f32(w, False).astype(jnp.bfloat16)
   [c] = pltriton.elementwise_inline_asm(_INT8_BF16_ASM, args=[w], constraints="=r,=r,r", pack=4,
                                         result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)])
+  return c
+
+
+def int8_codes_f16(w: jax.Array, native: bool) -> jax.Array:
+  """int8 codes as float16 (exact): per four codes one logic op, two permutes and two paired subtracts."""
+  if not native:
+    return int8_codes_f32(w, False).astype(jnp.float16)
+  [c] = pltriton.elementwise_inline_asm(_INT8_F16_ASM, args=[w], constraints="=r,=r,r", pack=4,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)])
   return c
 
 

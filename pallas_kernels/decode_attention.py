@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import code_decode
 from pallas_kernels.common import (
     MASK_VALUE, MIN_DOT_ROWS, check_decode_args, check_rotary_inputs, default_num_splits, init_carry, load_q_tile,
     next_pow2, online_softmax_fold_key, online_softmax_step, rotate_halves, scale_logits, split_block_range,
@@ -40,6 +41,7 @@ _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the calle
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": one
 # conversion instruction from int8, or from a pair of fp8 codes)
+CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion
 _DEFAULT_WARPS = 4
 
 
@@ -59,6 +61,7 @@ def _decode_kernel(
     stacked: bool,
     quantized: bool,
     append: bool,
+    native: bool = False,
 ):
   f32 = jnp.float32
   if append:
@@ -116,8 +119,8 @@ def _decode_kernel(
       ks = pltriton.load(scale_at(ks_ref, span), mask=keep, other=0)  # [bk] float32
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
       dtype = (q[0] if append else q).dtype
-      k = tuple(x.astype(dtype) for x in k) if append else k.astype(dtype)
-      return online_softmax_step(q, k, v.astype(dtype), keep[None, :], carry, scale=scale, softcap=softcap,
+      k = tuple(codes_as(x, dtype, native) for x in k) if append else codes_as(k, dtype, native)
+      return online_softmax_step(q, k, codes_as(v, dtype, native), keep[None, :], carry, scale=scale, softcap=softcap,
                                  key_scale=ks, value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
@@ -145,6 +148,17 @@ def _decode_kernel(
         vs_out[layer, b, pos, h] = v_scale
 
   store_partials(o_ref, m_ref, l_ref, carry)
+
+
+def codes_as(codes, dtype, native: bool):
+  """Cache codes in the dots' dtype. With `CODES_BY_PTX` (and `native`: not interpreted), int8 codes by
+  `code_decode`'s permutes into the mantissa, two codes a register, instead of an int-to-float conversion per
+  code (those run at a quarter of the ALU rate; Nsight Compute put the int8 cache's launch at 168 registers and
+  0.57 instructions issued a cycle a scheduler against the bf16 cache's 126 and 0.31, session 30)."""
+  if CODES_BY_PTX and native and codes.dtype == jnp.int8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    decode = code_decode.int8_codes_bf16 if jnp.dtype(dtype) == jnp.bfloat16 else code_decode.int8_codes_f16
+    return decode(codes, native)
+  return codes.astype(dtype)
 
 
 def _quantize_token(parts, dtype):
@@ -332,7 +346,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
 
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
-                             append=append is not None)
+                             append=append is not None, native=not interpret)
   # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
   q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
   q_arg = qkv

@@ -44,6 +44,16 @@ def _bf16_bits(value) -> int:
     return int(np.array([value], np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)[0])
 
 
+def _f16_halves(bits: int) -> list[np.float64]:
+    """The two float16 of a 32-bit register (low half first) as float64."""
+    return [np.float64(np.array([bits >> s & 0xFFFF], np.uint16).view(np.float16)[0]) for s in (0, 16)]
+
+
+def _f16_bits(value) -> int:
+    """float16 bits of `value` (rounded to nearest even)."""
+    return int(np.array([value], np.float64).astype(np.float16).view(np.uint16)[0])
+
+
 def _operand(token: str, regs: dict) -> int:
     if token.startswith("0f"):
         return int(token[2:], 16)
@@ -99,6 +109,9 @@ def run_ptx(asm: str, inputs: dict) -> dict:
         elif op == "fma.rn.bf16x2":  # per half: a * b + c, one rounding to bfloat16
             a, b, c = (_bf16_halves(x) for x in v)
             out = _bf16_bits(a[0] * b[0] + c[0]) | _bf16_bits(a[1] * b[1] + c[1]) << 16
+        elif op == "sub.rn.f16x2":  # per half: a - b, one rounding to float16
+            a, b = (_f16_halves(x) for x in v)
+            out = _f16_bits(a[0] - b[0]) | _f16_bits(a[1] - b[1]) << 16
 
         else:
             raise AssertionError(f"unexpected instruction {op}")
@@ -138,6 +151,16 @@ def test_int8_asm_decodes_every_code_in_every_position(form):
         regs = run_ptx(int8_asm, {register: word})
         codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
         got = [v - INT8_OFFSET[form] for v in outputs(regs)]
+        assert got == [float(c) for c in codes], (hex(word), got, codes)
+
+
+def test_int8_f16_asm_decodes_every_code_in_every_position():
+    """`int8_codes_f16`'s PTX: each code exactly, code 0 of a word in the low half of the first result."""
+    rng = np.random.default_rng(1)
+    for word in _words(rng, np.arange(256, dtype=np.uint8)):
+        regs = run_ptx(code_decode._INT8_F16_ASM, {"$2": word})
+        got = _f16_halves(regs["$0"]) + _f16_halves(regs["$1"])
+        codes = np.frombuffer(word.to_bytes(4, "little"), np.int8)
         assert got == [float(c) for c in codes], (hex(word), got, codes)
 
 

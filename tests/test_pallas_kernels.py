@@ -38,6 +38,14 @@ TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
 _SEEDS = iter(range(10**6))
 
 
+def _dot_switches(monkeypatch, dot_dtype):
+  """The quantized decode's dot dtype and how int8 codes reach it (`decode_attention.codes_as`): None (q's dtype,
+  converted), "float16", "ptx" (q's dtype by inline PTX; natively), "float16 ptx"."""
+  module = sys.modules["pallas_kernels.decode_attention"]
+  monkeypatch.setattr(module, "QUANT_DOT_DTYPE", "float16" if dot_dtype and "float16" in dot_dtype else None)
+  monkeypatch.setattr(module, "CODES_BY_PTX", bool(dot_dtype and "ptx" in dot_dtype))
+
+
 def _rng():
   """A fresh generator per call, so that no two tests share inputs."""
   return np.random.default_rng([next(_SEEDS), 20261126])
@@ -263,14 +271,14 @@ class TestDecodeAttention:
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
   @pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stacked"])
-  @pytest.mark.parametrize("dot_dtype", [None, "float16"])
+  @pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx"])
   def test_quantized_cache(self, monkeypatch, interpret, code_dtype, stacked, dot_dtype):
     """int8 / fp8 codes with per-token scales, dequantized in the kernel, equal attention over the
     dequantized values (bf16 rounding of each dequantized tile is the only difference), the codes converted
     to q's dtype or to float16 for the dots."""
     from jaxinfer.cache import quantize_kv
 
-    monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+    _dot_switches(monkeypatch, dot_dtype)
     jax.clear_caches()  # (jit caches do not see the switch)
 
     rng = _rng()
@@ -393,7 +401,8 @@ class TestDecodeAttentionAppend:
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn])
   @pytest.mark.parametrize("window,softcap,num_splits,dot_dtype", [(None, None, 3, None), (20, 30.0, None, None),
-                                                                   (None, None, 3, "float16")])
+                                                                   (None, None, 3, "float16"),
+                                                                   (None, None, 3, "ptx"), (20, 30.0, None, "float16 ptx")])
   def test_quantized_cache_matches_rope_write_quantize_then_decode(self, monkeypatch, interpret, code_dtype, window,
                                                                    softcap, num_splits, dot_dtype):
     """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
@@ -403,7 +412,7 @@ class TestDecodeAttentionAppend:
     few of those; scales within float32 rounding; the output within bfloat16's tolerance."""
     from jaxinfer.cache import quantize_kv
 
-    monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+    _dot_switches(monkeypatch, dot_dtype)
     jax.clear_caches()
     rng = _rng()
     args, positions, lengths, blocks = self._inputs(rng, interpret, 8, 2, 128, jnp.bfloat16)
@@ -631,11 +640,12 @@ class TestCombineSplits:
 
 
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
-@pytest.mark.parametrize("dot_dtype", [None, "float16"])
+@pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx"])
 def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
   """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU; the quantized
-  caches' decode with their codes converted to q's dtype or to float16 for the dots."""
-  monkeypatch.setattr(sys.modules["pallas_kernels.decode_attention"], "QUANT_DOT_DTYPE", dot_dtype)
+  caches' decode with their codes converted to q's dtype or to float16 for the dots, by a conversion or by
+  inline PTX (int8)."""
+  _dot_switches(monkeypatch, dot_dtype)
   jax.clear_caches()
   sds = jax.ShapeDtypeStruct
   bf16, i32 = jnp.bfloat16, jnp.int32
@@ -694,3 +704,6 @@ def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
     assert "triton" in text
     if getattr(fn, "func", fn) in (decode_attention, decode_attention_append, paged_decode_attention):
       assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # split-K kernel + combine
+    if getattr(fn, "func", fn) in (decode_attention, decode_attention_append) and "k_scale" in kwargs:
+      int8 = args[1].dtype == jnp.int8 or args[-1].dtype == jnp.int8
+      assert ("prmt.b32" in text) == (int8 and "ptx" in (dot_dtype or ""))  # int8 codes by inline PTX when asked
