@@ -145,6 +145,12 @@ VARIANTS = {
        for name, title, changes in (("bf16", "bf16 weights and cache", {}),
                                     ("bf16_int8_kv", "bf16 weights, int8 cache", dict(kv_dtype="int8")))
        for n in (528, 792) for st in (None, 3)},
+    # Eight warps a decode attention program (`decode_attention._DEFAULT_WARPS`): the int8 cache's launch holds 168
+    # registers a thread at four (three programs an SM), the bf16 cache's 126 (session 30).
+    **{f"{name}_warps8": (f"{title}, eight warps a decode attention program", dict(profile_batches=(), **changes),
+                          {"pallas_kernels.decode_attention": {"_DEFAULT_WARPS": 8}})
+       for name, title, changes in (("bf16", "bf16 weights and cache", {}),
+                                    ("bf16_int8_kv", "bf16 weights, int8 cache", dict(kv_dtype="int8")))},
     # The int8 cache's codes into the attention's dots by inline PTX (`decode_attention.CODES_BY_PTX`), as bfloat16
     # or float16.
     **{f"{name}_codes_ptx{'_f16' if f16 else ''}": (
