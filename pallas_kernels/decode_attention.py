@@ -39,9 +39,10 @@ from pallas_kernels.common import (
 _LONG_WALK = 2048  # keys per split from which the large block applies
 _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the caller chose)
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
-QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": one
-# conversion instruction from int8, or from a pair of fp8 codes)
-CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion
+QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": off, since
+# small value scales put the probabilities times the scales under float16's normal range)
+CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion: off,
+# level into bfloat16, 5 % faster into float16 (`codes_as`)
 _DEFAULT_WARPS = 4
 
 
@@ -120,8 +121,9 @@ def _decode_kernel(
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
       dtype = (q[0] if append else q).dtype
       k = tuple(codes_as(x, dtype, native) for x in k) if append else codes_as(k, dtype, native)
-      return online_softmax_step(q, k, codes_as(v, dtype, native), keep[None, :], carry, scale=scale, softcap=softcap,
-                                 key_scale=ks, value_scale=vs)
+      v = codes_as(v, dtype, native)
+      return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap, key_scale=ks,
+                                 value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
   carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
@@ -151,10 +153,11 @@ def _decode_kernel(
 
 
 def codes_as(codes, dtype, native: bool):
-  """Cache codes in the dots' dtype. With `CODES_BY_PTX` (and `native`: not interpreted), int8 codes by
-  `code_decode`'s permutes into the mantissa, two codes a register, instead of an int-to-float conversion per
-  code (those run at a quarter of the ALU rate; Nsight Compute put the int8 cache's launch at 168 registers and
-  0.57 instructions issued a cycle a scheduler against the bf16 cache's 126 and 0.31, session 30)."""
+  """Cache codes in the dots' dtype. With `CODES_BY_PTX` (and `native`: compiled, inline PTX on), int8 codes by
+  `code_decode`'s permutes into the mantissa, two codes a register, instead of an int-to-float conversion per code.
+  Measured (H200, session 30): the int8 cache's launch is issue-bound, but mostly on gathering the value tile's bytes
+  into the dot operand, which Triton does before any spelling of the decode; into float16 649 against 683 us a step
+  at batch 16, into bfloat16 level."""
   if CODES_BY_PTX and native and codes.dtype == jnp.int8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     decode = code_decode.int8_codes_bf16 if jnp.dtype(dtype) == jnp.bfloat16 else code_decode.int8_codes_f16
     return decode(codes, native)
@@ -346,7 +349,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
 
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
-                             append=append is not None, native=not interpret)
+                             append=append is not None, native=not interpret and code_decode.INLINE_PTX)
   # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
   q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
   q_arg = qkv

@@ -402,7 +402,8 @@ class TestDecodeAttentionAppend:
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn])
   @pytest.mark.parametrize("window,softcap,num_splits,dot_dtype", [(None, None, 3, None), (20, 30.0, None, None),
                                                                    (None, None, 3, "float16"),
-                                                                   (None, None, 3, "ptx"), (20, 30.0, None, "float16 ptx")])
+                                                                   (None, None, 3, "ptx"),
+                                                                   (20, 30.0, None, "float16 ptx")])
   def test_quantized_cache_matches_rope_write_quantize_then_decode(self, monkeypatch, interpret, code_dtype, window,
                                                                    softcap, num_splits, dot_dtype):
     """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
