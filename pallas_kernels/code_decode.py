@@ -163,22 +163,23 @@ def int4_code_products(w: jax.Array, x_low: jax.Array, x_high: jax.Array, native
                for high, x in ((False, x_low), (True, x_high)))
 
 
+def _int8_codes_16bit(w: jax.Array, native: bool, asm: str, dtype) -> jax.Array:
+  """int8 codes as the 16-bit float `dtype` by `asm` (four codes in a register to two registers), or in jnp."""
+  if not native:
+    return int8_codes_f32(w, False).astype(dtype)
+  [c] = pltriton.elementwise_inline_asm(asm, args=[w], constraints="=r,=r,r", pack=4,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, dtype)])
+  return c
+
+
 def int8_codes_bf16(w: jax.Array, native: bool) -> jax.Array:
   """int8 codes as bfloat16 (exact): per two codes one permute, two logic ops and one fused multiply-add."""
-  if not native:
-    return int8_codes_f32(w, False).astype(jnp.bfloat16)
-  [c] = pltriton.elementwise_inline_asm(_INT8_BF16_ASM, args=[w], constraints="=r,=r,r", pack=4,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)])
-  return c
+  return _int8_codes_16bit(w, native, _INT8_BF16_ASM, jnp.bfloat16)
 
 
 def int8_codes_f16(w: jax.Array, native: bool) -> jax.Array:
   """int8 codes as float16 (exact): per four codes one logic op, two permutes and two paired subtracts."""
-  if not native:
-    return int8_codes_f32(w, False).astype(jnp.float16)
-  [c] = pltriton.elementwise_inline_asm(_INT8_F16_ASM, args=[w], constraints="=r,=r,r", pack=4,
-                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)])
-  return c
+  return _int8_codes_16bit(w, native, _INT8_F16_ASM, jnp.float16)
 
 
 def int4_codes_bf16(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, jax.Array]:
