@@ -48,7 +48,7 @@ def capture_modules(fn, *args, **kwargs) -> list[str]:
     return captured
 
 
-def sass_counts(ttir: str, num_warps: int) -> dict:
+def sass_counts(ttir: str, num_warps: int, num_stages: int = 3) -> dict:
     """Compile a Triton module for sm_90 and count its SASS: {"resources": ..., "instructions": n, "ops": Counter}."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -58,7 +58,8 @@ def sass_counts(ttir: str, num_warps: int) -> dict:
         path = os.path.join(d, "kernel.ttir")
         with open(path, "w") as f:
             f.write(ttir)
-        kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        kernel = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                                 "num_stages": num_stages})
         cubin = os.path.join(d, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(kernel.asm["cubin"])
@@ -106,7 +107,29 @@ def _probe_int4(block_n=8):
     return modules[-1], 4, block_n * K // (4 * 32)
 
 
+def _decode_append(code_dtype=None, **switches):
+    """The model's decode attention launch (`decode_attention_append`, llama-3-8b at batch 16 over 1k keys: 32-key
+    blocks, 4 stages) on a bf16 cache, or an int8 / fp8 one ("codes": a thread's cache codes a key block)."""
+    from jaxinfer.bench import switched
+    from pallas_kernels import decode_attention_append
+    attention = sys.modules["pallas_kernels.decode_attention"]  # (the package's name is the function)
+
+    L, B, T, K, H = 2, 16, 1152, 8, 128
+    cache = S((L, B, T, K, H), code_dtype or jnp.bfloat16)
+    kw = {} if code_dtype is None else dict(k_scale=S((L, B, T, K), jnp.float32), v_scale=S((L, B, T, K), jnp.float32))
+    fn = functools.partial(decode_attention_append, interpret=False)
+    with switched(attention, switches):
+        modules = capture_modules(fn, S((B, 32, H), jnp.bfloat16), S((B, K, H), jnp.bfloat16),
+                                  S((B, K, H), jnp.bfloat16), S((B, H), jnp.float32), S((B, H), jnp.float32), cache, cache,
+                                  layer=S((), jnp.int32), positions=S((B,), jnp.int32), lengths=S((B,), jnp.int32), **kw)
+    return modules[0], attention._DEFAULT_WARPS, 2 * 32 * H // (32 * attention._DEFAULT_WARPS), attention._SHORT_STAGES
+
+
 CASES = {
+    "decode-append-bf16": _decode_append,
+    "decode-append-int8": functools.partial(_decode_append, jnp.int8),
+    "decode-append-int8-ptx-f16": functools.partial(_decode_append, jnp.int8, CODES_BY_PTX=True,
+                                                    QUANT_DOT_DTYPE="float16"),
     "row-int4-swiglu-float": functools.partial(_row_int4_swiglu, False),
     "row-int4-swiglu-dp4a": functools.partial(_row_int4_swiglu, True),
     "row-int4-swiglu-dp4a-16rows": functools.partial(_row_int4_swiglu, True, 16),
@@ -119,8 +142,8 @@ CASES = {
 
 def main(names):
     for name in names or CASES:
-        ttir, warps, codes = CASES[name]()
-        c = sass_counts(ttir, warps)
+        ttir, warps, codes, *stages = CASES[name]()
+        c = sass_counts(ttir, warps, *stages)
         top = ", ".join(f"{op} {n}" for op, n in c["ops"].most_common(12))
         print(f"{name}: {c['resources']}, {c['instructions']} instructions, "
               f"{c['instructions'] / codes:.2f} a code ({codes} codes a thread); {top}", flush=True)
