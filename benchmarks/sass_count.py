@@ -130,6 +130,7 @@ CASES = {
     "decode-append-int8": functools.partial(_decode_append, jnp.int8),
     "decode-append-int8-ptx-f16": functools.partial(_decode_append, jnp.int8, CODES_BY_PTX=True,
                                                     QUANT_DOT_DTYPE="float16"),
+    "decode-append-int8-words": functools.partial(_decode_append, jnp.int8, VALUE_WORDS=True),
     "row-int4-swiglu-float": functools.partial(_row_int4_swiglu, False),
     "row-int4-swiglu-dp4a": functools.partial(_row_int4_swiglu, True),
     "row-int4-swiglu-dp4a-16rows": functools.partial(_row_int4_swiglu, True, 16),

@@ -131,10 +131,15 @@ def online_softmax_update(s, v, carry, value_scale=None):
   l = l * alpha + p.sum(axis=1)
   if value_scale is not None:
     p = p * value_scale[None, :]
-  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                       precision=_dot_precision(v.dtype),
-                       preferred_element_type=jnp.float32)  # [M, H]
-  return acc * alpha[:, None] + pv, m_new, l
+  if isinstance(acc, tuple):  # column groups (`init_carry(..., groups=)`): v's matching groups, a dot each
+    return tuple(a * alpha[:, None] + _pv(p, vi) for a, vi in zip(acc, v)), m_new, l
+  return acc * alpha[:, None] + _pv(p, v), m_new, l
+
+
+def _pv(p, v):
+  """p [M, bk] @ v [bk, H] in float32, p rounded to v's dtype."""
+  return lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=_dot_precision(v.dtype),
+                         preferred_element_type=jnp.float32)
 
 
 def online_softmax_fold_key(s, v, carry):
@@ -144,7 +149,9 @@ def online_softmax_fold_key(s, v, carry):
   m_new = jnp.maximum(m, s)
   alpha = jnp.exp2(m - m_new)
   p = jnp.exp2(s - m_new)
-  return acc * alpha[:, None] + p[:, None] * v.astype(jnp.float32)[None, :], m_new, l * alpha + p
+  fold = lambda a, vi: a * alpha[:, None] + p[:, None] * vi.astype(jnp.float32)[None, :]  # noqa: E731
+  acc = tuple(map(fold, acc, v)) if isinstance(acc, tuple) else fold(acc, v)  # (column groups: v's too)
+  return acc, m_new, l * alpha + p
 
 
 def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | None, key_scale=None,
@@ -156,10 +163,13 @@ def online_softmax_step(q, k, v, keep, carry, *, scale: float, softcap: float | 
   return online_softmax_update(s, v, carry, value_scale)
 
 
-def init_carry(rows: int, head_dim: int):
-  return (jnp.zeros((rows, head_dim), jnp.float32),
-          jnp.full((rows,), M_INIT, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
+def init_carry(rows: int, head_dim: int, groups: int | None = None):
+  """An empty (acc, m, l). With `groups`, acc is a tuple of that many [rows, head_dim / groups] column groups,
+  group g holding the columns g, g + groups, g + 2 groups, ... (values read as words of `groups` codes: each byte
+  position its own dot; `store_partials` writes them back in column order)."""
+  acc = (jnp.zeros((rows, head_dim), jnp.float32) if groups is None
+         else tuple(jnp.zeros((rows, head_dim // groups), jnp.float32) for _ in range(groups)))
+  return acc, jnp.full((rows,), M_INIT, jnp.float32), jnp.zeros((rows,), jnp.float32)
 
 
 # ---- split-K decode ------------------------------------------------------------------------------
@@ -221,17 +231,24 @@ def load_q_tile(q_ref, rows: int, cols=slice(None)):
   return pltriton.load(q_ref.at[pl.ds(0, rows), cols], mask=ok[:, None], other=0)
 
 
-def store_partials(o_ref, m_ref, l_ref, carry):
-  """Writes the real G rows of an unnormalised partial (acc, m, l)."""
+def store_partials(o_ref, m_ref, l_ref, carry, interpret: bool = False):
+  """Writes the real G rows of an unnormalised partial (acc, m, l); acc's column groups (`init_carry`) to their
+  columns."""
   acc, m, l = carry
-  group, rows = o_ref.shape[0], acc.shape[0]
+  parts = acc if isinstance(acc, tuple) else (acc,)  # column groups (`init_carry`): column stride len(parts)
+  if len(parts) > 1 and interpret:  # (the interpreter takes no strided slices: interleaved as a value)
+    parts = (jnp.stack(parts, axis=-1).reshape(parts[0].shape[0], -1),)
+  group, rows, width = o_ref.shape[0], parts[0].shape[0], parts[0].shape[1]
+  cols = [slice(None)] if len(parts) == 1 else [pl.ds(g, width, stride=len(parts)) for g in range(len(parts))]
   if rows == group:
-    o_ref[...] = acc
+    for c, a in zip(cols, parts):
+      o_ref[:, c] = a
     m_ref[...] = m
     l_ref[...] = l
     return
   ok = jnp.arange(rows) < group
-  pltriton.store(o_ref.at[pl.ds(0, rows), :], acc, mask=ok[:, None])
+  for c, a in zip(cols, parts):
+    pltriton.store(o_ref.at[pl.ds(0, rows), c], a, mask=ok[:, None])
   pltriton.store(m_ref.at[pl.ds(0, rows)], m, mask=ok)
   pltriton.store(l_ref.at[pl.ds(0, rows)], l, mask=ok)
 

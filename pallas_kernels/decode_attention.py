@@ -41,6 +41,7 @@ _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the calle
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": off, since
 # small value scales put the probabilities times the scales under float16's normal range)
+VALUE_WORDS = False  # int8 caches: values read as int32 words of four codes (`_word_codes`), not byte by byte
 CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion: off,
 # level into bfloat16, 5 % faster into float16 (`codes_as`)
 _DEFAULT_WARPS = 4
@@ -63,6 +64,8 @@ def _decode_kernel(
     quantized: bool,
     append: bool,
     native: bool = False,
+    words: bool = False,
+    interpret: bool = False,
 ):
   f32 = jnp.float32
   if append:
@@ -121,35 +124,69 @@ def _decode_kernel(
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
       dtype = (q[0] if append else q).dtype
       k = tuple(codes_as(x, dtype, native) for x in k) if append else codes_as(k, dtype, native)
-      v = codes_as(v, dtype, native)
+      v = tuple(_word_codes(v, g, dtype) for g in range(WORD)) if words else codes_as(v, dtype, native)
       return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap, key_scale=ks,
                                  value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
 
-  carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim))
+  carry = lax.fori_loop(lo, hi, body, init_carry(rows, head_dim, WORD if words else None))
   if append:  # the last split takes the new key into its partial and stores it with its value
     mine = new & (pl.program_id(2) == num_splits - 1)
     k_new = [x.astype(q_ref.dtype) for x in rotate_halves(*(k_new_ref[c].astype(f32) for c in halves), *trig)]
-    v_new = v_new_ref[...]
+    if words:  # the value in the accumulator's column groups
+      v_new = [_column_group(v_new_ref, g, interpret) for g in range(WORD)]
+    else:
+      v_new = v_new_ref[...]
     if quantized:  # stored as codes and a scale, and attended as the cache will hold it
       k_new, k_scale = _quantize_token(k_new, k_out.dtype)
-      (v_new,), v_scale = _quantize_token([v_new], v_out.dtype)
+      v_new, v_scale = _quantize_token(v_new if words else [v_new], jnp.int8 if words else v_out.dtype)
+      v_new = tuple(v_new) if words else v_new[0]
     s_new = sum((qi.astype(f32) * ki.astype(f32)[None, :]).sum(axis=1) for qi, ki in zip(q, k_new))  # [rows]
     if quantized:
       s_new = s_new * k_scale
     s_new = jnp.where(mine, scale_logits(s_new, scale=scale, softcap=softcap), MASK_VALUE)
-    carry = online_softmax_fold_key(s_new, v_new.astype(f32) * v_scale if quantized else v_new, carry)
+    if words:
+      carry = online_softmax_fold_key(s_new, tuple(c * v_scale for c in v_new), carry)
+    else:
+      carry = online_softmax_fold_key(s_new, v_new.astype(f32) * v_scale if quantized else v_new, carry)
 
     @pl.when(mine)
     def _():
       for c, x in zip(halves, k_new):
         k_out[layer, b, pos, h, c] = x.astype(k_out.dtype)
-      v_out[layer, b, pos, h, :] = v_new.astype(v_out.dtype)
+      v_out[layer, b, pos, h, :] = _words_of(v_new) if words else v_new.astype(v_out.dtype)
       if quantized:
         ks_out[layer, b, pos, h] = k_scale
         vs_out[layer, b, pos, h] = v_scale
 
-  store_partials(o_ref, m_ref, l_ref, carry)
+  store_partials(o_ref, m_ref, l_ref, carry, interpret=interpret)
+
+
+WORD = 4  # int8 codes a 32-bit word
+
+
+def _word_codes(w, g: int, dtype):
+  """Code g of each int32 word of `w` (byte g, little-endian: the cache's column WORD i + g) as `dtype`: the byte,
+  its sign bit flipped, set into the mantissa of 2^23 (float 2^23 + 128 + code), 2^23 + 128 taken off (exact)."""
+  u = (lax.shift_right_logical(w, 8 * g) & 0xFF) ^ 0x4B000080
+  return (lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)).astype(dtype)
+
+
+def _column_group(ref, g: int, interpret: bool):
+  """Columns g, g + WORD, g + 2 WORD, ... of a [H] ref (a strided load; the interpreter takes none, so there a
+  reshape)."""
+  if interpret:
+    return ref[...].reshape(-1, WORD)[:, g]
+  return ref[pl.ds(g, ref.shape[0] // WORD, stride=WORD)]
+
+
+def _words_of(codes):
+  """int32 words from WORD column groups of int8 code values (float32 [n] each, group g the word's byte g)."""
+  word = None
+  for g, c in enumerate(codes):
+    byte = lax.shift_left(c.astype(jnp.int32) & 0xFF, 8 * g)
+    word = byte if word is None else word | byte
+  return word
 
 
 def codes_as(codes, dtype, native: bool):
@@ -347,9 +384,13 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
   num_splits = num_splits or default_num_splits(batch, num_kv_heads, pl.cdiv(seq_k, block_k))
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
+  words = quantized and VALUE_WORDS and whole_v.dtype == jnp.int8 and head_dim % (WORD * 16) == 0
+  if words:  # values read (and the new one written) as int32 words of WORD codes: a bitcast view, no copy
+    whole_v = lax.bitcast_convert_type(whole_v.reshape(*whole_v.shape[:-1], head_dim // WORD, WORD), jnp.int32)
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
-                             append=append is not None, native=not interpret and code_decode.INLINE_PTX)
+                             append=append is not None, native=not interpret and code_decode.INLINE_PTX, words=words,
+                             interpret=interpret)
   # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
   q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
   q_arg = qkv
@@ -373,7 +414,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
     specs += [pl.no_block_spec] * (3 + len(scales))
     args += (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v, *scales)
   else:
-    specs += [pl.BlockSpec((None, seq_k, None, head_dim), lambda b, h, s: (b, 0, h, 0))] * 2
+    specs += [pl.BlockSpec((None, seq_k, None, x.shape[-1]), lambda b, h, s: (b, 0, h, 0)) for x in (whole_k, whole_v)]
     specs += [pl.BlockSpec((None, seq_k, None), lambda b, h, s: (b, 0, h))] * len(scales)
     args += (whole_k, whole_v, *scales)
   run = split_k_decode_call(
@@ -383,7 +424,10 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
       head_dim=head_dim, out_dtype=q.dtype, num_warps=num_warps or _DEFAULT_WARPS,
       num_stages=num_stages or default_stages, interpret=interpret, name="decode_attention",
       extra_outputs=extra_outputs, input_output_aliases=aliases, merge=merge)
-  return run(lengths.astype(jnp.int32), q_arg, *args)
+  out = run(lengths.astype(jnp.int32), q_arg, *args)
+  if words and append is not None:  # the written values back to int8 codes (a bitcast view)
+    out = (*out[:2], lax.bitcast_convert_type(out[2], jnp.int8).reshape(*out[2].shape[:-1], head_dim), *out[3:])
+  return out
 
 
 def decode_attention_reference(

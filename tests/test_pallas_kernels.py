@@ -40,13 +40,15 @@ _SEEDS = iter(range(10**6))
 
 def _dot_switches(monkeypatch, dot_dtype, interpret: bool = False):
   """The quantized decode's dot dtype and how int8 codes reach it (`decode_attention.codes_as`): None (q's dtype,
-  converted), "float16", "ptx" (q's dtype by inline PTX), "float16 ptx". The PTX runs natively only: interpreted,
+  converted), "float16", "ptx" (q's dtype by inline PTX), "float16 ptx", "words" (int8 values read as int32 words of
+  four codes, `decode_attention.VALUE_WORDS`). The PTX runs natively only: interpreted,
   those cases would repeat the conversion's, so they skip."""
   if interpret and dot_dtype and "ptx" in dot_dtype:
     pytest.skip("inline PTX runs natively only (interpreted, the codes are converted)")
   module = sys.modules["pallas_kernels.decode_attention"]
   monkeypatch.setattr(module, "QUANT_DOT_DTYPE", "float16" if dot_dtype and "float16" in dot_dtype else None)
   monkeypatch.setattr(module, "CODES_BY_PTX", bool(dot_dtype and "ptx" in dot_dtype))
+  monkeypatch.setattr(module, "VALUE_WORDS", dot_dtype == "words")
 
 
 def _rng():
@@ -274,7 +276,7 @@ class TestDecodeAttention:
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
   @pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stacked"])
-  @pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx"])
+  @pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words"])
   def test_quantized_cache(self, monkeypatch, interpret, code_dtype, stacked, dot_dtype):
     """int8 / fp8 codes with per-token scales, dequantized in the kernel, equal attention over the
     dequantized values (bf16 rounding of each dequantized tile is the only difference), the codes converted
@@ -406,7 +408,9 @@ class TestDecodeAttentionAppend:
   @pytest.mark.parametrize("window,softcap,num_splits,dot_dtype", [(None, None, 3, None), (20, 30.0, None, None),
                                                                    (None, None, 3, "float16"),
                                                                    (None, None, 3, "ptx"),
-                                                                   (20, 30.0, None, "float16 ptx")])
+                                                                   (20, 30.0, None, "float16 ptx"),
+                                                                   (None, None, 3, "words"),
+                                                                   (20, 30.0, None, "words")])
   def test_quantized_cache_matches_rope_write_quantize_then_decode(self, monkeypatch, interpret, code_dtype, window,
                                                                    softcap, num_splits, dot_dtype):
     """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
@@ -644,7 +648,7 @@ class TestCombineSplits:
 
 
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
-@pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx"])
+@pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words"])
 def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
   """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU; the quantized
   caches' decode with their codes converted to q's dtype or to float16 for the dots, by a conversion or by
