@@ -145,6 +145,16 @@ VARIANTS = {
        for name, title, changes in (("bf16", "bf16 weights and cache", {}),
                                     ("bf16_int8_kv", "bf16 weights, int8 cache", dict(kv_dtype="int8")))
        for n in (528, 792) for st in (None, 3)},
+    # The int8 cache's values read as int32 words (`decode_attention.VALUE_WORDS`): decoded into bfloat16, or into
+    # float16 by inline PTX with the codes scaled by their token's scale (built in session 30, not yet timed).
+    **{f"{name}_words{'_f16' if f16 else ''}": (
+        f"{title}, int8 cache, values read as words{' into float16' if f16 else ''}",
+        dict(profile_batches=(), kv_dtype="int8", **changes),
+        {"pallas_kernels.decode_attention": {"VALUE_WORDS": "float16" if f16 else "bfloat16"}})
+       for name, title, changes in (("bf16_int8_kv", "bf16 weights", {}),
+                                    ("int4_fragments_int8_kv", "int4 in the fragment order",
+                                     dict(quant="int4", weight_layout="fragments")))
+       for f16 in (False, True)},
     # Eight warps a decode attention program (`decode_attention._DEFAULT_WARPS`): the int8 cache's launch holds 168
     # registers a thread at four (three programs an SM), the bf16 cache's 126 (session 30).
     **{f"{name}_warps8": (f"{title}, eight warps a decode attention program", dict(profile_batches=(), **changes),

@@ -111,6 +111,17 @@ _INT8_F16_ASM = "\n".join([
     "}"])
 
 
+def _word_byte_f16_asm(byte: int) -> str:
+  """Byte `byte` of two int32 words ($1, $2; four int8 codes each) to two float16 in one register ($0: $1's in the
+  low half): a permute puts the two bytes at the bottom of each half, one logic op flips their sign bits and sets
+  0x64 above them ((t & 0x00FF00FF) ^ 0x64806480: the float16 1024 + 128 + q), and a paired subtract of 1152
+  leaves q, exactly."""
+  selector = byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12
+  return "\n".join(["{", ".reg .b32 t, c;", f"prmt.b32 t, $1, $2, {selector:#x};",
+                     "lop3.b32 t, t, 0x00FF00FF, 0x64806480, 0x6A;", "mov.b32 c, 0x64806480;",
+                     "sub.rn.f16x2 $0, t, c;", "}"])
+
+
 def _int4_bf16_asm(zero: int, high: bool) -> str:
   """Eight int4 codes in one register ($2; byte i: low nibble element i of the group's first half, high
   nibble element i of its second) to the four low (or high) nibbles minus `zero` as bfloat16, two per output
@@ -180,6 +191,16 @@ def int8_codes_bf16(w: jax.Array, native: bool) -> jax.Array:
 def int8_codes_f16(w: jax.Array, native: bool) -> jax.Array:
   """int8 codes as float16 (exact): per four codes one logic op, two permutes and two paired subtracts."""
   return _int8_codes_16bit(w, native, _INT8_F16_ASM, jnp.float16)
+
+
+def word_codes_f16(w: jax.Array, byte: int, native: bool) -> jax.Array:
+  """Code `byte` (little-endian) of each int32 word of four int8 codes, as float16 (exact): per two codes one
+  permute, one logic op and one paired subtract."""
+  if not native:  # the byte sign-extended by two shifts
+    return lax.shift_right_arithmetic(lax.shift_left(w, 24 - 8 * byte), 24).astype(jnp.float16)
+  [c] = pltriton.elementwise_inline_asm(_word_byte_f16_asm(byte), args=[w], constraints="=r,r,r", pack=2,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)])
+  return c
 
 
 def int4_codes_bf16(w: jax.Array, zero: int, native: bool) -> tuple[jax.Array, jax.Array]:

@@ -41,7 +41,9 @@ _LONG_BLOCK_K, _LONG_STAGES = 128, 2  # (the stages also for a block_k the calle
 _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": off, since
 # small value scales put the probabilities times the scales under float16's normal range)
-VALUE_WORDS = False  # int8 caches: values read as int32 words of four codes (`_word_codes`), not byte by byte
+VALUE_WORDS = None  # int8 caches: values read as int32 words of four codes, not byte by byte, decoded into this
+# dtype (name) for their dot: "bfloat16" (`_word_codes`), or "float16" (`code_decode.word_codes_f16`, the codes
+# scaled by their token's scale in float16 so that the probabilities stay unscaled)
 CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion: off,
 # level into bfloat16, 5 % faster into float16 (`codes_as`)
 _DEFAULT_WARPS = 4
@@ -64,7 +66,7 @@ def _decode_kernel(
     quantized: bool,
     append: bool,
     native: bool = False,
-    words: bool = False,
+    words: str | None = None,
     interpret: bool = False,
 ):
   f32 = jnp.float32
@@ -124,7 +126,13 @@ def _decode_kernel(
       vs = pltriton.load(scale_at(vs_ref, span), mask=keep, other=0)
       dtype = (q[0] if append else q).dtype
       k = tuple(codes_as(x, dtype, native) for x in k) if append else codes_as(k, dtype, native)
-      v = tuple(_word_codes(v, g, dtype) for g in range(WORD)) if words else codes_as(v, dtype, native)
+      if words == "float16":
+        scales = vs.astype(jnp.float16)[:, None]
+        v, vs = tuple(code_decode.word_codes_f16(v, g, native) * scales for g in range(WORD)), None
+      elif words:
+        v = tuple(_word_codes(v, g, dtype) for g in range(WORD))
+      else:
+        v = codes_as(v, dtype, native)
       return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap, key_scale=ks,
                                  value_scale=vs)
     return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap)
@@ -384,7 +392,7 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
   num_splits = num_splits or default_num_splits(batch, num_kv_heads, pl.cdiv(seq_k, block_k))
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
-  words = quantized and VALUE_WORDS and whole_v.dtype == jnp.int8 and head_dim % (WORD * 16) == 0
+  words = VALUE_WORDS if quantized and whole_v.dtype == jnp.int8 and head_dim % (WORD * 16) == 0 else None
   if words:  # values read (and the new one written) as int32 words of WORD codes: a bitcast view, no copy
     whole_v = lax.bitcast_convert_type(whole_v.reshape(*whole_v.shape[:-1], head_dim // WORD, WORD), jnp.int32)
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,

@@ -164,6 +164,17 @@ def test_int8_f16_asm_decodes_every_code_in_every_position():
         assert got == [float(c) for c in codes], (hex(word), got, codes)
 
 
+@pytest.mark.parametrize("byte", range(4))
+def test_word_byte_f16_asm_decodes_every_code_of_both_words(byte):
+    """`word_codes_f16`'s PTX: byte `byte` of two words, every code value, the first word's in the low half."""
+    rng = np.random.default_rng(2)
+    words = _words(rng, np.arange(256, dtype=np.uint8))
+    for a, b in zip(words, words[1:] + words[:1]):
+        regs = run_ptx(code_decode._word_byte_f16_asm(byte), {"$1": a, "$2": b})
+        want = [float(np.frombuffer(w.to_bytes(4, "little"), np.int8)[byte]) for w in (a, b)]
+        assert _f16_halves(regs["$0"]) == want, (hex(a), hex(b), byte)
+
+
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("zero", [0, 8])
 @pytest.mark.parametrize("high", [False, True])

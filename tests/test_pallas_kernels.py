@@ -40,15 +40,15 @@ _SEEDS = iter(range(10**6))
 
 def _dot_switches(monkeypatch, dot_dtype, interpret: bool = False):
   """The quantized decode's dot dtype and how int8 codes reach it (`decode_attention.codes_as`): None (q's dtype,
-  converted), "float16", "ptx" (q's dtype by inline PTX), "float16 ptx", "words" (int8 values read as int32 words of
-  four codes, `decode_attention.VALUE_WORDS`). The PTX runs natively only: interpreted,
+  converted), "float16", "ptx" (q's dtype by inline PTX), "float16 ptx", "words" / "words float16" (int8 values read
+  as int32 words of four codes, `decode_attention.VALUE_WORDS`). The PTX runs natively only: interpreted,
   those cases would repeat the conversion's, so they skip."""
   if interpret and dot_dtype and "ptx" in dot_dtype:
     pytest.skip("inline PTX runs natively only (interpreted, the codes are converted)")
   module = sys.modules["pallas_kernels.decode_attention"]
   monkeypatch.setattr(module, "QUANT_DOT_DTYPE", "float16" if dot_dtype and "float16" in dot_dtype else None)
   monkeypatch.setattr(module, "CODES_BY_PTX", bool(dot_dtype and "ptx" in dot_dtype))
-  monkeypatch.setattr(module, "VALUE_WORDS", dot_dtype == "words")
+  monkeypatch.setattr(module, "VALUE_WORDS", {"words": "bfloat16", "words float16": "float16"}.get(dot_dtype))
 
 
 def _rng():
@@ -276,7 +276,7 @@ class TestDecodeAttention:
   @pytest.mark.parametrize("interpret", MODES)
   @pytest.mark.parametrize("code_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
   @pytest.mark.parametrize("stacked", [False, True], ids=["layer", "stacked"])
-  @pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words"])
+  @pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words", "words float16"])
   def test_quantized_cache(self, monkeypatch, interpret, code_dtype, stacked, dot_dtype):
     """int8 / fp8 codes with per-token scales, dequantized in the kernel, equal attention over the
     dequantized values (bf16 rounding of each dequantized tile is the only difference), the codes converted
@@ -410,7 +410,7 @@ class TestDecodeAttentionAppend:
                                                                    (None, None, 3, "ptx"),
                                                                    (20, 30.0, None, "float16 ptx"),
                                                                    (None, None, 3, "words"),
-                                                                   (20, 30.0, None, "words")])
+                                                                   (20, 30.0, None, "words float16")])
   def test_quantized_cache_matches_rope_write_quantize_then_decode(self, monkeypatch, interpret, code_dtype, window,
                                                                    softcap, num_splits, dot_dtype):
     """An int8 / fp8 cache: the rotated new key and the new value quantized per token and kv head as the
@@ -648,7 +648,7 @@ class TestCombineSplits:
 
 
 @pytest.mark.skipif(ON_GPU, reason="the native GPU tests compile these for real")
-@pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words"])
+@pytest.mark.parametrize("dot_dtype", [None, "float16", "ptx", "float16 ptx", "words", "words float16"])
 def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
   """Cross-lowering for CUDA catches Triton lowering errors (tile sizes, dtypes) without a GPU; the quantized
   caches' decode with their codes converted to q's dtype or to float16 for the dots, by a conversion or by
@@ -714,4 +714,5 @@ def test_kernels_lower_to_triton_on_the_cpu(monkeypatch, dot_dtype):
       assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # split-K kernel + combine
     if getattr(fn, "func", fn) in (decode_attention, decode_attention_append) and "k_scale" in kwargs:
       int8 = args[1].dtype == jnp.int8 or args[-1].dtype == jnp.int8
-      assert ("prmt.b32" in text) == (int8 and "ptx" in (dot_dtype or ""))  # int8 codes by inline PTX when asked
+      ptx = "ptx" in (dot_dtype or "") or dot_dtype == "words float16"  # int8 codes by inline PTX when asked
+      assert ("prmt.b32" in text) == (int8 and ptx)
