@@ -119,9 +119,10 @@ def _decode_append(code_dtype=None, **switches):
     kw = {} if code_dtype is None else dict(k_scale=S((L, B, T, K), jnp.float32), v_scale=S((L, B, T, K), jnp.float32))
     fn = functools.partial(decode_attention_append, interpret=False)
     with switched(attention, switches):
-        modules = capture_modules(fn, S((B, 32, H), jnp.bfloat16), S((B, K, H), jnp.bfloat16),
-                                  S((B, K, H), jnp.bfloat16), S((B, H), jnp.float32), S((B, H), jnp.float32), cache, cache,
-                                  layer=S((), jnp.int32), positions=S((B,), jnp.int32), lengths=S((B,), jnp.int32), **kw)
+        new, trig = S((B, K, H), jnp.bfloat16), S((B, H), jnp.float32)
+        modules = capture_modules(fn, S((B, 32, H), jnp.bfloat16), new, new, trig, trig, cache, cache,
+                                  layer=S((), jnp.int32), positions=S((B,), jnp.int32), lengths=S((B,), jnp.int32),
+                                  **kw)
     return modules[0], attention._DEFAULT_WARPS, 2 * 32 * H // (32 * attention._DEFAULT_WARPS), attention._SHORT_STAGES
 
 

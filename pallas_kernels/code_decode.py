@@ -193,11 +193,17 @@ def int8_codes_f16(w: jax.Array, native: bool) -> jax.Array:
   return _int8_codes_16bit(w, native, _INT8_F16_ASM, jnp.float16)
 
 
+def word_codes(w: jax.Array, byte: int, dtype) -> jax.Array:
+  """Code `byte` (little-endian) of each int32 word of four int8 codes, as `dtype`, exactly, in jnp: the byte, its
+  sign bit flipped, set into the mantissa of 2^23 (the float 2^23 + 128 + code), 2^23 + 128 taken off."""
+  u = (lax.shift_right_logical(w, 8 * byte) & 0xFF) ^ (_MAGIC | 0x80)
+  return (lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)).astype(dtype)
+
+
 def word_codes_f16(w: jax.Array, byte: int, native: bool) -> jax.Array:
-  """Code `byte` (little-endian) of each int32 word of four int8 codes, as float16 (exact): per two codes one
-  permute, one logic op and one paired subtract."""
-  if not native:  # the byte sign-extended by two shifts
-    return lax.shift_right_arithmetic(lax.shift_left(w, 24 - 8 * byte), 24).astype(jnp.float16)
+  """`word_codes` into float16: per two codes one permute, one logic op and one paired subtract."""
+  if not native:
+    return word_codes(w, byte, jnp.float16)
   [c] = pltriton.elementwise_inline_asm(_word_byte_f16_asm(byte), args=[w], constraints="=r,r,r", pack=2,
                                         result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.float16)])
   return c

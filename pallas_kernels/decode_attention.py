@@ -42,7 +42,7 @@ _SHORT_BLOCK_K, _SHORT_STAGES = 32, 4
 QUANT_DOT_DTYPE = None  # the dtype (name) codes are converted to for the dots (None: q's; "float16": off, since
 # small value scales put the probabilities times the scales under float16's normal range)
 VALUE_WORDS = None  # int8 caches: values read as int32 words of four codes, not byte by byte, decoded into this
-# dtype (name) for their dot: "bfloat16" (`_word_codes`), or "float16" (`code_decode.word_codes_f16`, the codes
+# dtype (name) for their dot: "bfloat16" (`code_decode.word_codes`), or "float16" (`word_codes_f16`, the codes
 # scaled by their token's scale in float16 so that the probabilities stay unscaled)
 CODES_BY_PTX = False  # int8 codes into the dots' dtype by inline PTX (`code_decode`) instead of a conversion: off,
 # level into bfloat16, 5 % faster into float16 (`codes_as`)
@@ -130,7 +130,7 @@ def _decode_kernel(
         scales = vs.astype(jnp.float16)[:, None]
         v, vs = tuple(code_decode.word_codes_f16(v, g, native) * scales for g in range(WORD)), None
       elif words:
-        v = tuple(_word_codes(v, g, dtype) for g in range(WORD))
+        v = tuple(code_decode.word_codes(v, g, dtype) for g in range(WORD))
       else:
         v = codes_as(v, dtype, native)
       return online_softmax_step(q, k, v, keep[None, :], carry, scale=scale, softcap=softcap, key_scale=ks,
@@ -171,13 +171,6 @@ def _decode_kernel(
 
 
 WORD = 4  # int8 codes a 32-bit word
-
-
-def _word_codes(w, g: int, dtype):
-  """Code g of each int32 word of `w` (byte g, little-endian: the cache's column WORD i + g) as `dtype`: the byte,
-  its sign bit flipped, set into the mantissa of 2^23 (float 2^23 + 128 + code), 2^23 + 128 taken off (exact)."""
-  u = (lax.shift_right_logical(w, 8 * g) & 0xFF) ^ 0x4B000080
-  return (lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)).astype(dtype)
 
 
 def _column_group(ref, g: int, interpret: bool):
@@ -397,8 +390,8 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
     whole_v = lax.bitcast_convert_type(whole_v.reshape(*whole_v.shape[:-1], head_dim // WORD, WORD), jnp.int32)
   kernel = functools.partial(_decode_kernel, scale=scale, window=sliding_window, softcap=softcap,
                              block_k=block_k, num_splits=num_splits, stacked=stacked, quantized=quantized,
-                             append=append is not None, native=not interpret and code_decode.INLINE_PTX, words=words,
-                             interpret=interpret)
+                             append=append is not None, native=not interpret and code_decode.INLINE_PTX,
+                             words=words, interpret=interpret)
   # q as [B, K, G, H] (a free reshape: the heads of a kv head are adjacent), or the packed [B, N + 2K, H]
   q_spec = pl.BlockSpec((None, group, head_dim), lambda b, h, s: (b, h, 0))  # heads [h G, h G + G)
   q_arg = qkv
@@ -422,7 +415,8 @@ def _launch(q, k, v, *, lengths, layer, k_scale, v_scale, append, sliding_window
     specs += [pl.no_block_spec] * (3 + len(scales))
     args += (jnp.asarray(layer, jnp.int32).reshape(1), whole_k, whole_v, *scales)
   else:
-    specs += [pl.BlockSpec((None, seq_k, None, x.shape[-1]), lambda b, h, s: (b, 0, h, 0)) for x in (whole_k, whole_v)]
+    specs += [pl.BlockSpec((None, seq_k, None, x.shape[-1]), lambda b, h, s: (b, 0, h, 0))
+              for x in (whole_k, whole_v)]  # (the values' last dim: H / WORD words when read as words)
     specs += [pl.BlockSpec((None, seq_k, None), lambda b, h, s: (b, 0, h))] * len(scales)
     args += (whole_k, whole_v, *scales)
   run = split_k_decode_call(

@@ -164,6 +164,17 @@ def test_int8_f16_asm_decodes_every_code_in_every_position():
         assert got == [float(c) for c in codes], (hex(word), got, codes)
 
 
+def test_word_codes_decode_every_byte_position():
+    """`word_codes` (jnp, what interpret mode runs): byte b of each int32 word as its int8 code, exactly."""
+    rng = np.random.default_rng(3)
+    words = np.array(_words(rng, np.arange(256, dtype=np.uint8)), np.uint32).view(np.int32)
+    codes = words.view(np.int8).reshape(-1, 4)  # little-endian: byte b of word i
+    for byte in range(4):
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+            got = np.asarray(code_decode.word_codes(jnp.asarray(words), byte, dtype), np.float32)
+            np.testing.assert_array_equal(got, codes[:, byte].astype(np.float32))
+
+
 @pytest.mark.parametrize("byte", range(4))
 def test_word_byte_f16_asm_decodes_every_code_of_both_words(byte):
     """`word_codes_f16`'s PTX: byte `byte` of two words, every code value, the first word's in the low half."""
