@@ -194,10 +194,9 @@ def int8_codes_f16(w: jax.Array, native: bool) -> jax.Array:
 
 
 def word_codes(w: jax.Array, byte: int, dtype) -> jax.Array:
-  """Code `byte` (little-endian) of each int32 word of four int8 codes, as `dtype`, exactly, in jnp: the byte, its
-  sign bit flipped, set into the mantissa of 2^23 (the float 2^23 + 128 + code), 2^23 + 128 taken off."""
-  u = (lax.shift_right_logical(w, 8 * byte) & 0xFF) ^ (_MAGIC | 0x80)
-  return (lax.bitcast_convert_type(u, jnp.float32) - float(2**23 + 128)).astype(dtype)
+  """Code `byte` (little-endian) of each int32 word of four int8 codes, as `dtype`, exactly, in jnp: the byte with
+  its sign bit flipped (q + 128 as unsigned) through `codes_f32`."""
+  return codes_f32((lax.shift_right_logical(w, 8 * byte) & 0xFF) ^ 0x80, 128).astype(dtype)
 
 
 def word_codes_f16(w: jax.Array, byte: int, native: bool) -> jax.Array:
