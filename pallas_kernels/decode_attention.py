@@ -141,28 +141,23 @@ def _decode_kernel(
   if append:  # the last split takes the new key into its partial and stores it with its value
     mine = new & (pl.program_id(2) == num_splits - 1)
     k_new = [x.astype(q_ref.dtype) for x in rotate_halves(*(k_new_ref[c].astype(f32) for c in halves), *trig)]
-    if words:  # the value in the accumulator's column groups
-      v_new = [_column_group(v_new_ref, g, interpret) for g in range(WORD)]
-    else:
-      v_new = v_new_ref[...]
-    if quantized:  # stored as codes and a scale, and attended as the cache will hold it
+    # the value in parts: the accumulator's column groups when read as words, else one
+    v_new = [_column_group(v_new_ref, g, interpret) for g in range(WORD)] if words else [v_new_ref[...]]
+    if quantized:  # stored as codes and a scale, and attended as the cache will hold it (k's codes: v's dtype)
       k_new, k_scale = _quantize_token(k_new, k_out.dtype)
-      v_new, v_scale = _quantize_token(v_new if words else [v_new], jnp.int8 if words else v_out.dtype)
-      v_new = tuple(v_new) if words else v_new[0]
+      v_new, v_scale = _quantize_token(v_new, k_out.dtype)
     s_new = sum((qi.astype(f32) * ki.astype(f32)[None, :]).sum(axis=1) for qi, ki in zip(q, k_new))  # [rows]
     if quantized:
       s_new = s_new * k_scale
     s_new = jnp.where(mine, scale_logits(s_new, scale=scale, softcap=softcap), MASK_VALUE)
-    if words:
-      carry = online_softmax_fold_key(s_new, tuple(c * v_scale for c in v_new), carry)
-    else:
-      carry = online_softmax_fold_key(s_new, v_new.astype(f32) * v_scale if quantized else v_new, carry)
+    folded = [c * v_scale for c in v_new] if quantized else v_new
+    carry = online_softmax_fold_key(s_new, tuple(folded) if words else folded[0], carry)
 
     @pl.when(mine)
     def _():
       for c, x in zip(halves, k_new):
         k_out[layer, b, pos, h, c] = x.astype(k_out.dtype)
-      v_out[layer, b, pos, h, :] = _words_of(v_new) if words else v_new.astype(v_out.dtype)
+      v_out[layer, b, pos, h, :] = _words_of(v_new) if words else v_new[0].astype(v_out.dtype)
       if quantized:
         ks_out[layer, b, pos, h] = k_scale
         vs_out[layer, b, pos, h] = v_scale
